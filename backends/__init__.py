@@ -1,0 +1,1 @@
+"""Kernel providers. Each subpackage registers one backend through ``rwkv_zoo_register_backends``."""

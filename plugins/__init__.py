@@ -1,0 +1,1 @@
+"""First-party non-kernel plugins (checkpoint formats, weight sources, hybrids)."""

@@ -1,0 +1,67 @@
+"""rwkv_zoo: every RWKV generation behind one state interface, with pluggable WKV kernel backends.
+
+    import rwkv_zoo
+    model = rwkv_zoo.build("v6", size="1.5B", device="meta")   # any size, no memory
+    model = rwkv_zoo.build("v7-tiny")
+    logits, state = model(tokens)                              # tokens [B, T] -> logits [B, T, V]
+    logits, state = model(next_tokens, state)                  # carry the state
+    print(rwkv_zoo.explain(model, tokens))                     # which kernel runs, and why
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from rwkv_zoo.backend import Backend, Kernel
+from rwkv_zoo.dispatch import BackendError, Choice, KernelCall, Selection, list_backends, use_backend
+from rwkv_zoo.explain import explain
+from rwkv_zoo.hookspecs import hookimpl
+from rwkv_zoo.model import RWKV, RWKVConfig, randomize_
+from rwkv_zoo.ops import wkv4, wkv5, wkv6, wkv7
+from rwkv_zoo.pluginmanager import list_plugins, plugin, register_plugin, unregister_plugin
+from rwkv_zoo.registry import BuildSpec, SizePreset, VersionSpec, build, list_models, list_versions
+from rwkv_zoo.state import LayerState, ModelIdentity, RWKVState, StateMismatchError
+
+
+def param_groups(model: RWKV, weight_decay: float = 0.0) -> list[dict]:
+    """The official optimizer parameter groups of ``model``'s version (weight decay, LR multipliers)."""
+    from rwkv_zoo.registry import get_version
+
+    return get_version(model.version).param_groups(model, weight_decay)
+
+
+__all__ = [
+    "RWKV",
+    "Backend",
+    "BackendError",
+    "BuildSpec",
+    "Choice",
+    "Kernel",
+    "KernelCall",
+    "LayerState",
+    "ModelIdentity",
+    "RWKVConfig",
+    "RWKVState",
+    "Selection",
+    "SizePreset",
+    "StateMismatchError",
+    "VersionSpec",
+    "__version__",
+    "build",
+    "explain",
+    "hookimpl",
+    "list_backends",
+    "list_models",
+    "list_plugins",
+    "list_versions",
+    "param_groups",
+    "plugin",
+    "randomize_",
+    "register_plugin",
+    "unregister_plugin",
+    "use_backend",
+    "wkv4",
+    "wkv5",
+    "wkv6",
+    "wkv7",
+]

@@ -1,0 +1,114 @@
+"""The backend contract: what a kernel provider declares so dispatch can choose and explain.
+
+A ``Backend`` is a name, a priority and a list of ``Kernel`` objects, one per ``(op, mode)`` it can run.
+Each kernel declares its capabilities (devices, dtypes, head sizes, length limits, backward, state)
+and ``reasons(call)`` turns a ``KernelCall`` it cannot run into sentences. ``unavailable_reason()``
+says why the whole backend cannot run here (a package missing, no GPU, no compiler), or None.
+
+Kernel functions take the op's arguments exactly as the front-ends in ``rwkv_zoo.ops`` document them,
+with the state always given (zeros when the caller passed none), and return ``(y, final_state)``.
+They must support autograd through every input, the initial state included, when
+``supports_backward`` is true.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from rwkv_zoo.dispatch import KernelCall
+
+OPS: tuple[str, ...] = ("wkv4", "wkv5", "wkv6", "wkv7")
+MODES: tuple[str, ...] = ("recurrent", "chunk")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass
+class Kernel:
+    """One kernel: an ``(op, mode)`` pair, the function, and what it can run."""
+
+    op: str
+    mode: str
+    fn: Callable[..., Any]
+    devices: Sequence[str] | None = None  # device types ("cpu", "cuda", ...); None = any
+    dtypes: Sequence[torch.dtype] | None = None  # input dtypes; None = any floating dtype
+    head_sizes: Sequence[int] | None = None  # N for wkv5-7; None = any
+    max_T: int | None = None
+    supports_backward: bool = True
+    supports_state: bool = True
+    # Extra capability test: returns sentences for what this kernel cannot do with ``call``.
+    check: Callable[[KernelCall], list[str]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.op not in OPS:
+            raise ValueError(f"unknown op {self.op!r}; ops are {', '.join(OPS)}")
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; modes are {', '.join(MODES)}")
+
+    def reasons(self, call: KernelCall) -> list[str]:
+        out: list[str] = []
+        if self.devices is not None and call.device not in self.devices:
+            out.append(f"runs on {'/'.join(self.devices)}, not {call.device}")
+        if self.dtypes is not None and call.dtype not in self.dtypes:
+            names = ", ".join(_dtype_name(d) for d in self.dtypes)
+            out.append(f"takes {names} inputs, not {_dtype_name(call.dtype)}")
+        if self.head_sizes is not None and call.op != "wkv4" and call.N not in self.head_sizes:
+            sizes = ", ".join(str(n) for n in self.head_sizes)
+            out.append(f"needs head size N in {{{sizes}}}, got N={call.N}")
+        if self.max_T is not None and call.T > self.max_T:
+            out.append(f"needs T <= {self.max_T}, got T={call.T}")
+        if call.requires_grad and not self.supports_backward:
+            out.append("has no backward and this call needs gradients")
+        if call.has_state and not self.supports_state:
+            out.append("cannot take an initial state")
+        if self.check is not None:
+            out.extend(self.check(call))
+        return out
+
+
+@dataclass
+class Backend:
+    """A kernel provider. Subclass and override ``unavailable_reason`` or pass ``availability``."""
+
+    name: str
+    kernels: list[Kernel]
+    priority: int = 0
+    description: str = ""
+    availability: Callable[[], str | None] | None = None
+    provider: str = field(default="", compare=False)  # the plugin that registered it (set on registration)
+
+    def unavailable_reason(self) -> str | None:
+        """A sentence saying why this backend cannot run at all here, or None when it can."""
+        return self.availability() if self.availability is not None else None
+
+    def kernel(self, op: str, mode: str) -> Kernel | None:
+        for k in self.kernels:
+            if k.op == op and k.mode == mode:
+                return k
+        return None
+
+    def ops(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for k in self.kernels:
+            out.setdefault(k.op, []).append(k.mode)
+        return out
+
+    def reasons(self, call: KernelCall) -> list[str]:
+        """Sentences for why this backend cannot run ``call``; empty when it can."""
+        why = self.unavailable_reason()
+        if why:
+            return [why]
+        kernel = self.kernel(call.op, call.mode)
+        if kernel is None:
+            modes = [k.mode for k in self.kernels if k.op == call.op]
+            if modes:
+                return [f"has no {call.mode} kernel for {call.op} (has {', '.join(modes)})"]
+            return [f"has no kernel for {call.op}"]
+        return kernel.reasons(call)

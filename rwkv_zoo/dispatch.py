@@ -1,0 +1,283 @@
+"""Choosing a backend for each kernel call, and saying why.
+
+Order of decision for a ``KernelCall``:
+1. an explicit choice, strongest first: the ``backend=`` argument (of an op or of ``build``), then
+   ``with rwkv_zoo.use_backend(name):``, then the ``RWKV_ZOO_BACKEND`` environment variable. An
+   explicit choice that cannot run the call **raises** with the reasons; it never falls back silently;
+2. the site policy hook ``rwkv_zoo_select_backend`` (first plugin that answers);
+3. the highest priority among the backends that can run the call (ties broken by name).
+If nothing can run the call, the error lists every backend with its reasons.
+
+Mode: when the caller does not fix it, ``recurrent`` is used for short sequences (decode, T <=
+``RECURRENT_MAX_T``) and ``chunk`` otherwise; if no backend has a kernel in that mode, the other mode is
+tried, and the ``Selection`` says so. Selections are cached per call key and plugin generation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from rwkv_zoo import pluginmanager
+from rwkv_zoo.backend import MODES, OPS, Backend, Kernel
+
+RECURRENT_MAX_T = 16
+
+_context_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("rwkv_zoo_backend", default=None)
+
+
+class BackendError(RuntimeError):
+    """No backend can run a kernel call, or the one explicitly chosen cannot."""
+
+
+@dataclass(frozen=True)
+class KernelCall:
+    """What a kernel is asked to do; backends match their capabilities against it.
+
+    ``N`` is the head size for wkv5-wkv7; for wkv4 ``H = 1`` and ``N = C`` (one group of C channels).
+    """
+
+    op: str
+    mode: str
+    device: str
+    dtype: torch.dtype
+    B: int
+    T: int
+    H: int
+    N: int
+    requires_grad: bool = False
+    has_state: bool = False
+
+    def describe(self) -> str:
+        dt = str(self.dtype).removeprefix("torch.")
+        shape = f"B={self.B} T={self.T} C={self.N}" if self.op == "wkv4" else (
+            f"B={self.B} T={self.T} H={self.H} N={self.N}"
+        )
+        extra = (", grad" if self.requires_grad else "") + (", with state" if self.has_state else "")
+        return f"{self.op} [{self.mode}] {self.device} {dt} {shape}{extra}"
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A policy plugin's answer: the backend it picks and why."""
+
+    backend: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The outcome of dispatch for one call: who runs it, who decided, who was rejected and why."""
+
+    call: KernelCall
+    backend: str
+    decided_by: str
+    reason: str
+    mode_reason: str
+    rejected: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    kernel: Kernel | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def mode(self) -> str:
+        return self.call.mode
+
+    def explain(self) -> str:
+        lines = [
+            f"{self.call.describe()}",
+            f"  -> {self.backend} ({self.decided_by}: {self.reason})",
+            f"  mode {self.mode}: {self.mode_reason}",
+        ]
+        for name, why in self.rejected:
+            lines.append(f"  not {name}: {'; '.join(why)}")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Backend registry (collected through the register_backends hook, cached per plugin generation)
+
+_backends_cache: tuple[int, dict[str, Backend]] | None = None
+_selection_cache: dict[tuple, Selection] = {}
+
+
+def get_backends() -> dict[str, Backend]:
+    global _backends_cache
+    gen = pluginmanager.generation()
+    if _backends_cache is not None and _backends_cache[0] == gen:
+        return _backends_cache[1]
+    found: dict[str, Backend] = {}
+    current_plugin = {"name": ""}
+
+    def register(backend: Backend) -> None:
+        if not isinstance(backend, Backend):
+            raise TypeError(f"register() takes a rwkv_zoo.Backend, got {type(backend).__name__}")
+        if backend.name in found:
+            other = found[backend.name].provider
+            raise ValueError(f"backend {backend.name!r} is registered twice (by {other} and {current_plugin['name']})")
+        backend.provider = current_plugin["name"]
+        found[backend.name] = backend
+
+    pm = pluginmanager.get_plugin_manager()
+    for impl in reversed(pm.hook.rwkv_zoo_register_backends.get_hookimpls()):
+        current_plugin["name"] = impl.plugin_name
+        try:
+            impl.function(register)
+        except Exception as exc:
+            pluginmanager.record_failure(impl.plugin_name, exc)
+    _backends_cache = (gen, found)
+    _selection_cache.clear()
+    return found
+
+
+def list_backends() -> list[dict]:
+    """Every backend: name, provider, priority, whether it is available (or why not), ops and modes."""
+    out = []
+    for b in sorted(get_backends().values(), key=lambda b: (-b.priority, b.name)):
+        why = b.unavailable_reason()
+        out.append(
+            {
+                "name": b.name,
+                "provider": b.provider,
+                "priority": b.priority,
+                "available": why is None,
+                "reason": why,
+                "ops": b.ops(),
+                "description": b.description,
+            }
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Explicit choices
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Run every kernel call in the block on backend ``name`` (raises where it cannot run a call)."""
+    token = _context_backend.set(name)
+    try:
+        yield
+    finally:
+        _context_backend.reset(token)
+
+
+def _explicit(backend: str | None) -> tuple[str | None, str]:
+    if backend:
+        return backend, "backend= argument"
+    ctx = _context_backend.get()
+    if ctx:
+        return ctx, "use_backend()"
+    env = os.environ.get("RWKV_ZOO_BACKEND", "").strip()
+    if env:
+        return env, "RWKV_ZOO_BACKEND"
+    return None, ""
+
+
+def auto_mode(T: int) -> tuple[str, str]:
+    if T <= RECURRENT_MAX_T:
+        return "recurrent", f"T={T} <= {RECURRENT_MAX_T}: step by step is cheapest for short inputs"
+    return "chunk", f"T={T} > {RECURRENT_MAX_T}: chunked matrix form"
+
+
+def _other(mode: str) -> str:
+    return "chunk" if mode == "recurrent" else "recurrent"
+
+
+def _format_all(rejected: dict[str, list[str]]) -> str:
+    return "\n".join(f"  - {name}: {'; '.join(why)}" for name, why in rejected.items())
+
+
+def select(call: KernelCall, backend: str | None = None, *, mode_fixed: bool = False) -> Selection:
+    """Choose the backend for ``call`` (its ``mode`` is the preferred one unless ``mode_fixed``)."""
+    if call.op not in OPS:
+        raise ValueError(f"unknown op {call.op!r}; ops are {', '.join(OPS)}")
+    if call.mode not in MODES:
+        raise ValueError(f"unknown mode {call.mode!r}; modes are {', '.join(MODES)}")
+    backends = get_backends()
+    explicit, source = _explicit(backend)
+    key = (call, explicit, source, mode_fixed, pluginmanager.generation())
+    hit = _selection_cache.get(key)
+    if hit is not None:
+        return hit
+    sel = _select(call, backends, explicit, source, mode_fixed)
+    _selection_cache[key] = sel
+    return sel
+
+
+def _reasons_for(call: KernelCall, backends: dict[str, Backend]) -> dict[str, list[str]]:
+    return {name: b.reasons(call) for name, b in sorted(backends.items())}
+
+
+def _select(
+    call: KernelCall, backends: dict[str, Backend], explicit: str | None, source: str, mode_fixed: bool
+) -> Selection:
+    mode_reason = "fixed by the caller" if mode_fixed else auto_mode(call.T)[1]
+    modes = [call.mode] if mode_fixed else [call.mode, _other(call.mode)]
+
+    if explicit is not None:
+        if explicit not in backends:
+            raise ValueError(
+                f"unknown backend {explicit!r} (from {source}); registered backends: {', '.join(sorted(backends))}"
+            )
+        b = backends[explicit]
+        first_reasons: list[str] = []
+        for i, m in enumerate(modes):
+            c = replace(call, mode=m)
+            why = b.reasons(c)
+            if not why:
+                mr = mode_reason if i == 0 else f"{explicit} has no usable {call.mode} kernel ({'; '.join(first_reasons)})"
+                return Selection(c, explicit, source, "chosen explicitly", mr, (), b.kernel(c.op, c.mode))
+            if i == 0:
+                first_reasons = why
+        raise BackendError(
+            f"backend {explicit!r} (chosen by {source}) cannot run {call.describe()}: {'; '.join(first_reasons)}.\n"
+            f"Backends that can: {', '.join(n for n, r in _reasons_for(call, backends).items() if not r) or 'none'}"
+        )
+
+    all_rejected: dict[str, list[str]] = {}
+    for i, m in enumerate(modes):
+        c = replace(call, mode=m)
+        reasons = _reasons_for(c, backends)
+        able = [n for n, r in reasons.items() if not r]
+        rejected = tuple((n, tuple(r)) for n, r in reasons.items() if r)
+        if i == 0:
+            all_rejected = {n: r for n, r in reasons.items() if r}
+        if not able:
+            continue
+        mr = mode_reason if i == 0 else f"no backend can run {call.mode} here, so {m} is used"
+        choice, policy = _ask_policy(c, able)
+        if choice is not None:
+            if choice.backend not in able:
+                why = reasons.get(choice.backend, ["is not registered"])
+                raise BackendError(
+                    f"the backend policy of plugin {policy!r} chose {choice.backend!r} for {c.describe()}, "
+                    f"which cannot run it: {'; '.join(why)}"
+                )
+            return Selection(
+                c, choice.backend, f"policy of plugin {policy}", choice.reason or "site policy", mr, rejected,
+                backends[choice.backend].kernel(c.op, c.mode),
+            )
+        best = sorted(able, key=lambda n: (-backends[n].priority, n))[0]
+        others = [n for n in able if n != best]
+        reason = f"highest priority ({backends[best].priority}) of those that can run it"
+        if others:
+            reason += f"; also able: {', '.join(others)}"
+        return Selection(c, best, "priority", reason, mr, rejected, backends[best].kernel(c.op, c.mode))
+
+    raise BackendError(f"no backend can run {call.describe()}:\n{_format_all(all_rejected)}")
+
+
+def _ask_policy(call: KernelCall, able: list[str]) -> tuple[Choice | None, str]:
+    """Run the firstresult policy hook by hand, in pluggy's call order, to know which plugin answered."""
+    pm = pluginmanager.get_plugin_manager()
+    for impl in reversed(pm.hook.rwkv_zoo_select_backend.get_hookimpls()):
+        kwargs = {"call": call, "candidates": list(able)}
+        answer = impl.function(**{k: v for k, v in kwargs.items() if k in impl.argnames})
+        if answer is not None:
+            return (answer if isinstance(answer, Choice) else Choice(str(answer))), impl.plugin_name
+    return None, ""

@@ -1,0 +1,70 @@
+"""``rwkv_zoo.explain(model, tokens)``: which kernel each layer will run for an input, and why."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rwkv_zoo import dispatch
+from rwkv_zoo.dispatch import Selection
+
+
+@dataclass
+class Explanation:
+    """Dispatch decisions for one model and input shape: one ``Selection`` per distinct kernel call."""
+
+    model_name: str
+    batch_size: int
+    T: int
+    selections: list[tuple[list[int], Selection]]
+
+    def __str__(self) -> str:
+        lines = [f"{self.model_name}: input [B={self.batch_size}, T={self.T}]"]
+        for layers, sel in self.selections:
+            span = f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}-{layers[-1]}"
+            lines.append(f"{span} ({len(layers)}):")
+            lines.extend("  " + line for line in sel.explain().splitlines())
+        return "\n".join(lines)
+
+    @property
+    def backends(self) -> set[str]:
+        return {sel.backend for _, sel in self.selections}
+
+
+def explain(
+    model,
+    tokens: torch.Tensor | tuple[int, int] | None = None,
+    *,
+    T: int | None = None,
+    batch_size: int = 1,
+    requires_grad: bool | None = None,
+    has_state: bool = False,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Explanation:
+    """Explain the kernel choices ``model(tokens)`` would make, without running the model.
+
+    ``tokens`` may be a token tensor [B, T], a shape ``(B, T)``, or omitted with ``T=``. Works on a
+    meta-device model (``rwkv_zoo.build(..., device="meta")``): nothing is allocated. ``device`` and
+    ``dtype`` override the model's own, to ask "what would run on cuda in bf16?".
+    """
+    if isinstance(tokens, torch.Tensor):
+        batch_size, T = tokens.shape
+    elif tokens is not None:
+        batch_size, T = tokens
+    if T is None:
+        raise ValueError("explain() needs tokens, a (B, T) shape, or T=")
+    if requires_grad is None:
+        requires_grad = model.training and any(p.requires_grad for p in model.parameters())
+    groups: dict[tuple, list[int]] = {}
+    sels: dict[tuple, Selection] = {}
+    fixed = model.mode is not None
+    for i, call in model.kernel_calls(batch_size, T, requires_grad=requires_grad, has_state=has_state,
+                                      device=device, dtype=dtype):
+        sel = dispatch.select(call, model.backend, mode_fixed=fixed)
+        key = (sel.call, sel.backend)
+        groups.setdefault(key, []).append(i)
+        sels[key] = sel
+    name = f"{model.version}-{model.size_name}" if getattr(model, "size_name", None) else model.version
+    return Explanation(name, batch_size, T, [(layers, sels[k]) for k, layers in groups.items()])

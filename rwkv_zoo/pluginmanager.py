@@ -1,0 +1,196 @@
+"""Plugin discovery: built-ins from ``DEFAULT_PLUGINS``, third parties from the ``rwkv_zoo`` entry points.
+
+Loading is lazy and idempotent: the first call that needs a registry (``build``, ``list_backends``, ...)
+loads plugins once. A plugin that fails to import is recorded with its error and skipped; everything
+else keeps working, and ``rwkv_zoo.list_plugins()`` / ``rwkv-zoo plugins`` show the failure.
+
+Environment:
+- ``RWKV_ZOO_DISABLE_PLUGINS``: comma-separated plugin names (built-in module names or entry-point
+  names) that are never loaded.
+- ``RWKV_ZOO_NO_AUTOLOAD=1``: do not load third-party entry points (hermetic tests); built-ins still load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.metadata
+import os
+import sys
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+
+from rwkv_zoo import hookspecs
+
+ENTRY_POINT_GROUP = "rwkv_zoo"
+
+DEFAULT_PLUGINS: tuple[str, ...] = (
+    "rwkv_zoo.versions.v4",
+    "rwkv_zoo.versions.v5",
+    "rwkv_zoo.versions.v6",
+    "rwkv_zoo.versions.v7",
+    "rwkv_zoo.backends.reference",
+)
+
+
+@dataclass
+class PluginRecord:
+    name: str
+    source: str  # "builtin", "entrypoint" or "runtime"
+    version: str | None = None
+    hooks: list[str] = field(default_factory=list)
+    error: str | None = None
+    disabled: bool = False
+
+
+class _State:
+    def __init__(self) -> None:
+        self.pm = pluggy.PluginManager("rwkv_zoo")
+        self.pm.add_hookspecs(hookspecs)
+        self.loaded = False
+        self.records: dict[str, PluginRecord] = {}
+        # Bumped whenever the set of plugins changes; registries and dispatch caches key on it.
+        self.generation = 0
+
+
+_state = _State()
+
+
+def _disabled_names() -> set[str]:
+    raw = os.environ.get("RWKV_ZOO_DISABLE_PLUGINS", "")
+    return {name.strip() for name in raw.split(",") if name.strip()}
+
+
+def _autoload_enabled() -> bool:
+    return os.environ.get("RWKV_ZOO_NO_AUTOLOAD", "").strip().lower() not in ("1", "true", "yes")
+
+
+def _short_error(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" ({frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
+def _hook_names(plugin: Any) -> list[str]:
+    return sorted(h.name for h in _state.pm.get_hookcallers(plugin) or [])
+
+
+def _register(plugin: Any, name: str, source: str, version: str | None = None) -> None:
+    _state.pm.register(plugin, name=name)
+    _state.pm.check_pending()  # a misspelled hook name fails loudly instead of being ignored
+    _state.records[name] = PluginRecord(name, source, version, _hook_names(plugin))
+    _state.generation += 1
+
+
+def load_plugins(*, autoload: bool | None = None) -> None:
+    """Load the built-in plugins and (unless disabled) the entry-point plugins, once."""
+    if _state.loaded:
+        return
+    _state.loaded = True
+    disabled = _disabled_names()
+    for modname in DEFAULT_PLUGINS:
+        if modname in disabled:
+            _state.records[modname] = PluginRecord(modname, "builtin", disabled=True)
+            continue
+        try:
+            module = importlib.import_module(modname)
+            _register(module, modname, "builtin")
+        except Exception as exc:  # a broken plugin must not take the library down
+            _state.records[modname] = PluginRecord(modname, "builtin", error=_short_error(exc))
+    if autoload is None:
+        autoload = _autoload_enabled()
+    if not autoload:
+        return
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        version = ep.dist.version if ep.dist is not None else None
+        if ep.name in disabled:
+            _state.records[ep.name] = PluginRecord(ep.name, "entrypoint", version, disabled=True)
+            continue
+        if _state.pm.has_plugin(ep.name):
+            continue
+        try:
+            _register(ep.load(), ep.name, "entrypoint", version)
+        except Exception as exc:
+            _state.records[ep.name] = PluginRecord(ep.name, "entrypoint", version, error=_short_error(exc))
+
+
+def get_plugin_manager() -> pluggy.PluginManager:
+    load_plugins()
+    return _state.pm
+
+
+def generation() -> int:
+    load_plugins()
+    return _state.generation
+
+
+def register_plugin(plugin: Any, name: str | None = None) -> str:
+    """Register a plugin object or module at run time (tests, notebooks). Returns its name."""
+    load_plugins()
+    name = name or getattr(plugin, "__name__", None) or repr(plugin)
+    _register(plugin, name, "runtime")
+    return name
+
+
+def unregister_plugin(name: str) -> None:
+    load_plugins()
+    plugin = _state.pm.get_plugin(name)
+    if plugin is not None:
+        _state.pm.unregister(plugin, name=name)
+    _state.records.pop(name, None)
+    _state.generation += 1
+
+
+@contextlib.contextmanager
+def plugin(obj: Any, name: str | None = None) -> Iterator[str]:
+    """``with rwkv_zoo.plugin(MyPlugin()):`` registers a plugin for the block, then removes it."""
+    registered = register_plugin(obj, name)
+    try:
+        yield registered
+    finally:
+        unregister_plugin(registered)
+
+
+def record_failure(name: str, exc: BaseException, source: str = "runtime") -> None:
+    """Mark a plugin as failed when one of its hooks raised during collection."""
+    rec = _state.records.get(name) or PluginRecord(name, source)
+    rec.error = _short_error(exc)
+    _state.records[name] = rec
+
+
+def list_plugins() -> list[dict[str, Any]]:
+    """Every plugin seen: name, source, version, hooks it implements, and its error if it failed."""
+    load_plugins()
+    return [
+        {
+            "name": r.name,
+            "source": r.source,
+            "version": r.version,
+            "hooks": list(r.hooks),
+            "error": r.error,
+            "disabled": r.disabled,
+        }
+        for r in _state.records.values()
+    ]
+
+
+def call_register_hook(hook_name: str, register: Any) -> None:
+    """Run a ``register_*`` hook one plugin at a time, so one plugin that raises is reported and skipped."""
+    pm = get_plugin_manager()
+    caller = getattr(pm.hook, hook_name)
+    for impl in reversed(caller.get_hookimpls()):  # registration order
+        try:
+            impl.function(register)
+        except Exception as exc:
+            record_failure(impl.plugin_name, exc)
+            print(f"rwkv_zoo: plugin {impl.plugin_name!r} failed in {hook_name}: {exc}", file=sys.stderr)
+
+
+def _reset_for_tests() -> None:
+    """Forget every plugin (next use loads again). Only for the test suite."""
+    global _state
+    _state = _State()

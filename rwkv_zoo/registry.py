@@ -1,0 +1,218 @@
+"""Versions, size presets and ``build()``.
+
+Versions register through the ``rwkv_zoo_register_versions`` hook (the built-ins too). A size preset
+names a shape (``"1.5B"`` = 24 layers x 2048 in every version, so ablations compare like with like);
+release labels (``"1B6"``, ``"169M"``) are aliases, matched case-insensitively.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from rwkv_zoo import pluginmanager
+
+DIM_ARGS = ("n_layer", "n_embd", "vocab_size", "head_size", "dim_ffn")
+
+
+@dataclass(frozen=True)
+class SizePreset:
+    """A named shape. ``options`` holds version options (LoRA dims, ...) that the release used."""
+
+    name: str
+    n_layer: int
+    n_embd: int
+    vocab_size: int
+    aliases: tuple[str, ...] = ()
+    options: tuple[tuple[str, Any], ...] = ()
+    released: bool = True
+    params: str = ""  # the published parameter count, as the release names it
+    note: str = ""
+
+    def dims(self) -> dict[str, Any]:
+        return {"n_layer": self.n_layer, "n_embd": self.n_embd, "vocab_size": self.vocab_size, **dict(self.options)}
+
+
+@dataclass
+class VersionSpec:
+    """Everything ``build`` needs to make a model of one version."""
+
+    name: str
+    title: str
+    config_cls: type
+    model_factory: Callable[[Any], nn.Module]
+    sizes: Sequence[SizePreset]
+    param_groups: Callable[..., list[dict[str, Any]]]
+    default_vocab: int = 65536
+    wkv_op: str = ""
+    description: str = ""
+    provider: str = field(default="", compare=False)
+
+    def preset(self, size: str) -> SizePreset:
+        key = str(size).strip().lower()
+        for p in self.sizes:
+            if key == p.name.lower() or key in (a.lower() for a in p.aliases):
+                return p
+        names = ", ".join(p.name for p in self.sizes)
+        raise ValueError(f"unknown size {size!r} for {self.name}; sizes: {names} (aliases: {self._aliases()})")
+
+    def _aliases(self) -> str:
+        return ", ".join(f"{a}->{p.name}" for p in self.sizes for a in p.aliases) or "none"
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    """What ``build`` was asked for, passed to ``rwkv_zoo_model_built``."""
+
+    version: str
+    size: str | None
+    config: Any
+    device: str | None
+    dtype: torch.dtype | None
+    backend: str | None
+
+
+_versions_cache: tuple[int, dict[str, VersionSpec]] | None = None
+
+
+def get_versions() -> dict[str, VersionSpec]:
+    global _versions_cache
+    gen = pluginmanager.generation()
+    if _versions_cache is not None and _versions_cache[0] == gen:
+        return _versions_cache[1]
+    found: dict[str, VersionSpec] = {}
+    pm = pluginmanager.get_plugin_manager()
+    for impl in reversed(pm.hook.rwkv_zoo_register_versions.get_hookimpls()):
+
+        def register(spec: VersionSpec, _plugin=impl.plugin_name) -> None:
+            if not isinstance(spec, VersionSpec):
+                raise TypeError(f"register() takes a rwkv_zoo.VersionSpec, got {type(spec).__name__}")
+            if spec.name in found:
+                raise ValueError(
+                    f"version {spec.name!r} is registered twice (by {found[spec.name].provider} and {_plugin})"
+                )
+            spec.provider = _plugin
+            found[spec.name] = spec
+
+        try:
+            impl.function(register)
+        except Exception as exc:
+            pluginmanager.record_failure(impl.plugin_name, exc)
+    _versions_cache = (gen, found)
+    return found
+
+
+def list_versions() -> list[str]:
+    return sorted(get_versions())
+
+
+def list_models(pattern: str | None = None, *, released_only: bool = False) -> list[str]:
+    """Every ``"<version>-<size>"`` name, optionally filtered by a wildcard pattern (``"v6-*"``)."""
+    names = []
+    for v in sorted(get_versions().values(), key=lambda s: s.name):
+        for p in v.sizes:
+            if released_only and not p.released:
+                continue
+            names.append(f"{v.name}-{p.name}")
+    if pattern:
+        names = [n for n in names if fnmatch.fnmatch(n.lower(), pattern.lower())]
+    return names
+
+
+def get_version(name: str) -> VersionSpec:
+    versions = get_versions()
+    if name not in versions:
+        known = ", ".join(sorted(versions)) or "none (did every version plugin fail? see rwkv-zoo plugins)"
+        raise ValueError(f"unknown version {name!r}; versions: {known}")
+    return versions[name]
+
+
+def resolve(name_or_version: str, size: str | None = None) -> tuple[VersionSpec, str | None]:
+    """Split ``"v6-1.5B"`` into its version and size; ``("v6", "1.5B")`` passes through."""
+    versions = get_versions()
+    name = str(name_or_version).strip()
+    if name in versions:
+        return versions[name], size
+    if "-" in name:
+        head, tail = name.split("-", 1)
+        if head in versions:
+            if size is not None:
+                raise ValueError(f"{name!r} already names a size; do not also pass size={size!r}")
+            return versions[head], tail
+    get_version(name)  # raises with the list
+    raise AssertionError("unreachable")
+
+
+def make_config(spec: VersionSpec, size: str | None, dims: dict[str, Any], options: dict[str, Any]):
+    given = {k: v for k, v in dims.items() if v is not None}
+    valid = spec.config_cls.option_names()
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        extra = [n for n in valid if n not in DIM_ARGS]
+        raise ValueError(
+            f"unknown option(s) {', '.join(unknown)} for {spec.name}; its options are: {', '.join(extra) or 'none'}"
+        )
+    if size is not None:
+        if given:
+            raise ValueError(
+                f"size= and explicit dimensions are exclusive: got size={size!r} and "
+                f"{', '.join(f'{k}={v}' for k, v in given.items())}; use one or the other"
+            )
+        kwargs = spec.preset(size).dims()
+    else:
+        if "n_layer" not in given or "n_embd" not in given:
+            raise ValueError(
+                f"build({spec.name!r}) needs size= (one of {', '.join(p.name for p in spec.sizes)}) "
+                f"or at least n_layer= and n_embd="
+            )
+        kwargs = {"vocab_size": spec.default_vocab, **given}
+    kwargs.update(options)
+    return spec.config_cls(**kwargs)
+
+
+def build(
+    name_or_version: str,
+    size: str | None = None,
+    *,
+    n_layer: int | None = None,
+    n_embd: int | None = None,
+    vocab_size: int | None = None,
+    head_size: int | None = None,
+    dim_ffn: int | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    backend: str | None = None,
+    init: bool = True,
+    **version_options: Any,
+) -> nn.Module:
+    """Build a model: ``build("v6", size="1.5B")``, ``build("v6-1.5B")`` or explicit dimensions.
+
+    ``device="meta"`` builds any size instantly with no memory. ``init=True`` applies the version's
+    official initialisation (skipped on meta). ``backend`` forces a kernel backend for this model.
+    """
+    spec, size = resolve(name_or_version, size)
+    dims = {"n_layer": n_layer, "n_embd": n_embd, "vocab_size": vocab_size, "head_size": head_size,
+            "dim_ffn": dim_ffn}
+    config = make_config(spec, size, dims, version_options)
+    if backend is not None:
+        from rwkv_zoo.dispatch import get_backends
+
+        if backend not in get_backends():
+            raise ValueError(f"unknown backend {backend!r}; backends: {', '.join(sorted(get_backends()))}")
+    with torch.device(device if device is not None else "cpu"):
+        model = spec.model_factory(config)
+    if init:
+        model.init_weights()
+    if dtype is not None:
+        model.to(dtype=dtype)
+    model.backend = backend
+    canonical = spec.preset(size).name if size is not None else None
+    model.size_name = canonical
+    build_spec = BuildSpec(spec.name, canonical, config, str(device) if device else None, dtype, backend)
+    pluginmanager.get_plugin_manager().hook.rwkv_zoo_model_built(model=model, spec=build_spec)
+    return model

@@ -1,0 +1,213 @@
+"""The recurrent state shared by every version: one ``LayerState`` per layer plus the model's identity.
+
+``LayerState(att_shift [B, C], ffn_shift [B, C], wkv)``: the shifts hold the previous token's
+LayerNorm outputs (ln1 for time-mix, ln2 for channel-mix) in the activation dtype; ``wkv`` is
+``[B, H, K, V]`` fp32 for v5-v7 (key index first) and the ``(a, b, p)`` triple of ``[B, C]`` fp32
+tensors for v4. Blocks return new states; they never mutate the caller's.
+
+``RWKVState`` carries the identity of the model that made it (version and dimensions), so a state
+from another model is rejected with an error that names the difference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from rwkv_zoo.model import RWKV
+
+Wkv = Tensor | tuple[Tensor, ...]
+
+
+def _map_wkv(wkv: Wkv, fn: Callable[[Tensor], Tensor]) -> Wkv:
+    return tuple(fn(t) for t in wkv) if isinstance(wkv, tuple) else fn(wkv)
+
+
+@dataclass
+class LayerState:
+    att_shift: Tensor  # [B, C]
+    ffn_shift: Tensor  # [B, C]
+    wkv: Wkv  # [B, H, K, V] fp32, or (a, b, p) each [B, C] fp32 for v4
+
+    def map(self, fn: Callable[[Tensor], Tensor], wkv_fn: Callable[[Tensor], Tensor] | None = None) -> LayerState:
+        return LayerState(fn(self.att_shift), fn(self.ffn_shift), _map_wkv(self.wkv, wkv_fn or fn))
+
+    def tensors(self) -> list[Tensor]:
+        wkv = list(self.wkv) if isinstance(self.wkv, tuple) else [self.wkv]
+        return [self.att_shift, self.ffn_shift, *wkv]
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What a state must agree with to be used by a model."""
+
+    version: str
+    n_layer: int
+    n_embd: int
+    n_head: int
+    head_size: int
+
+    def describe(self) -> str:
+        return f"{self.version} (n_layer={self.n_layer}, n_embd={self.n_embd}, n_head={self.n_head}, head_size={self.head_size})"
+
+
+class StateMismatchError(ValueError):
+    """A state was given to a model it does not belong to."""
+
+
+class RWKVState:
+    """Per-layer recurrent state of a model. Immutable by convention: methods return new states."""
+
+    def __init__(self, layers: Sequence[LayerState], identity: ModelIdentity):
+        self.layers = list(layers)
+        self.identity = identity
+
+    # -- construction -------------------------------------------------------------------------------
+    @classmethod
+    def zeros(cls, model: RWKV, batch_size: int = 1, *, device=None, dtype=None) -> RWKVState:
+        """The empty state (what a model starts from) for ``batch_size`` sequences."""
+        return model.zero_state(batch_size, device=device, dtype=dtype)
+
+    # -- shape and identity -------------------------------------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        return self.layers[0].att_shift.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.layers[0].att_shift.device
+
+    def check(self, model: RWKV, batch_size: int | None = None) -> None:
+        """Raise ``StateMismatchError`` naming the difference if this state is not ``model``'s."""
+        mine, theirs = self.identity, model.identity
+        if mine != theirs:
+            diffs = [
+                f"{f.name} {getattr(mine, f.name)!r} != {getattr(theirs, f.name)!r}"
+                for f in fields(ModelIdentity)
+                if getattr(mine, f.name) != getattr(theirs, f.name)
+            ]
+            raise StateMismatchError(
+                f"this state belongs to another model: it was made by {mine.describe()}, "
+                f"but the model is {theirs.describe()} ({'; '.join(diffs)})"
+            )
+        if len(self.layers) != mine.n_layer:
+            raise StateMismatchError(f"state has {len(self.layers)} layers, the model has {mine.n_layer}")
+        if batch_size is not None and batch_size != self.batch_size:
+            raise StateMismatchError(
+                f"state is for batch size {self.batch_size} but the tokens have batch size {batch_size}; "
+                f"use state.select(...) or RWKVState.concat(...) to match"
+            )
+
+    # -- transforms ---------------------------------------------------------------------------------
+    def _map(self, fn, wkv_fn=None) -> RWKVState:
+        return RWKVState([ls.map(fn, wkv_fn) for ls in self.layers], self.identity)
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> RWKVState:
+        """Move to ``device``; ``dtype`` applies to the shift states only (the WKV state stays fp32/fp64)."""
+        return self._map(lambda t: t.to(device=device, dtype=dtype), lambda t: t.to(device=device))
+
+    def detach(self) -> RWKVState:
+        """Cut the gradient history (truncated backpropagation through time)."""
+        return self._map(lambda t: t.detach())
+
+    def clone(self) -> RWKVState:
+        return self._map(lambda t: t.clone())
+
+    def select(self, index: int | slice | Sequence[int] | Tensor) -> RWKVState:
+        """Keep some sequences of the batch (an int keeps a batch of one)."""
+        if isinstance(index, int):
+            index = slice(index, index + 1) if index != -1 else slice(-1, None)
+        if isinstance(index, Sequence):
+            index = torch.as_tensor(list(index), dtype=torch.long)
+        if isinstance(index, Tensor):
+            index = index.to(self.device)
+        return self._map(lambda t: t[index])
+
+    @classmethod
+    def concat(cls, states: Sequence[RWKVState]) -> RWKVState:
+        """Stack the batches of several states of the same model."""
+        if not states:
+            raise ValueError("concat needs at least one state")
+        ident = states[0].identity
+        for s in states[1:]:
+            if s.identity != ident:
+                raise StateMismatchError(f"cannot concat states of {ident.describe()} and {s.identity.describe()}")
+        layers = []
+        for per_layer in zip(*(s.layers for s in states), strict=True):
+            wkv0 = per_layer[0].wkv
+            if isinstance(wkv0, tuple):
+                wkv = tuple(torch.cat([ls.wkv[i] for ls in per_layer]) for i in range(len(wkv0)))
+            else:
+                wkv = torch.cat([ls.wkv for ls in per_layer])
+            layers.append(
+                LayerState(
+                    torch.cat([ls.att_shift for ls in per_layer]),
+                    torch.cat([ls.ffn_shift for ls in per_layer]),
+                    wkv,
+                )
+            )
+        return cls(layers, ident)
+
+    # -- files --------------------------------------------------------------------------------------
+    def tensors(self) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for i, ls in enumerate(self.layers):
+            out[f"blocks.{i}.att_shift"] = ls.att_shift
+            out[f"blocks.{i}.ffn_shift"] = ls.ffn_shift
+            if isinstance(ls.wkv, tuple):
+                for name, t in zip(("a", "b", "p"), ls.wkv, strict=True):
+                    out[f"blocks.{i}.wkv.{name}"] = t
+            else:
+                out[f"blocks.{i}.wkv"] = ls.wkv
+        return out
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the state as safetensors with the model identity in the metadata (atomically)."""
+        from safetensors.torch import save_file
+
+        path = os.fspath(path)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors().items()}
+        meta = {"format": "rwkv_zoo.state", "identity": json.dumps(asdict(self.identity))}
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=meta)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: RWKV, *, device=None) -> RWKVState:
+        """Read a state written by ``save`` and check that it belongs to ``model``."""
+        from safetensors import safe_open
+
+        with safe_open(os.fspath(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != "rwkv_zoo.state":
+                raise ValueError(f"{path} is not an rwkv_zoo state file (metadata format={meta.get('format')!r})")
+            ident = ModelIdentity(**json.loads(meta["identity"]))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        layers = []
+        for i in range(ident.n_layer):
+            if f"blocks.{i}.wkv" in tensors:
+                wkv: Any = tensors[f"blocks.{i}.wkv"]
+            else:
+                wkv = tuple(tensors[f"blocks.{i}.wkv.{n}"] for n in ("a", "b", "p"))
+            layers.append(LayerState(tensors[f"blocks.{i}.att_shift"], tensors[f"blocks.{i}.ffn_shift"], wkv))
+        state = cls(layers, ident)
+        state.check(model)
+        return state.to(device or model.device)
+
+    def __repr__(self) -> str:
+        return f"RWKVState({self.identity.describe()}, batch_size={self.batch_size}, device={self.device})"
