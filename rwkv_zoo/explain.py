@@ -38,7 +38,7 @@ def explain(
     *,
     T: int | None = None,
     batch_size: int = 1,
-    requires_grad: bool | None = None,
+    requires_grad: bool = False,
     has_state: bool = False,
     device: str | None = None,
     dtype: torch.dtype | None = None,
@@ -47,7 +47,9 @@ def explain(
 
     ``tokens`` may be a token tensor [B, T], a shape ``(B, T)``, or omitted with ``T=``. Works on a
     meta-device model (``rwkv_zoo.build(..., device="meta")``): nothing is allocated. ``device`` and
-    ``dtype`` override the model's own, to ask "what would run on cuda in bf16?".
+    ``dtype`` override the model's own, to ask "what would run on cuda in bf16?" (a meta-device model
+    is explained for the CPU unless ``device`` says otherwise). ``requires_grad=True`` explains a
+    training call (kernels without a backward are then rejected).
     """
     if isinstance(tokens, torch.Tensor):
         batch_size, T = tokens.shape
@@ -55,8 +57,8 @@ def explain(
         batch_size, T = tokens
     if T is None:
         raise ValueError("explain() needs tokens, a (B, T) shape, or T=")
-    if requires_grad is None:
-        requires_grad = model.training and any(p.requires_grad for p in model.parameters())
+    if device is None and model.device.type == "meta":
+        device = "cpu"  # a meta-device model is a plan; explain where its weights would live by default
     groups: dict[tuple, list[int]] = {}
     sels: dict[tuple, Selection] = {}
     fixed = model.mode is not None
