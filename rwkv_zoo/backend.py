@@ -62,7 +62,7 @@ class Kernel:
         if self.head_sizes is not None and call.op != "wkv4" and call.N not in self.head_sizes:
             sizes = ", ".join(str(n) for n in self.head_sizes)
             out.append(f"needs head size N in {{{sizes}}}, got N={call.N}")
-        if self.max_T is not None and call.T > self.max_T:
+        if self.max_T is not None and self.max_T < call.T:
             out.append(f"needs T <= {self.max_T}, got T={call.T}")
         if call.requires_grad and not self.supports_backward:
             out.append("has no backward and this call needs gradients")

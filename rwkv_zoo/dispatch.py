@@ -230,7 +230,10 @@ def _select(
             c = replace(call, mode=m)
             why = b.reasons(c)
             if not why:
-                mr = mode_reason if i == 0 else f"{explicit} has no usable {call.mode} kernel ({'; '.join(first_reasons)})"
+                if i == 0:
+                    mr = mode_reason
+                else:
+                    mr = f"{explicit} has no usable {call.mode} kernel ({'; '.join(first_reasons)})"
                 return Selection(c, explicit, source, "chosen explicitly", mr, (), b.kernel(c.op, c.mode))
             if i == 0:
                 first_reasons = why

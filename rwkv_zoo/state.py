@@ -56,7 +56,8 @@ class ModelIdentity:
     head_size: int
 
     def describe(self) -> str:
-        return f"{self.version} (n_layer={self.n_layer}, n_embd={self.n_embd}, n_head={self.n_head}, head_size={self.head_size})"
+        dims = f"n_layer={self.n_layer}, n_embd={self.n_embd}, n_head={self.n_head}, head_size={self.head_size}"
+        return f"{self.version} ({dims})"
 
 
 class StateMismatchError(ValueError):

@@ -9,6 +9,6 @@ os.environ.setdefault("RWKV_ZOO_NO_AUTOLOAD", "1")
 os.environ.pop("RWKV_ZOO_BACKEND", None)
 os.environ.pop("RWKV_ZOO_DISABLE_PLUGINS", None)
 
-import torch  # noqa: E402
+import torch
 
 torch.set_num_threads(min(2, torch.get_num_threads()))

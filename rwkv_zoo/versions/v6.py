@@ -94,7 +94,7 @@ class V6TimeMix(nn.Module):
         return torch.zeros(batch_size, H, N, N, device=device, dtype=torch.float32)
 
     def forward(self, x: Tensor, shift: Tensor, wkv: Tensor, ctx) -> tuple[Tensor, Tensor, Tensor]:
-        B, T, C = x.shape
+        B, T, _ = x.shape
         H, N = self.time_faaaa.shape
         xx, new_shift = token_shift(x, shift)
         dx = xx - x

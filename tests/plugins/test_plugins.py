@@ -115,7 +115,7 @@ PROBE = textwrap.dedent(
     import json, rwkv_zoo
     plugins = {p["name"]: p for p in rwkv_zoo.list_plugins()}
     out = {
-        "plugins": {n: {"error": p["error"], "disabled": p["disabled"], "source": p["source"]} for n, p in plugins.items()},
+        "plugins": {n: {k: p[k] for k in ("error", "disabled", "source")} for n, p in plugins.items()},
         "backends": [b["name"] for b in rwkv_zoo.list_backends()],
         "built": type(rwkv_zoo.build("v6-tiny")).__name__,
     }
