@@ -110,24 +110,20 @@ def get_backends() -> dict[str, Backend]:
     if _backends_cache is not None and _backends_cache[0] == gen:
         return _backends_cache[1]
     found: dict[str, Backend] = {}
-    current_plugin = {"name": ""}
 
-    def register(backend: Backend) -> None:
-        if not isinstance(backend, Backend):
-            raise TypeError(f"register() takes a rwkv_zoo.Backend, got {type(backend).__name__}")
-        if backend.name in found:
-            other = found[backend.name].provider
-            raise ValueError(f"backend {backend.name!r} is registered twice (by {other} and {current_plugin['name']})")
-        backend.provider = current_plugin["name"]
-        found[backend.name] = backend
+    def make_register(plugin: str):
+        def register(backend: Backend) -> None:
+            if not isinstance(backend, Backend):
+                raise TypeError(f"register() takes a rwkv_zoo.Backend, got {type(backend).__name__}")
+            if backend.name in found:
+                other = found[backend.name].provider
+                raise ValueError(f"backend {backend.name!r} is registered twice (by {other} and {plugin})")
+            backend.provider = plugin
+            found[backend.name] = backend
 
-    pm = pluginmanager.get_plugin_manager()
-    for impl in reversed(pm.hook.rwkv_zoo_register_backends.get_hookimpls()):
-        current_plugin["name"] = impl.plugin_name
-        try:
-            impl.function(register)
-        except Exception as exc:
-            pluginmanager.record_failure(impl.plugin_name, exc)
+        return register
+
+    pluginmanager.collect("rwkv_zoo_register_backends", make_register)
     _backends_cache = (gen, found)
     _selection_cache.clear()
     return found

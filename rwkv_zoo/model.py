@@ -189,15 +189,17 @@ class RWKV(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.emb.weight.dtype
 
-    def zero_state(self, batch_size: int = 1, *, device=None, dtype=None) -> RWKVState:
+    def zero_state(self, batch_size: int = 1, *, device=None, dtype=None, wkv: bool = True) -> RWKVState:
+        """The state a sequence starts from. ``wkv=False`` leaves the WKV states as None: the model
+        does that for ``state=None`` so kernels see a fresh sequence (``has_state=False``)."""
         device = device or self.device
         dtype = dtype or self.dtype
         C = self.config.n_embd
         layers = []
         for block in self.blocks:
             shift = torch.zeros(batch_size, C, device=device, dtype=dtype)
-            wkv: Wkv = block.att.zero_wkv(batch_size, device)
-            layers.append(LayerState(shift, shift.clone(), wkv))
+            wkv_state: Wkv | None = block.att.zero_wkv(batch_size, device) if wkv else None
+            layers.append(LayerState(shift, shift.clone(), wkv_state))
         return RWKVState(layers, self.identity)
 
     # -- forward ------------------------------------------------------------------------------------
@@ -209,7 +211,8 @@ class RWKV(nn.Module):
         if tokens.dim() != 2 or tokens.shape[1] < 1:
             hint = " (use tokens[None] for a single sequence)" if tokens.dim() == 1 else ""
             raise ValueError(f"tokens must have shape [B, T] with T >= 1, got {list(tokens.shape)}{hint}")
-        if tokens.device.type != "meta" and tokens.numel():
+        # The range check reads values (a sync, and a graph break under torch.compile): eager only.
+        if tokens.device.type != "meta" and tokens.numel() and not torch.compiler.is_compiling():
             lo, hi = int(tokens.min()), int(tokens.max())
             V = self.config.vocab_size
             if lo < 0 or hi >= V:
@@ -219,8 +222,9 @@ class RWKV(nn.Module):
     def forward(self, tokens: Tensor, state: RWKVState | None = None) -> tuple[Tensor, RWKVState]:
         self._check_tokens(tokens)
         B = tokens.shape[0]
-        if state is None:
-            state = self.zero_state(B, device=tokens.device)
+        fresh = state is None
+        if fresh:
+            state = self.zero_state(B, device=tokens.device, wkv=False)
         else:
             if not isinstance(state, RWKVState):
                 raise TypeError(f"state must be an RWKVState (or None), got {type(state).__name__}")

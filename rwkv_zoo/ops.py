@@ -64,6 +64,9 @@ def _needs_grad(*tensors) -> bool:
     return False
 
 
+# Dispatch is plain Python over plugins, context variables and caches: torch.compile steps around it
+# (one graph break per op call) and traces the chosen kernel, so a whole compiled model still works.
+@torch.compiler.disable
 def _dispatch(op, mode, x: Tensor, B, T, H, N, grad, has_state, backend) -> Selection:
     fixed = mode is not None
     if mode is None:

@@ -16,9 +16,8 @@ import contextlib
 import importlib
 import importlib.metadata
 import os
-import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -178,16 +177,19 @@ def list_plugins() -> list[dict[str, Any]]:
     ]
 
 
-def call_register_hook(hook_name: str, register: Any) -> None:
-    """Run a ``register_*`` hook one plugin at a time, so one plugin that raises is reported and skipped."""
+def collect(hook_name: str, make_register: Callable[[str], Callable[[Any], None]]) -> None:
+    """Run a ``register_*`` hook one plugin at a time, in registration order.
+
+    ``make_register(plugin_name)`` returns the ``register`` callback handed to that plugin, so the
+    host knows who registered what. A plugin whose hook raises is recorded as failed (shown by
+    ``rwkv-zoo plugins``) and skipped; the others still register.
+    """
     pm = get_plugin_manager()
-    caller = getattr(pm.hook, hook_name)
-    for impl in reversed(caller.get_hookimpls()):  # registration order
+    for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls()):  # pluggy keeps them LIFO
         try:
-            impl.function(register)
+            impl.function(make_register(impl.plugin_name))
         except Exception as exc:
             record_failure(impl.plugin_name, exc)
-            print(f"rwkv_zoo: plugin {impl.plugin_name!r} failed in {hook_name}: {exc}", file=sys.stderr)
 
 
 def _reset_for_tests() -> None:

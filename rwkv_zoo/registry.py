@@ -1,8 +1,10 @@
 """Versions, size presets and ``build()``.
 
 Versions register through the ``rwkv_zoo_register_versions`` hook (the built-ins too). A size preset
-names a shape (``"1.5B"`` = 24 layers x 2048 in every version, so ablations compare like with like);
-release labels (``"1B6"``, ``"169M"``) are aliases, matched case-insensitively.
+names a shape shared by every version that has it, so ablations compare like with like:
+``0.1B`` = 12 x 768, ``0.4B`` = 24 x 1024, ``1.5B`` = 24 x 2048, ``3B`` = 32 x 2560, ``7B`` = 32 x 4096,
+``14B`` = 61 x 4096. Release labels (``"1B6"``, ``"1.6B"``, ``"2.9B"``, ``"169M"``) are aliases, matched
+case-insensitively; shapes no other version shares carry a prefix (``pile-14B`` = 40 x 5120).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from torch import nn
 
 from rwkv_zoo import pluginmanager
+from rwkv_zoo.backend import MODES
 
 DIM_ARGS = ("n_layer", "n_embd", "vocab_size", "head_size", "dim_ffn")
 
@@ -86,23 +89,21 @@ def get_versions() -> dict[str, VersionSpec]:
     if _versions_cache is not None and _versions_cache[0] == gen:
         return _versions_cache[1]
     found: dict[str, VersionSpec] = {}
-    pm = pluginmanager.get_plugin_manager()
-    for impl in reversed(pm.hook.rwkv_zoo_register_versions.get_hookimpls()):
 
-        def register(spec: VersionSpec, _plugin=impl.plugin_name) -> None:
+    def make_register(plugin: str):
+        def register(spec: VersionSpec) -> None:
             if not isinstance(spec, VersionSpec):
                 raise TypeError(f"register() takes a rwkv_zoo.VersionSpec, got {type(spec).__name__}")
             if spec.name in found:
                 raise ValueError(
-                    f"version {spec.name!r} is registered twice (by {found[spec.name].provider} and {_plugin})"
+                    f"version {spec.name!r} is registered twice (by {found[spec.name].provider} and {plugin})"
                 )
-            spec.provider = _plugin
+            spec.provider = plugin
             found[spec.name] = spec
 
-        try:
-            impl.function(register)
-        except Exception as exc:
-            pluginmanager.record_failure(impl.plugin_name, exc)
+        return register
+
+    pluginmanager.collect("rwkv_zoo_register_versions", make_register)
     _versions_cache = (gen, found)
     return found
 
@@ -187,30 +188,45 @@ def build(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     backend: str | None = None,
+    mode: str | None = None,
     init: bool = True,
     **version_options: Any,
 ) -> nn.Module:
     """Build a model: ``build("v6", size="1.5B")``, ``build("v6-1.5B")`` or explicit dimensions.
 
     ``device="meta"`` builds any size instantly with no memory. ``init=True`` applies the version's
-    official initialisation (skipped on meta). ``backend`` forces a kernel backend for this model.
+    official initialisation (skipped on meta). ``backend`` forces a kernel backend for this model and
+    ``mode`` (``"chunk"`` or ``"recurrent"``) a kernel mode; both stay settable as ``model.backend`` and
+    ``model.mode`` (None = let dispatch decide).
     """
     spec, size = resolve(name_or_version, size)
     dims = {"n_layer": n_layer, "n_embd": n_embd, "vocab_size": vocab_size, "head_size": head_size,
             "dim_ffn": dim_ffn}
     config = make_config(spec, size, dims, version_options)
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; modes are {', '.join(MODES)} (or None for automatic)")
     if backend is not None:
         from rwkv_zoo.dispatch import get_backends
 
         if backend not in get_backends():
             raise ValueError(f"unknown backend {backend!r}; backends: {', '.join(sorted(get_backends()))}")
-    with torch.device(device if device is not None else "cpu"):
-        model = spec.model_factory(config)
-    if init:
+    target = torch.device(device if device is not None else "cpu")
+    if init and target.type != "meta":
+        # Allocate once and initialise once: torch's default init would be overwritten anyway.
+        with torch.device("meta"):
+            model = spec.model_factory(config)
+        model.to_empty(device=target)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(float("nan"))  # any parameter the version's init forgets shows up as NaN
         model.init_weights()
+    else:
+        with target:
+            model = spec.model_factory(config)
     if dtype is not None:
         model.to(dtype=dtype)
     model.backend = backend
+    model.mode = mode
     canonical = spec.preset(size).name if size is not None else None
     model.size_name = canonical
     build_spec = BuildSpec(spec.name, canonical, config, str(device) if device else None, dtype, backend)

@@ -172,7 +172,7 @@ SIZES = (
     _pile("pile-1.5B", 24, 2048, "1.515B", ("1B5", "pile-1B5")),
     _pile("pile-3B", 32, 2560, "2.985B"),
     _pile("pile-7B", 32, 4096, "7.39B"),
-    _pile("pile-14B", 40, 5120, "14.15B", ("14B",)),
+    _pile("pile-14B", 40, 5120, "14.15B"),  # no bare "14B": that label means 61 x 4096 elsewhere
     SizePreset("tiny", 2, 64, 256, released=False, note="for tests"),
     SizePreset("small", 4, 128, 1024, released=False, note="for tests and demos"),
 )

@@ -195,7 +195,7 @@ def _world(name, L, C, params, aliases=(), released=True, note="World"):
 SIZES = (
     _world("0.1B", 12, 768, "", released=False, note="shape-matched to the other versions' 0.1B; no v6 release"),
     _world("0.4B", 24, 1024, "", released=False, note="shape-matched to the other versions' 0.4B; no v6 release"),
-    _world("1.6B", 24, 2048, "1.600B", ("1B6", "1.5B")),
+    _world("1.5B", 24, 2048, "1.600B", ("1.6B", "1B6")),
     _world("3B", 32, 2560, "3.100B"),
     _world("7B", 32, 4096, "7.636B"),
     _world("14B", 61, 4096, "14.07B"),

@@ -13,7 +13,7 @@ def test_name_and_size_forms_are_equivalent():
     b = rwkv_zoo.build("v6", size="1.5B", device="meta")
     c = rwkv_zoo.build("v6", size="1B6", device="meta")
     assert a.config == b.config == c.config
-    assert a.size_name == "1.6B"
+    assert a.size_name == "1.5B"
 
 
 @pytest.mark.parametrize(
@@ -35,15 +35,20 @@ def test_release_labels_are_aliases(name, L, C, V):
 
 
 def test_shared_size_labels_mean_the_same_shape_in_every_version():
-    for size in ("0.1B", "0.4B", "1.5B"):
-        shapes = {(m.config.n_layer, m.config.n_embd) for m in
-                  (rwkv_zoo.build(v, size=size, device="meta") for v in ("v4", "v5", "v6", "v7"))}
+    for size in ("0.1B", "0.4B", "1.5B", "3B", "7B", "14B"):
+        shapes = set()
+        for v in ("v4", "v5", "v6", "v7"):
+            if f"{v}-{size}" in rwkv_zoo.list_models():
+                m = rwkv_zoo.build(v, size=size, device="meta")
+                shapes.add((m.config.n_layer, m.config.n_embd))
         assert len(shapes) == 1, (size, shapes)
+    assert rwkv_zoo.list_models("v?-1.5B") == ["v4-1.5B", "v5-1.5B", "v6-1.5B", "v7-1.5B"]
+    assert rwkv_zoo.build("v7-2.9B", device="meta").size_name == "3B"
 
 
 def test_size_and_dimensions_are_exclusive():
     with pytest.raises(ValueError, match="exclusive.*n_layer=4"):
-        rwkv_zoo.build("v6", size="1.6B", n_layer=4, device="meta")
+        rwkv_zoo.build("v6", size="1.5B", n_layer=4, device="meta")
     with pytest.raises(ValueError, match="already names a size"):
         rwkv_zoo.build("v6-1.6B", size="3B", device="meta")
 
@@ -62,7 +67,7 @@ def test_explicit_dimensions():
 def test_unknown_names_list_what_exists():
     with pytest.raises(ValueError, match="unknown version 'v9'; versions: v4, v5, v6, v7"):
         rwkv_zoo.build("v9")
-    with pytest.raises(ValueError, match=r"unknown size '2B' for v6; sizes: 0.1B, 0.4B, 1.6B"):
+    with pytest.raises(ValueError, match=r"unknown size '2B' for v6; sizes: 0.1B, 0.4B, 1.5B"):
         rwkv_zoo.build("v6", size="2B")
     with pytest.raises(ValueError, match=r"unknown option\(s\) dim_mix_lora for v7; its options are: dim_w_lora"):
         rwkv_zoo.build("v7-tiny", dim_mix_lora=3)
@@ -70,7 +75,7 @@ def test_unknown_names_list_what_exists():
 
 def test_list_models_and_versions():
     names = rwkv_zoo.list_models()
-    assert "v6-1.6B" in names and "v7-tiny" in names and "v4-pile-169M" in names
+    assert "v6-1.5B" in names and "v7-tiny" in names and "v4-pile-169M" in names
     assert rwkv_zoo.list_models("v7-pile*") == ["v7-pile-168M", "v7-pile-421M", "v7-pile-1.47B"]
     assert "v5-tiny" not in rwkv_zoo.list_models(released_only=True)
     assert rwkv_zoo.list_versions() == ["v4", "v5", "v6", "v7"]
