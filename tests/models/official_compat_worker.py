@@ -49,8 +49,10 @@ def main(version: str, workdir: str, prompt_len: int = 40, decode_steps: int = 8
         with torch.no_grad():
             out, state = model(torch.tensor([[tok]]), state)
         result["decode"].append(rel(out[0, -1].float(), ref_out.float()))
-    print("RESULT " + json.dumps(result))
+    print(f"RESULT {version} " + json.dumps(result))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    # v4-v6 share one package class; v7 needs RWKV_V7_ON before import, so it runs in its own process.
+    for v in sys.argv[1].split(","):
+        main(v, sys.argv[2])
