@@ -21,6 +21,10 @@ from rwkv_zoo import pluginmanager
 from rwkv_zoo.backend import MODES
 
 DIM_ARGS = ("n_layer", "n_embd", "vocab_size", "head_size", "dim_ffn")
+# Options that turn a build into a hybrid: ``build("v6", size="1.5B", time_mix="v5")`` is routed to the
+# version named HYBRID_VERSION with ``base="v6"``, sized by v6's preset (see plugins/hybrids.py).
+HYBRID_OPTIONS = ("time_mix", "channel_mix", "layers")
+HYBRID_VERSION = "hybrid"
 
 
 @dataclass(frozen=True)
@@ -149,7 +153,12 @@ def resolve(name_or_version: str, size: str | None = None) -> tuple[VersionSpec,
     raise AssertionError("unreachable")
 
 
-def make_config(spec: VersionSpec, size: str | None, dims: dict[str, Any], options: dict[str, Any]):
+def make_config(
+    spec: VersionSpec, size: str | None, dims: dict[str, Any], options: dict[str, Any],
+    size_spec: VersionSpec | None = None,
+):
+    """The version's config from a preset (of ``size_spec``, default ``spec``) or explicit dims."""
+    size_spec = size_spec or spec
     given = {k: v for k, v in dims.items() if v is not None}
     valid = spec.config_cls.option_names()
     unknown = sorted(set(options) - set(valid))
@@ -164,14 +173,14 @@ def make_config(spec: VersionSpec, size: str | None, dims: dict[str, Any], optio
                 f"size= and explicit dimensions are exclusive: got size={size!r} and "
                 f"{', '.join(f'{k}={v}' for k, v in given.items())}; use one or the other"
             )
-        kwargs = spec.preset(size).dims()
+        kwargs = size_spec.preset(size).dims()
     else:
         if "n_layer" not in given or "n_embd" not in given:
             raise ValueError(
                 f"build({spec.name!r}) needs size= (one of {', '.join(p.name for p in spec.sizes)}) "
                 f"or at least n_layer= and n_embd="
             )
-        kwargs = {"vocab_size": spec.default_vocab, **given}
+        kwargs = {"vocab_size": size_spec.default_vocab, **given}
     kwargs.update(options)
     return spec.config_cls(**kwargs)
 
@@ -200,9 +209,16 @@ def build(
     ``model.mode`` (None = let dispatch decide).
     """
     spec, size = resolve(name_or_version, size)
+    size_spec = spec
+    if spec.name != HYBRID_VERSION and any(k in version_options for k in HYBRID_OPTIONS):
+        if HYBRID_VERSION not in get_versions():
+            used = ", ".join(k for k in HYBRID_OPTIONS if k in version_options)
+            raise ValueError(f"{used} make a hybrid model, but no plugin registers the {HYBRID_VERSION!r} version")
+        size_spec, spec = spec, get_version(HYBRID_VERSION)
+        version_options = {"base": size_spec.name, **version_options}
     dims = {"n_layer": n_layer, "n_embd": n_embd, "vocab_size": vocab_size, "head_size": head_size,
             "dim_ffn": dim_ffn}
-    config = make_config(spec, size, dims, version_options)
+    config = make_config(spec, size, dims, version_options, size_spec=size_spec)
     if mode is not None and mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; modes are {', '.join(MODES)} (or None for automatic)")
     if backend is not None:
@@ -227,7 +243,7 @@ def build(
         model.to(dtype=dtype)
     model.backend = backend
     model.mode = mode
-    canonical = spec.preset(size).name if size is not None else None
+    canonical = size_spec.preset(size).name if size is not None else None
     model.size_name = canonical
     build_spec = BuildSpec(spec.name, canonical, config, str(device) if device else None, dtype, backend)
     pluginmanager.get_plugin_manager().hook.rwkv_zoo_model_built(model=model, spec=build_spec)
