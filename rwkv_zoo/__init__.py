@@ -13,6 +13,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from rwkv_zoo.backend import Backend, Kernel
+from rwkv_zoo.checkpoint import Checkpoint, CheckpointError, CheckpointFormat, list_formats, load, save
 from rwkv_zoo.dispatch import BackendError, Choice, KernelCall, Selection, list_backends, use_backend
 from rwkv_zoo.explain import explain
 from rwkv_zoo.hookspecs import hookimpl
@@ -35,6 +36,9 @@ __all__ = [
     "Backend",
     "BackendError",
     "BuildSpec",
+    "Checkpoint",
+    "CheckpointError",
+    "CheckpointFormat",
     "Choice",
     "Kernel",
     "KernelCall",
@@ -51,13 +55,16 @@ __all__ = [
     "explain",
     "hookimpl",
     "list_backends",
+    "list_formats",
     "list_models",
     "list_plugins",
     "list_versions",
+    "load",
     "param_groups",
     "plugin",
     "randomize_",
     "register_plugin",
+    "save",
     "unregister_plugin",
     "use_backend",
     "wkv4",

@@ -173,6 +173,10 @@ class RWKV(nn.Module):
         self.head = nn.Linear(C, V, bias=False)
         self.backend: str | None = None
         self.mode: str | None = None
+        # A tuned initial state (e.g. official time_state keys); used when forward gets state=None.
+        self.initial_state: RWKVState | None = None
+        # fp16 inference transform (SPEC §8): see set_rescale(). 0 = off.
+        self.rescale_every: int = 0
 
     # -- identity and state ------------------------------------------------------------------------
     @property
@@ -222,8 +226,9 @@ class RWKV(nn.Module):
     def forward(self, tokens: Tensor, state: RWKVState | None = None) -> tuple[Tensor, RWKVState]:
         self._check_tokens(tokens)
         B = tokens.shape[0]
-        fresh = state is None
-        if fresh:
+        if state is None and self.initial_state is not None:
+            state = self.initial_state.select([0] * B) if self.initial_state.batch_size != B else self.initial_state
+        if state is None:
             state = self.zero_state(B, device=tokens.device, wkv=False)
         else:
             if not isinstance(state, RWKVState):
@@ -232,9 +237,12 @@ class RWKV(nn.Module):
         x = self.emb(tokens.to(self.device).long())
         ctx: dict[str, Any] = {"backend": self.backend, "mode": self.mode}
         new_layers = []
-        for block, layer_state in zip(self.blocks, state.layers, strict=True):
+        every = self.rescale_every
+        for i, (block, layer_state) in enumerate(zip(self.blocks, state.layers, strict=True)):
             x, ls = block(x, layer_state, ctx)
             new_layers.append(ls)
+            if every and (i + 1) % every == 0:
+                x = x / 2  # keeps fp16 activations in range; matches the weights set_rescale() divided
         logits = self.head(self.ln_out(x))
         return logits, RWKVState(new_layers, state.identity)
 
@@ -267,6 +275,26 @@ class RWKV(nn.Module):
         self.ln_out.bias.zero_()
         for block in self.blocks:
             block.init_weights()
+
+    @torch.no_grad()
+    def set_rescale(self, every: int) -> RWKV:
+        """fp16 inference transform of SPEC §8, explicit and reversible.
+
+        With ``every = k``: layer l's ``att.output`` and ``ffn.value`` weights are divided by
+        ``2 ** (l // k)`` and the residual is halved after every k-th block, so fp16 activations
+        stay in range (LayerNorm makes it exact up to its eps). ``set_rescale(0)`` undoes it. The
+        setting is recorded in ``model.rescale_every``; ``rwkv_zoo.save`` writes un-rescaled weights.
+        """
+        if every < 0:
+            raise ValueError(f"rescale every must be >= 0, got {every}")
+        old = self.rescale_every
+        for i, block in enumerate(self.blocks):
+            factor = (2 ** (i // old) if old else 1) / (2 ** (i // every) if every else 1)
+            if factor != 1:
+                for lin in (block.att.output, block.ffn.value):
+                    lin.weight.mul_(factor)
+        self.rescale_every = every
+        return self
 
     def unused_parameters(self) -> list[str]:
         """Official keys that this version keeps for checkpoint compatibility but never uses."""

@@ -157,6 +157,40 @@ class RWKVState:
             )
         return cls(layers, ident)
 
+    # -- official state-tuning keys -----------------------------------------------------------------
+    @classmethod
+    def from_time_state(cls, model: RWKV, tensors: dict[str, Tensor]) -> RWKVState:
+        """A batch-1 state from official ``blocks.N.att.time_state`` tensors ([H, V, K], SPEC §4.1/§6.5).
+
+        State tuning trains only the initial WKV state; shifts start at zero. The official layout is
+        value-first for v5, v6 and v7 alike, so it is transposed into our key-first ``[B, H, K, V]``.
+        """
+        if model.version == "v4":
+            raise ValueError("RWKV-4 has no matrix state: official time_state keys exist only for v5-v7")
+        state = model.zero_state(1)
+        H, N = model.identity.n_head, model.identity.head_size
+        for i, ls in enumerate(state.layers):
+            key = f"blocks.{i}.att.time_state"
+            if key not in tensors:
+                raise ValueError(f"time_state is missing {key}")
+            t = tensors[key]
+            if tuple(t.shape) != (H, N, N):
+                raise ValueError(f"{key}: expected shape [{H}, {N}, {N}], found {list(t.shape)}")
+            ls.wkv = t.detach().to(device=ls.wkv.device, dtype=torch.float32).transpose(-1, -2).unsqueeze(0).clone()
+        extra = set(tensors) - {f"blocks.{i}.att.time_state" for i in range(len(state.layers))}
+        if extra:
+            raise ValueError(f"unexpected time_state keys: {sorted(extra)}")
+        return state
+
+    def to_time_state(self, index: int = 0) -> dict[str, Tensor]:
+        """Official ``blocks.N.att.time_state`` tensors ([H, V, K] fp32) of sequence ``index``."""
+        if isinstance(self.layers[0].wkv, tuple):
+            raise ValueError("RWKV-4 has no matrix state to export as time_state")
+        return {
+            f"blocks.{i}.att.time_state": ls.wkv[index].transpose(-1, -2).contiguous().float()
+            for i, ls in enumerate(self.layers)
+        }
+
     # -- files --------------------------------------------------------------------------------------
     def tensors(self) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}

@@ -1,9 +1,11 @@
 """Run in a subprocess by test_official_compat.py: compare rwkv_zoo with BlinkDL's ``rwkv`` package.
 
-Builds a random checkpoint in the official layout with rwkv_zoo, saves it as an official ``.pth``,
-loads it in the package (strategy ``cpu fp32``), and prints JSON with the relative logit errors of a
-prompt and of 8 decode steps with the state carried. A subprocess because the package picks v7 with
-the ``RWKV_V7_ON`` environment variable at import time.
+Builds a random model in the official layout, writes it with ``rwkv_zoo.save`` as an official
+``.pth``, loads that file both with ``rwkv_zoo.load`` and in the package (strategy ``cpu fp32``), and
+prints JSON with the relative logit errors of a prompt and of 8 decode steps with the state carried.
+For v5 and v6 (the versions whose package class reads state-tuning keys) a second file carries
+random ``blocks.N.att.time_state`` tensors. A subprocess because the package picks v7 with the
+``RWKV_V7_ON`` environment variable at import time.
 """
 
 from __future__ import annotations
@@ -17,39 +19,50 @@ import torch
 os.environ.setdefault("RWKV_JIT_ON", "0")
 
 
-def main(version: str, workdir: str, prompt_len: int = 40, decode_steps: int = 8) -> None:
+def compare(official, ours, vocab: int, prompt_len: int = 40, decode_steps: int = 8) -> dict:
+    gen = torch.Generator().manual_seed(2)
+    prompt = torch.randint(0, vocab, (prompt_len,), generator=gen).tolist()
+    ref_logits, ref_state = official.forward(prompt, None, full_output=True)
+    with torch.no_grad():
+        logits, state = ours(torch.tensor([prompt]))
+    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    result = {"prompt": rel(logits[0].float(), ref_logits.float()), "decode": []}
+    for _ in range(decode_steps):
+        tok = int(torch.randint(0, vocab, (1,), generator=gen))
+        ref_out, ref_state = official.forward([tok], ref_state)
+        with torch.no_grad():
+            out, state = ours(torch.tensor([[tok]]), state)
+        result["decode"].append(rel(out[0, -1].float(), ref_out.float()))
+    return result
+
+
+def main(version: str, workdir: str) -> None:
     import rwkv_zoo
 
-    torch.manual_seed(0)
     dims = {"n_layer": 3, "n_embd": 128, "vocab_size": 300}
     if version != "v4":
         dims["head_size"] = 64
-    model = rwkv_zoo.build(version, **dims)
-    rwkv_zoo.randomize_(model, seed=1)
-    model.eval()
+    model = rwkv_zoo.randomize_(rwkv_zoo.build(version, **dims), seed=1).eval()
     path = os.path.join(workdir, f"{version}.pth")
-    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, path)
+    rwkv_zoo.save(model, path)  # the official layout, written by us
+    files = {"plain": path}
+    if version in ("v5", "v6"):
+        g = torch.Generator().manual_seed(3)
+        tuned = torch.load(path, weights_only=True)
+        for i in range(dims["n_layer"]):
+            tuned[f"blocks.{i}.att.time_state"] = torch.randn(2, 64, 64, generator=g)
+        files["time_state"] = os.path.join(workdir, f"{version}-tuned.pth")
+        torch.save(tuned, files["time_state"])
 
     if version == "v7":
         os.environ["RWKV_V7_ON"] = "1"
     from rwkv.model import RWKV as OfficialRWKV
 
-    official = OfficialRWKV(model=path[: -len(".pth")], strategy="cpu fp32")
-    gen = torch.Generator().manual_seed(2)
-    prompt = torch.randint(0, dims["vocab_size"], (prompt_len,), generator=gen).tolist()
-
-    ref_logits, ref_state = official.forward(prompt, None, full_output=True)
-    with torch.no_grad():
-        logits, state = model(torch.tensor([prompt]))
-    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
-    result = {"prompt": rel(logits[0].float(), ref_logits.float()), "decode": []}
-    for _ in range(decode_steps):
-        tok = int(torch.randint(0, dims["vocab_size"], (1,), generator=gen))
-        ref_out, ref_state = official.forward([tok], ref_state)
-        with torch.no_grad():
-            out, state = model(torch.tensor([[tok]]), state)
-        result["decode"].append(rel(out[0, -1].float(), ref_out.float()))
-    print(f"RESULT {version} " + json.dumps(result))
+    for kind, file in files.items():
+        official = OfficialRWKV(model=file[: -len(".pth")], strategy="cpu fp32")
+        ours = rwkv_zoo.load(file)
+        result = compare(official, ours, dims["vocab_size"])
+        print(f"RESULT {version}/{kind} " + json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """Logits agree with BlinkDL's ``rwkv`` package (0.8.32) on random weights in the official layout.
 
+Both load the same file, written by ``rwkv_zoo.save``; v5/v6 also with official ``time_state`` keys.
+
 The package is the ground truth for official checkpoints (SPEC.md §10). A prompt longer than the
 recurrent threshold runs our chunked kernels; the decode steps run the recurrent ones with the state
 carried, so both paths and the state layout are checked against the package.
@@ -40,9 +42,9 @@ def results(tmp_path_factory):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("version", ["v4", "v5", "v6", "v7"])
-def test_logits_match_official_package(version, results):
-    result = results[version]
+@pytest.mark.parametrize("case", ["v4/plain", "v5/plain", "v6/plain", "v7/plain", "v5/time_state", "v6/time_state"])
+def test_logits_match_official_package(case, results):
+    result = results[case]
     assert result["prompt"] <= TOL, result
     assert len(result["decode"]) == 8
     assert max(result["decode"]) <= TOL, result
