@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from rwkv_zoo.checkpoint import CheckpointError
+
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -415,6 +417,10 @@ def make_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads while the demo runs (default 1: these models are too small to "
                         "gain from more, and a busy machine makes extra OpenMP threads much slower)")
     p.set_defaults(func=cmd_demo)
+
+    from rwkv_zoo.cli_checkpoint import add_parsers as add_checkpoint_parsers
+
+    add_checkpoint_parsers(sub)
     return parser
 
 
@@ -429,6 +435,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UsageError as exc:
+        return _error(prog, str(exc))
+    except (CheckpointError, FileNotFoundError) as exc:  # a file the user named is missing or unusable
         return _error(prog, str(exc))
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

@@ -1,0 +1,127 @@
+"""``rwkv-zoo convert`` and ``rwkv-zoo inspect``: checkpoint tools of the command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+TARGETS = {"official": "official-pth", "safetensors": "safetensors", "hf": "hf"}
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+class Progress:
+    """A one-line progress bar on stderr, drawn only for large jobs (or when ``force``)."""
+
+    def __init__(self, total: int, label: str, *, force: bool = False, min_bytes: int = 256 << 20):
+        self.total, self.done, self.label = max(total, 1), 0, label
+        self.show = force or total >= min_bytes
+        self.start = self.drawn = time.perf_counter()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if self.show and (now - self.drawn >= 0.1 or self.done >= self.total):
+            self.drawn = now
+            frac = min(self.done / self.total, 1.0)
+            bar = "#" * int(30 * frac)
+            rate = self.done / max(time.perf_counter() - self.start, 1e-9)
+            print(f"\r{self.label} [{bar:<30}] {frac:6.1%} {_human_bytes(rate)}/s", end="", file=sys.stderr)
+
+    def close(self) -> None:
+        if self.show:
+            print(file=sys.stderr)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import rwkv_zoo
+    from rwkv_zoo.checkpoint import CheckpointError, get_formats, model_metadata, official_tensors
+
+    dst = Path(args.dst)
+    target = TARGETS[args.to] if args.to else ("safetensors" if dst.suffix == ".safetensors" else "official-pth")
+    fmt = get_formats().get(target)
+    if fmt is None or not fmt.writable:
+        writable = ", ".join(k for k, v in TARGETS.items() if v in get_formats() and get_formats()[v].writable)
+        raise CheckpointError(f"cannot write {args.to or target} (not installed?); writable targets: {writable}")
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    model = rwkv_zoo.load(args.src)
+    tensors = official_tensors(model)
+    bar = Progress(sum(t.numel() * (dtype or t.dtype).itemsize for t in tensors.values()), f"converting to {target}",
+                   force=args.progress)
+    out = {}
+    for k, t in tensors.items():
+        out[k] = t.to(dtype).contiguous() if dtype is not None else t
+        bar.update(out[k].numel() * out[k].element_size())
+    bar.close()
+    fmt.write(out, dst, model_metadata(model))
+    size = sum(p.stat().st_size for p in ([dst] if dst.is_file() else dst.rglob("*") if dst.is_dir() else []))
+    print(f"{args.src} ({model.checkpoint_format}, {model.version}) -> {dst} ({target}, "
+          f"{str(dtype or model.dtype).removeprefix('torch.')}, {_human_bytes(size)})")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from rwkv_zoo.checkpoint import detect_format, infer_model
+    from rwkv_zoo.registry import build
+
+    path = Path(args.path)
+    fmt = detect_format(path)
+    header = fmt.read_shapes(path)
+    how = "header only, no weights read"
+    if header is None:
+        ckpt = fmt.read(path, mmap=True)
+        header = ({k: (tuple(v.shape), v.dtype) for k, v in ckpt.tensors.items()}, ckpt.metadata)
+        how = "memory-mapped, weights not copied" if fmt.name == "official-pth" else "weights loaded"
+    shapes, meta = header
+    time_state = sorted(k for k in shapes if k.endswith(".att.time_state"))
+    model_shapes = {k: s for k, (s, _) in shapes.items() if k not in time_state}
+    version, dims = infer_model(model_shapes)
+    params = sum(_numel(s) for s in model_shapes.values())
+    dtypes = sorted({str(d).removeprefix("torch.") for _, d in shapes.values()})
+    expected = build(version, device="meta", init=False, **dims).num_parameters()
+    rows = [
+        ("path", str(path)),
+        ("format", f"{fmt.name}; {how}"),
+        ("version", version),
+        *((k, str(v)) for k, v in dims.items() if v is not None),
+        ("parameters", f"{params:,}" + ("" if params == expected else f" (a {version} of these dims: {expected:,})")),
+        ("dtype", ", ".join(dtypes)),
+        ("time_state", f"{len(time_state)} layers (state-tuned)" if time_state else "none"),
+    ]
+    rows += [(f"metadata.{k}", v if len(v) < 200 else v[:197] + "...") for k, v in sorted(meta.items())]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("convert", help="convert a checkpoint between formats and dtypes")
+    p.add_argument("src", help="a checkpoint file or folder in any format rwkv_zoo reads")
+    p.add_argument("dst", help="output path (.safetensors, .pth, or a folder for --to hf)")
+    p.add_argument("--to", choices=sorted(TARGETS), help="output format (default: from the extension)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="output dtype (default: keep)")
+    p.add_argument("--progress", action="store_true", help="always show the progress bar (default: files > 256 MB)")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("inspect", help="format, version, dimensions, parameters, dtype and metadata of a checkpoint")
+    p.add_argument("path", help="a checkpoint file or folder")
+    p.set_defaults(func=cmd_inspect)
