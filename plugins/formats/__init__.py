@@ -3,17 +3,23 @@
 - ``safetensors``: rwkv_zoo's own files: official keys, metadata with version and config.
 - ``official-pth``: BlinkDL's ``.pth``: a ``torch.save``d dict of official keys. Read with
   ``weights_only=True`` (a pickle cannot run code) and memory-mapped.
-Further formats (HF folders, fla) live in sibling modules and register here too.
+- ``fla``: flash-linear-attention RWKV-6/7 folders (``model.layers.*`` keys), read.
+- ``hf``: Hugging Face folders: transformers RWKV-4 (read, write), RWKV org remote-code v5/v6 (read).
+
+Order matters for detection: the folder formats first (fla before hf: both see ``model_type
+"rwkv6"``, and each checks the stored key names), then the single-file formats.
 """
 
 from __future__ import annotations
 
 from rwkv_zoo.hookspecs import hookimpl
 
+from .fla import FlaFolder
+from .hf import HFFolder
 from .official import OfficialPth
 from .safetensors_format import SafetensorsFormat
 
-FORMATS = [SafetensorsFormat, OfficialPth]
+FORMATS = [FlaFolder, HFFolder, SafetensorsFormat, OfficialPth]
 
 
 @hookimpl
