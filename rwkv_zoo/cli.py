@@ -421,6 +421,9 @@ def make_parser() -> argparse.ArgumentParser:
     from rwkv_zoo.cli_checkpoint import add_parsers as add_checkpoint_parsers
 
     add_checkpoint_parsers(sub)
+    from rwkv_zoo.cli_generate import add_parsers as add_generate_parsers
+
+    add_generate_parsers(sub)
     return parser
 
 
