@@ -1,0 +1,115 @@
+"""The ``triton`` backend: Triton kernels for wkv4-wkv7 on CUDA GPUs (and on the CPU in Triton's interpreter).
+
+Kernels (``recurrent.py`` wrapping ``_kernels.py``): ``recurrent`` mode for every op, forward and
+backward, with gradients for every input, the initial state included, and for the final state's
+upstream gradient. One program per (batch, head) keeps the fp32 [K, V] state in registers and loops
+over t (wkv4: one per (batch, block of 64 channels)); wkv5 runs the wkv6 kernel with its decay
+broadcast over time (exact: the same arithmetic). The backward reads the state entering each step
+from a scratch buffer written by the forward (no recomputation), so wkv5-7 gradients are limited to
+``T <= MAX_T_GRAD``; chunk mode (the ``reference`` backend's until this one has chunk kernels) serves
+longer training sequences. There are no ``chunk`` kernels yet: dispatch runs chunk calls on another
+backend and ``explain`` says so.
+
+Availability (``unavailable_reason``, read at every call, environment included): Triton must import,
+and there must be a CUDA GPU or ``TRITON_INTERPRET=1`` (the interpreter runs the same kernels on CPU
+tensors, slowly: that is how CI tests them). Nothing of Triton is imported when this package is.
+``TRITON_INTERPRET`` must be set before the first kernel runs (Triton reads it when the kernels are
+defined). Priority: 5 on a machine with a CUDA GPU (above ``reference``, below ``fla``'s chunked
+kernels); -10 without one, so the interpreter only runs when asked for (``backend="triton"``).
+
+Capabilities: head sizes 16, 32, 64, 128 (powers of two; the whole state of a head lives in one
+program's registers); fp32, bf16 and fp16 inputs (``w``, ``u`` may be fp32 alongside), fp32 state;
+``y`` in the input dtype. Accuracy (fp32) is that of the literal recurrence: ~1e-7 relative to fp64.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+
+import torch
+
+from rwkv_zoo.backend import Backend, Kernel
+from rwkv_zoo.hookspecs import hookimpl
+
+from .recurrent import wkv4_recurrent, wkv5_recurrent, wkv6_recurrent, wkv7_recurrent
+
+HEAD_SIZES = (16, 32, 64, 128)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_T_GRAD = 2048  # wkv5-7 recurrent backward: the per-step state scratch is T * K * V fp32 per head
+PRIORITY_GPU, PRIORITY_CPU = 5, -10
+
+
+def interpreting() -> bool:
+    """True when ``TRITON_INTERPRET`` asks for Triton's interpreter (read now, not at import)."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@functools.lru_cache(maxsize=1)
+def _import_error() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton, or rwkv-zoo[triton])"
+    try:
+        importlib.import_module("triton")
+        importlib.import_module("triton.language")
+    except Exception as exc:  # a broken install: say so instead of failing inside a kernel
+        return f"triton is installed but fails to import ({type(exc).__name__}: {exc})"
+    return None
+
+
+def unavailable_reason() -> str | None:
+    """Why the triton backend cannot run here, or None. Triton's import is cached; the rest is read now."""
+    why = _import_error()
+    if why:
+        return why
+    if not interpreting() and not torch.cuda.is_available():
+        return "no CUDA GPU, and TRITON_INTERPRET=1 is not set (Triton's interpreter runs the kernels on the CPU)"
+    return None
+
+
+def _check(call) -> list[str]:
+    out = []
+    if call.device == "cpu":
+        if not interpreting():
+            out.append("runs on CPU tensors only in Triton's interpreter (TRITON_INTERPRET=1)")
+    elif call.device != "cuda":
+        out.append(f"runs on cuda (cpu under TRITON_INTERPRET=1), not {call.device}")
+    if call.op != "wkv4" and call.requires_grad and call.T > MAX_T_GRAD:
+        out.append(
+            f"its recurrent backward stores the state of every step (T * K * V fp32 per head), so gradients "
+            f"need T <= {MAX_T_GRAD}, got T={call.T}; use chunk mode for longer training sequences"
+        )
+    return out
+
+
+def make_backend() -> Backend:
+    common = dict(devices=("cuda", "cpu"), dtypes=DTYPES, check=_check)
+    kernels = [
+        Kernel("wkv4", "recurrent", wkv4_recurrent, **common),
+        Kernel("wkv5", "recurrent", wkv5_recurrent, head_sizes=HEAD_SIZES, **common),
+        Kernel("wkv6", "recurrent", wkv6_recurrent, head_sizes=HEAD_SIZES, **common),
+        Kernel("wkv7", "recurrent", wkv7_recurrent, head_sizes=HEAD_SIZES, **common),
+    ]
+    return Backend(
+        name="triton",
+        kernels=kernels,
+        priority=PRIORITY_GPU if torch.cuda.is_available() else PRIORITY_CPU,
+        description=(
+            "Triton kernels: recurrent wkv4-7, fwd+bwd, fp32 state in registers; "
+            "CUDA (CPU via TRITON_INTERPRET=1)"
+        ),
+        availability=unavailable_reason,
+    )
+
+
+@hookimpl
+def rwkv_zoo_register_backends(register):
+    register(make_backend())
+
+
+@hookimpl
+def rwkv_zoo_update_env_info(info):
+    why = unavailable_reason()
+    info["triton backend"] = why or ("available (interpreter)" if interpreting() else "available")

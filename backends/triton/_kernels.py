@@ -1,0 +1,266 @@
+"""Triton kernels of the ``triton`` backend (recurrent mode). Imported only when a kernel runs.
+
+This module imports ``triton`` at the top; ``rwkv_zoo.backends.triton`` imports it lazily, so the
+backend registers (and explains itself) where Triton is missing. ``@triton.jit`` decides between the
+compiler and the interpreter when this module is first imported, so ``TRITON_INTERPRET=1`` must be
+set before the first kernel runs (the backend's availability check reads it at every call).
+
+Layouts (all contiguous): ``r, k, v, w, a, b, y`` [B, T, H, N]; states [B, H, K, V] fp32; wkv4 ``k, v, y``
+[B, T, C] and its state ``a, b, p`` [B, C] fp32. Every kernel computes in fp32 and loads/stores the
+input dtype; offsets are int64 (the per-step state scratch exceeds 2^31 elements at training shapes).
+
+Recurrent kernels, one program per (batch, head) holding the [K, V] state in registers (wkv4: per
+(batch, block of channels)), looping over t. Backward: the forward stores the state *entering* every
+step into a scratch buffer (``[B, H, T, K, V]`` fp32; wkv4: three ``[B, T, C]``) when a gradient is
+needed, and the backward kernel walks t from T-1 down to 0 reading it, carrying the state gradient.
+No recomputation, no inversion of the decay (which would divide by exp(w) and blow up under strong
+decay). The scratch grows as T * K * V, which is why the recurrent wkv5-7 kernels refuse
+gradients beyond ``MAX_T_GRAD`` tokens (see ``__init__.py``): chunk mode serves long training runs.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def wkv6_fwd_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, y_ptr, sT_ptr, st_ptr, T,
+                    H: tl.constexpr, N: tl.constexpr, SAVE: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // H
+    h = pid % H
+    ik = tl.arange(0, N)
+    sidx = ik[:, None] * N + ik[None, :]
+    S = tl.load(s0_ptr + pid * N * N + sidx)
+    uu = tl.load(u_ptr + h * N + ik).to(tl.float32)
+    for t in range(T):
+        base = ((b * T + t) * H + h) * N
+        rt = tl.load(r_ptr + base + ik).to(tl.float32)
+        kt = tl.load(k_ptr + base + ik).to(tl.float32)
+        vt = tl.load(v_ptr + base + ik).to(tl.float32)
+        wt = tl.load(w_ptr + base + ik).to(tl.float32)
+        if SAVE:
+            tl.store(st_ptr + (pid * T + t) * N * N + sidx, S)
+        kv = kt[:, None] * vt[None, :]
+        yt = tl.sum(rt[:, None] * (uu[:, None] * kv + S), axis=0)
+        tl.store(y_ptr + base + ik, yt.to(y_ptr.dtype.element_ty))
+        S = tl.exp(wt)[:, None] * S + kv
+    tl.store(sT_ptr + pid * N * N + sidx, S)
+
+
+@triton.jit
+def wkv6_bwd_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, st_ptr, dy_ptr, dsT_ptr,
+                    dr_ptr, dk_ptr, dv_ptr, dw_ptr, du_ptr, ds0_ptr, T,
+                    H: tl.constexpr, N: tl.constexpr):
+    # y_t = r^T (diag(u) k v^T + S_{t-1}),  S_t = diag(e^w) S_{t-1} + k v^T;  dS holds dL/dS_t.
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // H
+    h = pid % H
+    ik = tl.arange(0, N)
+    sidx = ik[:, None] * N + ik[None, :]
+    dS = tl.load(dsT_ptr + pid * N * N + sidx)
+    uu = tl.load(u_ptr + h * N + ik).to(tl.float32)
+    du = tl.zeros([N], dtype=tl.float32)
+    for i in range(T):
+        t = T - 1 - i
+        base = ((b * T + t) * H + h) * N
+        rt = tl.load(r_ptr + base + ik).to(tl.float32)
+        kt = tl.load(k_ptr + base + ik).to(tl.float32)
+        vt = tl.load(v_ptr + base + ik).to(tl.float32)
+        wt = tl.load(w_ptr + base + ik).to(tl.float32)
+        dyt = tl.load(dy_ptr + base + ik).to(tl.float32)
+        Sp = tl.load(st_ptr + (pid * T + t) * N * N + sidx)
+        vdy = tl.sum(vt * dyt, axis=0)
+        ew = tl.exp(wt)
+        drt = uu * kt * vdy + tl.sum(Sp * dyt[None, :], axis=1)
+        du += rt * kt * vdy
+        dkt = rt * uu * vdy + tl.sum(dS * vt[None, :], axis=1)
+        dvt = tl.sum(rt * uu * kt, axis=0) * dyt + tl.sum(dS * kt[:, None], axis=0)
+        dwt = ew * tl.sum(dS * Sp, axis=1)
+        tl.store(dr_ptr + base + ik, drt)
+        tl.store(dk_ptr + base + ik, dkt)
+        tl.store(dv_ptr + base + ik, dvt)
+        tl.store(dw_ptr + base + ik, dwt)
+        dS = rt[:, None] * dyt[None, :] + ew[:, None] * dS
+    tl.store(ds0_ptr + pid * N * N + sidx, dS)
+    tl.store(du_ptr + pid * N + ik, du)
+
+
+@triton.jit
+def wkv7_fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, y_ptr, sT_ptr, st_ptr, T,
+                    H: tl.constexpr, N: tl.constexpr, SAVE: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    bb = pid // H
+    h = pid % H
+    ik = tl.arange(0, N)
+    sidx = ik[:, None] * N + ik[None, :]
+    S = tl.load(s0_ptr + pid * N * N + sidx)
+    for t in range(T):
+        base = ((bb * T + t) * H + h) * N
+        rt = tl.load(r_ptr + base + ik).to(tl.float32)
+        wt = tl.load(w_ptr + base + ik).to(tl.float32)
+        kt = tl.load(k_ptr + base + ik).to(tl.float32)
+        vt = tl.load(v_ptr + base + ik).to(tl.float32)
+        at = tl.load(a_ptr + base + ik).to(tl.float32)
+        bt = tl.load(b_ptr + base + ik).to(tl.float32)
+        if SAVE:
+            tl.store(st_ptr + (pid * T + t) * N * N + sidx, S)
+        sa = tl.sum(at[:, None] * S, axis=0)
+        S = tl.exp(wt)[:, None] * S + bt[:, None] * sa[None, :] + kt[:, None] * vt[None, :]
+        yt = tl.sum(rt[:, None] * S, axis=0)
+        tl.store(y_ptr + base + ik, yt.to(y_ptr.dtype.element_ty))
+    tl.store(sT_ptr + pid * N * N + sidx, S)
+
+
+@triton.jit
+def wkv7_bwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dy_ptr, dsT_ptr,
+                    dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr, ds0_ptr, T,
+                    H: tl.constexpr, N: tl.constexpr):
+    # S_t = diag(e^w) S_{t-1} + b (a^T S_{t-1}) + k v^T,  y_t = S_t^T r;  dS holds dL/dS_t (from later steps).
+    pid = tl.program_id(0).to(tl.int64)
+    bb = pid // H
+    h = pid % H
+    ik = tl.arange(0, N)
+    sidx = ik[:, None] * N + ik[None, :]
+    dS = tl.load(dsT_ptr + pid * N * N + sidx)
+    for i in range(T):
+        t = T - 1 - i
+        base = ((bb * T + t) * H + h) * N
+        rt = tl.load(r_ptr + base + ik).to(tl.float32)
+        wt = tl.load(w_ptr + base + ik).to(tl.float32)
+        kt = tl.load(k_ptr + base + ik).to(tl.float32)
+        vt = tl.load(v_ptr + base + ik).to(tl.float32)
+        at = tl.load(a_ptr + base + ik).to(tl.float32)
+        bt = tl.load(b_ptr + base + ik).to(tl.float32)
+        dyt = tl.load(dy_ptr + base + ik).to(tl.float32)
+        Sp = tl.load(st_ptr + (pid * T + t) * N * N + sidx)
+        ew = tl.exp(wt)
+        sa = tl.sum(at[:, None] * Sp, axis=0)
+        S = ew[:, None] * Sp + bt[:, None] * sa[None, :] + kt[:, None] * vt[None, :]
+        drt = tl.sum(S * dyt[None, :], axis=1)
+        G = dS + rt[:, None] * dyt[None, :]
+        dkt = tl.sum(G * vt[None, :], axis=1)
+        dvt = tl.sum(G * kt[:, None], axis=0)
+        dwt = ew * tl.sum(G * Sp, axis=1)
+        dbt = tl.sum(G * sa[None, :], axis=1)
+        dsa = tl.sum(G * bt[:, None], axis=0)
+        dat = tl.sum(Sp * dsa[None, :], axis=1)
+        tl.store(dr_ptr + base + ik, drt)
+        tl.store(dw_ptr + base + ik, dwt)
+        tl.store(dk_ptr + base + ik, dkt)
+        tl.store(dv_ptr + base + ik, dvt)
+        tl.store(da_ptr + base + ik, dat)
+        tl.store(db_ptr + base + ik, dbt)
+        dS = ew[:, None] * G + at[:, None] * dsa[None, :]
+    tl.store(ds0_ptr + pid * N * N + sidx, dS)
+
+
+@triton.jit
+def _tie_weight(x, y):
+    # d max(x, y) / dx as torch.maximum defines it: 1, 0, or 0.5 on a tie.
+    return tl.where(x > y, 1.0, tl.where(x < y, 0.0, 0.5))
+
+
+@triton.jit
+def wkv4_fwd_kernel(w_ptr, u_ptr, k_ptr, v_ptr, a0_ptr, b0_ptr, p0_ptr, y_ptr, aT_ptr, bT_ptr, pT_ptr,
+                    sa_ptr, sb_ptr, sp_ptr, T, C, BLOCK: tl.constexpr, SAVE: tl.constexpr):
+    pb = tl.program_id(0).to(tl.int64)
+    ic = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = ic < C
+    ww = tl.load(w_ptr + ic, mask=m, other=0.0).to(tl.float32)
+    uu = tl.load(u_ptr + ic, mask=m, other=0.0).to(tl.float32)
+    aa = tl.load(a0_ptr + pb * C + ic, mask=m, other=0.0)
+    bb = tl.load(b0_ptr + pb * C + ic, mask=m, other=1.0)
+    pp = tl.load(p0_ptr + pb * C + ic, mask=m, other=0.0)
+    for t in range(T):
+        base = (pb * T + t) * C
+        kt = tl.load(k_ptr + base + ic, mask=m, other=0.0).to(tl.float32)
+        vt = tl.load(v_ptr + base + ic, mask=m, other=0.0).to(tl.float32)
+        if SAVE:
+            tl.store(sa_ptr + base + ic, aa, mask=m)
+            tl.store(sb_ptr + base + ic, bb, mask=m)
+            tl.store(sp_ptr + base + ic, pp, mask=m)
+        q = tl.maximum(pp, uu + kt)
+        e1 = tl.exp(pp - q)
+        e2 = tl.exp(uu + kt - q)
+        yt = (e1 * aa + e2 * vt) / (e1 * bb + e2)
+        tl.store(y_ptr + base + ic, yt.to(y_ptr.dtype.element_ty), mask=m)
+        q2 = tl.maximum(pp + ww, kt)
+        f1 = tl.exp(pp + ww - q2)
+        f2 = tl.exp(kt - q2)
+        aa = f1 * aa + f2 * vt
+        bb = f1 * bb + f2
+        pp = q2
+    tl.store(aT_ptr + pb * C + ic, aa, mask=m)
+    tl.store(bT_ptr + pb * C + ic, bb, mask=m)
+    tl.store(pT_ptr + pb * C + ic, pp, mask=m)
+
+
+@triton.jit
+def wkv4_bwd_kernel(w_ptr, u_ptr, k_ptr, v_ptr, sa_ptr, sb_ptr, sp_ptr, dy_ptr, daT_ptr, dbT_ptr, dpT_ptr,
+                    dk_ptr, dv_ptr, dw_ptr, du_ptr, da0_ptr, db0_ptr, dp0_ptr, T, C,
+                    BLOCK: tl.constexpr):
+    # Reverse mode through the exact operations of the reference step, the running maxima included
+    # (their gradient follows torch.maximum's convention), so the state gradients match autograd's.
+    pb = tl.program_id(0).to(tl.int64)
+    ic = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = ic < C
+    ww = tl.load(w_ptr + ic, mask=m, other=0.0).to(tl.float32)
+    uu = tl.load(u_ptr + ic, mask=m, other=0.0).to(tl.float32)
+    ga = tl.load(daT_ptr + pb * C + ic, mask=m, other=0.0)
+    gb = tl.load(dbT_ptr + pb * C + ic, mask=m, other=0.0)
+    gp = tl.load(dpT_ptr + pb * C + ic, mask=m, other=0.0)
+    dw = tl.zeros([BLOCK], dtype=tl.float32)
+    du = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(T):
+        t = T - 1 - i
+        base = (pb * T + t) * C
+        kt = tl.load(k_ptr + base + ic, mask=m, other=0.0).to(tl.float32)
+        vt = tl.load(v_ptr + base + ic, mask=m, other=0.0).to(tl.float32)
+        dyt = tl.load(dy_ptr + base + ic, mask=m, other=0.0).to(tl.float32)
+        aa = tl.load(sa_ptr + base + ic, mask=m, other=0.0)
+        bb = tl.load(sb_ptr + base + ic, mask=m, other=1.0)
+        pp = tl.load(sp_ptr + base + ic, mask=m, other=0.0)
+        # State update: (a, b, p) -> (f1 a + f2 v, f1 b + f2, q2).
+        q2 = tl.maximum(pp + ww, kt)
+        f1 = tl.exp(pp + ww - q2)
+        f2 = tl.exp(kt - q2)
+        l1 = (ga * aa + gb * bb) * f1
+        l2 = (ga * vt + gb) * f2
+        dvt = ga * f2
+        na = ga * f1
+        nb = gb * f1
+        dq2 = gp - l1 - l2
+        c2 = _tie_weight(pp + ww, kt)
+        np_ = l1 + c2 * dq2
+        dw += l1 + c2 * dq2
+        dkt = l2 + (1.0 - c2) * dq2
+        # Output: y = (e1 a + e2 v) / (e1 b + e2).
+        q = tl.maximum(pp, uu + kt)
+        e1 = tl.exp(pp - q)
+        e2 = tl.exp(uu + kt - q)
+        num = e1 * aa + e2 * vt
+        den = e1 * bb + e2
+        dnum = dyt / den
+        dden = -dyt * num / (den * den)
+        na += dnum * e1
+        nb += dden * e1
+        o1 = (dnum * aa + dden * bb) * e1
+        o2 = (dnum * vt + dden) * e2
+        dvt += dnum * e2
+        dq = -o1 - o2
+        c1 = _tie_weight(pp, uu + kt)
+        np_ += o1 + c1 * dq
+        dkt += o2 + (1.0 - c1) * dq
+        du += o2 + (1.0 - c1) * dq
+        tl.store(dk_ptr + base + ic, dkt, mask=m)
+        tl.store(dv_ptr + base + ic, dvt, mask=m)
+        ga = na
+        gb = nb
+        gp = np_
+    tl.store(da0_ptr + pb * C + ic, ga, mask=m)
+    tl.store(db0_ptr + pb * C + ic, gb, mask=m)
+    tl.store(dp0_ptr + pb * C + ic, gp, mask=m)
+    tl.store(dw_ptr + pb * C + ic, dw, mask=m)
+    tl.store(du_ptr + pb * C + ic, du, mask=m)

@@ -1,0 +1,147 @@
+"""``torch.autograd.Function`` wrappers around the recurrent Triton kernels (``_kernels.py``).
+
+Each wrapper makes its inputs contiguous, runs the forward kernel (storing the per-step states in a
+scratch buffer only when some input needs a gradient), and in ``backward`` runs the reverse-time
+kernel. Gradients come out of the kernels in fp32 and go back in each input's own dtype; the
+gradients of the parameters shared across the batch (wkv6's ``u``, wkv4's ``w`` and ``u``) are
+written per batch row (and head) by the kernel and summed here. wkv5 is wkv6 with its constant
+decay broadcast over (B, T) outside the Function, so autograd sums its gradient back.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+BLOCK4 = 64  # wkv4 channels per program
+
+
+def _k():
+    from . import _kernels  # imports triton: only when a kernel runs
+
+    return _kernels
+
+
+def _c(x: Tensor) -> Tensor:
+    return x if x.is_contiguous() else x.contiguous()
+
+
+def _grad_in(g: Tensor | None, like: Tensor) -> Tensor:
+    """An upstream gradient as a contiguous tensor shaped like ``like`` (zeros when autograd gave None)."""
+    return torch.zeros_like(like) if g is None else _c(g)
+
+
+class _WKV6(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, r, k, v, w, u, s0):
+        B, T, H, N = r.shape
+        r, k, v, w, u, s0 = (_c(x) for x in (r, k, v, w, u, s0))
+        s0 = s0.float()
+        save = any(ctx.needs_input_grad)
+        y = torch.empty_like(r)
+        sT = torch.empty(B, H, N, N, device=r.device, dtype=torch.float32)
+        st = (torch.empty(B, H, T, N, N, device=r.device, dtype=torch.float32) if save
+              else torch.empty(1, device=r.device, dtype=torch.float32))
+        _k().wkv6_fwd_kernel[(B * H,)](r, k, v, w, u, s0, y, sT, st, T, H=H, N=N, SAVE=save)
+        if save:
+            ctx.save_for_backward(r, k, v, w, u, st)
+        return y, sT
+
+    @staticmethod
+    def backward(ctx, dy, dsT):
+        r, k, v, w, u, st = ctx.saved_tensors
+        B, T, H, N = r.shape
+        dy = _grad_in(dy, r)
+        dsT = _grad_in(dsT, st[:, :, 0]).float()
+        f32 = dict(device=r.device, dtype=torch.float32)
+        dr, dk, dv, dw = (torch.empty(B, T, H, N, **f32) for _ in range(4))
+        du = torch.empty(B, H, N, **f32)
+        ds0 = torch.empty(B, H, N, N, **f32)
+        _k().wkv6_bwd_kernel[(B * H,)](r, k, v, w, u, st, dy, dsT, dr, dk, dv, dw, du, ds0, T, H=H, N=N)
+        return dr.to(r.dtype), dk.to(k.dtype), dv.to(v.dtype), dw.to(w.dtype), du.sum(0).to(u.dtype), ds0
+
+
+class _WKV7(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, r, w, k, v, a, b, s0):
+        B, T, H, N = r.shape
+        r, w, k, v, a, b, s0 = (_c(x) for x in (r, w, k, v, a, b, s0))
+        s0 = s0.float()
+        save = any(ctx.needs_input_grad)
+        y = torch.empty_like(r)
+        sT = torch.empty(B, H, N, N, device=r.device, dtype=torch.float32)
+        st = (torch.empty(B, H, T, N, N, device=r.device, dtype=torch.float32) if save
+              else torch.empty(1, device=r.device, dtype=torch.float32))
+        _k().wkv7_fwd_kernel[(B * H,)](r, w, k, v, a, b, s0, y, sT, st, T, H=H, N=N, SAVE=save)
+        if save:
+            ctx.save_for_backward(r, w, k, v, a, b, st)
+        return y, sT
+
+    @staticmethod
+    def backward(ctx, dy, dsT):
+        r, w, k, v, a, b, st = ctx.saved_tensors
+        B, T, H, N = r.shape
+        dy = _grad_in(dy, r)
+        dsT = _grad_in(dsT, st[:, :, 0]).float()
+        f32 = dict(device=r.device, dtype=torch.float32)
+        dr, dw, dk, dv, da, db = (torch.empty(B, T, H, N, **f32) for _ in range(6))
+        ds0 = torch.empty(B, H, N, N, **f32)
+        _k().wkv7_bwd_kernel[(B * H,)](r, w, k, v, a, b, st, dy, dsT, dr, dw, dk, dv, da, db, ds0, T, H=H, N=N)
+        return (dr.to(r.dtype), dw.to(w.dtype), dk.to(k.dtype), dv.to(v.dtype), da.to(a.dtype),
+                db.to(b.dtype), ds0)
+
+
+class _WKV4(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, u, k, v, a0, b0, p0):
+        B, T, C = k.shape
+        w, u, k, v = (_c(x) for x in (w, u, k, v))
+        a0, b0, p0 = (_c(x.float()) for x in (a0, b0, p0))
+        save = any(ctx.needs_input_grad)
+        y = torch.empty_like(k)
+        aT, bT, pT = (torch.empty(B, C, device=k.device, dtype=torch.float32) for _ in range(3))
+        shape = (B, T, C) if save else (1,)
+        sa, sb, sp = (torch.empty(shape, device=k.device, dtype=torch.float32) for _ in range(3))
+        grid = (B, triton_cdiv(C, BLOCK4))
+        _k().wkv4_fwd_kernel[grid](w, u, k, v, a0, b0, p0, y, aT, bT, pT, sa, sb, sp, T, C,
+                                   BLOCK=BLOCK4, SAVE=save)
+        if save:
+            ctx.save_for_backward(w, u, k, v, sa, sb, sp)
+        return y, aT, bT, pT
+
+    @staticmethod
+    def backward(ctx, dy, daT, dbT, dpT):
+        w, u, k, v, sa, sb, sp = ctx.saved_tensors
+        B, T, C = k.shape
+        like = sa[:, 0]
+        dy = _grad_in(dy, k)
+        daT, dbT, dpT = (_grad_in(g, like).float() for g in (daT, dbT, dpT))
+        f32 = dict(device=k.device, dtype=torch.float32)
+        dk, dv = (torch.empty(B, T, C, **f32) for _ in range(2))
+        dw, du, da0, db0, dp0 = (torch.empty(B, C, **f32) for _ in range(5))
+        grid = (B, triton_cdiv(C, BLOCK4))
+        _k().wkv4_bwd_kernel[grid](w, u, k, v, sa, sb, sp, dy, daT, dbT, dpT, dk, dv, dw, du, da0, db0, dp0,
+                                   T, C, BLOCK=BLOCK4)
+        return dw.sum(0).to(w.dtype), du.sum(0).to(u.dtype), dk.to(k.dtype), dv.to(v.dtype), da0, db0, dp0
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def wkv6_recurrent(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: Tensor):
+    return _WKV6.apply(r, k, v, w, u, state)
+
+
+def wkv5_recurrent(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: Tensor):
+    B, T = r.shape[:2]
+    return _WKV6.apply(r, k, v, w.expand(B, T, *w.shape), u, state)
+
+
+def wkv7_recurrent(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Tensor):
+    return _WKV7.apply(r, w, k, v, a, b, state)
+
+
+def wkv4_recurrent(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state):
+    y, a, b, p = _WKV4.apply(w, u, k, v, *state)
+    return y, (a, b, p)
