@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
@@ -211,16 +210,10 @@ class RWKVState:
         path = os.fspath(path)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors().items()}
         meta = {"format": "rwkv_zoo.state", "identity": json.dumps(asdict(self.identity))}
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
-        os.close(fd)
-        try:
+        from rwkv_zoo.checkpoint import atomic_path
+
+        with atomic_path(path, ".safetensors") as tmp:
             save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: RWKV, *, device=None) -> RWKVState:

@@ -14,6 +14,12 @@ from rwkv_zoo.checkpoint import CheckpointError, infer_model
 VERSIONS = ["v4", "v5", "v6", "v7"]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def tiny(version, seed=1):
     return rwkv_zoo.randomize_(rwkv_zoo.build(version, size="tiny"), seed=seed).eval()
 
@@ -36,6 +42,7 @@ def test_round_trips_are_exact(version, tmp_path):
     back = torch.load(tmp_path / "back.pth", weights_only=True)
     for k, v in model.state_dict().items():
         assert torch.equal(back[k], v), k
+    assert (tmp_path / "back.pth").stat().st_mode & 0o777 == 0o666 & ~_umask()
     assert a.version == b.version == version
     assert a.config == b.config == model.config
     assert torch.equal(logits(a, toks), ref) and torch.equal(logits(b, toks), ref)

@@ -95,7 +95,7 @@ def test_save_and_load_round_trip(tmp_path, version):
         _, state = model(torch.randint(0, 256, (2, 9)))
     path = tmp_path / "s.safetensors"
     state.save(path)
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+    assert [p.name for p in tmp_path.iterdir()] == ["s.safetensors"]
     loaded = RWKVState.load(path, model)
     for a, b in zip(state.layers, loaded.layers, strict=True):
         for x, y in zip(a.tensors(), b.tensors(), strict=True):
