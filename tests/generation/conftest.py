@@ -28,3 +28,14 @@ def world():
     from rwkv_zoo.tokenizers import WorldTokenizer
 
     return WorldTokenizer()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: a second OpenMP thread only adds waiting on a busy machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
