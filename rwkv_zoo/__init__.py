@@ -16,6 +16,7 @@ from rwkv_zoo.backend import Backend, Kernel
 from rwkv_zoo.checkpoint import Checkpoint, CheckpointError, CheckpointFormat, list_formats, load, save
 from rwkv_zoo.dispatch import BackendError, Choice, KernelCall, Selection, list_backends, use_backend
 from rwkv_zoo.explain import explain
+from rwkv_zoo.generation import GenerationResult, PrefixCache, ScoreResult, generate, score
 from rwkv_zoo.hookspecs import hookimpl
 from rwkv_zoo.model import RWKV, RWKVConfig, randomize_
 from rwkv_zoo.ops import wkv4, wkv5, wkv6, wkv7
@@ -40,12 +41,15 @@ __all__ = [
     "CheckpointError",
     "CheckpointFormat",
     "Choice",
+    "GenerationResult",
     "Kernel",
     "KernelCall",
     "LayerState",
     "ModelIdentity",
+    "PrefixCache",
     "RWKVConfig",
     "RWKVState",
+    "ScoreResult",
     "Selection",
     "SizePreset",
     "StateMismatchError",
@@ -53,6 +57,7 @@ __all__ = [
     "__version__",
     "build",
     "explain",
+    "generate",
     "hookimpl",
     "list_backends",
     "list_formats",
@@ -65,6 +70,7 @@ __all__ = [
     "randomize_",
     "register_plugin",
     "save",
+    "score",
     "unregister_plugin",
     "use_backend",
     "wkv4",
