@@ -32,6 +32,7 @@ from __future__ import annotations
 import codecs
 import math
 import random
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -158,8 +159,10 @@ class PrefixCache:
     Keys are ``(model, token prefix)``; values the batch-1 state after the prefix and the logits of its
     last token. A lookup returns the longest cached prefix of a prompt. Entries are evicted least
     recently used first so that the stored tensors never exceed ``max_bytes``; ``hits``, ``misses``,
-    ``evictions`` and ``bytes`` say how it goes. ``generate(..., cache=cache)`` looks prompts up and
-    stores each prompt's state; ``cache.add(model, tokens)`` stores a prefix ahead of time.
+    ``evictions`` and ``bytes`` say how it goes. Entries belong to the model object (dropped when it is
+    freed): call ``clear()`` after changing its weights or its ``initial_state``.
+    ``generate(..., cache=cache)`` looks prompts up and stores each prompt's state;
+    ``cache.add(model, tokens)`` stores a prefix ahead of time.
     """
 
     def __init__(self, max_bytes: int = 256 << 20):
@@ -219,9 +222,16 @@ class PrefixCache:
         while self.bytes + size > self.max_bytes:
             self._evict()
         self._entries[key] = (state, logits, size)
+        if mk not in self._lengths:  # forget a model's entries when it is freed (its id may be reused)
+            weakref.finalize(model, self._drop_model, mk)
         lengths = self._lengths.setdefault(mk, {})
         lengths[len(key[1])] = lengths.get(len(key[1]), 0) + 1
         self.bytes += size
+
+    def _drop_model(self, mk: int) -> None:
+        for key in [k for k in self._entries if k[0] == mk]:
+            self.bytes -= self._entries.pop(key)[2]
+        self._lengths.pop(mk, None)
 
     def _evict(self) -> None:
         (mk, toks), (_, _, size) = self._entries.popitem(last=False)

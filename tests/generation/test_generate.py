@@ -195,6 +195,24 @@ def test_prefix_cache_reuses_states_and_is_exact(tiny):
     assert "hits=4" in repr(cache)
 
 
+def test_prefix_cache_forgets_freed_models():
+    model = rwkv_zoo.randomize_(rwkv_zoo.build("v7", size="tiny"), 3)
+    cache = PrefixCache()
+    cache.add(model, [1, 2, 3])
+    assert len(cache) == 1
+    del model
+    import gc
+
+    gc.collect()
+    assert len(cache) == 0 and cache.bytes == 0
+
+
+def test_one_state_continues_every_prompt_of_a_batch(tiny):
+    start = generate(tiny, [9, 9, 9], max_new_tokens=2, temperature=0)
+    batch = generate(tiny, [[1], [2, 3]], max_new_tokens=3, temperature=0, state=start.state)
+    assert batch.tokens[1] == generate(tiny, [2, 3], max_new_tokens=3, temperature=0, state=start.state).tokens
+
+
 def test_prefix_cache_is_bounded_lru(tiny):
     probe = PrefixCache()
     probe.add(tiny, [1, 2, 3])
