@@ -122,7 +122,9 @@ class GenerationStream:
         self.result: GenerationResult | None = None
 
     def __iter__(self):
-        self.result = yield from self._gen
+        result = yield from self._gen
+        if result is not None:  # a second iteration finds the generator spent: keep the result
+            self.result = result
         return self.result
 
 
@@ -328,7 +330,9 @@ def _prefill(model, ids: list[int], state: RWKVState | None, chunk_len: int,
              cache: PrefixCache | None) -> tuple[RWKVState, Tensor]:
     """Run one prompt (batch 1) in chunks; returns (state, last logits [V] fp32)."""
     start, logits = 0, None
-    if cache is not None and state is None:
+    if state is not None:
+        cache = None  # keys are token prefixes from the model's own start: another start must not be stored
+    if cache is not None:
         n, cached_state, cached_logits = cache.lookup(model, ids)
         if n:
             start, state, logits = n, cached_state, cached_logits

@@ -193,6 +193,10 @@ def test_prefix_cache_reuses_states_and_is_exact(tiny):
     again = generate(tiny, [*system, 1, 2], max_new_tokens=4, temperature=0, cache=cache)
     assert cache.hits == 4 and again.tokens == generate(tiny, [*system, 1, 2], max_new_tokens=4, temperature=0).tokens
     assert "hits=4" in repr(cache)
+    # a prompt continuing a given state neither reads nor fills the cache
+    before = cache.stats()
+    generate(tiny, [*system, 1, 2], max_new_tokens=1, temperature=0, cache=cache, state=again.state)
+    assert cache.stats() == before
 
 
 def test_prefix_cache_forgets_freed_models():
