@@ -289,3 +289,24 @@ def test_world_model_uses_the_world_tokenizer_by_default():
     rwkv_zoo.randomize_(model, 0)
     res = generate(model, "Hello world", max_new_tokens=2, temperature=0)
     assert res.prompt_tokens == [33155, 40213] and isinstance(res.text, str)
+
+
+def test_sampler_filters_like_the_package():
+    """top-p on untempered probabilities (ties kept), then top-k, min-p, and p ** (1 / temperature)."""
+    from rwkv_zoo.generation import SamplingParams, _sample
+
+    probs = torch.tensor([0.3, 0.25, 0.2, 0.1, 0.08, 0.04, 0.02, 0.01])
+    logits = probs.log()
+    gen = torch.Generator().manual_seed(0)
+
+    def draws(**kw):
+        p = SamplingParams(**kw)
+        return torch.bincount(torch.tensor([_sample(logits, p, gen) for _ in range(600)]), minlength=8) / 600
+
+    freq = draws(top_p=0.8, temperature=0.5)  # cumsum reaches 0.8 at p=0.1: keep {0..3}, then square
+    want = torch.zeros(8)
+    want[:4] = probs[:4] ** 2 / (probs[:4] ** 2).sum()
+    assert (freq[4:] == 0).all() and torch.allclose(freq, want, atol=0.06)
+    assert (draws(top_k=3)[3:] == 0).all()
+    assert (draws(min_p=0.3)[4:] == 0).all() and (draws(min_p=0.3)[:4] > 0).all()
+    assert (draws(top_p=1.0) > 0).sum() >= 7
