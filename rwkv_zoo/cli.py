@@ -6,8 +6,10 @@ Subcommands:
   through the ``rwkv_zoo_update_env_info`` hook;
 - ``models [PATTERN] [--released]``: every model name with its dimensions and parameter count
   (counted on the meta device, so nothing is allocated);
-- ``backends``: every kernel backend, its priority, whether it can run here (or why not), its kernels;
-- ``plugins``: every plugin seen, where it came from, the hooks it implements, and its error if it failed;
+- ``backends``: every kernel backend, its provider plugin and distribution, its priority, whether it can
+  run here (or why not), its kernels;
+- ``plugins``: every plugin seen, where it came from (distribution and version), the hooks it implements,
+  and its error if it failed or whether it is blocked;
 - ``explain MODEL``: which kernel each layer would run for an input shape, and why (meta device);
 - ``demo``: builds every version at a small size and checks that the parallel, token-by-token and
   split runs give the same logits.
@@ -185,7 +187,8 @@ def cmd_backends(args: argparse.Namespace) -> int:
     rows = []
     for b in rwkv_zoo.list_backends():
         status = "available" if b["available"] else f"unavailable: {b['reason']}"
-        rows.append([b["name"], b["provider"], b["priority"], _format_ops(b["ops"]), status])
+        provider = f"{b['provider']} ({b['distribution']})" if b.get("distribution") else b["provider"]
+        rows.append([b["name"], provider, b["priority"], _format_ops(b["ops"]), status])
     print(table(["backend", "provider", "priority", "ops: modes", "status"], rows, "<<><<"))
     return 0
 
@@ -201,12 +204,12 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         if p["error"]:
             status = f"ERROR {p['error']}"
         elif p["disabled"]:
-            status = "disabled (RWKV_ZOO_DISABLE_PLUGINS)"
+            status = "blocked (RWKV_ZOO_DISABLE_PLUGINS)"
         else:
             status = "ok"
         hooks = ", ".join(h.removeprefix("rwkv_zoo_") for h in p["hooks"]) or "-"
-        rows.append([p["name"], p["source"], p["version"] or "-", hooks, status])
-    print(table(["plugin", "source", "version", "hooks", "status"], rows))
+        rows.append([p["name"], p["source"], p["distribution"] or "-", hooks, status])
+    print(table(["plugin", "source", "distribution", "hooks", "status"], rows))
     return 0
 
 

@@ -130,7 +130,8 @@ def get_backends() -> dict[str, Backend]:
 
 
 def list_backends() -> list[dict]:
-    """Every backend: name, provider, priority, whether it is available (or why not), ops and modes."""
+    """Every backend: name, provider (plugin) and its distribution, priority, whether it is available
+    (or why not), ops and modes."""
     out = []
     for b in sorted(get_backends().values(), key=lambda b: (-b.priority, b.name)):
         why = b.unavailable_reason()
@@ -138,6 +139,7 @@ def list_backends() -> list[dict]:
             {
                 "name": b.name,
                 "provider": b.provider,
+                "distribution": pluginmanager.distribution_of(b.provider),
                 "priority": b.priority,
                 "available": why is None,
                 "reason": why,
@@ -217,8 +219,10 @@ def _select(
 
     if explicit is not None:
         if explicit not in backends:
+            missing = pluginmanager.not_loaded()
             raise ValueError(
                 f"unknown backend {explicit!r} (from {source}); registered backends: {', '.join(sorted(backends))}"
+                + (f". Not loaded: {'; '.join(missing)}" if missing else "")
             )
         b = backends[explicit]
         first_reasons: list[str] = []

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from rwkv_zoo import dispatch
+from rwkv_zoo import dispatch, pluginmanager
 from rwkv_zoo.dispatch import Selection
 
 
@@ -18,6 +18,8 @@ class Explanation:
     batch_size: int
     T: int
     selections: list[tuple[list[int], Selection]]
+    # Plugins that could have offered backends but are not loaded: blocked or failed (one sentence each).
+    not_loaded: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"{self.model_name}: input [B={self.batch_size}, T={self.T}]"]
@@ -25,6 +27,7 @@ class Explanation:
             span = f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}-{layers[-1]}"
             lines.append(f"{span} ({len(layers)}):")
             lines.extend("  " + line for line in sel.explain().splitlines())
+        lines.extend(f"not considered: {why}" for why in self.not_loaded)
         return "\n".join(lines)
 
     @property
@@ -69,4 +72,5 @@ def explain(
         groups.setdefault(key, []).append(i)
         sels[key] = sel
     name = f"{model.version}-{model.size_name}" if getattr(model, "size_name", None) else model.version
-    return Explanation(name, batch_size, T, [(layers, sels[k]) for k, layers in groups.items()])
+    return Explanation(name, batch_size, T, [(layers, sels[k]) for k, layers in groups.items()],
+                       pluginmanager.not_loaded())

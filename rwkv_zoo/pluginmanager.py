@@ -46,6 +46,14 @@ class PluginRecord:
     hooks: list[str] = field(default_factory=list)
     error: str | None = None
     disabled: bool = False
+    dist: str | None = None  # the distribution that ships it: "rwkv-zoo" for built-ins, ep.dist's name
+
+    @property
+    def distribution(self) -> str | None:
+        """``"name version"`` of the providing distribution (``"rwkv-zoo-exact 0.1.0"``), or None."""
+        if self.dist is None:
+            return None
+        return f"{self.dist} {self.version}" if self.version else self.dist
 
 
 class _State:
@@ -80,10 +88,10 @@ def _hook_names(plugin: Any) -> list[str]:
     return sorted(h.name for h in _state.pm.get_hookcallers(plugin) or [])
 
 
-def _register(plugin: Any, name: str, source: str, version: str | None = None) -> None:
+def _register(plugin: Any, name: str, source: str, version: str | None = None, dist: str | None = None) -> None:
     _state.pm.register(plugin, name=name)
     _state.pm.check_pending()  # a misspelled hook name fails loudly instead of being ignored
-    _state.records[name] = PluginRecord(name, source, version, _hook_names(plugin))
+    _state.records[name] = PluginRecord(name, source, version, _hook_names(plugin), dist=dist)
     _state.generation += 1
 
 
@@ -93,30 +101,35 @@ def load_plugins(*, autoload: bool | None = None) -> None:
         return
     _state.loaded = True
     disabled = _disabled_names()
+    from rwkv_zoo import __version__ as ours
+
     for modname in DEFAULT_PLUGINS:
         if modname in disabled:
-            _state.records[modname] = PluginRecord(modname, "builtin", disabled=True)
+            _state.records[modname] = PluginRecord(modname, "builtin", ours, disabled=True, dist="rwkv-zoo")
             continue
         try:
             module = importlib.import_module(modname)
-            _register(module, modname, "builtin")
+            _register(module, modname, "builtin", ours, "rwkv-zoo")
         except Exception as exc:  # a broken plugin must not take the library down
-            _state.records[modname] = PluginRecord(modname, "builtin", error=_short_error(exc))
+            _state.records[modname] = PluginRecord(modname, "builtin", ours, error=_short_error(exc),
+                                                   dist="rwkv-zoo")
     if autoload is None:
         autoload = _autoload_enabled()
     if not autoload:
         return
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         version = ep.dist.version if ep.dist is not None else None
+        dist = ep.dist.name if ep.dist is not None else None
         if ep.name in disabled:
-            _state.records[ep.name] = PluginRecord(ep.name, "entrypoint", version, disabled=True)
+            _state.records[ep.name] = PluginRecord(ep.name, "entrypoint", version, disabled=True, dist=dist)
             continue
         if _state.pm.has_plugin(ep.name):
             continue
         try:
-            _register(ep.load(), ep.name, "entrypoint", version)
+            _register(ep.load(), ep.name, "entrypoint", version, dist)
         except Exception as exc:
-            _state.records[ep.name] = PluginRecord(ep.name, "entrypoint", version, error=_short_error(exc))
+            _state.records[ep.name] = PluginRecord(ep.name, "entrypoint", version, error=_short_error(exc),
+                                                   dist=dist)
 
 
 def get_plugin_manager() -> pluggy.PluginManager:
@@ -164,19 +177,41 @@ def record_failure(name: str, exc: BaseException, source: str = "runtime") -> No
 
 
 def list_plugins() -> list[dict[str, Any]]:
-    """Every plugin seen: name, source, version, hooks it implements, and its error if it failed."""
+    """Every plugin seen: name, source, version, providing distribution (``"rwkv-zoo-exact 0.1.0"``),
+    hooks it implements, and its error if it failed or whether ``RWKV_ZOO_DISABLE_PLUGINS`` blocked it."""
     load_plugins()
     return [
         {
             "name": r.name,
             "source": r.source,
             "version": r.version,
+            "distribution": r.distribution,
             "hooks": list(r.hooks),
             "error": r.error,
             "disabled": r.disabled,
         }
         for r in _state.records.values()
     ]
+
+
+def distribution_of(plugin_name: str) -> str | None:
+    """``"name version"`` of the distribution that provides plugin ``plugin_name``, or None (runtime)."""
+    load_plugins()
+    rec = _state.records.get(plugin_name)
+    return rec.distribution if rec is not None else None
+
+
+def not_loaded() -> list[str]:
+    """One sentence per plugin that is not loaded: blocked by ``RWKV_ZOO_DISABLE_PLUGINS``, or failed."""
+    load_plugins()
+    out = []
+    for r in _state.records.values():
+        where = f" ({r.distribution})" if r.distribution else ""
+        if r.disabled:
+            out.append(f"plugin {r.name}{where} is blocked by RWKV_ZOO_DISABLE_PLUGINS")
+        elif r.error:
+            out.append(f"plugin {r.name}{where} failed: {r.error}")
+    return out
 
 
 def collect(hook_name: str, make_register: Callable[[str], Callable[[Any], None]]) -> None:
