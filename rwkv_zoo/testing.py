@@ -26,33 +26,49 @@ Usage::
     from rwkv_zoo.testing import check_backend
     report = check_backend("my-backend", dtypes=(torch.float32, torch.bfloat16), device="cuda")
     print(report)
+
+The same matrix as one pytest item per case (``rwkv_zoo.pytest_plugin``, installed with rwkv-zoo)::
+
+    pytest --rwkv-zoo-backend my-backend --rwkv-zoo-dtypes float32,bfloat16 --rwkv-zoo-device cuda
+
+``conformance_cases`` lists the cases and ``run_case`` runs one; ``registered_plugin(obj)`` registers
+a plugin for a ``with`` block (the pytest fixture ``rwkv_zoo_plugin`` does it for one test).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rwkv_zoo import dispatch
+from rwkv_zoo import dispatch, pluginmanager
 from rwkv_zoo import ops as _ops
 from rwkv_zoo.backend import MODES, OPS, Kernel
 
 __all__ = [
+    "DEFAULT_TS",
+    "Case",
     "CaseResult",
     "ConformanceReport",
     "arg_names",
     "cast_inputs",
     "check_backend",
+    "conformance_cases",
     "default_gate",
     "evaluate",
     "make_inputs",
+    "registered_plugin",
     "rel_err",
+    "run_case",
 ]
+
+# Odd lengths around the chunk sizes: one token, partial chunks, exactly and just past a multiple of 64.
+DEFAULT_TS: tuple[int, ...] = (1, 15, 63, 64, 65)
 
 # Names of each op's positional arguments, in order; the state comes last.
 _ARG_NAMES: dict[str, tuple[str, ...]] = {
@@ -253,6 +269,23 @@ class ConformanceReport:
             out[key] = max(out.get(key, 0.0), r.worst[1])
         return out
 
+    def summary(self) -> str:
+        """One line per ``(op, mode, dtype)``: cases passed, skipped, and the worst error with its tensor."""
+        groups: dict[tuple[str, str, str], list[CaseResult]] = {}
+        for r in self.results:
+            groups.setdefault((r.op, r.mode, _dtype_name(r.dtype)), []).append(r)
+        rows = [("op", "mode", "dtype", "passed", "worst error")]
+        for (op, mode, dt), results in groups.items():
+            ran = [r for r in results if not r.skipped]
+            worst = max((r.worst for r in ran if r.errors), key=lambda w: w[1], default=("", 0.0))
+            passed = f"{sum(r.passed for r in ran)}/{len(ran)}" + (
+                f" ({len(results) - len(ran)} skipped)" if len(ran) < len(results) else "")
+            rows.append((op, mode, dt, passed, f"{worst[1]:.2e} ({worst[0]})" if worst[0] else "-"))
+        widths = [max(len(row[i]) for row in rows) for i in range(5)]
+        lines = [f"conformance of backend {self.backend!r} on {self.device}"]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+        return "\n".join(lines)
+
     def __str__(self) -> str:
         head = f"conformance of backend {self.backend!r} on {self.device}: "
         ran = [r for r in self.results if not r.skipped]
@@ -328,7 +361,7 @@ def _check_case(
         notes.append("zero initial state (takes no state)")
 
     # Inputs: fresh per (op, T, dtype, state?), shared by every mode so the oracle runs once.
-    key = (op, T, dtype, N, has_state)
+    key = (op, T, dtype, N, has_state, seed, B, H)
     if key not in oracle_cache:
         gen = torch.Generator().manual_seed(seed + 7919 * OPS.index(op) + 104729 * T + (0 if has_state else 1))
         inputs = make_inputs(op, B, T, H, N, generator=gen)
@@ -415,13 +448,87 @@ def _check_case(
     return result
 
 
+@dataclass(frozen=True)
+class Case:
+    """One conformance case: an ``(op, mode)`` kernel run in ``dtype`` over ``T`` tokens."""
+
+    op: str
+    mode: str
+    dtype: torch.dtype
+    T: int
+
+    @property
+    def id(self) -> str:
+        """A short name for reports and test ids: ``wkv6-chunk-float32-T63``."""
+        return f"{self.op}-{self.mode}-{_dtype_name(self.dtype)}-T{self.T}"
+
+
+def conformance_cases(
+    name: str,
+    *,
+    ops: Sequence[str] | None = None,
+    modes: Sequence[str] | None = None,
+    dtypes: Sequence[torch.dtype] = (torch.float32,),
+    Ts: Sequence[int] = DEFAULT_TS,
+) -> list[Case]:
+    """Every case of backend ``name``'s matrix: each ``(op, mode)`` kernel it registers (restricted to
+    ``ops`` / ``modes``) × ``dtypes`` × ``Ts``. Cases its capabilities reject are still listed: running
+    them reports them as skipped, with the reason."""
+    backends = dispatch.get_backends()
+    if name not in backends:
+        raise ValueError(f"unknown backend {name!r}; registered backends: {', '.join(sorted(backends))}")
+    backend = backends[name]
+    wanted_ops = tuple(ops) if ops is not None else OPS
+    wanted_modes = tuple(modes) if modes is not None else MODES
+    for op in wanted_ops:
+        if op not in OPS:
+            raise ValueError(f"unknown op {op!r}; ops are {', '.join(OPS)}")
+    for mode in wanted_modes:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; modes are {', '.join(MODES)}")
+    return [
+        Case(op, mode, dtype, T)
+        for op in wanted_ops
+        for mode in wanted_modes
+        if backend.kernel(op, mode) is not None
+        for dtype in dtypes
+        for T in Ts
+    ]
+
+
+def run_case(
+    name: str,
+    case: Case,
+    *,
+    device: str = "cpu",
+    seed: int = 42,
+    B: int = 2,
+    H: int = 2,
+    N: int = 16,
+    rtol: float | None = None,
+    cache: dict | None = None,
+) -> CaseResult:
+    """Run one case of backend ``name`` against the fp64 reference recurrence (see the module docstring).
+
+    ``cache`` (any dict, shared between calls with the same ``seed``, ``B``, ``H``) keeps the inputs and
+    the oracle's results, so the other mode and other backends reuse them. Never raises for a kernel that
+    fails: the ``CaseResult`` says what went wrong.
+    """
+    backend = dispatch.get_backends()[name]
+    why = backend.unavailable_reason()
+    if why:
+        return CaseResult(case.op, case.mode, case.dtype, case.T, skipped=True, message=why)
+    return _check_case(name, case.op, case.mode, case.dtype, case.T, B, H, N, device, seed, rtol,
+                       cache if cache is not None else {})
+
+
 def check_backend(
     name: str,
     *,
     ops: Sequence[str] | None = None,
     modes: Sequence[str] | None = None,
     dtypes: Sequence[torch.dtype] = (torch.float32,),
-    Ts: Sequence[int] = (1, 15, 63, 64, 65),
+    Ts: Sequence[int] = DEFAULT_TS,
     device: str = "cpu",
     seed: int = 42,
     B: int = 2,
@@ -441,30 +548,13 @@ def check_backend(
     Returns a ``ConformanceReport``; raises ``AssertionError`` listing the failures when
     ``raise_on_fail`` and the report is not ``ok`` (a failure, or nothing ran at all).
     """
-    backends = dispatch.get_backends()
-    if name not in backends:
-        raise ValueError(f"unknown backend {name!r}; registered backends: {', '.join(sorted(backends))}")
-    backend = backends[name]
+    cases = conformance_cases(name, ops=ops, modes=modes, dtypes=dtypes, Ts=Ts)
     report = ConformanceReport(name, device)
-    why = backend.unavailable_reason()
-    wanted_ops = tuple(ops) if ops is not None else OPS
-    wanted_modes = tuple(modes) if modes is not None else MODES
-    for op in wanted_ops:
-        if op not in OPS:
-            raise ValueError(f"unknown op {op!r}; ops are {', '.join(OPS)}")
-    oracle_cache: dict = {}
-    for op in wanted_ops:
-        for mode in wanted_modes:
-            if backend.kernel(op, mode) is None:
-                continue
-            for dtype in dtypes:
-                for T in Ts:
-                    if why:
-                        report.results.append(CaseResult(op, mode, dtype, T, skipped=True, message=why))
-                        continue
-                    report.results.append(
-                        _check_case(name, op, mode, dtype, T, B, H, N, device, seed, rtol, oracle_cache)
-                    )
+    cache: dict = {}
+    for case in cases:
+        report.results.append(
+            run_case(name, case, device=device, seed=seed, B=B, H=H, N=N, rtol=rtol, cache=cache)
+        )
     if raise_on_fail and not report.ok:
         if report.failures:
             lines = [f"backend {name!r} fails {len(report.failures)} conformance case(s):"]
@@ -474,3 +564,24 @@ def check_backend(
             lines += sorted({f"  {r.op} [{r.mode}] {_dtype_name(r.dtype)}: {r.message}" for r in report.results})
         raise AssertionError("\n".join(lines) + "\n\n" + str(report))
     return report
+
+
+# ---------------------------------------------------------------------------------------------------
+# Registering a plugin for a test
+
+
+@contextlib.contextmanager
+def registered_plugin(obj, name: str | None = None) -> Iterator[str]:
+    """``with registered_plugin(MyPlugin()):`` registers a plugin (module or object) for the block.
+
+    Yields the plugin's name and unregisters it afterwards, also when the block raises. A plugin that
+    is already registered (a module also loaded through its entry point, say) is left as it is and
+    its existing name is yielded, so the same test passes with and without the package installed.
+    The pytest fixture ``rwkv_zoo_plugin`` (``rwkv_zoo.pytest_plugin``) does the same for one test.
+    """
+    pm = pluginmanager.get_plugin_manager()
+    if pm.is_registered(obj):
+        yield pm.get_name(obj)
+        return
+    with pluginmanager.plugin(obj, name) as registered:
+        yield registered
