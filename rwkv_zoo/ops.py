@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from rwkv_zoo import dispatch
-from rwkv_zoo.dispatch import KernelCall, Selection
+from rwkv_zoo.dispatch import BackendError, KernelCall, Selection
 
 WKV4State = tuple[Tensor, Tensor, Tensor]
 
@@ -75,6 +75,51 @@ def _dispatch(op, mode, x: Tensor, B, T, H, N, grad, has_state, backend) -> Sele
     return dispatch.select(call, backend, mode_fixed=fixed)
 
 
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _bad_output(sel: Selection, what: str) -> BackendError:
+    backend = dispatch.get_backends().get(sel.backend)  # only on this error path
+    provider = backend.provider if backend is not None else "?"
+    return BackendError(
+        f"backend {sel.backend!r} (plugin {provider!r}) broke the {sel.call.op} contract in {sel.mode} mode: "
+        f"{what}. Its result was not used. Choose another backend (rwkv_zoo.use_backend, backend=) or block "
+        f"the plugin with RWKV_ZOO_DISABLE_PLUGINS={provider}."
+    )
+
+
+def _check_tensor(sel: Selection, what: str, t, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    if not isinstance(t, Tensor):
+        raise _bad_output(sel, f"{what} is a {type(t).__name__}, not a tensor")
+    if t.shape != shape:
+        raise _bad_output(sel, f"{what} has shape {list(t.shape)}, expected {list(shape)}")
+    if t.dtype != dtype:
+        raise _bad_output(sel, f"{what} is {_name(t.dtype)}, expected {_name(dtype)}")
+
+
+def _checked(sel: Selection, out, y_shape: tuple[int, ...], dtype: torch.dtype, state_shape: tuple[int, ...],
+             n_state: int = 0):
+    """``out`` = ``(y, state)`` from a kernel, after a cheap check of the contract's shapes and dtypes.
+
+    A kernel that returns the wrong shape or dtype raises ``BackendError`` naming its backend and plugin,
+    instead of corrupting the model run downstream. ``n_state`` is 3 for wkv4's ``(a, b, p)``, else 0.
+    """
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        raise _bad_output(sel, f"it returned a {type(out).__name__}, not a pair (y, final_state)")
+    y, state = out
+    _check_tensor(sel, "y", y, y_shape, dtype)
+    sdt = state_dtype(dtype)
+    if n_state:
+        if not isinstance(state, (tuple, list)) or len(state) != n_state:
+            raise _bad_output(sel, f"the final state must be a tuple of {n_state} tensors, got {type(state).__name__}")
+        for name, s in zip("abp", state, strict=True):
+            _check_tensor(sel, f"final state {name}", s, state_shape, sdt)
+        return y, tuple(state)
+    _check_tensor(sel, "final state", state, state_shape, sdt)
+    return y, state
+
+
 def zero_state4(B: int, C: int, device, dtype=torch.float32) -> WKV4State:
     a = torch.zeros(B, C, device=device, dtype=dtype)
     return a, a.clone(), torch.full((B, C), V4_P_INIT, device=device, dtype=dtype)
@@ -105,7 +150,7 @@ def wkv4(
             _check_shape(f"state {name}", s, (B, C), "[B, C]")
         state = tuple(s.to(sdt) for s in state)
     sel = _dispatch("wkv4", mode, k, B, T, 1, C, _needs_grad(w, u, k, v, state), has_state, backend)
-    return sel.kernel.fn(w, u, k, v, state)
+    return _checked(sel, sel.kernel.fn(w, u, k, v, state), (B, T, C), k.dtype, (B, C), 3)
 
 
 def _check_heads(r: Tensor, k: Tensor, v: Tensor) -> tuple[int, int, int, int]:
@@ -140,7 +185,7 @@ def wkv5(
     _check_shape("u", u, (H, N), "[H, N]")
     state, has_state = _matrix_state(state, B, H, N, r)
     sel = _dispatch("wkv5", mode, r, B, T, H, N, _needs_grad(r, k, v, w, u, state), has_state, backend)
-    return sel.kernel.fn(r, k, v, w, u, state)
+    return _checked(sel, sel.kernel.fn(r, k, v, w, u, state), (B, T, H, N), r.dtype, (B, H, N, N))
 
 
 def wkv6(
@@ -153,7 +198,7 @@ def wkv6(
     _check_shape("u", u, (H, N), "[H, N]")
     state, has_state = _matrix_state(state, B, H, N, r)
     sel = _dispatch("wkv6", mode, r, B, T, H, N, _needs_grad(r, k, v, w, u, state), has_state, backend)
-    return sel.kernel.fn(r, k, v, w, u, state)
+    return _checked(sel, sel.kernel.fn(r, k, v, w, u, state), (B, T, H, N), r.dtype, (B, H, N, N))
 
 
 def wkv7(
@@ -166,7 +211,7 @@ def wkv7(
         _check_shape(name, t, (B, T, H, N), "[B, T, H, N]")
     state, has_state = _matrix_state(state, B, H, N, r)
     sel = _dispatch("wkv7", mode, r, B, T, H, N, _needs_grad(r, w, k, v, a, b, state), has_state, backend)
-    return sel.kernel.fn(r, w, k, v, a, b, state)
+    return _checked(sel, sel.kernel.fn(r, w, k, v, a, b, state), (B, T, H, N), r.dtype, (B, H, N, N))
 
 
 OP_FUNCTIONS = {"wkv4": wkv4, "wkv5": wkv5, "wkv6": wkv6, "wkv7": wkv7}
