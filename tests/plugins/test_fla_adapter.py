@@ -194,3 +194,29 @@ def test_decay_keyword_and_wkv5_broadcast():
     assert w5.shape == r.shape and torch.equal(w5[1, 4], w)
     _, _, _, w6, _ = fla_backend.rwkv6_args("wkv6", r, r, r, r, w)
     assert w6 is r
+
+
+# --- the real kernels: where fla and a CUDA GPU are present (tox -e gpu) ----------------------------
+
+needs_fla = pytest.mark.skipif(fla_backend.unavailable_reason() is not None,
+                               reason=f"fla backend: {fla_backend.unavailable_reason()}")
+
+
+@pytest.mark.gpu
+@pytest.mark.kernel
+@needs_fla
+def test_real_fla_kernels_conform_in_bf16_and_fp16():
+    report = check_backend("fla", dtypes=(torch.bfloat16, torch.float16), device="cuda", N=64, raise_on_fail=False)
+    print(report.summary())
+    assert report.ok, str(report)
+
+
+@pytest.mark.gpu
+@pytest.mark.kernel
+@needs_fla
+def test_real_fla_kernels_in_fp32_are_measured(monkeypatch):
+    """fp32 runs in TF32 inside fla: measured and printed (the reason fp32 is opt-in), never NaN."""
+    monkeypatch.setenv(fla_backend.FP32_ENV, "1")
+    report = check_backend("fla", dtypes=(torch.float32,), device="cuda", N=64, raise_on_fail=False)
+    print(report.summary())
+    assert all("NaN" not in r.message and "raised" not in r.message for r in report.results), str(report)
