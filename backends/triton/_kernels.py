@@ -23,6 +23,23 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+try:  # the combine function of tl.sum: Triton's interpreter reduces with numpy when it sees this one
+    from triton.language.standard import _sum_combine as _add
+except ImportError:  # a Triton without it: the same reduction, element by element in the interpreter
+
+    @triton.jit
+    def _add(a, b):
+        return a + b
+
+
+@triton.jit
+def _sum(x, axis: tl.constexpr):
+    # tl.sum (like tl.zeros) is itself a @triton.jit function of triton.language, created when triton
+    # was imported: if that happened before TRITON_INTERPRET=1 was set (importing torch can import
+    # triton), the interpreter cannot call it. So these kernels use builtins only (tl.reduce, tl.full)
+    # and helpers defined here, which take the mode in force when this module is first imported.
+    return tl.reduce(x, axis, _add)
+
 
 @triton.jit
 def wkv6_fwd_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, y_ptr, sT_ptr, st_ptr, T,
@@ -43,7 +60,7 @@ def wkv6_fwd_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, y_ptr, sT_ptr, st
         if SAVE:
             tl.store(st_ptr + (pid * T + t) * N * N + sidx, S)
         kv = kt[:, None] * vt[None, :]
-        yt = tl.sum(rt[:, None] * (uu[:, None] * kv + S), axis=0)
+        yt = _sum(rt[:, None] * (uu[:, None] * kv + S), axis=0)
         tl.store(y_ptr + base + ik, yt.to(y_ptr.dtype.element_ty))
         S = tl.exp(wt)[:, None] * S + kv
     tl.store(sT_ptr + pid * N * N + sidx, S)
@@ -61,7 +78,7 @@ def wkv6_bwd_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, st_ptr, dy_ptr, dsT_ptr,
     sidx = ik[:, None] * N + ik[None, :]
     dS = tl.load(dsT_ptr + pid * N * N + sidx)
     uu = tl.load(u_ptr + h * N + ik).to(tl.float32)
-    du = tl.zeros([N], dtype=tl.float32)
+    du = tl.full([N], 0.0, tl.float32)
     for i in range(T):
         t = T - 1 - i
         base = ((b * T + t) * H + h) * N
@@ -71,13 +88,13 @@ def wkv6_bwd_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, st_ptr, dy_ptr, dsT_ptr,
         wt = tl.load(w_ptr + base + ik).to(tl.float32)
         dyt = tl.load(dy_ptr + base + ik).to(tl.float32)
         Sp = tl.load(st_ptr + (pid * T + t) * N * N + sidx)
-        vdy = tl.sum(vt * dyt, axis=0)
+        vdy = _sum(vt * dyt, axis=0)
         ew = tl.exp(wt)
-        drt = uu * kt * vdy + tl.sum(Sp * dyt[None, :], axis=1)
+        drt = uu * kt * vdy + _sum(Sp * dyt[None, :], axis=1)
         du += rt * kt * vdy
-        dkt = rt * uu * vdy + tl.sum(dS * vt[None, :], axis=1)
-        dvt = tl.sum(rt * uu * kt, axis=0) * dyt + tl.sum(dS * kt[:, None], axis=0)
-        dwt = ew * tl.sum(dS * Sp, axis=1)
+        dkt = rt * uu * vdy + _sum(dS * vt[None, :], axis=1)
+        dvt = _sum(rt * uu * kt, axis=0) * dyt + _sum(dS * kt[:, None], axis=0)
+        dwt = ew * _sum(dS * Sp, axis=1)
         tl.store(dr_ptr + base + ik, drt)
         tl.store(dk_ptr + base + ik, dkt)
         tl.store(dv_ptr + base + ik, dvt)
@@ -106,9 +123,9 @@ def wkv7_fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, y_ptr, sT_
         bt = tl.load(b_ptr + base + ik).to(tl.float32)
         if SAVE:
             tl.store(st_ptr + (pid * T + t) * N * N + sidx, S)
-        sa = tl.sum(at[:, None] * S, axis=0)
+        sa = _sum(at[:, None] * S, axis=0)
         S = tl.exp(wt)[:, None] * S + bt[:, None] * sa[None, :] + kt[:, None] * vt[None, :]
-        yt = tl.sum(rt[:, None] * S, axis=0)
+        yt = _sum(rt[:, None] * S, axis=0)
         tl.store(y_ptr + base + ik, yt.to(y_ptr.dtype.element_ty))
     tl.store(sT_ptr + pid * N * N + sidx, S)
 
@@ -136,16 +153,16 @@ def wkv7_bwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dy_ptr, ds
         dyt = tl.load(dy_ptr + base + ik).to(tl.float32)
         Sp = tl.load(st_ptr + (pid * T + t) * N * N + sidx)
         ew = tl.exp(wt)
-        sa = tl.sum(at[:, None] * Sp, axis=0)
+        sa = _sum(at[:, None] * Sp, axis=0)
         S = ew[:, None] * Sp + bt[:, None] * sa[None, :] + kt[:, None] * vt[None, :]
-        drt = tl.sum(S * dyt[None, :], axis=1)
+        drt = _sum(S * dyt[None, :], axis=1)
         G = dS + rt[:, None] * dyt[None, :]
-        dkt = tl.sum(G * vt[None, :], axis=1)
-        dvt = tl.sum(G * kt[:, None], axis=0)
-        dwt = ew * tl.sum(G * Sp, axis=1)
-        dbt = tl.sum(G * sa[None, :], axis=1)
-        dsa = tl.sum(G * bt[:, None], axis=0)
-        dat = tl.sum(Sp * dsa[None, :], axis=1)
+        dkt = _sum(G * vt[None, :], axis=1)
+        dvt = _sum(G * kt[:, None], axis=0)
+        dwt = ew * _sum(G * Sp, axis=1)
+        dbt = _sum(G * sa[None, :], axis=1)
+        dsa = _sum(G * bt[:, None], axis=0)
+        dat = _sum(Sp * dsa[None, :], axis=1)
         tl.store(dr_ptr + base + ik, drt)
         tl.store(dw_ptr + base + ik, dwt)
         tl.store(dk_ptr + base + ik, dkt)
@@ -211,8 +228,8 @@ def wkv4_bwd_kernel(w_ptr, u_ptr, k_ptr, v_ptr, sa_ptr, sb_ptr, sp_ptr, dy_ptr, 
     ga = tl.load(daT_ptr + pb * C + ic, mask=m, other=0.0)
     gb = tl.load(dbT_ptr + pb * C + ic, mask=m, other=0.0)
     gp = tl.load(dpT_ptr + pb * C + ic, mask=m, other=0.0)
-    dw = tl.zeros([BLOCK], dtype=tl.float32)
-    du = tl.zeros([BLOCK], dtype=tl.float32)
+    dw = tl.full([BLOCK], 0.0, tl.float32)
+    du = tl.full([BLOCK], 0.0, tl.float32)
     for i in range(T):
         t = T - 1 - i
         base = (pb * T + t) * C

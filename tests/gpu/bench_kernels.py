@@ -1,0 +1,246 @@
+"""GPU check and benchmark of the ``triton`` backend, one command (well under 10 minutes on an H100):
+
+    python tests/gpu/bench_kernels.py            # correctness, then timings; prints one table
+    python tests/gpu/bench_kernels.py --quick    # S-small only (a smoke run)
+
+1. Correctness on the GPU: ``rwkv_zoo.testing.check_backend("triton", device="cuda")`` (fp32 and bf16,
+   every op and mode the backend has, N=64, lengths across the 64-token boundary; y, final state and
+   every gradient against the fp64 reference recurrence), then the triton kernels against the
+   ``reference`` backend's chunk kernels (fp32, on the GPU) at the S-small shape.
+2. Timings (``triton.testing.do_bench``, median ms, CUDA events) of fwd and fwd+bwd at S-std
+   (B=8, T=4096, H=64, N=64, bf16) and S-small (B=8, T=1024, H=8, N=64), side by side with the
+   ``reference`` backend and with flash-linear-attention's ``chunk_rwkv6`` / ``chunk_rwkv7`` (through
+   rwkv_zoo's ``fla`` backend) when fla is importable. wkv4 runs with C = H * N channels.
+   A cell is "n/a" where dispatch refuses the call, with the reason listed under the table (e.g. the
+   triton recurrent backward is limited to T <= 2048).
+
+Without a CUDA GPU it prints what it would run and exits 0 (``--dry-run`` does the same anywhere).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = {"S-std": (8, 4096, 64, 64), "S-small": (8, 1024, 8, 64)}
+# (op, backend, mode): the rows of the timing table.
+RUNS = [
+    ("wkv6", "triton", "recurrent"),
+    ("wkv6", "fla", "chunk"),
+    ("wkv6", "reference", "chunk"),
+    ("wkv7", "triton", "recurrent"),
+    ("wkv7", "fla", "chunk"),
+    ("wkv7", "reference", "chunk"),
+    ("wkv5", "triton", "recurrent"),
+    ("wkv4", "triton", "recurrent"),
+    ("wkv4", "reference", "chunk"),
+]
+
+
+def make_args(op: str, B: int, T: int, H: int, N: int, dtype: torch.dtype, device: str, seed: int = 0) -> list:
+    """Random inputs in the distributions of ``rwkv_zoo.testing.make_inputs``, made on ``device``.
+
+    Activations in ``dtype``; the decay ``w`` (and ``u``) fp32 as the models make them; state fp32.
+    """
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def rn(*shape, dt=dtype):
+        return torch.randn(*shape, generator=g, device=device, dtype=torch.float32).to(dt)
+
+    if op == "wkv4":
+        C = H * N
+        w = -torch.exp(rn(C, dt=torch.float32))
+        state = (rn(B, C, dt=torch.float32), 0.5 + torch.rand(B, C, generator=g, device=device),
+                 rn(B, C, dt=torch.float32))
+        return [w, rn(C, dt=torch.float32), rn(B, T, C), rn(B, T, C), state]
+    if op in ("wkv5", "wkv6"):
+        w = F.logsigmoid(rn(H, N, dt=torch.float32) if op == "wkv5" else rn(B, T, H, N, dt=torch.float32))
+        return [rn(B, T, H, N), rn(B, T, H, N), rn(B, T, H, N), w, rn(H, N, dt=torch.float32),
+                rn(B, H, N, N, dt=torch.float32)]
+    if op == "wkv7":
+        w = -math.exp(-0.5) * torch.sigmoid(rn(B, T, H, N, dt=torch.float32))
+        kh = F.normalize(rn(B, T, H, N, dt=torch.float32), dim=-1)
+        a, b = (-kh).to(dtype), (kh * torch.sigmoid(rn(B, T, H, N, dt=torch.float32))).to(dtype)
+        return [rn(B, T, H, N), w, rn(B, T, H, N), rn(B, T, H, N), a, b, rn(B, H, N, N, dt=torch.float32)]
+    raise ValueError(op)
+
+
+def _flat(args):
+    out = []
+    for a in args:
+        out.extend(a if isinstance(a, tuple) else [a])
+    return out
+
+
+def _leaves(args, grad: bool):
+    """Fresh leaf copies of ``args`` (tuples kept), requiring grad when ``grad``."""
+    out = []
+    for a in args:
+        if isinstance(a, tuple):
+            out.append(tuple(x.detach().clone().requires_grad_(grad) for x in a))
+        else:
+            out.append(a.detach().clone().requires_grad_(grad))
+    return out
+
+
+def _call(op, backend, mode, args):
+    import rwkv_zoo
+
+    return rwkv_zoo.ops.OP_FUNCTIONS[op](*args[:-1], args[-1], mode=mode, backend=backend)
+
+
+def refusal(op, backend, mode, args, grad: bool) -> str | None:
+    """Why dispatch would not run this (backend, mode) for these inputs, or None."""
+    from rwkv_zoo import dispatch
+
+    backends = dispatch.get_backends()
+    if backend not in backends:
+        return f"backend {backend!r} is not registered"
+    b = backends[backend]
+    x = args[2] if op == "wkv4" else args[0]
+    if op == "wkv4":
+        B, T, C = x.shape
+        H, N = 1, C
+    else:
+        B, T, H, N = x.shape
+    call = dispatch.KernelCall(op, mode, x.device.type, x.dtype, B, T, H, N, grad, True)
+    why = b.reasons(call)
+    return "; ".join(why) if why else None
+
+
+def bench(op, backend, mode, args, grad: bool) -> float:
+    """Median ms of one forward (``grad``: forward + backward of a sum over y and the final state)."""
+    from triton.testing import do_bench
+
+    leaves = _leaves(args, grad)
+    if not grad:
+        def fn():
+            with torch.no_grad():
+                _call(op, backend, mode, leaves)
+    else:
+        flat = _flat(leaves)
+
+        def fn():
+            for x in flat:
+                x.grad = None
+            y, s = _call(op, backend, mode, leaves)
+            states = s if isinstance(s, tuple) else (s,)
+            loss = y.float().sum() + sum(t.sum() for t in states)
+            loss.backward()
+    return do_bench(fn, warmup=50, rep=300, return_mode="median")
+
+
+def correctness(quick: bool) -> list[str]:
+    """The conformance suite on the GPU, then triton vs reference chunk at S-small; returns failure lines."""
+    from rwkv_zoo.testing import check_backend, rel_err
+
+    failures = []
+    t0 = time.time()
+    report = check_backend("triton", dtypes=(torch.float32, torch.bfloat16), Ts=(1, 15, 64, 65, 130),
+                           device="cuda", B=2, H=2, N=64, raise_on_fail=False)
+    print(report.summary())
+    print(f"(conformance: {time.time() - t0:.1f} s)")
+    failures += [f"conformance {r.op} {r.mode} {r.dtype} T={r.T}: {r.message}" for r in report.failures]
+
+    B, T, H, N = SHAPES["S-small"]
+    if quick:
+        T = 256
+    print(f"\ntriton recurrent vs reference chunk (fp32, GPU) at B={B} T={T} H={H} N={N}:")
+    for op in ("wkv4", "wkv5", "wkv6", "wkv7"):
+        args = make_args(op, B, T, H, N, torch.float32, "cuda", seed=1)
+        outs = []
+        for backend, mode in (("triton", "recurrent"), ("reference", "chunk")):
+            leaves = _leaves(args, True)
+            y, s = _call(op, backend, mode, leaves)
+            states = s if isinstance(s, tuple) else (s,)
+            g = torch.Generator(device="cuda").manual_seed(2)
+            up = [torch.randn(t.shape, generator=g, device="cuda") for t in (y, *states)]
+            loss = sum((t * u).sum() for t, u in zip((y, *states), up, strict=True))
+            loss.backward()
+            outs.append([y, *states] + [x.grad for x in _flat(leaves)])
+        errs = [rel_err(a, b) for a, b in zip(*outs, strict=True)]
+        worst = max(errs)
+        print(f"  {op}: worst relative difference over y, state and every gradient {worst:.2e}")
+        if not worst <= 1e-4:
+            failures.append(f"{op} triton vs reference chunk at S-small: {worst:.2e}")
+    return failures
+
+
+def timings(quick: bool) -> None:
+    rows = [("shape", "op", "backend/mode", "fwd ms", "fwd+bwd ms")]
+    notes = []
+    for shape, (B, T, H, N) in SHAPES.items():
+        if quick and shape != "S-small":
+            continue
+        for op in dict.fromkeys(r[0] for r in RUNS):
+            args = make_args(op, B, T, H, N, torch.bfloat16, "cuda")
+            for op_, backend, mode in RUNS:
+                if op_ != op:
+                    continue
+                cells = []
+                for grad in (False, True):
+                    why = refusal(op, backend, mode, args, grad)
+                    if why:
+                        cells.append("n/a")
+                        notes.append(f"{shape} {op} {backend}/{mode} {'fwd+bwd' if grad else 'fwd'}: {why}")
+                        continue
+                    try:
+                        cells.append(f"{bench(op, backend, mode, args, grad):.3f}")
+                    except Exception as exc:  # report and go on: one table at the end
+                        cells.append("error")
+                        notes.append(f"{shape} {op} {backend}/{mode}: {type(exc).__name__}: {exc}"[:300])
+                    torch.cuda.empty_cache()
+                rows.append((shape, op, f"{backend}/{mode}", *cells))
+                print(f"  {rows[-1]}", flush=True)
+            del args
+            torch.cuda.empty_cache()
+    print_table(rows)
+    for n in dict.fromkeys(notes):
+        print(f"  - {n}")
+
+
+def print_table(rows) -> None:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    print()
+    for i, r in enumerate(rows):
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="S-small only, shorter correctness run")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    p.add_argument("--skip-correctness", action="store_true")
+    a = p.parse_args(argv)
+    plan = [f"{s} {shape}" for s, shape in SHAPES.items()] + [f"{o} {b}/{m}" for o, b, m in RUNS]
+    if a.dry_run or not torch.cuda.is_available():
+        if not a.dry_run:
+            print("no CUDA GPU: nothing to run.")
+        print("plan (B, T, H, N):\n  " + "\n  ".join(plan))
+        return 0
+    import rwkv_zoo
+    from rwkv_zoo import dispatch
+
+    print(f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}; rwkv_zoo {rwkv_zoo.__version__}")
+    import triton
+
+    print(f"triton {triton.__version__}")
+    for name, b in sorted(dispatch.get_backends().items()):
+        print(f"  backend {name}: {b.unavailable_reason() or 'available'}")
+    failures = [] if a.skip_correctness else correctness(a.quick)
+    timings(a.quick)
+    if failures:
+        print("\nCORRECTNESS FAILURES:\n  " + "\n  ".join(failures))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

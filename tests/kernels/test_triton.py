@@ -1,0 +1,133 @@
+"""The ``triton`` backend, run on the CPU by Triton's interpreter (``TRITON_INTERPRET=1``).
+
+Conformance against the fp64 reference recurrence (``rwkv_zoo.testing.check_backend``) for every op
+and mode the backend has, fp32 (gate 1e-5) and bf16/fp16 (5e-3; 8e-3 on wkv7 gradients), outputs,
+final state and every gradient, the initial state included; plus availability, capabilities and
+dispatch. The interpreter is slow, so shapes are tiny (B=2, H=1-2, N=16) and each dtype runs a few
+lengths across the 64-token boundary. Skipped where Triton is not installed (an optional extra).
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before Triton is imported anywhere: the kernels are defined for the interpreter when first used.
+os.environ["TRITON_INTERPRET"] = "1"
+
+import importlib.util
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed (the optional extra rwkv-zoo[triton])")
+
+import rwkv_zoo
+from rwkv_zoo import dispatch
+from rwkv_zoo.backends import triton as tb
+from rwkv_zoo.backends.reference.recurrent import wkv6_recurrent
+from rwkv_zoo.dispatch import BackendError, KernelCall
+from rwkv_zoo.testing import check_backend, evaluate, make_inputs, rel_err
+
+pytestmark = pytest.mark.kernel
+
+OPS = ("wkv4", "wkv5", "wkv6", "wkv7")
+
+
+def _check(op, dtypes, Ts, H=2):
+    report = check_backend("triton", ops=(op,), dtypes=dtypes, Ts=Ts, B=2, H=H, N=16)
+    ran = [r for r in report.results if not r.skipped]
+    assert {r.mode for r in ran} == {"recurrent"}
+    assert len(ran) == len(dtypes) * len(Ts), str(report)
+    return report
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_conformance_fp32(op):
+    # One token, within a chunk, a multiple of 64, just past it, and past two.
+    Ts = (1, 15, 64, 65, 130) if op in ("wkv6", "wkv7") else (1, 65, 130)
+    report = _check(op, (torch.float32,), Ts)
+    assert max(report.max_errors().values()) <= 1e-5, str(report)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_conformance_bf16(op):
+    _check(op, (torch.bfloat16,), (15, 65), H=1)
+
+
+def test_conformance_fp16():
+    _check("wkv6", (torch.float16,), (65,), H=1)
+
+
+@pytest.mark.parametrize("scale", [10.0, 0.1])
+def test_wkv6_strong_and_weak_decay(scale):
+    gen = torch.Generator().manual_seed(3)
+    inputs = make_inputs("wkv6", 1, 40, 2, 16, generator=gen, decay_scale=scale)
+    upstream = {"y": torch.randn(1, 40, 2, 16, generator=gen, dtype=torch.float64),
+                "state": torch.randn(1, 2, 16, 16, generator=gen, dtype=torch.float64)}
+    ref = evaluate(wkv6_recurrent, "wkv6", inputs, upstream)
+
+    def run(r, k, v, w, u, s):
+        return rwkv_zoo.wkv6(r, k, v, w, u, s, backend="triton", mode="recurrent")
+
+    got = evaluate(run, "wkv6", [x.float() for x in inputs], {n: t.float() for n, t in upstream.items()})
+    for name, t in ref.items():
+        assert rel_err(got[name], t) <= 1e-5, name
+
+
+def test_registered_and_available_under_the_interpreter():
+    backends = dispatch.get_backends()
+    assert "triton" in backends
+    b = backends["triton"]
+    assert b.unavailable_reason() is None
+    assert b.ops() == {op: ["recurrent"] for op in OPS}
+    assert b.kernel("wkv6", "recurrent").head_sizes == (16, 32, 64, 128)
+
+
+def test_unavailable_reasons(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert tb.unavailable_reason() == (
+        "no CUDA GPU, and TRITON_INTERPRET=1 is not set (Triton's interpreter runs the kernels on the CPU)")
+    # The environment is read at every call.
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert tb.unavailable_reason() is None
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
+    tb._import_error.cache_clear()
+    try:
+        assert tb.unavailable_reason().startswith("triton is not installed")
+    finally:
+        monkeypatch.undo()
+        tb._import_error.cache_clear()
+    assert tb.unavailable_reason() is None
+
+
+def test_capability_reasons(monkeypatch):
+    b = dispatch.get_backends()["triton"]
+    call = KernelCall("wkv6", "recurrent", "cpu", torch.float32, 2, 4096, 4, 64, True, True)
+    assert any("use chunk mode" in r for r in b.reasons(call))
+    assert not b.reasons(KernelCall("wkv6", "recurrent", "cpu", torch.float32, 2, 4096, 4, 64, False, True))
+    assert not b.reasons(KernelCall("wkv4", "recurrent", "cpu", torch.float32, 2, 4096, 1, 100, True, True))
+    assert any("head size" in r for r in b.reasons(KernelCall("wkv7", "recurrent", "cpu", torch.float32,
+                                                                1, 8, 1, 24)))
+    assert any("float64" in r for r in b.reasons(KernelCall("wkv7", "recurrent", "cpu", torch.float64,
+                                                              1, 8, 1, 16)))
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert any("TRITON_INTERPRET=1" in r for r in b.kernel("wkv6", "recurrent").reasons(
+        KernelCall("wkv6", "recurrent", "cpu", torch.float32, 1, 8, 1, 16)))
+
+
+def test_chunk_falls_back_and_says_so():
+    call = KernelCall("wkv6", "chunk", "cpu", torch.float32, 1, 100, 1, 16)
+    sel = dispatch.select(call, "triton")
+    assert sel.mode == "recurrent" and sel.backend == "triton"
+    assert "no usable chunk kernel" in sel.mode_reason
+    with pytest.raises(BackendError, match="no chunk kernel"):
+        dispatch.select(call, "triton", mode_fixed=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine triton outranks reference")
+def test_interpreter_is_never_chosen_automatically_on_cpu():
+    for mode in ("recurrent", "chunk"):
+        sel = dispatch.select(KernelCall("wkv6", mode, "cpu", torch.float32, 1, 8, 1, 16))
+        assert sel.backend != "triton"
