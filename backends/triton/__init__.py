@@ -6,9 +6,13 @@ upstream gradient. One program per (batch, head) keeps the fp32 [K, V] state in 
 over t (wkv4: one per (batch, block of 64 channels)); wkv5 runs the wkv6 kernel with its decay
 broadcast over time (exact: the same arithmetic). The backward reads the state entering each step
 from a scratch buffer written by the forward (no recomputation), so wkv5-7 gradients are limited to
-``T <= MAX_T_GRAD``; chunk mode (the ``reference`` backend's until this one has chunk kernels) serves
-longer training sequences. There are no ``chunk`` kernels yet: dispatch runs chunk calls on another
-backend and ``explain`` says so.
+``T <= MAX_T_GRAD``; chunk mode serves longer training sequences. ``chunk`` kernels (``chunk.py``):
+wkv6 and wkv5, forward and backward, the matrix form over 16-token chunks with fp32 accumulation and
+chunk-local log-decay sums (every exponent <= 0: no overflow under strong decay); the backward keeps
+only the state entering each chunk. wkv4 and wkv7 have no chunk kernel yet: dispatch runs their chunk
+calls on another backend, or this backend's recurrent kernel when it is asked for, and says so.
+Known limit: under 10x strong decay wkv5's decay gradient in chunk mode is ~7e-5 relative in fp32
+(differences of chunk-local prefix sums; every other quantity stays <= 5e-6).
 
 Availability (``unavailable_reason``, read at every call, environment included): Triton must import,
 and there must be a CUDA GPU or ``TRITON_INTERPRET=1`` (the interpreter runs the same kernels on CPU
@@ -34,9 +38,11 @@ import torch
 from rwkv_zoo.backend import Backend, Kernel
 from rwkv_zoo.hookspecs import hookimpl
 
+from .chunk import wkv5_chunk, wkv6_chunk
 from .recurrent import wkv4_recurrent, wkv5_recurrent, wkv6_recurrent, wkv7_recurrent
 
 HEAD_SIZES = (16, 32, 64, 128)
+CHUNK_HEAD_SIZES = (16, 32, 64)  # the chunk kernels also hold [L, L, K] tiles of pairwise decays
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_T_GRAD = 2048  # wkv5-7 recurrent backward: the per-step state scratch is T * K * V fp32 per head
 PRIORITY_GPU, PRIORITY_CPU = 5, -10
@@ -76,7 +82,7 @@ def _check(call) -> list[str]:
             out.append("runs on CPU tensors only in Triton's interpreter (TRITON_INTERPRET=1)")
     elif call.device != "cuda":
         out.append(f"runs on cuda (cpu under TRITON_INTERPRET=1), not {call.device}")
-    if call.op != "wkv4" and call.requires_grad and call.T > MAX_T_GRAD:
+    if call.mode == "recurrent" and call.op != "wkv4" and call.requires_grad and call.T > MAX_T_GRAD:
         out.append(
             f"its recurrent backward stores the state of every step (T * K * V fp32 per head), so gradients "
             f"need T <= {MAX_T_GRAD}, got T={call.T}; use chunk mode for longer training sequences"
@@ -91,13 +97,15 @@ def make_backend() -> Backend:
         Kernel("wkv5", "recurrent", wkv5_recurrent, head_sizes=HEAD_SIZES, **common),
         Kernel("wkv6", "recurrent", wkv6_recurrent, head_sizes=HEAD_SIZES, **common),
         Kernel("wkv7", "recurrent", wkv7_recurrent, head_sizes=HEAD_SIZES, **common),
+        Kernel("wkv5", "chunk", wkv5_chunk, head_sizes=CHUNK_HEAD_SIZES, **common),
+        Kernel("wkv6", "chunk", wkv6_chunk, head_sizes=CHUNK_HEAD_SIZES, **common),
     ]
     return Backend(
         name="triton",
         kernels=kernels,
         priority=PRIORITY_GPU if torch.cuda.is_available() else PRIORITY_CPU,
         description=(
-            "Triton kernels: recurrent wkv4-7, fwd+bwd, fp32 state in registers; "
+            "Triton kernels: recurrent wkv4-7 and chunk wkv5/6, fwd+bwd; fp32 state; "
             "CUDA (CPU via TRITON_INTERPRET=1)"
         ),
         availability=unavailable_reason,

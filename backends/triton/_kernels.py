@@ -281,3 +281,121 @@ def wkv4_bwd_kernel(w_ptr, u_ptr, k_ptr, v_ptr, sa_ptr, sb_ptr, sp_ptr, dy_ptr, 
     tl.store(dp0_ptr + pb * C + ic, gp, mask=m)
     tl.store(dw_ptr + pb * C + ic, dw, mask=m)
     tl.store(du_ptr + pb * C + ic, du, mask=m)
+
+
+@triton.jit
+def wkv6_chunk_fwd_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, y_ptr, sT_ptr, sc_ptr, T,
+                          H: tl.constexpr, N: tl.constexpr, L: tl.constexpr, SAVE: tl.constexpr):
+    # Chunked wkv6 forward, one program per (batch, head), chunks of L tokens in order; with SAVE, the
+    # state entering every chunk goes to sc_ptr ([B, H, n_chunks, K, V]) for the backward.
+    # Within a chunk, with A_inc[t] = sum_{m<=t} w_m and A_exc[t] = A_inc[t] - w_t (chunk-local, <= 0):
+    #   y_t = sum_{s<t} (sum_k r_t k_s e^{A_exc[t]-A_inc[s]}) v_s + (r_t . u k_t) v_t + (r_t e^{A_exc[t]}) S
+    #   S' = diag(e^{A_inc[L-1]}) S + sum_s (k_s e^{A_inc[L-1]-A_inc[s]}) v_s^T
+    # Every exponent is a decay over a span inside the chunk (<= 0, masked to -inf before exp where
+    # unused): nothing overflows however strong the decay. Products accumulate in fp32 (ieee dots).
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // H
+    h = pid % H
+    ik = tl.arange(0, N)
+    il = tl.arange(0, L)
+    sidx = ik[:, None] * N + ik[None, :]
+    S = tl.load(s0_ptr + pid * N * N + sidx)
+    uu = tl.load(u_ptr + h * N + ik).to(tl.float32)
+    strict = il[:, None] > il[None, :]  # (t, s): s < t
+    last = il[:, None] == L - 1
+    nc = (T + L - 1) // L
+    for c in range(nc):
+        tt = c * L + il
+        mt = (tt < T)[:, None]
+        ptrs = ((b * T + tt) * H + h)[:, None] * N + ik[None, :]
+        rc = tl.load(r_ptr + ptrs, mask=mt, other=0.0).to(tl.float32)
+        kc = tl.load(k_ptr + ptrs, mask=mt, other=0.0).to(tl.float32)
+        vc = tl.load(v_ptr + ptrs, mask=mt, other=0.0).to(tl.float32)
+        wc = tl.load(w_ptr + ptrs, mask=mt, other=0.0).to(tl.float32)  # padded tokens: no decay, no input
+        if SAVE:
+            tl.store(sc_ptr + (pid * nc + c) * N * N + sidx, S)
+        a_inc = tl.associative_scan(wc, 0, _add)
+        a_exc = a_inc - wc
+        a_last = _sum(tl.where(last, a_inc, 0.0), 0)
+        ex = a_exc[:, None, :] - a_inc[None, :, :]
+        ex = tl.where(strict[:, :, None], ex, float("-inf"))
+        P = _sum(rc[:, None, :] * kc[None, :, :] * tl.exp(ex), 2)
+        yc = tl.dot(P, vc, input_precision="ieee")
+        yc += _sum(rc * uu[None, :] * kc, 1)[:, None] * vc
+        yc += tl.dot(rc * tl.exp(a_exc), S, input_precision="ieee")
+        tl.store(y_ptr + ptrs, yc.to(y_ptr.dtype.element_ty), mask=mt)
+        kd = kc * tl.exp(a_last[None, :] - a_inc)
+        S = tl.exp(a_last)[:, None] * S + tl.dot(tl.trans(kd), vc, input_precision="ieee")
+    tl.store(sT_ptr + pid * N * N + sidx, S)
+
+
+@triton.jit
+def wkv6_chunk_bwd_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, sc_ptr, dy_ptr, dsT_ptr,
+                          dr_ptr, dk_ptr, dv_ptr, dw_ptr, du_ptr, ds0_ptr, T,
+                          H: tl.constexpr, N: tl.constexpr, L: tl.constexpr):
+    # Reverse mode of wkv6_chunk_fwd_kernel, chunks in reverse order, dS = dL/d(state leaving the chunk).
+    # Per chunk, with E[t,s,k] = e^{a_exc[t]-a_inc[s]} (s < t), P = sum_k r_t k_s E, q_t = r_t e^{a_exc[t]},
+    # kd_s = k_s e^{a_last-a_inc[s]}, beta_t = r_t . u k_t:
+    #   dv = P^T dy + beta dy + kd dS;   dP = (dy v^T) on s < t;   dq = dy S^T;   dS_in = q^T dy + e^{a_last} dS
+    #   and the decay gradients through the chunk-local sums a_exc, a_inc, a_last (reverse cumulative sums).
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // H
+    h = pid % H
+    ik = tl.arange(0, N)
+    il = tl.arange(0, L)
+    sidx = ik[:, None] * N + ik[None, :]
+    dS = tl.load(dsT_ptr + pid * N * N + sidx)
+    uu = tl.load(u_ptr + h * N + ik).to(tl.float32)
+    du = tl.full([N], 0.0, tl.float32)
+    strict = il[:, None] > il[None, :]
+    last = il[:, None] == L - 1
+    nc = (T + L - 1) // L
+    for i in range(nc):
+        c = nc - 1 - i
+        tt = c * L + il
+        mt = (tt < T)[:, None]
+        ptrs = ((b * T + tt) * H + h)[:, None] * N + ik[None, :]
+        rc = tl.load(r_ptr + ptrs, mask=mt, other=0.0).to(tl.float32)
+        kc = tl.load(k_ptr + ptrs, mask=mt, other=0.0).to(tl.float32)
+        vc = tl.load(v_ptr + ptrs, mask=mt, other=0.0).to(tl.float32)
+        wc = tl.load(w_ptr + ptrs, mask=mt, other=0.0).to(tl.float32)
+        dyc = tl.load(dy_ptr + ptrs, mask=mt, other=0.0).to(tl.float32)
+        S = tl.load(sc_ptr + (pid * nc + c) * N * N + sidx)
+        a_inc = tl.associative_scan(wc, 0, _add)
+        a_exc = a_inc - wc
+        a_last = _sum(tl.where(last, a_inc, 0.0), 0)
+        ex = a_exc[:, None, :] - a_inc[None, :, :]
+        E = tl.exp(tl.where(strict[:, :, None], ex, float("-inf")))
+        P = _sum(rc[:, None, :] * kc[None, :, :] * E, 2)
+        beta = _sum(rc * uu[None, :] * kc, 1)
+        e_exc = tl.exp(a_exc)
+        q = rc * e_exc
+        e_tail = tl.exp(a_last[None, :] - a_inc)
+        kd = kc * e_tail
+        e_last = tl.exp(a_last)
+        dP = tl.where(strict, tl.dot(dyc, tl.trans(vc), input_precision="ieee"), 0.0)
+        dv = (tl.dot(tl.trans(P), dyc, input_precision="ieee") + beta[:, None] * dyc
+              + tl.dot(kd, dS, input_precision="ieee"))
+        dbeta = _sum(dyc * vc, 1)
+        dq = tl.dot(dyc, tl.trans(S), input_precision="ieee")
+        dkd = tl.dot(vc, tl.trans(dS), input_precision="ieee")
+        dD = _sum(dS * S, 1)
+        W = dP[:, :, None] * E
+        dr = _sum(W * kc[None, :, :], 1) + dbeta[:, None] * uu[None, :] * kc + dq * e_exc
+        dk = _sum(W * rc[:, None, :], 0) + dbeta[:, None] * uu[None, :] * rc + dkd * e_tail
+        G = W * rc[:, None, :] * kc[None, :, :]
+        da_exc = _sum(G, 1) + dq * q
+        da_inc = -_sum(G, 0) - dkd * kd
+        da_last = _sum(dkd * kd, 0) + dD * e_last
+        du += _sum(dbeta[:, None] * rc * kc, 0)
+        # w_m enters a_exc[t] for t > m, a_inc[t] for t >= m, and a_last.
+        rev_exc = tl.associative_scan(da_exc, 0, _add, reverse=True) - da_exc
+        rev_inc = tl.associative_scan(da_inc, 0, _add, reverse=True)
+        dw = rev_exc + rev_inc + da_last[None, :]
+        tl.store(dr_ptr + ptrs, dr, mask=mt)
+        tl.store(dk_ptr + ptrs, dk, mask=mt)
+        tl.store(dv_ptr + ptrs, dv, mask=mt)
+        tl.store(dw_ptr + ptrs, dw, mask=mt)
+        dS = tl.dot(tl.trans(q), dyc, input_precision="ieee") + e_last[:, None] * dS
+    tl.store(ds0_ptr + pid * N * N + sidx, dS)
+    tl.store(du_ptr + pid * N + ik, du)

@@ -8,7 +8,8 @@
    every gradient against the fp64 reference recurrence), then the triton kernels against the
    ``reference`` backend's chunk kernels (fp32, on the GPU) at the S-small shape.
 2. Timings (``triton.testing.do_bench``, median ms, CUDA events) of fwd and fwd+bwd at S-std
-   (B=8, T=4096, H=64, N=64, bf16) and S-small (B=8, T=1024, H=8, N=64), side by side with the
+   (B=8, T=4096, H=64, N=64, bf16) and S-small (B=8, T=1024, H=8, N=64) of the triton chunk (wkv5/6)
+   and recurrent (all ops) kernels, side by side with the
    ``reference`` backend and with flash-linear-attention's ``chunk_rwkv6`` / ``chunk_rwkv7`` (through
    rwkv_zoo's ``fla`` backend) when fla is importable. wkv4 runs with C = H * N channels.
    A cell is "n/a" where dispatch refuses the call, with the reason listed under the table (e.g. the
@@ -30,12 +31,14 @@ import torch.nn.functional as F
 SHAPES = {"S-std": (8, 4096, 64, 64), "S-small": (8, 1024, 8, 64)}
 # (op, backend, mode): the rows of the timing table.
 RUNS = [
+    ("wkv6", "triton", "chunk"),
     ("wkv6", "triton", "recurrent"),
     ("wkv6", "fla", "chunk"),
     ("wkv6", "reference", "chunk"),
     ("wkv7", "triton", "recurrent"),
     ("wkv7", "fla", "chunk"),
     ("wkv7", "reference", "chunk"),
+    ("wkv5", "triton", "chunk"),
     ("wkv5", "triton", "recurrent"),
     ("wkv4", "triton", "recurrent"),
     ("wkv4", "reference", "chunk"),
@@ -150,11 +153,12 @@ def correctness(quick: bool) -> list[str]:
     B, T, H, N = SHAPES["S-small"]
     if quick:
         T = 256
-    print(f"\ntriton recurrent vs reference chunk (fp32, GPU) at B={B} T={T} H={H} N={N}:")
-    for op in ("wkv4", "wkv5", "wkv6", "wkv7"):
+    print(f"\ntriton vs reference chunk (fp32, GPU) at B={B} T={T} H={H} N={N}:")
+    for op, tmode in (("wkv4", "recurrent"), ("wkv5", "recurrent"), ("wkv5", "chunk"), ("wkv6", "recurrent"),
+                      ("wkv6", "chunk"), ("wkv7", "recurrent")):
         args = make_args(op, B, T, H, N, torch.float32, "cuda", seed=1)
         outs = []
-        for backend, mode in (("triton", "recurrent"), ("reference", "chunk")):
+        for backend, mode in (("triton", tmode), ("reference", "chunk")):
             leaves = _leaves(args, True)
             y, s = _call(op, backend, mode, leaves)
             states = s if isinstance(s, tuple) else (s,)
@@ -165,9 +169,9 @@ def correctness(quick: bool) -> list[str]:
             outs.append([y, *states] + [x.grad for x in _flat(leaves)])
         errs = [rel_err(a, b) for a, b in zip(*outs, strict=True)]
         worst = max(errs)
-        print(f"  {op}: worst relative difference over y, state and every gradient {worst:.2e}")
+        print(f"  {op} triton/{tmode}: worst relative difference over y, state and every gradient {worst:.2e}")
         if not worst <= 1e-4:
-            failures.append(f"{op} triton vs reference chunk at S-small: {worst:.2e}")
+            failures.append(f"{op} triton/{tmode} vs reference chunk at S-small: {worst:.2e}")
     return failures
 
 

@@ -36,8 +36,10 @@ OPS = ("wkv4", "wkv5", "wkv6", "wkv7")
 def _check(op, dtypes, Ts, H=2):
     report = check_backend("triton", ops=(op,), dtypes=dtypes, Ts=Ts, B=2, H=H, N=16)
     ran = [r for r in report.results if not r.skipped]
-    assert {r.mode for r in ran} == {"recurrent"}
-    assert len(ran) == len(dtypes) * len(Ts), str(report)
+    modes = {"recurrent", "chunk"} if op in ("wkv5", "wkv6") else {"recurrent"}
+    assert {r.mode for r in ran} == modes
+    assert len(ran) == len(dtypes) * len(Ts) * len(modes), str(report)
+    assert not any("forward only" in r.message for r in ran)
     return report
 
 
@@ -73,13 +75,21 @@ def test_wkv6_strong_and_weak_decay(scale):
     for name, t in ref.items():
         assert rel_err(got[name], t) <= 1e-5, name
 
+    def run_chunk(r, k, v, w, u, s):
+        return rwkv_zoo.wkv6(r, k, v, w, u, s, backend="triton", mode="chunk")
+
+    got = evaluate(run_chunk, "wkv6", [x.float() for x in inputs], {n: t.float() for n, t in upstream.items()})
+    for name, t in ref.items():
+        assert rel_err(got[name], t) <= 1e-5, name
+
 
 def test_registered_and_available_under_the_interpreter():
     backends = dispatch.get_backends()
     assert "triton" in backends
     b = backends["triton"]
     assert b.unavailable_reason() is None
-    assert b.ops() == {op: ["recurrent"] for op in OPS}
+    assert b.ops() == {"wkv4": ["recurrent"], "wkv5": ["recurrent", "chunk"], "wkv6": ["recurrent", "chunk"],
+                       "wkv7": ["recurrent"]}
     assert b.kernel("wkv6", "recurrent").head_sizes == (16, 32, 64, 128)
 
 
@@ -118,12 +128,17 @@ def test_capability_reasons(monkeypatch):
 
 
 def test_chunk_falls_back_and_says_so():
-    call = KernelCall("wkv6", "chunk", "cpu", torch.float32, 1, 100, 1, 16)
+    call = KernelCall("wkv7", "chunk", "cpu", torch.float32, 1, 100, 1, 16)
     sel = dispatch.select(call, "triton")
     assert sel.mode == "recurrent" and sel.backend == "triton"
     assert "no usable chunk kernel" in sel.mode_reason
     with pytest.raises(BackendError, match="no chunk kernel"):
         dispatch.select(call, "triton", mode_fixed=True)
+    # wkv6 has a chunk kernel with a backward and no length limit; N=128 is recurrent-only.
+    sel = dispatch.select(KernelCall("wkv6", "chunk", "cpu", torch.float32, 1, 4096, 1, 16, True), "triton")
+    assert sel.mode == "chunk"
+    sel = dispatch.select(KernelCall("wkv6", "chunk", "cpu", torch.float32, 1, 100, 1, 128, True), "triton")
+    assert sel.mode == "recurrent" and "head size" in sel.mode_reason
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine triton outranks reference")
