@@ -8,11 +8,11 @@ broadcast over time (exact: the same arithmetic). The backward reads the state e
 from a scratch buffer written by the forward (no recomputation), so wkv5-7 gradients are limited to
 ``T <= MAX_T_GRAD``; chunk mode serves longer training sequences. ``chunk`` kernels (``chunk.py``):
 wkv6 and wkv5, forward and backward, the matrix form over 16-token chunks with fp32 accumulation and
-chunk-local log-decay sums (every exponent <= 0: no overflow under strong decay); the backward keeps
-only the state entering each chunk. wkv4 and wkv7 have no chunk kernel yet: dispatch runs their chunk
-calls on another backend, or this backend's recurrent kernel when it is asked for, and says so.
-Known limit: under 10x strong decay wkv5's decay gradient in chunk mode is ~7e-5 relative in fp32
-(differences of chunk-local prefix sums; every other quantity stays <= 5e-6).
+chunk-local log-decay sums, each exponent summed over its own span (every exponent <= 0: no
+overflow under strong decay, and no digits lost to differences of prefix sums: fp32 <= 2e-6 relative
+on every quantity with the decay scaled x10); the backward keeps only the state entering each chunk.
+wkv4 and wkv7 have no chunk kernel yet: dispatch runs their chunk calls on another backend, or this
+backend's recurrent kernel when it is asked for, and says so.
 
 Availability (``unavailable_reason``, read at every call, environment included): Triton must import,
 and there must be a CUDA GPU or ``TRITON_INTERPRET=1`` (the interpreter runs the same kernels on CPU

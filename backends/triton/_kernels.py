@@ -284,13 +284,31 @@ def wkv4_bwd_kernel(w_ptr, u_ptr, k_ptr, v_ptr, sa_ptr, sb_ptr, sp_ptr, dy_ptr, 
 
 
 @triton.jit
+def _chunk_decays(wc, strict):
+    """Chunk-local decay sums of a chunk's log decay ``wc`` [L, K], each summed over its own span.
+
+    Returns ``a_exc`` [L, K] (sum_{m<t} w_m), ``tail`` [L, K] (sum_{m>s} w_m), ``a_last`` [K] (the
+    whole chunk) and ``E`` [L, L, K] = exp(sum_{s<m<t} w_m) for s < t, exactly 0 elsewhere. Spans are
+    summed directly (scans), not as differences of prefix sums, so strong decay elsewhere in the
+    chunk costs no digits, and each w_m gets gradient only from the spans that contain it.
+    """
+    a_exc = tl.associative_scan(wc, 0, _add) - wc
+    tail = tl.associative_scan(wc, 0, _add, reverse=True) - wc
+    a_last = _sum(wc, 0)
+    X = tl.where(strict[:, :, None], wc[None, :, :], 0.0)  # [t, m]: w_m for m < t
+    R = tl.associative_scan(X, 1, _add, reverse=True)  # [t, s]: sum_{s<=m<t} w_m
+    E = tl.exp(tl.where(strict[:, :, None], R - X, float("-inf")))
+    return a_exc, tail, a_last, E
+
+
+@triton.jit
 def wkv6_chunk_fwd_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, y_ptr, sT_ptr, sc_ptr, T,
                           H: tl.constexpr, N: tl.constexpr, L: tl.constexpr, SAVE: tl.constexpr):
     # Chunked wkv6 forward, one program per (batch, head), chunks of L tokens in order; with SAVE, the
     # state entering every chunk goes to sc_ptr ([B, H, n_chunks, K, V]) for the backward.
-    # Within a chunk, with A_inc[t] = sum_{m<=t} w_m and A_exc[t] = A_inc[t] - w_t (chunk-local, <= 0):
-    #   y_t = sum_{s<t} (sum_k r_t k_s e^{A_exc[t]-A_inc[s]}) v_s + (r_t . u k_t) v_t + (r_t e^{A_exc[t]}) S
-    #   S' = diag(e^{A_inc[L-1]}) S + sum_s (k_s e^{A_inc[L-1]-A_inc[s]}) v_s^T
+    # Within a chunk, with the chunk-local span sums of _chunk_decays (all <= 0):
+    #   y_t = sum_{s<t} (sum_k r_t k_s e^{sum_{s<m<t} w_m}) v_s + (r_t . u k_t) v_t + (r_t e^{a_exc[t]}) S
+    #   S' = diag(e^{a_last}) S + sum_s (k_s e^{tail[s]}) v_s^T
     # Every exponent is a decay over a span inside the chunk (<= 0, masked to -inf before exp where
     # unused): nothing overflows however strong the decay. Products accumulate in fp32 (ieee dots).
     pid = tl.program_id(0).to(tl.int64)
@@ -302,7 +320,6 @@ def wkv6_chunk_fwd_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, y_ptr, sT_p
     S = tl.load(s0_ptr + pid * N * N + sidx)
     uu = tl.load(u_ptr + h * N + ik).to(tl.float32)
     strict = il[:, None] > il[None, :]  # (t, s): s < t
-    last = il[:, None] == L - 1
     nc = (T + L - 1) // L
     for c in range(nc):
         tt = c * L + il
@@ -314,17 +331,13 @@ def wkv6_chunk_fwd_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, y_ptr, sT_p
         wc = tl.load(w_ptr + ptrs, mask=mt, other=0.0).to(tl.float32)  # padded tokens: no decay, no input
         if SAVE:
             tl.store(sc_ptr + (pid * nc + c) * N * N + sidx, S)
-        a_inc = tl.associative_scan(wc, 0, _add)
-        a_exc = a_inc - wc
-        a_last = _sum(tl.where(last, a_inc, 0.0), 0)
-        ex = a_exc[:, None, :] - a_inc[None, :, :]
-        ex = tl.where(strict[:, :, None], ex, float("-inf"))
-        P = _sum(rc[:, None, :] * kc[None, :, :] * tl.exp(ex), 2)
+        a_exc, tail, a_last, E = _chunk_decays(wc, strict)
+        P = _sum(rc[:, None, :] * kc[None, :, :] * E, 2)
         yc = tl.dot(P, vc, input_precision="ieee")
         yc += _sum(rc * uu[None, :] * kc, 1)[:, None] * vc
         yc += tl.dot(rc * tl.exp(a_exc), S, input_precision="ieee")
         tl.store(y_ptr + ptrs, yc.to(y_ptr.dtype.element_ty), mask=mt)
-        kd = kc * tl.exp(a_last[None, :] - a_inc)
+        kd = kc * tl.exp(tail)
         S = tl.exp(a_last)[:, None] * S + tl.dot(tl.trans(kd), vc, input_precision="ieee")
     tl.store(sT_ptr + pid * N * N + sidx, S)
 
@@ -334,10 +347,10 @@ def wkv6_chunk_bwd_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, sc_ptr, dy_ptr, dsT
                           dr_ptr, dk_ptr, dv_ptr, dw_ptr, du_ptr, ds0_ptr, T,
                           H: tl.constexpr, N: tl.constexpr, L: tl.constexpr):
     # Reverse mode of wkv6_chunk_fwd_kernel, chunks in reverse order, dS = dL/d(state leaving the chunk).
-    # Per chunk, with E[t,s,k] = e^{a_exc[t]-a_inc[s]} (s < t), P = sum_k r_t k_s E, q_t = r_t e^{a_exc[t]},
-    # kd_s = k_s e^{a_last-a_inc[s]}, beta_t = r_t . u k_t:
+    # Per chunk, with E[t,s,k] = e^{sum_{s<m<t} w_m} (s < t), P = sum_k r_t k_s E, q_t = r_t e^{a_exc[t]},
+    # kd_s = k_s e^{tail[s]}, beta_t = r_t . u k_t:
     #   dv = P^T dy + beta dy + kd dS;   dP = (dy v^T) on s < t;   dq = dy S^T;   dS_in = q^T dy + e^{a_last} dS
-    #   and the decay gradients through the chunk-local sums a_exc, a_inc, a_last (reverse cumulative sums).
+    #   and the decay gradients through each span sum (scans), never through differences of prefix sums.
     pid = tl.program_id(0).to(tl.int64)
     b = pid // H
     h = pid % H
@@ -348,7 +361,6 @@ def wkv6_chunk_bwd_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, sc_ptr, dy_ptr, dsT
     uu = tl.load(u_ptr + h * N + ik).to(tl.float32)
     du = tl.full([N], 0.0, tl.float32)
     strict = il[:, None] > il[None, :]
-    last = il[:, None] == L - 1
     nc = (T + L - 1) // L
     for i in range(nc):
         c = nc - 1 - i
@@ -361,16 +373,12 @@ def wkv6_chunk_bwd_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, sc_ptr, dy_ptr, dsT
         wc = tl.load(w_ptr + ptrs, mask=mt, other=0.0).to(tl.float32)
         dyc = tl.load(dy_ptr + ptrs, mask=mt, other=0.0).to(tl.float32)
         S = tl.load(sc_ptr + (pid * nc + c) * N * N + sidx)
-        a_inc = tl.associative_scan(wc, 0, _add)
-        a_exc = a_inc - wc
-        a_last = _sum(tl.where(last, a_inc, 0.0), 0)
-        ex = a_exc[:, None, :] - a_inc[None, :, :]
-        E = tl.exp(tl.where(strict[:, :, None], ex, float("-inf")))
+        a_exc, tail, a_last, E = _chunk_decays(wc, strict)
         P = _sum(rc[:, None, :] * kc[None, :, :] * E, 2)
         beta = _sum(rc * uu[None, :] * kc, 1)
         e_exc = tl.exp(a_exc)
         q = rc * e_exc
-        e_tail = tl.exp(a_last[None, :] - a_inc)
+        e_tail = tl.exp(tail)
         kd = kc * e_tail
         e_last = tl.exp(a_last)
         dP = tl.where(strict, tl.dot(dyc, tl.trans(vc), input_precision="ieee"), 0.0)
@@ -383,15 +391,17 @@ def wkv6_chunk_bwd_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, sc_ptr, dy_ptr, dsT
         W = dP[:, :, None] * E
         dr = _sum(W * kc[None, :, :], 1) + dbeta[:, None] * uu[None, :] * kc + dq * e_exc
         dk = _sum(W * rc[:, None, :], 0) + dbeta[:, None] * uu[None, :] * rc + dkd * e_tail
-        G = W * rc[:, None, :] * kc[None, :, :]
-        da_exc = _sum(G, 1) + dq * q
-        da_inc = -_sum(G, 0) - dkd * kd
-        da_last = _sum(dkd * kd, 0) + dD * e_last
         du += _sum(dbeta[:, None] * rc * kc, 0)
-        # w_m enters a_exc[t] for t > m, a_inc[t] for t >= m, and a_last.
-        rev_exc = tl.associative_scan(da_exc, 0, _add, reverse=True) - da_exc
-        rev_inc = tl.associative_scan(da_inc, 0, _add, reverse=True)
-        dw = rev_exc + rev_inc + da_last[None, :]
+        # Decay gradients, each through its own span sum: w_m is in the span (s, t) of E[t, s] for
+        # s < m < t, in a_exc[t] for t > m, in tail[s] for s < m, and in a_last.
+        G = W * rc[:, None, :] * kc[None, :, :]  # dL/d(span exponent)[t, s], zero unless s < t
+        C = tl.associative_scan(G, 1, _add) - G  # C[t, m] = sum_{s<m} G[t, s]
+        dw = _sum(tl.where(strict[:, :, None], C, 0.0), 0)
+        da_exc = dq * q
+        dw += tl.associative_scan(da_exc, 0, _add, reverse=True) - da_exc
+        dtail = dkd * kd
+        dw += tl.associative_scan(dtail, 0, _add) - dtail
+        dw += (dD * e_last)[None, :]
         tl.store(dr_ptr + ptrs, dr, mask=mt)
         tl.store(dk_ptr + ptrs, dk, mask=mt)
         tl.store(dv_ptr + ptrs, dv, mask=mt)

@@ -24,7 +24,7 @@ pytest.importorskip("triton", reason="triton is not installed (the optional extr
 import rwkv_zoo
 from rwkv_zoo import dispatch
 from rwkv_zoo.backends import triton as tb
-from rwkv_zoo.backends.reference.recurrent import wkv6_recurrent
+from rwkv_zoo.backends.reference import recurrent
 from rwkv_zoo.dispatch import BackendError, KernelCall
 from rwkv_zoo.testing import check_backend, evaluate, make_inputs, rel_err
 
@@ -60,27 +60,22 @@ def test_conformance_fp16():
     _check("wkv6", (torch.float16,), (65,), H=1)
 
 
+@pytest.mark.parametrize("op", ["wkv5", "wkv6"])
 @pytest.mark.parametrize("scale", [10.0, 0.1])
-def test_wkv6_strong_and_weak_decay(scale):
+def test_strong_and_weak_decay(op, scale):
     gen = torch.Generator().manual_seed(3)
-    inputs = make_inputs("wkv6", 1, 40, 2, 16, generator=gen, decay_scale=scale)
+    inputs = make_inputs(op, 1, 40, 2, 16, generator=gen, decay_scale=scale)
     upstream = {"y": torch.randn(1, 40, 2, 16, generator=gen, dtype=torch.float64),
                 "state": torch.randn(1, 2, 16, 16, generator=gen, dtype=torch.float64)}
-    ref = evaluate(wkv6_recurrent, "wkv6", inputs, upstream)
+    ref = evaluate(getattr(recurrent, f"{op}_recurrent"), op, inputs, upstream)
+    for mode in ("recurrent", "chunk"):
 
-    def run(r, k, v, w, u, s):
-        return rwkv_zoo.wkv6(r, k, v, w, u, s, backend="triton", mode="recurrent")
+        def run(r, k, v, w, u, s, mode=mode):
+            return rwkv_zoo.ops.OP_FUNCTIONS[op](r, k, v, w, u, s, backend="triton", mode=mode)
 
-    got = evaluate(run, "wkv6", [x.float() for x in inputs], {n: t.float() for n, t in upstream.items()})
-    for name, t in ref.items():
-        assert rel_err(got[name], t) <= 1e-5, name
-
-    def run_chunk(r, k, v, w, u, s):
-        return rwkv_zoo.wkv6(r, k, v, w, u, s, backend="triton", mode="chunk")
-
-    got = evaluate(run_chunk, "wkv6", [x.float() for x in inputs], {n: t.float() for n, t in upstream.items()})
-    for name, t in ref.items():
-        assert rel_err(got[name], t) <= 1e-5, name
+        got = evaluate(run, op, [x.float() for x in inputs], {n: t.float() for n, t in upstream.items()})
+        for name, t in ref.items():
+            assert rel_err(got[name], t) <= 1e-5, (mode, name)
 
 
 def test_registered_and_available_under_the_interpreter():
