@@ -122,11 +122,11 @@ class V7TimeMix(nn.Module):
         a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)
         g = torch.sigmoid(xg @ self.g1) @ self.g2
         kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0, eps=1e-12)
-        k = k * (1 + (a - 1) * self.k_a)
+        k = k * (1 + (a - 1) * self.k_a).to(k.dtype)  # .to: under autocast a is fp32 and k bf16
         if "v_first" not in ctx:  # the first v7 layer: its value is what later layers lerp toward
             ctx["v_first"] = v
         else:
-            v = v + (ctx["v_first"] - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
+            v = v + (ctx["v_first"] - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2).to(v.dtype)
         rh, kh, vh = r.view(B, T, H, N), k.view(B, T, H, N), v.view(B, T, H, N)
         ah = a.view(B, T, H, N)
         y, wkv = ops.wkv7(rh, logw.view(B, T, H, N), kh, vh, -kk, kk * ah, wkv,
