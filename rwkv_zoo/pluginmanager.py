@@ -36,6 +36,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "rwkv_zoo.backends.triton",
     "rwkv_zoo.backends.fla",
     "rwkv_zoo.plugins.formats",
+    "rwkv_zoo.plugins.hybrids",
 )
 
 
