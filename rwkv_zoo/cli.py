@@ -12,7 +12,9 @@ Subcommands:
   and its error if it failed or whether it is blocked;
 - ``explain MODEL``: which kernel each layer would run for an input shape, and why (meta device);
 - ``demo``: builds every version at a small size and checks that the parallel, token-by-token and
-  split runs give the same logits.
+  split runs give the same logits;
+- ``train [CONFIG.toml]``: train a model (``rwkv_zoo.train``); ``ablate [CONFIG.toml]``: a grid of
+  versions/hybrids x tasks x seeds with matched budgets (default: v4-v7 tiny models on MQAR).
 
 Errors the user can fix (an unknown model, a backend that cannot run the call) print one message to
 stderr and exit with status 2; ``demo`` exits with 1 when a check fails.
@@ -427,6 +429,9 @@ def make_parser() -> argparse.ArgumentParser:
     from rwkv_zoo.cli_generate import add_parsers as add_generate_parsers
 
     add_generate_parsers(sub)
+    from rwkv_zoo.train.cli import add_parsers as add_train_parsers
+
+    add_train_parsers(sub)
     return parser
 
 

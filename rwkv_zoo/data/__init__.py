@@ -1,0 +1,53 @@
+"""Training data: synthetic recall tasks generated in code, and language-model token streams.
+
+Everything is deterministic by seed and random-access by step (a batch is a pure function of
+``(seed, step)``), so resuming needs only the step and ranks of a distributed run take their rows of
+the same global batch. See ``synthetic`` (MQAR, copying, selective copying) and ``tokens`` (plain text,
+RWKV-LM binidx).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rwkv_zoo.data.synthetic import (
+    IGNORE,
+    MQAR,
+    TASKS,
+    Copying,
+    SelectiveCopying,
+    Task,
+    make_task,
+    step_generator,
+)
+from rwkv_zoo.data.tokens import TokenStream, binidx, bits_per_byte, read_binidx_index, text_file
+
+__all__ = [
+    "IGNORE",
+    "MQAR",
+    "TASKS",
+    "Copying",
+    "SelectiveCopying",
+    "Task",
+    "TokenStream",
+    "binidx",
+    "bits_per_byte",
+    "make_data",
+    "make_task",
+    "read_binidx_index",
+    "step_generator",
+    "text_file",
+]
+
+
+def make_data(spec: dict[str, Any]) -> Task | TokenStream:
+    """Data from a config table: ``{"task": "mqar", ...}`` (see ``TASKS``), ``{"text": PATH}``
+    (byte-level) or ``{"binidx": PREFIX, "vocab_size": V}``; ``eval_fraction`` for the last two."""
+    spec = dict(spec)
+    if "text" in spec:
+        return text_file(spec.pop("text"), eval_fraction=spec.pop("eval_fraction", 0.01), **spec)
+    if "binidx" in spec:
+        return binidx(spec.pop("binidx"), **spec)
+    if "task" in spec:
+        return make_task(spec)
+    raise ValueError(f"data needs one of 'task' ({', '.join(TASKS)}), 'text' or 'binidx'; got {sorted(spec)}")

@@ -1,0 +1,7 @@
+"""``python -m rwkv_zoo.train`` (``torchrun --nproc_per_node=N -m rwkv_zoo.train ...``)."""
+
+import sys
+
+from rwkv_zoo.train.cli import main
+
+sys.exit(main())

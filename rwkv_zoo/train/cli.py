@@ -1,0 +1,177 @@
+"""Command-line front ends of ``rwkv-zoo train``, ``rwkv-zoo ablate`` and ``python -m rwkv_zoo.train``.
+
+``train`` takes a TOML file (a ``[train]`` table, or the fields at top level) and/or flags; ``--set
+key=value`` sets any ``TrainConfig`` field (values are TOML: ``--set data='{task="copying"}'``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from rwkv_zoo.train._toml import tomllib
+from rwkv_zoo.train.trainer import TrainConfig
+
+# Flags that map onto TrainConfig fields (flag -> field); the rest go through --set.
+_FLAGS = {
+    "model": str, "size": str, "steps": int, "batch_size": int, "ctx_len": int, "chunk_len": int, "lr": float,
+    "lr_final": float, "warmup_steps": int, "schedule": str, "weight_decay": float, "grad_clip": float,
+    "eval_every": int, "save_every": int, "out_dir": str, "seed": int, "threads": int, "distributed": str,
+    "device": str, "backend": str,
+}
+_SWITCHES = ("resume", "bf16", "grad_checkpointing", "truncated_bptt", "no_l2wrap")
+
+
+class ConfigError(ValueError):
+    """A mistake in a config file or flag (printed as one line by the CLI)."""
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="TOML file with a [train] table (or TrainConfig fields at top level)")
+    for name, typ in _FLAGS.items():
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, default=None,
+                       help=f"TrainConfig.{name}")
+    p.add_argument("--task", help="synthetic task: mqar, copying, selective_copying (data = {task = ...})")
+    p.add_argument("--text", help="train on a text file, byte level (data = {text = PATH})")
+    p.add_argument("--binidx", help="train on an RWKV-LM .bin/.idx dataset (data = {binidx = PREFIX})")
+    for s in _SWITCHES:
+        p.add_argument(f"--{s.replace('_', '-')}", dest=s, action="store_true", default=None)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any TrainConfig field, value in TOML syntax (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values: dict[str, Any] = {}
+    if args.config:
+        raw = tomllib.loads(Path(args.config).read_text())
+        values.update(raw.get("train", raw))
+    for name in _FLAGS:
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    for s in _SWITCHES:
+        if getattr(args, s):
+            if s == "no_l2wrap":
+                values["l2wrap"] = False
+            else:
+                values[s] = True
+    data = [(k, getattr(args, k)) for k in ("task", "text", "binidx") if getattr(args, k)]
+    if len(data) > 1:
+        raise ConfigError("give one of --task, --text, --binidx")
+    if data:
+        values["data"] = {data[0][0]: data[0][1]}
+    for item in args.set:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set needs KEY=VALUE, got {item!r}")
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text  # a bare word: a string
+        values[key.strip()] = value
+    if args.quiet:
+        values["progress"] = False
+    try:
+        cfg = TrainConfig.from_dict(values)
+        cfg.validate()
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from exc
+    return cfg
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from rwkv_zoo.train import distributed
+    from rwkv_zoo.train.trainer import Trainer
+
+    cfg = config_from_args(args)
+    trainer = Trainer(cfg)
+    if trainer.rank == 0 and not args.json:
+        m = trainer.module
+        data = trainer.data.describe() if hasattr(trainer.data, "describe") else getattr(trainer.data, "name", "")
+        print(f"training {trainer.model_name} ({m.num_parameters():,} parameters) on {data}: {cfg.steps} steps x "
+              f"{cfg.batch_size} x {trainer.seq_len} tokens, {trainer.world} process(es)"
+              + (f", resumed at step {trainer.step}" if trainer.step else ""), flush=True)
+    result = trainer.fit()
+    if trainer.rank == 0:
+        if args.json:
+            print(json.dumps(result.to_dict()))
+        else:
+            metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.final.items())
+            print(f"done: {result.tokens:,} tokens in {result.wall_s:.1f} s ({result.tokens_per_s:,.0f} tok/s); "
+                  f"eval: {metrics}" + (f"; checkpoint {result.checkpoint}" if result.checkpoint else ""))
+        if cfg.out_dir:
+            Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+            (Path(cfg.out_dir) / "result.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+    distributed.shutdown()
+    return 0
+
+
+def add_ablate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="TOML file ([ablate], [train], [[models]], [[tasks]]); "
+                                             "default: the embedded v4-v7 MQAR comparison")
+    p.add_argument("--out", dest="out_dir", help="output folder (default ablate-<name>)")
+    p.add_argument("--jobs", type=int, help="worker processes (default from the config: 2)")
+    p.add_argument("--seeds", help="comma-separated seeds, overriding the config")
+    p.add_argument("--steps", type=int, help="steps per run, overriding the config (same for every run)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--show-config", action="store_true", help="print the config (default: the embedded one) and exit")
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from rwkv_zoo.train.ablate import DEFAULT_CONFIG, ablate
+
+    if args.show_config:
+        print(Path(args.config).read_text() if args.config else DEFAULT_CONFIG.strip())
+        return 0
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds else None
+    if args.jobs is not None and args.jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
+    try:
+        ablate(args.config, out_dir=args.out_dir, jobs=args.jobs, seeds=seeds, steps=args.steps,
+               plots=not args.no_plots)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"no such config file: {exc.filename}") from exc
+    return 0
+
+
+def add_parsers(sub: Any) -> None:
+    """Add ``train`` and ``ablate`` to the ``rwkv-zoo`` subcommands."""
+    p = sub.add_parser("train", help="train a model (synthetic task, text or binidx data; torchrun for more "
+                                     "processes)")
+    add_train_arguments(p)
+    p.set_defaults(func=_usage_errors(cmd_train))
+    p = sub.add_parser("ablate", help="versions/hybrids x tasks x seeds with matched budgets: table, CSV/JSON, "
+                                      "plots")
+    add_ablate_arguments(p)
+    p.set_defaults(func=_usage_errors(cmd_ablate))
+
+
+def _usage_errors(fn):
+    """Config mistakes become the CLI's usage errors (one line on stderr, status 2)."""
+
+    def run(args: argparse.Namespace) -> int:
+        from rwkv_zoo.cli import UsageError
+
+        try:
+            return fn(args)
+        except ConfigError as exc:
+            raise UsageError(str(exc)) from exc
+
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m rwkv_zoo.train`` (what torchrun launches): the same arguments as ``rwkv-zoo train``."""
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m rwkv_zoo.train", description="Train an RWKV model.")
+    add_train_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return cmd_train(args)
+    except ConfigError as exc:
+        print(f"rwkv_zoo.train: error: {exc}", file=sys.stderr)
+        return 2

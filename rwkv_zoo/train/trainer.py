@@ -1,0 +1,559 @@
+"""The trainer: official optimizer groups, warmup + cosine/exponential decay, clipping, L2Wrap, bf16
+autocast, gradient checkpointing, infctx chunks, evaluation, atomic checkpoints and exact resume.
+
+    from rwkv_zoo.train import TrainConfig, Trainer
+    result = Trainer(TrainConfig(model="v7-tiny", data={"task": "mqar"}, steps=300)).fit()
+    print(result.final)          # {"loss": ..., "acc": ...}
+
+A step ``s`` (0-based) uses batch ``s`` of the data (a pure function of the seed and ``s``, see
+``rwkv_zoo.data``) and the learning rate ``lr_at(s)``; the checkpoint after step ``s`` holds the model,
+the optimizer, ``s + 1``, the RNG states and the history, so a resumed run continues the same loss
+curve as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import rwkv_zoo
+from rwkv_zoo.data import IGNORE, Task, TokenStream, bits_per_byte, make_data
+from rwkv_zoo.train import distributed
+from rwkv_zoo.train.infctx import chunk_bounds, chunked_backward
+from rwkv_zoo.train.l2wrap import l2wrap, l2wrap_scale
+
+SCHEDULES = ("cosine", "exponential", "constant")
+CHECKPOINT_FORMAT = "rwkv_zoo.train/1"
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs. Field names are the keys of a ``[train]`` TOML table and of ``--set``."""
+
+    # model: rwkv_zoo.build(model, size=size, backend=backend, **model_options)
+    model: str = "v7-tiny"
+    size: str | None = None
+    model_options: dict[str, Any] = field(default_factory=dict)
+    backend: str | None = None
+    # data: {"task": "mqar", ...} | {"text": PATH} | {"binidx": PREFIX, "vocab_size": V}
+    data: dict[str, Any] = field(default_factory=lambda: {"task": "mqar"})
+    # budget
+    steps: int = 200
+    batch_size: int = 32  # global: split over ranks
+    ctx_len: int = 512  # language-model data; synthetic tasks set their own length
+    chunk_len: int | None = None  # infctx: train in chunks of this many tokens, state carried
+    truncated_bptt: bool = False  # infctx: detach the state between chunks
+    # optimisation (RWKV-LM defaults: Adam(W) betas (0.9, 0.99), eps 1e-8, clip 1.0, 0.01 + 0.99 ramp)
+    lr: float = 3e-3
+    lr_final: float = 3e-4
+    warmup_steps: int = 10
+    schedule: str = "cosine"
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.99)
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 turns clipping off
+    l2wrap: bool = True
+    bf16: bool = False  # autocast to bfloat16 (CPU or CUDA)
+    grad_checkpointing: bool = False
+    # evaluation and output
+    eval_every: int = 0  # 0: only at the end
+    eval_batches: int = 4
+    eval_batch_size: int | None = None  # default: batch_size
+    log_every: int = 10
+    progress: bool = True
+    out_dir: str | None = None
+    save_every: int = 0  # 0: a checkpoint at the end only (when out_dir is set)
+    keep_checkpoints: int = 2
+    resume: bool = False  # continue from out_dir/checkpoints/latest when it exists
+    # environment
+    seed: int = 0
+    threads: int | None = None
+    device: str = "cpu"
+    distributed: str = "auto"  # auto | none | ddp | fsdp
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown train option(s) {', '.join(unknown)}; options: {', '.join(sorted(names))}")
+        d = dict(d)
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    def validate(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r}: use one of {', '.join(SCHEDULES)}")
+        if self.steps < 0 or self.batch_size < 1:
+            raise ValueError(f"steps must be >= 0 and batch_size >= 1, got {self.steps} and {self.batch_size}")
+        if self.chunk_len is not None and self.chunk_len < 1:
+            raise ValueError(f"chunk_len must be >= 1 (or None), got {self.chunk_len}")
+        if self.distributed not in distributed.MODES:
+            raise ValueError(f"distributed={self.distributed!r}: use one of {', '.join(distributed.MODES)}")
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Learning rate of 0-based ``step``: RWKV-LM's decay from ``lr`` to ``lr_final`` over the steps after
+    warmup (cosine, or exponential = linear in log space), times the warmup ramp 0.01 + 0.99 s / w."""
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, max(0.0, progress))
+    if cfg.schedule == "cosine":
+        lr = cfg.lr_final + 0.5 * (cfg.lr - cfg.lr_final) * (1 + math.cos(math.pi * progress))
+    elif cfg.schedule == "exponential":
+        lr = cfg.lr * math.exp(math.log(cfg.lr_final / cfg.lr) * progress)
+    else:
+        lr = cfg.lr
+    if step < cfg.warmup_steps:
+        lr *= 0.01 + 0.99 * step / cfg.warmup_steps
+    return lr
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each block in backward instead of keeping its activations (non-reentrant checkpoint).
+
+    Keys and modules are unchanged (the block's ``forward`` is wrapped on the instance). Entries a block
+    adds to the shared ``ctx`` (v7's ``v_first``) are taken from the first run, and the recomputation
+    sees ``ctx`` as it was when the block first ran.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.blocks:
+        if getattr(block, "_rwkv_zoo_checkpointed", False):
+            continue
+        inner = block.forward
+
+        def forward(x, state, ctx, _inner=inner):
+            before = dict(ctx)
+            added: dict[str, Any] = {}
+
+            def run(x, state):
+                local = dict(before)
+                out = _inner(x, state, local)
+                added.clear()
+                added.update({k: v for k, v in local.items() if k not in before})
+                return out
+
+            out = checkpoint(run, x, state, use_reentrant=False)
+            ctx.update(added)
+            return out
+
+        block.forward = forward
+        block._rwkv_zoo_checkpointed = True
+
+
+class Progress:
+    """A one-line progress bar on a terminal (``\\r``), or a line every ``log_every`` steps elsewhere."""
+
+    def __init__(self, total: int, *, enabled: bool, log_every: int, prefix: str = "", stream=None):
+        self.total, self.enabled, self.log_every, self.prefix = total, enabled, max(1, log_every), prefix
+        self.stream = stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.t0 = time.perf_counter()
+        self.start_step: int | None = None
+        self.open = False
+
+    def update(self, step: int, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.start_step is None:
+            self.start_step = step - 1
+        done = step - self.start_step
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / done * (self.total - step) if done > 0 else 0.0
+        width = 20
+        filled = int(width * step / max(1, self.total))
+        bar = "#" * filled + "." * (width - filled)
+        line = f"{self.prefix}[{bar}] {step}/{self.total} {text} | {_clock(elapsed)}<{_clock(eta)}"
+        if self.tty:
+            self.stream.write("\r" + line[:200].ljust(100))
+            self.stream.flush()
+            self.open = True
+        elif step % self.log_every == 0 or step == self.total:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+    def note(self, text: str) -> None:
+        if not self.enabled:
+            return
+        self.close()
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.open = False
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m:02d}:{s:02d}"
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: ``history`` has one record per step (step, loss, lr, tokens, grad_norm),
+    ``evals`` one per evaluation (step and metrics), ``final`` the last evaluation's metrics."""
+
+    config: dict[str, Any]
+    model: str
+    identity: str
+    params: int
+    history: list[dict[str, float]]
+    evals: list[dict[str, Any]]
+    final: dict[str, float]
+    wall_s: float
+    tokens: int
+    tokens_per_s: float
+    checkpoint: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Trainer:
+    """One training run (see the module docstring). ``fit()`` trains to ``config.steps`` and returns a
+    ``TrainResult``; ``train_step()``, ``evaluate()``, ``save_checkpoint()`` and ``load_checkpoint()``
+    are the pieces."""
+
+    def __init__(self, config: TrainConfig, *, model: nn.Module | None = None):
+        config.validate()
+        self.config = cfg = config
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.rank, self.world = distributed.init(cfg.device)
+        self.data = make_data(cfg.data)
+        self.is_task = isinstance(self.data, Task)
+        self.seq_len = self.data.seq_len if self.is_task else cfg.ctx_len
+        if cfg.batch_size % self.world:
+            raise ValueError(f"batch_size={cfg.batch_size} does not divide over {self.world} processes")
+
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        self.module = model if model is not None else self._build_model()
+        self.module.to(cfg.device)
+        vocab = self.module.config.vocab_size
+        if self.data.vocab_size > vocab:
+            raise ValueError(f"the data uses token ids up to {self.data.vocab_size - 1}, but the model's vocabulary "
+                             f"has {vocab}; build a model with vocab_size >= {self.data.vocab_size}")
+        # Parameters a version keeps only for checkpoint compatibility (v7 layer 0's v0/v1/v2) never
+        # get a gradient: freezing them changes nothing and spares DDP an unused-parameter search.
+        frozen = set(self.module.unused_parameters())
+        for name, p in self.module.named_parameters():
+            if name in frozen:
+                p.requires_grad_(False)
+        if cfg.grad_checkpointing:
+            enable_gradient_checkpointing(self.module)
+        # Groups from the plain module (their rules read shapes), then re-pointed by name: FSDP2
+        # replaces every parameter with a sharded one.
+        groups = rwkv_zoo.param_groups(self.module, cfg.weight_decay)
+        self.model, self._sync = distributed.wrap(self.module, cfg.distributed)
+        current = dict(self.module.named_parameters())
+        for g in groups:
+            g["params"] = [current[n] for n in g["names"]]
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+        self.step = 0
+        self.tokens = 0
+        self.history: list[dict[str, float]] = []
+        self.evals: list[dict[str, Any]] = []
+        self.elapsed = 0.0  # training seconds, carried over a resume
+        self.checkpoint_dir = Path(cfg.out_dir) / "checkpoints" if cfg.out_dir else None
+        self.last_checkpoint: str | None = None
+        if cfg.resume:
+            latest = self.latest_checkpoint()
+            if latest is not None:
+                self.load_checkpoint(latest)
+
+    # -- set-up --------------------------------------------------------------------------------------
+    def _build_model(self) -> nn.Module:
+        cfg = self.config
+        opts = dict(cfg.model_options)
+        if self.is_task and cfg.size is None and "-" not in cfg.model and "vocab_size" not in opts:
+            opts["vocab_size"] = self.data.vocab_size
+        return rwkv_zoo.build(cfg.model, size=cfg.size, backend=cfg.backend, **opts)
+
+    @property
+    def model_name(self) -> str:
+        size = getattr(self.module, "size_name", None)
+        name = self.module.version + (f"-{size}" if size else "")
+        if self.module.version == "hybrid":
+            name += f"[{self.module.config.describe()}]"
+        return name
+
+    # -- data and loss -------------------------------------------------------------------------------
+    def global_batch(self, step: int, n: int, split: str = "train") -> tuple[Tensor, Tensor]:
+        seed = self.config.seed
+        if self.is_task:
+            return self.data.batch(seed, step, n, split)
+        return self.data.batch(seed, step, n, self.seq_len, split)
+
+    def _forward(self, inputs: Tensor, state):
+        dev = torch.device(self.config.device)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.config.bf16):
+            return self.model(inputs.to(dev), state)
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step on batch ``self.step``; returns its record."""
+        cfg = self.config
+        lr = lr_at(cfg, self.step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
+        inputs, targets = self.global_batch(self.step, cfg.batch_size)
+        count = int((targets != IGNORE).sum())
+        B, T = inputs.shape
+        # Each rank's loss is its share of the global mean; DDP/FSDP average gradients over ranks,
+        # hence the factor world.
+        ce_scale = self.world / max(1, count)
+        l2_scale = l2wrap_scale(B, T) * self.world
+        inputs = distributed.shard_rows(inputs, self.rank, self.world)
+        targets = distributed.shard_rows(targets, self.rank, self.world).to(cfg.device)
+
+        def loss_fn(logits: Tensor, tgt: Tensor) -> Tensor:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), ignore_index=IGNORE,
+                                   reduction="sum") * ce_scale
+            return l2wrap(loss, logits, l2_scale) if cfg.l2wrap else loss
+
+        total, _ = chunked_backward(self.model, inputs, targets, cfg.chunk_len, loss_fn,
+                                    truncated=cfg.truncated_bptt, sync=self._sync, forward=self._forward)
+        if cfg.grad_clip > 0:
+            gnorm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip))
+        else:
+            gnorm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.params
+                                                                if p.grad is not None])))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        (loss,) = distributed.all_reduce_sum([total])
+        self.step += 1
+        self.tokens += B * T
+        record = {"step": self.step, "loss": loss / self.world, "lr": lr, "tokens": self.tokens, "grad_norm": gnorm}
+        self.history.append(record)
+        return record
+
+    # -- evaluation ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Loss (and accuracy for tasks, bits per byte for text) on held-out batches."""
+        cfg = self.config
+        n = cfg.eval_batch_size or cfg.batch_size
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            if self.is_task:
+                metrics = self._eval_task(self.data, n)
+                for label, variant in self.data.eval_variants().items():
+                    sub = self._eval_task(variant, n)
+                    metrics[f"acc@{label}"] = sub["acc"]
+            else:
+                metrics = self._eval_stream(n)
+        finally:
+            self.module.train(was_training)
+        self.evals.append({"step": self.step, **metrics})
+        return metrics
+
+    def _eval_sums(self, inputs: Tensor, targets: Tensor) -> tuple[float, float, float]:
+        inputs = distributed.shard_rows(inputs, self.rank, self.world)
+        targets = distributed.shard_rows(targets, self.rank, self.world).to(self.config.device)
+        loss_sum = correct = count = 0.0
+        state = None
+        for s, e in chunk_bounds(inputs.shape[1], self.config.chunk_len):
+            logits, state = self._forward(inputs[:, s:e], state)
+            tgt = targets[:, s:e]
+            mask = tgt != IGNORE
+            loss_sum += float(F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), ignore_index=IGNORE,
+                                              reduction="sum"))
+            correct += float(((logits.argmax(-1) == tgt) & mask).sum())
+            count += float(mask.sum())
+        return loss_sum, correct, count
+
+    def _eval_task(self, task: Task, n: int) -> dict[str, float]:
+        totals = [0.0, 0.0, 0.0]
+        for i in range(self.config.eval_batches):
+            inputs, targets = task.batch(self.config.seed, i, n, split="eval")
+            totals = [a + b for a, b in zip(totals, self._eval_sums(inputs, targets), strict=True)]
+        loss_sum, correct, count = distributed.all_reduce_sum(totals)
+        return {"loss": loss_sum / max(1.0, count), "acc": correct / max(1.0, count)}
+
+    def _eval_stream(self, n: int) -> dict[str, float]:
+        data: TokenStream = self.data  # type: ignore[assignment]
+        totals = [0.0, 0.0, 0.0]
+        for i in range(self.config.eval_batches):
+            inputs, targets = data.eval_batch(i, n, self.seq_len)
+            totals = [a + b for a, b in zip(totals, self._eval_sums(inputs, targets), strict=True)]
+        loss_sum, _, count = distributed.all_reduce_sum(totals)
+        loss = loss_sum / max(1.0, count)
+        out = {"loss": loss}
+        bpb = bits_per_byte(loss, data.bytes_per_token)
+        if bpb is not None:
+            out["bpb"] = bpb
+        return out
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def latest_checkpoint(self) -> Path | None:
+        if self.checkpoint_dir is None:
+            return None
+        pointer = self.checkpoint_dir / "latest"
+        if not pointer.exists():
+            return None
+        path = self.checkpoint_dir / pointer.read_text().strip()
+        return path if path.is_dir() else None
+
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoints/step-XXXXXXXX/`` (model.safetensors, trainer.pt) atomically: into a
+        temporary folder that is renamed into place, then the ``latest`` pointer is replaced."""
+        from safetensors.torch import save_file
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        if self.checkpoint_dir is None:
+            raise ValueError("save_checkpoint needs out_dir")
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_sd = get_model_state_dict(self.model, options=opts)
+        optim_sd = get_optimizer_state_dict(self.model, self.optimizer, options=opts)
+        name = f"step-{self.step:08d}"
+        final = self.checkpoint_dir / name
+        if self.rank == 0:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.checkpoint_dir / f".tmp-{name}-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            meta = {"format": CHECKPOINT_FORMAT, "version": self.module.version,
+                    "identity": self.module.identity.version, "config": json.dumps(self.module.config.to_dict())}
+            save_file({k: v.contiguous() for k, v in model_sd.items()}, str(tmp / "model.safetensors"), metadata=meta)
+            trainer_state = {
+                "format": CHECKPOINT_FORMAT,
+                "step": self.step,
+                "tokens": self.tokens,
+                "elapsed": self.elapsed,
+                "optimizer": optim_sd,
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+                "history": self.history,
+                "evals": self.evals,
+                "config": self.config.to_dict(),
+            }
+            if torch.cuda.is_available():
+                trainer_state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+            torch.save(trainer_state, tmp / "trainer.pt")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            pointer_tmp = self.checkpoint_dir / f".latest-{os.getpid()}"
+            pointer_tmp.write_text(name + "\n")
+            os.replace(pointer_tmp, self.checkpoint_dir / "latest")
+            self._prune()
+        distributed.barrier()
+        self.last_checkpoint = str(final)
+        return final
+
+    def _prune(self) -> None:
+        keep = max(1, self.config.keep_checkpoints)
+        steps = sorted(p for p in self.checkpoint_dir.glob("step-*") if p.is_dir())
+        for old in steps[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Restore model, optimizer, step, RNG states and history from a checkpoint folder."""
+        from safetensors.torch import load_file
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        path = Path(path)
+        state = torch.load(path / "trainer.pt", weights_only=True)
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path} is not an rwkv_zoo training checkpoint (format {state.get('format')!r})")
+        model_sd = load_file(str(path / "model.safetensors"))
+        opts = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.model, model_sd, options=opts)
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=opts)
+        self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
+        self.history, self.evals = list(state["history"]), list(state["evals"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(_as_random_state(state["rng"]["python"]))
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.last_checkpoint = str(path)
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def fit(self, steps: int | None = None) -> TrainResult:
+        """Train until ``steps`` (default ``config.steps``) steps are done, evaluating and saving as
+        configured; a final evaluation always runs."""
+        cfg = self.config
+        target = cfg.steps if steps is None else steps
+        show = cfg.progress and self.rank == 0
+        bar = Progress(target, enabled=show, log_every=cfg.log_every, prefix=f"{self.model_name} ")
+        t_start = time.perf_counter()
+        window: list[tuple[float, int]] = []
+        while self.step < target:
+            t0 = time.perf_counter()
+            rec = self.train_step()
+            dt = time.perf_counter() - t0
+            self.elapsed += dt
+            window = ([*window, (dt, cfg.batch_size * self.seq_len)])[-20:]
+            tok_s = sum(n for _, n in window) / max(1e-9, sum(t for t, _ in window))
+            bar.update(self.step, f"loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | {tok_s:,.0f} tok/s")
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < target:
+                metrics = self.evaluate()
+                bar.note(f"{self.model_name} step {self.step}: eval " + _fmt_metrics(metrics))
+            if self.checkpoint_dir is not None and cfg.save_every and self.step % cfg.save_every == 0:
+                self.save_checkpoint()
+        bar.close()
+        if self.evals and self.evals[-1]["step"] == self.step:
+            final = {k: v for k, v in self.evals[-1].items() if k != "step"}
+        else:
+            final = self.evaluate()
+        here = str(self.checkpoint_dir / f"step-{self.step:08d}") if self.checkpoint_dir is not None else None
+        saved = self.last_checkpoint == here
+        if self.checkpoint_dir is not None and not saved:
+            self.save_checkpoint()
+        wall = time.perf_counter() - t_start
+        return TrainResult(
+            config=cfg.to_dict(), model=self.model_name, identity=self.module.identity.version,
+            params=self.module.num_parameters(), history=list(self.history), evals=list(self.evals),
+            final=final, wall_s=wall, tokens=self.tokens,
+            tokens_per_s=self.tokens / self.elapsed if self.elapsed > 0 else 0.0,
+            checkpoint=self.last_checkpoint,
+        )
+
+
+def _as_random_state(obj: Any) -> tuple:
+    """``random.getstate()`` comes back from ``torch.load`` with lists where it had tuples."""
+    version, internal, gauss = obj
+    return (version, tuple(internal), gauss)
+
+
+def _fmt_metrics(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+
+def train(config: TrainConfig | dict[str, Any], **overrides: Any) -> TrainResult:
+    """Train with a config (or a dict of its fields) plus keyword overrides; returns the result."""
+    if isinstance(config, dict):
+        config = TrainConfig.from_dict({**config, **overrides})
+    elif overrides:
+        config = TrainConfig.from_dict({**config.to_dict(), **overrides})
+    return Trainer(config).fit()
