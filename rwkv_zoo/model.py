@@ -167,7 +167,9 @@ class RWKV(nn.Module):
         self.config = config
         self.version = version or config.version
         C, V = config.n_embd, config.vocab_size
-        self.emb = nn.Embedding(V, C)
+        # _weight skips torch's default normal_ init: init_weights() sets it, and on the meta device normal_
+        # goes through torch._refs, which imports torch._dynamo (seconds) on first use.
+        self.emb = nn.Embedding(V, C, _weight=torch.empty(V, C))
         self.blocks = nn.ModuleList(block_cls(config, i) for i in range(config.n_layer))
         self.ln_out = nn.LayerNorm(C, eps=LAYERNORM_EPS)
         self.head = nn.Linear(C, V, bias=False)

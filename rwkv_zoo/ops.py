@@ -23,6 +23,8 @@ Recurrences (per head; ``S`` is [K, V]):
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -64,15 +66,26 @@ def _needs_grad(*tensors) -> bool:
     return False
 
 
-# Dispatch is plain Python over plugins, context variables and caches: torch.compile steps around it
-# (one graph break per op call) and traces the chosen kernel, so a whole compiled model still works.
-@torch.compiler.disable
 def _dispatch(op, mode, x: Tensor, B, T, H, N, grad, has_state, backend) -> Selection:
+    if torch.compiler.is_compiling():
+        # Dispatch is plain Python over plugins, context variables and caches: torch.compile steps
+        # around it (a graph break per op call) and traces the chosen kernel, so a whole compiled
+        # model still works. Wrapped lazily: torch.compiler.disable imports torch._dynamo (seconds).
+        return _select_eagerly()(op, mode, x.device.type, x.dtype, B, T, H, N, grad, has_state, backend)
+    return _select(op, mode, x.device.type, x.dtype, B, T, H, N, grad, has_state, backend)
+
+
+def _select(op, mode, device, dtype, B, T, H, N, grad, has_state, backend) -> Selection:
     fixed = mode is not None
     if mode is None:
         mode = dispatch.auto_mode(T)[0]
-    call = KernelCall(op, mode, x.device.type, x.dtype, B, T, H, N, grad, has_state)
+    call = KernelCall(op, mode, device, dtype, B, T, H, N, grad, has_state)
     return dispatch.select(call, backend, mode_fixed=fixed)
+
+
+@functools.cache
+def _select_eagerly():
+    return torch.compiler.disable(_select)
 
 
 def _name(dtype: torch.dtype) -> str:
