@@ -41,8 +41,9 @@ __all__ = [
 
 
 def make_data(spec: dict[str, Any]) -> Task | TokenStream:
-    """Data from a config table: ``{"task": "mqar", ...}`` (see ``TASKS``), ``{"text": PATH}``
-    (byte-level) or ``{"binidx": PREFIX, "vocab_size": V}``; ``eval_fraction`` for the last two."""
+    """Data from a config table: ``{"task": "mqar", ...}`` (see ``TASKS``), ``{"text": PATH}`` (byte
+    level; ``"tokenizer": "world"`` or a tokenizer.json to tokenize) or ``{"binidx": PREFIX,
+    "vocab_size": V}``; ``eval_fraction`` for the last two."""
     spec = dict(spec)
     if "text" in spec:
         return text_file(spec.pop("text"), eval_fraction=spec.pop("eval_fraction", 0.01), **spec)

@@ -85,10 +85,20 @@ class TokenStream:
 
 
 def text_file(path: str | os.PathLike, tokenizer: Any = None, eval_fraction: float = 0.01) -> TokenStream:
-    """A plain text file as a token stream: bytes (vocab 256, memory-mapped) or ``tokenizer.encode``."""
+    """A plain text file as a token stream: bytes (vocab 256, memory-mapped) or ``tokenizer.encode``.
+
+    ``tokenizer``: None or ``"bytes"`` (byte level), a name or file for ``rwkv_zoo.tokenizers.get_tokenizer``
+    (``"world"``, a ``tokenizer.json``), or any object with ``encode(str) -> list[int]``.
+    """
     import numpy as np
 
     path = os.fspath(path)
+    if isinstance(tokenizer, str) and tokenizer.lower() in ("bytes", "byte"):
+        tokenizer = None
+    elif isinstance(tokenizer, (str, os.PathLike)):
+        from rwkv_zoo.tokenizers import get_tokenizer
+
+        tokenizer = get_tokenizer(tokenizer)
     if tokenizer is None:
         tokens = np.memmap(path, dtype=np.uint8, mode="r")
         return TokenStream(tokens, 256, os.path.basename(path), 1.0, eval_fraction)

@@ -133,6 +133,9 @@ def test_text_file_is_byte_level(tmp_path):
         def encode(self, s):
             return [len(w) for w in s.split()]
 
+    world = make_data({"text": str(path), "tokenizer": "world"})
+    assert world.vocab_size == 65536 and 1 < world.bytes_per_token < len(text.encode())
+    assert make_data({"text": str(path), "tokenizer": "bytes"}).vocab_size == 256
     words = text_file(path, tokenizer=Words())
     assert words.vocab_size == 100 and words.tokens.tolist()[:2] == [5, 5]
     assert math.isclose(words.bytes_per_token, len(text.encode()) / 100)
