@@ -53,7 +53,11 @@ def wrap(model: nn.Module, mode: str) -> tuple[nn.Module, Callable[[bool], Any]]
         raise ValueError(f"distributed={mode!r}: use one of {', '.join(MODES)}")
     if mode == "auto":
         mode = "ddp" if active() else "none"
-    if mode == "none" or not active():
+    if mode == "none" and active():
+        n = dist.get_world_size()
+        raise ValueError(f"distributed='none' with {n} processes would train {n} unsynchronised copies; "
+                         f"use 'ddp' or 'fsdp' (or 'auto')")
+    if not active():
         return model, lambda last: contextlib.nullcontext()
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
