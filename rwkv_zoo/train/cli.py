@@ -87,7 +87,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from rwkv_zoo.train.trainer import Trainer
 
     cfg = config_from_args(args)
-    trainer = Trainer(cfg)
+    try:
+        trainer = Trainer(cfg)
+    except ValueError as exc:  # an unknown model, size or option; data the model cannot hold
+        raise ConfigError(str(exc)) from exc
     if trainer.rank == 0 and not args.json:
         m = trainer.module
         data = trainer.data.describe() if hasattr(trainer.data, "describe") else getattr(trainer.data, "name", "")

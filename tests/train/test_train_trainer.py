@@ -123,3 +123,5 @@ def test_train_command(tmp_path, capsys):
     assert (tmp_path / "out" / "checkpoints" / "latest").exists()
     rc = main(["train", "--set", "steps=-1", "--quiet"])
     assert rc == 2 and "steps must be >= 0" in capsys.readouterr().err
+    rc = main(["train", "--model", "v9", "--quiet"])
+    assert rc == 2 and "unknown version 'v9'" in capsys.readouterr().err
