@@ -74,29 +74,12 @@ class CheckpointFormat:
 # Format registry
 
 
-_formats_cache: tuple[int, dict[str, CheckpointFormat]] | None = None
+_formats = pluginmanager.NamedRegistry("rwkv_zoo_register_formats", CheckpointFormat, "format")
 
 
 def get_formats() -> dict[str, CheckpointFormat]:
-    global _formats_cache
-    gen = pluginmanager.generation()
-    if _formats_cache is not None and _formats_cache[0] == gen:
-        return _formats_cache[1]
-    found: dict[str, CheckpointFormat] = {}
-
-    def make_register(plugin: str):
-        def register(fmt: CheckpointFormat) -> None:
-            if not isinstance(fmt, CheckpointFormat):
-                raise TypeError(f"register() takes a rwkv_zoo.CheckpointFormat, got {type(fmt).__name__}")
-            if fmt.name in found:
-                raise ValueError(f"format {fmt.name!r} is registered twice (the second by {plugin})")
-            found[fmt.name] = fmt
-
-        return register
-
-    pluginmanager.collect("rwkv_zoo_register_formats", make_register)
-    _formats_cache = (gen, found)
-    return found
+    """Registered formats by name, in registration order (the order ``detect_format`` asks them)."""
+    return _formats.get()
 
 
 def list_formats() -> list[dict[str, Any]]:

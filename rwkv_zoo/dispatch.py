@@ -100,32 +100,15 @@ class Selection:
 # ---------------------------------------------------------------------------------------------------
 # Backend registry (collected through the register_backends hook, cached per plugin generation)
 
-_backends_cache: tuple[int, dict[str, Backend]] | None = None
+_backends = pluginmanager.NamedRegistry("rwkv_zoo_register_backends", Backend, "backend")
 _selection_cache: dict[tuple, Selection] = {}
 
 
 def get_backends() -> dict[str, Backend]:
-    global _backends_cache
-    gen = pluginmanager.generation()
-    if _backends_cache is not None and _backends_cache[0] == gen:
-        return _backends_cache[1]
-    found: dict[str, Backend] = {}
-
-    def make_register(plugin: str):
-        def register(backend: Backend) -> None:
-            if not isinstance(backend, Backend):
-                raise TypeError(f"register() takes a rwkv_zoo.Backend, got {type(backend).__name__}")
-            if backend.name in found:
-                other = found[backend.name].provider
-                raise ValueError(f"backend {backend.name!r} is registered twice (by {other} and {plugin})")
-            backend.provider = plugin
-            found[backend.name] = backend
-
-        return register
-
-    pluginmanager.collect("rwkv_zoo_register_backends", make_register)
-    _backends_cache = (gen, found)
-    _selection_cache.clear()
+    before = _backends.generation
+    found = _backends.get()
+    if _backends.generation != before:
+        _selection_cache.clear()  # keys carry the generation; this only frees the stale ones
     return found
 
 

@@ -231,6 +231,46 @@ def collect(hook_name: str, make_register: Callable[[str], Callable[[Any], None]
             record_failure(impl.plugin_name, exc)
 
 
+class NamedRegistry:
+    """Named objects (backends, versions, formats) collected from one ``register_*`` hook.
+
+    Collected on first use and again whenever the set of plugins changes (cached per generation).
+    ``register(obj)`` checks the type, refuses a second object of the same name (naming both
+    plugins) and records the registering plugin in ``obj.provider`` where the object has one.
+    """
+
+    def __init__(self, hook_name: str, cls: type, kind: str):
+        self.hook_name, self.cls, self.kind = hook_name, cls, kind
+        self.generation = -1
+        self._found: dict[str, Any] = {}
+
+    def get(self) -> dict[str, Any]:
+        gen = generation()
+        if gen == self.generation:
+            return self._found
+        found: dict[str, Any] = {}
+        providers: dict[str, str] = {}
+
+        def make_register(plugin: str):
+            def register(obj: Any) -> None:
+                if not isinstance(obj, self.cls):
+                    raise TypeError(f"register() takes a rwkv_zoo.{self.cls.__name__}, got {type(obj).__name__}")
+                if obj.name in found:
+                    raise ValueError(
+                        f"{self.kind} {obj.name!r} is registered twice (by {providers[obj.name]} and {plugin})"
+                    )
+                if hasattr(obj, "provider"):
+                    obj.provider = plugin
+                providers[obj.name] = plugin
+                found[obj.name] = obj
+
+            return register
+
+        collect(self.hook_name, make_register)
+        self.generation, self._found = gen, found
+        return found
+
+
 def _reset_for_tests() -> None:
     """Forget every plugin (next use loads again). Only for the test suite."""
     global _state

@@ -84,32 +84,11 @@ class BuildSpec:
     backend: str | None
 
 
-_versions_cache: tuple[int, dict[str, VersionSpec]] | None = None
+_versions = pluginmanager.NamedRegistry("rwkv_zoo_register_versions", VersionSpec, "version")
 
 
 def get_versions() -> dict[str, VersionSpec]:
-    global _versions_cache
-    gen = pluginmanager.generation()
-    if _versions_cache is not None and _versions_cache[0] == gen:
-        return _versions_cache[1]
-    found: dict[str, VersionSpec] = {}
-
-    def make_register(plugin: str):
-        def register(spec: VersionSpec) -> None:
-            if not isinstance(spec, VersionSpec):
-                raise TypeError(f"register() takes a rwkv_zoo.VersionSpec, got {type(spec).__name__}")
-            if spec.name in found:
-                raise ValueError(
-                    f"version {spec.name!r} is registered twice (by {found[spec.name].provider} and {plugin})"
-                )
-            spec.provider = plugin
-            found[spec.name] = spec
-
-        return register
-
-    pluginmanager.collect("rwkv_zoo_register_versions", make_register)
-    _versions_cache = (gen, found)
-    return found
+    return _versions.get()
 
 
 def list_versions() -> list[str]:
