@@ -58,6 +58,28 @@ def read_config(folder: Path) -> dict:
     return cfg
 
 
+def detect_folder(
+    path: Path, model_types, is_layout: Callable[[list[str]], bool], config_says: Callable[[dict], bool]
+) -> bool:
+    """The shared ``detect`` of folder formats: a config.json with one of ``model_types``, then the
+    stored key names decide (``is_layout``); if the weights cannot be read, the config alone
+    (``config_says``), so that ``read`` gets to report what is wrong with them."""
+    folder = folder_of(path)
+    if folder is None:
+        return False
+    try:
+        cfg = read_config(folder)
+    except CheckpointError:
+        return False
+    if cfg.get("model_type") not in model_types:
+        return False
+    try:
+        keys = stored_keys(folder)
+    except CheckpointError:
+        keys = []
+    return is_layout(keys) if keys else config_says(cfg)
+
+
 def _index(folder: Path, name: str) -> list[Path]:
     try:
         weight_map = json.loads((folder / name).read_text(encoding="utf-8"))["weight_map"]

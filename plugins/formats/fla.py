@@ -229,23 +229,11 @@ class FlaFolder(CheckpointFormat):
     writable = False
 
     def detect(self, path: Path) -> bool:
-        folder = _folders.folder_of(path)
-        if folder is None:
-            return False
-        try:
-            cfg = _folders.read_config(folder)
-        except CheckpointError:
-            return False
-        if cfg.get("model_type") not in MODEL_TYPES:
-            return False
-        try:
-            keys = _folders.stored_keys(folder)
-        except CheckpointError:
-            keys = []
-        if keys:
-            return _is_fla_layout(keys)
-        archs = cfg.get("architectures") or []
-        return "attn_mode" in cfg or any(a in ("RWKV6ForCausalLM", "RWKV7ForCausalLM") for a in archs)
+        def config_says(cfg: dict) -> bool:
+            archs = cfg.get("architectures") or []
+            return "attn_mode" in cfg or any(a in ("RWKV6ForCausalLM", "RWKV7ForCausalLM") for a in archs)
+
+        return _folders.detect_folder(path, MODEL_TYPES, _is_fla_layout, config_says)
 
     def _meta(self, cfg: dict) -> dict[str, str]:
         return {"format": self.name, "fla_model_type": str(cfg.get("model_type")),

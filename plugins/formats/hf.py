@@ -111,24 +111,11 @@ class HFFolder(CheckpointFormat):
     writable = True
 
     def detect(self, path: Path) -> bool:
-        folder = _folders.folder_of(path)
-        if folder is None:
-            return False
-        try:
-            cfg = _folders.read_config(folder)
-        except CheckpointError:
-            return False
-        if cfg.get("model_type") not in MODEL_TYPES:
-            return False
-        try:
-            keys = _folders.stored_keys(folder)
-        except CheckpointError:
-            keys = []
-        if keys:
-            return _is_hf_layout(keys)
-        # Weights unreadable: let read() report it, if the config is clearly this format's.
-        archs = cfg.get("architectures") or []
-        return any(a in ("RwkvForCausalLM", "Rwkv5ForCausalLM", "Rwkv6ForCausalLM") for a in archs)
+        def config_says(cfg: dict) -> bool:
+            archs = cfg.get("architectures") or []
+            return any(a in ("RwkvForCausalLM", "Rwkv5ForCausalLM", "Rwkv6ForCausalLM") for a in archs)
+
+        return _folders.detect_folder(path, MODEL_TYPES, _is_hf_layout, config_says)
 
     def _convert(self, folder: Path, tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
         cfg = _folders.read_config(folder)
