@@ -13,13 +13,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .recurrent import _grad_in, _k
+
 CHUNK = 16  # tokens per chunk (the smallest tile tl.dot takes)
-
-
-def _k():
-    from . import _kernels  # imports triton: only when a kernel runs
-
-    return _kernels
 
 
 class _WKV6Chunk(torch.autograd.Function):
@@ -43,9 +39,8 @@ class _WKV6Chunk(torch.autograd.Function):
     def backward(ctx, dy, dsT):
         r, k, v, w, u, sc = ctx.saved_tensors
         B, T, H, N = r.shape
-        dy = torch.zeros_like(r) if dy is None else dy.contiguous()
-        dsT = (torch.zeros(B, H, N, N, device=r.device, dtype=torch.float32) if dsT is None
-               else dsT.float().contiguous())
+        dy = _grad_in(dy, r)
+        dsT = _grad_in(dsT, sc[:, :, 0]).float()
         f32 = dict(device=r.device, dtype=torch.float32)
         dr, dk, dv, dw = (torch.empty(B, T, H, N, **f32) for _ in range(4))
         du = torch.empty(B, H, N, **f32)
