@@ -11,8 +11,11 @@ wkv6 and wkv5, forward and backward, the matrix form over 16-token chunks with f
 chunk-local log-decay sums, each exponent summed over its own span (every exponent <= 0: no
 overflow under strong decay, and no digits lost to differences of prefix sums: fp32 <= 2e-6 relative
 on every quantity with the decay scaled x10); the backward keeps only the state entering each chunk.
-wkv4 and wkv7 have no chunk kernel yet: dispatch runs their chunk calls on another backend, or this
-backend's recurrent kernel when it is asked for, and says so.
+wkv7 ``chunk`` (``chunk7.py``, ``_kernels7.py``): forward and backward over 16-token chunks, a chunk's
+removal reads from one unit-lower-triangular solve, every decay exponent summed over its own span
+inside the chunk (<= 0 for any decay strength: fp32 <= 3e-7 relative with the decay scaled x10).
+wkv4 has no chunk kernel yet: dispatch runs its chunk calls on another backend, or this backend's
+recurrent kernel when it is asked for, and says so.
 
 Availability (``unavailable_reason``, read at every call, environment included): Triton must import,
 and there must be a CUDA GPU or ``TRITON_INTERPRET=1`` (the interpreter runs the same kernels on CPU
@@ -39,6 +42,7 @@ from rwkv_zoo.backend import Backend, Kernel
 from rwkv_zoo.hookspecs import hookimpl
 
 from .chunk import wkv5_chunk, wkv6_chunk
+from .chunk7 import wkv7_chunk
 from .recurrent import wkv4_recurrent, wkv5_recurrent, wkv6_recurrent, wkv7_recurrent
 
 HEAD_SIZES = (16, 32, 64, 128)
@@ -99,13 +103,14 @@ def make_backend() -> Backend:
         Kernel("wkv7", "recurrent", wkv7_recurrent, head_sizes=HEAD_SIZES, **common),
         Kernel("wkv5", "chunk", wkv5_chunk, head_sizes=CHUNK_HEAD_SIZES, **common),
         Kernel("wkv6", "chunk", wkv6_chunk, head_sizes=CHUNK_HEAD_SIZES, **common),
+        Kernel("wkv7", "chunk", wkv7_chunk, head_sizes=CHUNK_HEAD_SIZES, **common),
     ]
     return Backend(
         name="triton",
         kernels=kernels,
         priority=PRIORITY_GPU if torch.cuda.is_available() else PRIORITY_CPU,
         description=(
-            "Triton kernels: recurrent wkv4-7 and chunk wkv5/6, fwd+bwd; fp32 state; "
+            "Triton kernels: recurrent wkv4-7 and chunk wkv5-7, fwd+bwd; fp32 state; "
             "CUDA (CPU via TRITON_INTERPRET=1)"
         ),
         availability=unavailable_reason,

@@ -84,7 +84,7 @@ def test_registered_and_available_under_the_interpreter():
     b = backends["triton"]
     assert b.unavailable_reason() is None
     assert b.ops() == {"wkv4": ["recurrent"], "wkv5": ["recurrent", "chunk"], "wkv6": ["recurrent", "chunk"],
-                       "wkv7": ["recurrent"]}
+                       "wkv7": ["recurrent", "chunk"]}
     assert b.kernel("wkv6", "recurrent").head_sizes == (16, 32, 64, 128)
 
 
@@ -123,11 +123,12 @@ def test_capability_reasons(monkeypatch):
 
 
 def test_chunk_falls_back_and_says_so():
-    call = KernelCall("wkv7", "chunk", "cpu", torch.float32, 1, 100, 1, 16)
+    # The chunk kernels hold [L, L, K] decay tiles, so head size 128 runs recurrent, and dispatch says why.
+    call = KernelCall("wkv7", "chunk", "cpu", torch.float32, 1, 100, 1, 128)
     sel = dispatch.select(call, "triton")
     assert sel.mode == "recurrent" and sel.backend == "triton"
-    assert "no usable chunk kernel" in sel.mode_reason
-    with pytest.raises(BackendError, match="no chunk kernel"):
+    assert "no usable chunk kernel" in sel.mode_reason and "head size" in sel.mode_reason
+    with pytest.raises(BackendError, match="head size"):
         dispatch.select(call, "triton", mode_fixed=True)
     # wkv6 has a chunk kernel with a backward and no length limit; N=128 is recurrent-only.
     sel = dispatch.select(KernelCall("wkv6", "chunk", "cpu", torch.float32, 1, 4096, 1, 16, True), "triton")
