@@ -140,6 +140,9 @@ def wkv7_chunk_bwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, sc_ptr, dy_p
     sidx = ik[:, None] * N + ik[None, :]
     strict = il[:, None] > il[None, :]  # (t, s): s < t
     incl = il[:, None] >= il[None, :]
+    # Row shifts inside a chunk: (up @ x)[t] = x[t+1], (down @ x)[t] = x[t-1], 0 past the edges.
+    up = tl.where(il[None, :] == il[:, None] + 1, 1.0, 0.0)
+    down = tl.where(il[None, :] + 1 == il[:, None], 1.0, 0.0)
     dZ = tl.load(dsT_ptr + pid * N * N + sidx)
     nc = (T + L - 1) // L
     for i in range(nc):
@@ -200,19 +203,23 @@ def wkv7_chunk_bwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, sc_ptr, dy_p
         db = _sum(dA_b[:, :, None] * aE + dR_b[:, :, None] * rE, 0) + d_bt * et
         dk = _sum(dA_k[:, :, None] * aE + dR_k[:, :, None] * rE, 0) + d_kt * et
 
-        # Decay: dL/d(span exponent) of each pairwise entry, then summed over the spans holding w_m.
-        t3 = il[:, None, None]
-        m3 = il[None, :, None]
-        gs = GA * ac[:, None, :]  # [t, s], zero unless s < t
-        cs = tl.associative_scan(gs, 1, _add) - gs  # [t, m]: sum_{s<m} gs[t, s]
-        gi = GR * rc[:, None, :]  # zero unless s <= t
-        ci = tl.associative_scan(gi, 1, _add) - gi
-        dw = _sum(tl.where(m3 < t3, cs, 0.0) + tl.where(m3 <= t3, ci, 0.0), 0)
+        # Decay: dL/d(span exponent) of each pairwise entry (gs for Es, gi for Ei), then summed over
+        # the spans that hold w_m. Es[t, s] spans (s, t-1], the same span as Ei[t-1, s], so gs moves up
+        # one row and joins gi: dw_m = sum_{s<m} sum_{t>=m} (gi[t, s] + gs[t+1, s]). Exclusive sums are
+        # scans of inputs shifted by one row (an exact dot with a 0/1 shift matrix), never a scan minus
+        # its own term: under strong decay that difference is all rounding of the large nearby terms,
+        # while the true value (the far, decayed terms) is tiny.
+        gs = GA * ac[:, None, :]
+        gi = GR * rc[:, None, :]
+        gs_up = tl.reshape(tl.dot(up, tl.reshape(gs, (L, L * N)), input_precision="ieee"), (L, L, N))
+        q = tl.associative_scan(gi + gs_up, 0, _add, reverse=True)  # [m, s]: sum_{t>=m}
+        dw = _sum(tl.where(il[None, :, None] < il[:, None, None], q, 0.0), 1)
+        # g_exc[t] spans m < t, g_inc[t] spans m <= t, tail[s] spans m > s, last spans every m.
         dg_exc = dWc * Wc
-        dw += tl.associative_scan(dg_exc, 0, _add, reverse=True) - dg_exc
-        dw += tl.associative_scan(d_er * er, 0, _add, reverse=True)
+        dg = tl.dot(up, dg_exc, input_precision="ieee") + d_er * er
+        dw += tl.associative_scan(dg, 0, _add, reverse=True)
         dtail = d_bt * bt + d_kt * kt
-        dw += tl.associative_scan(dtail, 0, _add) - dtail
+        dw += tl.associative_scan(tl.dot(down, dtail, input_precision="ieee"), 0, _add)
         dw += (d_el * el)[None, :]
         tl.store(dr_ptr + ptrs, dr, mask=mt)
         tl.store(dw_ptr + ptrs, dw, mask=mt)

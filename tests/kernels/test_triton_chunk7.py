@@ -52,33 +52,33 @@ def _errors(inputs, upstream, dtype):
 
 
 @pytest.mark.parametrize("scale", [1.0, 10.0, 100.0, 0.1])
-def test_fp32_against_fp64_reference(scale):
+def test_wkv7_chunk_fp32_against_fp64_reference(scale):
     # 40 tokens: two whole chunks and a partial one.
     errs = _errors(*_case(2, 40, 2, 16, scale), torch.float32)
     assert max(errs.values()) <= 1e-5, errs
 
 
 @pytest.mark.parametrize("T", [1, CHUNK - 1, CHUNK, CHUNK + 1])
-def test_fp32_chunk_edges(T):
+def test_wkv7_chunk_fp32_chunk_edges(T):
     errs = _errors(*_case(2, T, 1, 16, 1.0, seed=T), torch.float32)
     assert max(errs.values()) <= 1e-5, errs
 
 
-def test_fp32_head_size_32():
+def test_wkv7_chunk_fp32_head_size_32():
     errs = _errors(*_case(1, 20, 2, 32, 1.0, seed=5), torch.float32)
     assert max(errs.values()) <= 1e-5, errs
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("scale", [1.0, 10.0])
-def test_low_precision(dtype, scale):
+def test_wkv7_chunk_low_precision(dtype, scale):
     # PERF.md gates for v7: y and state 5e-3, gradients 8e-3.
     errs = _errors(*_case(2, 33, 1, 16, scale, seed=2), dtype)
     assert max(errs["y"], errs["state"]) <= 5e-3, errs
     assert max(v for n, v in errs.items() if n.startswith("d")) <= 8e-3, errs
 
 
-def test_forward_without_grad_matches_and_upstream_may_be_missing():
+def test_wkv7_chunk_forward_without_grad_matches_and_upstream_may_be_missing():
     inputs, _ = _case(2, 21, 2, 16, 1.0, seed=9)
     args = [x.float() for x in inputs]
     with torch.no_grad():  # no per-chunk state is stored on this path
@@ -96,7 +96,7 @@ def test_forward_without_grad_matches_and_upstream_may_be_missing():
             assert rel_err(g, torch.zeros_like(x) if w is None else w) <= 1e-5
 
 
-def test_every_output_element_is_written(monkeypatch):
+def test_wkv7_chunk_every_output_element_is_written(monkeypatch):
     # Poison the buffers the wrapper allocates: an element a kernel leaves unwritten shows as NaN.
     empty, empty_like = torch.empty, torch.empty_like
     monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
