@@ -4,13 +4,14 @@ Kernels (``recurrent.py`` wrapping ``_kernels.py``): ``recurrent`` mode for ever
 backward, with gradients for every input, the initial state included, and for the final state's
 upstream gradient. One program per (batch, head) keeps the fp32 [K, V] state in registers and loops
 over t (wkv4: one per (batch, block of 64 channels)); wkv5 runs the wkv6 kernel with its decay
-broadcast over time (exact: the same arithmetic). The backward reads the state entering each step
-from a scratch buffer written by the forward (no recomputation), so wkv5-7 gradients are limited to
-``T <= MAX_T_GRAD``; chunk mode serves longer training sequences. ``chunk`` kernels (``chunk.py``):
-wkv6 and wkv5, forward and backward, the matrix form over 16-token chunks with fp32 accumulation and
-chunk-local log-decay sums, each exponent summed over its own span (every exponent <= 0: no
-overflow under strong decay, and no digits lost to differences of prefix sums: fp32 <= 2e-6 relative
-on every quantity with the decay scaled x10); the backward keeps only the state entering each chunk.
+broadcast over time (exact: the same arithmetic). The wkv5-7 forward keeps the state entering every
+16th step; the backward recomputes each block of 16 states from its checkpoint and walks it in
+reverse, so gradients need (T / 16 + 16) states per head and have no length limit.
+``chunk`` kernels (``chunk.py``): wkv6 and wkv5, forward and backward, the matrix form over 16-token
+chunks with fp32 accumulation and chunk-local log-decay sums, each exponent summed over its own span
+(every exponent <= 0: no overflow under strong decay, and no digits lost to differences of prefix
+sums: fp32 <= 2e-6 relative on every quantity with the decay scaled x10); the backward keeps only the
+state entering each chunk.
 wkv7 ``chunk`` (``chunk7.py``, ``_kernels7.py``): forward and backward over 16-token chunks, a chunk's
 removal reads from one unit-lower-triangular solve, every decay exponent summed over its own span
 inside the chunk (<= 0 for any decay strength: fp32 <= 3e-7 relative with the decay scaled x10).
@@ -48,7 +49,6 @@ from .recurrent import wkv4_recurrent, wkv5_recurrent, wkv6_recurrent, wkv7_recu
 HEAD_SIZES = (16, 32, 64, 128)
 CHUNK_HEAD_SIZES = (16, 32, 64)  # the chunk kernels also hold [L, L, K] tiles of pairwise decays
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-MAX_T_GRAD = 2048  # wkv5-7 recurrent backward: the per-step state scratch is T * K * V fp32 per head
 PRIORITY_GPU, PRIORITY_CPU = 5, -10
 
 
@@ -86,11 +86,6 @@ def _check(call) -> list[str]:
             out.append("runs on CPU tensors only in Triton's interpreter (TRITON_INTERPRET=1)")
     elif call.device != "cuda":
         out.append(f"runs on cuda (cpu under TRITON_INTERPRET=1), not {call.device}")
-    if call.mode == "recurrent" and call.op != "wkv4" and call.requires_grad and call.T > MAX_T_GRAD:
-        out.append(
-            f"its recurrent backward stores the state of every step (T * K * V fp32 per head), so gradients "
-            f"need T <= {MAX_T_GRAD}, got T={call.T}; use chunk mode for longer training sequences"
-        )
     return out
 
 

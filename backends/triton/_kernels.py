@@ -7,15 +7,18 @@ set before the first kernel runs (the backend's availability check reads it at e
 
 Layouts (all contiguous): ``r, k, v, w, a, b, y`` [B, T, H, N]; states [B, H, K, V] fp32; wkv4 ``k, v, y``
 [B, T, C] and its state ``a, b, p`` [B, C] fp32. Every kernel computes in fp32 and loads/stores the
-input dtype; offsets are int64 (the per-step state scratch exceeds 2^31 elements at training shapes).
+input dtype; offsets are int64 (state buffers can exceed 2^31 elements at training shapes).
 
 Recurrent kernels, one program per (batch, head) holding the [K, V] state in registers (wkv4: per
-(batch, block of channels)), looping over t. Backward: the forward stores the state *entering* every
-step into a scratch buffer (``[B, H, T, K, V]`` fp32; wkv4: three ``[B, T, C]``) when a gradient is
-needed, and the backward kernel walks t from T-1 down to 0 reading it, carrying the state gradient.
-No recomputation, no inversion of the decay (which would divide by exp(w) and blow up under strong
-decay). The scratch grows as T * K * V, which is why the recurrent wkv5-7 kernels refuse
-gradients beyond ``MAX_T_GRAD`` tokens (see ``__init__.py``): chunk mode serves long training runs.
+(batch, block of channels)), looping over t. Backward of wkv5-7: the forward stores only the state
+entering every ``CK``-th step (checkpoints, ``[B, H, ceil(T / CK), K, V]`` fp32) when a gradient is
+needed; the backward walks blocks of ``CK`` steps from the end, recomputes the states entering the
+block's steps from its checkpoint into a per-program scratch (``[B, H, CK, K, V]`` fp32, rewritten by
+every block), then runs the per-step reverse pass over them, carrying the state gradient. Memory is
+(T / CK + CK) states per head instead of T, so gradients have no length limit; the price is one more
+forward pass of the state update. No inversion of the decay (which would divide by exp(w) and blow up
+under strong decay): recomputation only runs forwards. wkv4's state is three [C] vectors, so its
+forward stores all of them per step (``[B, T, C]``, the size of its inputs) and nothing is recomputed.
 """
 
 from __future__ import annotations
@@ -42,8 +45,9 @@ def _sum(x, axis: tl.constexpr):
 
 
 @triton.jit
-def wkv6_fwd_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, y_ptr, sT_ptr, st_ptr, T,
-                    H: tl.constexpr, N: tl.constexpr, SAVE: tl.constexpr):
+def wkv6_fwd_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, y_ptr, sT_ptr, ck_ptr, T,
+                    H: tl.constexpr, N: tl.constexpr, CK: tl.constexpr, SAVE: tl.constexpr):
+    # With SAVE, the state entering steps 0, CK, 2 CK, ... goes to ck_ptr ([B, H, ceil(T / CK), K, V]).
     pid = tl.program_id(0).to(tl.int64)
     b = pid // H
     h = pid % H
@@ -51,125 +55,180 @@ def wkv6_fwd_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, y_ptr, sT_ptr, st
     sidx = ik[:, None] * N + ik[None, :]
     S = tl.load(s0_ptr + pid * N * N + sidx)
     uu = tl.load(u_ptr + h * N + ik).to(tl.float32)
-    for t in range(T):
-        base = ((b * T + t) * H + h) * N
-        rt = tl.load(r_ptr + base + ik).to(tl.float32)
-        kt = tl.load(k_ptr + base + ik).to(tl.float32)
-        vt = tl.load(v_ptr + base + ik).to(tl.float32)
-        wt = tl.load(w_ptr + base + ik).to(tl.float32)
+    nc = (T + CK - 1) // CK
+    for c in range(nc):
         if SAVE:
-            tl.store(st_ptr + (pid * T + t) * N * N + sidx, S)
-        kv = kt[:, None] * vt[None, :]
-        yt = _sum(rt[:, None] * (uu[:, None] * kv + S), axis=0)
-        tl.store(y_ptr + base + ik, yt.to(y_ptr.dtype.element_ty))
-        S = tl.exp(wt)[:, None] * S + kv
+            tl.store(ck_ptr + (pid * nc + c) * N * N + sidx, S)
+        for t in range(c * CK, tl.minimum(c * CK + CK, T)):
+            base = ((b * T + t) * H + h) * N
+            rt = tl.load(r_ptr + base + ik).to(tl.float32)
+            kt = tl.load(k_ptr + base + ik).to(tl.float32)
+            vt = tl.load(v_ptr + base + ik).to(tl.float32)
+            wt = tl.load(w_ptr + base + ik).to(tl.float32)
+            kv = kt[:, None] * vt[None, :]
+            yt = _sum(rt[:, None] * (uu[:, None] * kv + S), axis=0)
+            tl.store(y_ptr + base + ik, yt.to(y_ptr.dtype.element_ty))
+            S = tl.exp(wt)[:, None] * S + kv
     tl.store(sT_ptr + pid * N * N + sidx, S)
 
 
 @triton.jit
-def wkv6_bwd_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, st_ptr, dy_ptr, dsT_ptr,
+def wkv6_bwd_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, ck_ptr, scr_ptr, dy_ptr, dsT_ptr,
                     dr_ptr, dk_ptr, dv_ptr, dw_ptr, du_ptr, ds0_ptr, T,
-                    H: tl.constexpr, N: tl.constexpr):
+                    H: tl.constexpr, N: tl.constexpr, CK: tl.constexpr):
     # y_t = r^T (diag(u) k v^T + S_{t-1}),  S_t = diag(e^w) S_{t-1} + k v^T;  dS holds dL/dS_t.
+    # Blocks of CK steps from the end: the states entering the block's steps are recomputed from its
+    # checkpoint (the same arithmetic as the forward) into scr_ptr ([B, H, CK, K, V], this program's
+    # slice), then read back step by step in reverse.
     pid = tl.program_id(0).to(tl.int64)
     b = pid // H
     h = pid % H
     ik = tl.arange(0, N)
     sidx = ik[:, None] * N + ik[None, :]
+    scr = scr_ptr + pid * CK * N * N
     dS = tl.load(dsT_ptr + pid * N * N + sidx)
     uu = tl.load(u_ptr + h * N + ik).to(tl.float32)
     du = tl.full([N], 0.0, tl.float32)
-    for i in range(T):
-        t = T - 1 - i
-        base = ((b * T + t) * H + h) * N
-        rt = tl.load(r_ptr + base + ik).to(tl.float32)
-        kt = tl.load(k_ptr + base + ik).to(tl.float32)
-        vt = tl.load(v_ptr + base + ik).to(tl.float32)
-        wt = tl.load(w_ptr + base + ik).to(tl.float32)
-        dyt = tl.load(dy_ptr + base + ik).to(tl.float32)
-        Sp = tl.load(st_ptr + (pid * T + t) * N * N + sidx)
-        vdy = _sum(vt * dyt, axis=0)
-        ew = tl.exp(wt)
-        drt = uu * kt * vdy + _sum(Sp * dyt[None, :], axis=1)
-        du += rt * kt * vdy
-        dkt = rt * uu * vdy + _sum(dS * vt[None, :], axis=1)
-        dvt = _sum(rt * uu * kt, axis=0) * dyt + _sum(dS * kt[:, None], axis=0)
-        dwt = ew * _sum(dS * Sp, axis=1)
-        tl.store(dr_ptr + base + ik, drt)
-        tl.store(dk_ptr + base + ik, dkt)
-        tl.store(dv_ptr + base + ik, dvt)
-        tl.store(dw_ptr + base + ik, dwt)
-        dS = rt[:, None] * dyt[None, :] + ew[:, None] * dS
+    nc = (T + CK - 1) // CK
+    for i in range(nc):
+        c = nc - 1 - i
+        t0 = c * CK
+        t1 = tl.minimum(t0 + CK, T)
+        S = tl.load(ck_ptr + (pid * nc + c) * N * N + sidx)
+        tl.store(scr + sidx, S)
+        for t in range(t0, t1 - 1):
+            base = ((b * T + t) * H + h) * N
+            kt = tl.load(k_ptr + base + ik).to(tl.float32)
+            vt = tl.load(v_ptr + base + ik).to(tl.float32)
+            wt = tl.load(w_ptr + base + ik).to(tl.float32)
+            S = tl.exp(wt)[:, None] * S + kt[:, None] * vt[None, :]
+            tl.store(scr + (t + 1 - t0) * N * N + sidx, S)
+        # The scratch is written and read by different threads of this program: make the writes
+        # visible before reading, and (below) finish reading before the next block overwrites it.
+        tl.debug_barrier()
+        for j in range(t1 - t0):
+            t = t1 - 1 - j
+            base = ((b * T + t) * H + h) * N
+            rt = tl.load(r_ptr + base + ik).to(tl.float32)
+            kt = tl.load(k_ptr + base + ik).to(tl.float32)
+            vt = tl.load(v_ptr + base + ik).to(tl.float32)
+            wt = tl.load(w_ptr + base + ik).to(tl.float32)
+            dyt = tl.load(dy_ptr + base + ik).to(tl.float32)
+            Sp = tl.load(scr + (t - t0) * N * N + sidx)
+            vdy = _sum(vt * dyt, axis=0)
+            ew = tl.exp(wt)
+            drt = uu * kt * vdy + _sum(Sp * dyt[None, :], axis=1)
+            du += rt * kt * vdy
+            dkt = rt * uu * vdy + _sum(dS * vt[None, :], axis=1)
+            dvt = _sum(rt * uu * kt, axis=0) * dyt + _sum(dS * kt[:, None], axis=0)
+            dwt = ew * _sum(dS * Sp, axis=1)
+            tl.store(dr_ptr + base + ik, drt)
+            tl.store(dk_ptr + base + ik, dkt)
+            tl.store(dv_ptr + base + ik, dvt)
+            tl.store(dw_ptr + base + ik, dwt)
+            dS = rt[:, None] * dyt[None, :] + ew[:, None] * dS
+        tl.debug_barrier()
     tl.store(ds0_ptr + pid * N * N + sidx, dS)
     tl.store(du_ptr + pid * N + ik, du)
 
 
 @triton.jit
-def wkv7_fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, y_ptr, sT_ptr, st_ptr, T,
-                    H: tl.constexpr, N: tl.constexpr, SAVE: tl.constexpr):
+def _wkv7_step(S, wt, kt, vt, at, bt):
+    # S_t = diag(e^w) S_{t-1} + b (a^T S_{t-1}) + k v^T; shared by the forward and the backward's
+    # recomputation, so both produce the same states.
+    sa = _sum(at[:, None] * S, axis=0)
+    return tl.exp(wt)[:, None] * S + bt[:, None] * sa[None, :] + kt[:, None] * vt[None, :]
+
+
+@triton.jit
+def wkv7_fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, y_ptr, sT_ptr, ck_ptr, T,
+                    H: tl.constexpr, N: tl.constexpr, CK: tl.constexpr, SAVE: tl.constexpr):
+    # With SAVE, the state entering steps 0, CK, 2 CK, ... goes to ck_ptr ([B, H, ceil(T / CK), K, V]).
     pid = tl.program_id(0).to(tl.int64)
     bb = pid // H
     h = pid % H
     ik = tl.arange(0, N)
     sidx = ik[:, None] * N + ik[None, :]
     S = tl.load(s0_ptr + pid * N * N + sidx)
-    for t in range(T):
-        base = ((bb * T + t) * H + h) * N
-        rt = tl.load(r_ptr + base + ik).to(tl.float32)
-        wt = tl.load(w_ptr + base + ik).to(tl.float32)
-        kt = tl.load(k_ptr + base + ik).to(tl.float32)
-        vt = tl.load(v_ptr + base + ik).to(tl.float32)
-        at = tl.load(a_ptr + base + ik).to(tl.float32)
-        bt = tl.load(b_ptr + base + ik).to(tl.float32)
+    nc = (T + CK - 1) // CK
+    for c in range(nc):
         if SAVE:
-            tl.store(st_ptr + (pid * T + t) * N * N + sidx, S)
-        sa = _sum(at[:, None] * S, axis=0)
-        S = tl.exp(wt)[:, None] * S + bt[:, None] * sa[None, :] + kt[:, None] * vt[None, :]
-        yt = _sum(rt[:, None] * S, axis=0)
-        tl.store(y_ptr + base + ik, yt.to(y_ptr.dtype.element_ty))
+            tl.store(ck_ptr + (pid * nc + c) * N * N + sidx, S)
+        for t in range(c * CK, tl.minimum(c * CK + CK, T)):
+            base = ((bb * T + t) * H + h) * N
+            rt = tl.load(r_ptr + base + ik).to(tl.float32)
+            wt = tl.load(w_ptr + base + ik).to(tl.float32)
+            kt = tl.load(k_ptr + base + ik).to(tl.float32)
+            vt = tl.load(v_ptr + base + ik).to(tl.float32)
+            at = tl.load(a_ptr + base + ik).to(tl.float32)
+            bt = tl.load(b_ptr + base + ik).to(tl.float32)
+            S = _wkv7_step(S, wt, kt, vt, at, bt)
+            yt = _sum(rt[:, None] * S, axis=0)
+            tl.store(y_ptr + base + ik, yt.to(y_ptr.dtype.element_ty))
     tl.store(sT_ptr + pid * N * N + sidx, S)
 
 
 @triton.jit
-def wkv7_bwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dy_ptr, dsT_ptr,
+def wkv7_bwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, ck_ptr, scr_ptr, dy_ptr, dsT_ptr,
                     dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr, ds0_ptr, T,
-                    H: tl.constexpr, N: tl.constexpr):
+                    H: tl.constexpr, N: tl.constexpr, CK: tl.constexpr):
     # S_t = diag(e^w) S_{t-1} + b (a^T S_{t-1}) + k v^T,  y_t = S_t^T r;  dS holds dL/dS_t (from later steps).
+    # Blocks of CK steps from the end, the states entering them recomputed from the block's checkpoint
+    # into this program's scratch, as in wkv6_bwd_kernel.
     pid = tl.program_id(0).to(tl.int64)
     bb = pid // H
     h = pid % H
     ik = tl.arange(0, N)
     sidx = ik[:, None] * N + ik[None, :]
+    scr = scr_ptr + pid * CK * N * N
     dS = tl.load(dsT_ptr + pid * N * N + sidx)
-    for i in range(T):
-        t = T - 1 - i
-        base = ((bb * T + t) * H + h) * N
-        rt = tl.load(r_ptr + base + ik).to(tl.float32)
-        wt = tl.load(w_ptr + base + ik).to(tl.float32)
-        kt = tl.load(k_ptr + base + ik).to(tl.float32)
-        vt = tl.load(v_ptr + base + ik).to(tl.float32)
-        at = tl.load(a_ptr + base + ik).to(tl.float32)
-        bt = tl.load(b_ptr + base + ik).to(tl.float32)
-        dyt = tl.load(dy_ptr + base + ik).to(tl.float32)
-        Sp = tl.load(st_ptr + (pid * T + t) * N * N + sidx)
-        ew = tl.exp(wt)
-        sa = _sum(at[:, None] * Sp, axis=0)
-        S = ew[:, None] * Sp + bt[:, None] * sa[None, :] + kt[:, None] * vt[None, :]
-        drt = _sum(S * dyt[None, :], axis=1)
-        G = dS + rt[:, None] * dyt[None, :]
-        dkt = _sum(G * vt[None, :], axis=1)
-        dvt = _sum(G * kt[:, None], axis=0)
-        dwt = ew * _sum(G * Sp, axis=1)
-        dbt = _sum(G * sa[None, :], axis=1)
-        dsa = _sum(G * bt[:, None], axis=0)
-        dat = _sum(Sp * dsa[None, :], axis=1)
-        tl.store(dr_ptr + base + ik, drt)
-        tl.store(dw_ptr + base + ik, dwt)
-        tl.store(dk_ptr + base + ik, dkt)
-        tl.store(dv_ptr + base + ik, dvt)
-        tl.store(da_ptr + base + ik, dat)
-        tl.store(db_ptr + base + ik, dbt)
-        dS = ew[:, None] * G + at[:, None] * dsa[None, :]
+    nc = (T + CK - 1) // CK
+    for i in range(nc):
+        c = nc - 1 - i
+        t0 = c * CK
+        t1 = tl.minimum(t0 + CK, T)
+        S = tl.load(ck_ptr + (pid * nc + c) * N * N + sidx)
+        tl.store(scr + sidx, S)
+        for t in range(t0, t1 - 1):
+            base = ((bb * T + t) * H + h) * N
+            wt = tl.load(w_ptr + base + ik).to(tl.float32)
+            kt = tl.load(k_ptr + base + ik).to(tl.float32)
+            vt = tl.load(v_ptr + base + ik).to(tl.float32)
+            at = tl.load(a_ptr + base + ik).to(tl.float32)
+            bt = tl.load(b_ptr + base + ik).to(tl.float32)
+            S = _wkv7_step(S, wt, kt, vt, at, bt)
+            tl.store(scr + (t + 1 - t0) * N * N + sidx, S)
+        tl.debug_barrier()  # scratch written by other threads of this program: see wkv6_bwd_kernel
+        for j in range(t1 - t0):
+            t = t1 - 1 - j
+            base = ((bb * T + t) * H + h) * N
+            rt = tl.load(r_ptr + base + ik).to(tl.float32)
+            wt = tl.load(w_ptr + base + ik).to(tl.float32)
+            kt = tl.load(k_ptr + base + ik).to(tl.float32)
+            vt = tl.load(v_ptr + base + ik).to(tl.float32)
+            at = tl.load(a_ptr + base + ik).to(tl.float32)
+            bt = tl.load(b_ptr + base + ik).to(tl.float32)
+            dyt = tl.load(dy_ptr + base + ik).to(tl.float32)
+            Sp = tl.load(scr + (t - t0) * N * N + sidx)
+            ew = tl.exp(wt)
+            sa = _sum(at[:, None] * Sp, axis=0)
+            S = ew[:, None] * Sp + bt[:, None] * sa[None, :] + kt[:, None] * vt[None, :]
+            drt = _sum(S * dyt[None, :], axis=1)
+            G = dS + rt[:, None] * dyt[None, :]
+            dkt = _sum(G * vt[None, :], axis=1)
+            dvt = _sum(G * kt[:, None], axis=0)
+            dwt = ew * _sum(G * Sp, axis=1)
+            dbt = _sum(G * sa[None, :], axis=1)
+            dsa = _sum(G * bt[:, None], axis=0)
+            dat = _sum(Sp * dsa[None, :], axis=1)
+            tl.store(dr_ptr + base + ik, drt)
+            tl.store(dw_ptr + base + ik, dwt)
+            tl.store(dk_ptr + base + ik, dkt)
+            tl.store(dv_ptr + base + ik, dvt)
+            tl.store(da_ptr + base + ik, dat)
+            tl.store(db_ptr + base + ik, dbt)
+            dS = ew[:, None] * G + at[:, None] * dsa[None, :]
+        tl.debug_barrier()
     tl.store(ds0_ptr + pid * N * N + sidx, dS)
 
 

@@ -1,11 +1,12 @@
 """``torch.autograd.Function`` wrappers around the recurrent Triton kernels (``_kernels.py``).
 
-Each wrapper makes its inputs contiguous, runs the forward kernel (storing the per-step states in a
-scratch buffer only when some input needs a gradient), and in ``backward`` runs the reverse-time
-kernel. Gradients come out of the kernels in fp32 and go back in each input's own dtype; the
-gradients of the parameters shared across the batch (wkv6's ``u``, wkv4's ``w`` and ``u``) are
-written per batch row (and head) by the kernel and summed here. wkv5 is wkv6 with its constant
-decay broadcast over (B, T) outside the Function, so autograd sums its gradient back.
+Each wrapper makes its inputs contiguous, runs the forward kernel (storing, only when some input needs
+a gradient, the state entering every ``CKPT``-th step for wkv5-7, or every step's state for wkv4), and
+in ``backward`` runs the reverse-time kernel (wkv5-7 recompute each block of ``CKPT`` states from its
+checkpoint into a small per-program scratch). Gradients come out of the kernels in fp32 and go back in
+each input's own dtype; the gradients of the parameters shared across the batch (wkv6's ``u``, wkv4's
+``w`` and ``u``) are written per batch row (and head) by the kernel and summed here. wkv5 is wkv6 with
+its constant decay broadcast over (B, T) outside the Function, so autograd sums its gradient back.
 """
 
 from __future__ import annotations
@@ -14,6 +15,11 @@ import torch
 from torch import Tensor
 
 BLOCK4 = 64  # wkv4 channels per program
+# wkv5-7 backward: one stored state per CKPT steps, and a per-program scratch of CKPT recomputed states.
+# Memory per head is (T / CKPT + CKPT) * K * V fp32, smallest near CKPT = sqrt(T); 16 keeps the scratch
+# (16 KiB per state at N=64, 256 KiB per program) small enough to stay in a GPU's L2 cache, where it is
+# written and read right back, while already cutting the stored states 16-fold.
+CKPT = 16
 
 
 def _k():
@@ -31,6 +37,12 @@ def _grad_in(g: Tensor | None, like: Tensor) -> Tensor:
     return torch.zeros_like(like) if g is None else _c(g)
 
 
+def _checkpoints(B: int, H: int, T: int, N: int, device, save: bool) -> Tensor:
+    """The forward's checkpoint buffer: the state entering every CKPT-th step, [B, H, ceil(T / CKPT), K, V]."""
+    shape = (B, H, -(-T // CKPT), N, N) if save else (1,)
+    return torch.empty(shape, device=device, dtype=torch.float32)
+
+
 class _WKV6(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r, k, v, w, u, s0):
@@ -40,24 +52,25 @@ class _WKV6(torch.autograd.Function):
         save = any(ctx.needs_input_grad)
         y = torch.empty_like(r)
         sT = torch.empty(B, H, N, N, device=r.device, dtype=torch.float32)
-        st = (torch.empty(B, H, T, N, N, device=r.device, dtype=torch.float32) if save
-              else torch.empty(1, device=r.device, dtype=torch.float32))
-        _k().wkv6_fwd_kernel[(B * H,)](r, k, v, w, u, s0, y, sT, st, T, H=H, N=N, SAVE=save)
+        ck = _checkpoints(B, H, T, N, r.device, save)
+        _k().wkv6_fwd_kernel[(B * H,)](r, k, v, w, u, s0, y, sT, ck, T, H=H, N=N, CK=CKPT, SAVE=save)
         if save:
-            ctx.save_for_backward(r, k, v, w, u, st)
+            ctx.save_for_backward(r, k, v, w, u, ck)
         return y, sT
 
     @staticmethod
     def backward(ctx, dy, dsT):
-        r, k, v, w, u, st = ctx.saved_tensors
+        r, k, v, w, u, ck = ctx.saved_tensors
         B, T, H, N = r.shape
         dy = _grad_in(dy, r)
-        dsT = _grad_in(dsT, st[:, :, 0]).float()
+        dsT = _grad_in(dsT, ck[:, :, 0]).float()
+        scr = torch.empty(B, H, CKPT, N, N, device=r.device, dtype=torch.float32)
         f32 = dict(device=r.device, dtype=torch.float32)
         dr, dk, dv, dw = (torch.empty(B, T, H, N, **f32) for _ in range(4))
         du = torch.empty(B, H, N, **f32)
         ds0 = torch.empty(B, H, N, N, **f32)
-        _k().wkv6_bwd_kernel[(B * H,)](r, k, v, w, u, st, dy, dsT, dr, dk, dv, dw, du, ds0, T, H=H, N=N)
+        _k().wkv6_bwd_kernel[(B * H,)](r, k, v, w, u, ck, scr, dy, dsT, dr, dk, dv, dw, du, ds0, T,
+                                       H=H, N=N, CK=CKPT)
         return dr.to(r.dtype), dk.to(k.dtype), dv.to(v.dtype), dw.to(w.dtype), du.sum(0).to(u.dtype), ds0
 
 
@@ -70,23 +83,24 @@ class _WKV7(torch.autograd.Function):
         save = any(ctx.needs_input_grad)
         y = torch.empty_like(r)
         sT = torch.empty(B, H, N, N, device=r.device, dtype=torch.float32)
-        st = (torch.empty(B, H, T, N, N, device=r.device, dtype=torch.float32) if save
-              else torch.empty(1, device=r.device, dtype=torch.float32))
-        _k().wkv7_fwd_kernel[(B * H,)](r, w, k, v, a, b, s0, y, sT, st, T, H=H, N=N, SAVE=save)
+        ck = _checkpoints(B, H, T, N, r.device, save)
+        _k().wkv7_fwd_kernel[(B * H,)](r, w, k, v, a, b, s0, y, sT, ck, T, H=H, N=N, CK=CKPT, SAVE=save)
         if save:
-            ctx.save_for_backward(r, w, k, v, a, b, st)
+            ctx.save_for_backward(r, w, k, v, a, b, ck)
         return y, sT
 
     @staticmethod
     def backward(ctx, dy, dsT):
-        r, w, k, v, a, b, st = ctx.saved_tensors
+        r, w, k, v, a, b, ck = ctx.saved_tensors
         B, T, H, N = r.shape
         dy = _grad_in(dy, r)
-        dsT = _grad_in(dsT, st[:, :, 0]).float()
+        dsT = _grad_in(dsT, ck[:, :, 0]).float()
+        scr = torch.empty(B, H, CKPT, N, N, device=r.device, dtype=torch.float32)
         f32 = dict(device=r.device, dtype=torch.float32)
         dr, dw, dk, dv, da, db = (torch.empty(B, T, H, N, **f32) for _ in range(6))
         ds0 = torch.empty(B, H, N, N, **f32)
-        _k().wkv7_bwd_kernel[(B * H,)](r, w, k, v, a, b, st, dy, dsT, dr, dw, dk, dv, da, db, ds0, T, H=H, N=N)
+        _k().wkv7_bwd_kernel[(B * H,)](r, w, k, v, a, b, ck, scr, dy, dsT, dr, dw, dk, dv, da, db, ds0, T,
+                                       H=H, N=N, CK=CKPT)
         return (dr.to(r.dtype), dw.to(w.dtype), dk.to(k.dtype), dv.to(v.dtype), da.to(a.dtype),
                 db.to(b.dtype), ds0)
 

@@ -12,8 +12,8 @@
    and recurrent (all ops) kernels, side by side with the
    ``reference`` backend and with flash-linear-attention's ``chunk_rwkv6`` / ``chunk_rwkv7`` (through
    rwkv_zoo's ``fla`` backend) when fla is importable. wkv4 runs with C = H * N channels.
-   A cell is "n/a" where dispatch refuses the call, with the reason listed under the table (e.g. the
-   triton recurrent backward is limited to T <= 2048).
+   A cell is "n/a" where dispatch refuses the call, with the reason listed under the table (e.g. a
+   backend that lacks the op, mode or head size).
 
 Without a CUDA GPU it prints what it would run and exits 0 (``--dry-run`` does the same anywhere).
 """

@@ -78,6 +78,20 @@ def test_strong_and_weak_decay(op, scale):
             assert rel_err(got[name], t) <= 1e-5, (mode, name)
 
 
+@pytest.mark.parametrize("op", ["wkv6", "wkv7"])
+def test_recurrent_backward_keeps_one_state_per_checkpoint_block(op):
+    # What autograd holds between forward and backward: the inputs and one [K, V] state per CKPT steps
+    # (ceil(T / CKPT) per head), not one per step; the backward recomputes the rest block by block.
+    from rwkv_zoo.backends.triton.recurrent import CKPT
+
+    B, T, H, N = 1, 2 * CKPT + 3, 2, 16
+    gen = torch.Generator().manual_seed(0)
+    inputs = [x.float().requires_grad_() for x in make_inputs(op, B, T, H, N, generator=gen)]
+    y, _ = rwkv_zoo.ops.OP_FUNCTIONS[op](*inputs, backend="triton", mode="recurrent")
+    states = [t for t in y.grad_fn.saved_tensors if t.dim() == 5]
+    assert [tuple(t.shape) for t in states] == [(B, H, 3, N, N)]
+
+
 def test_registered_and_available_under_the_interpreter():
     backends = dispatch.get_backends()
     assert "triton" in backends
@@ -109,8 +123,9 @@ def test_unavailable_reasons(monkeypatch):
 
 def test_capability_reasons(monkeypatch):
     b = dispatch.get_backends()["triton"]
-    call = KernelCall("wkv6", "recurrent", "cpu", torch.float32, 2, 4096, 4, 64, True, True)
-    assert any("use chunk mode" in r for r in b.reasons(call))
+    # The recurrent backward keeps checkpoints, not every step's state: no length limit on gradients.
+    for op in ("wkv5", "wkv6", "wkv7"):
+        assert not b.reasons(KernelCall(op, "recurrent", "cpu", torch.float32, 2, 32768, 4, 64, True, True))
     assert not b.reasons(KernelCall("wkv6", "recurrent", "cpu", torch.float32, 2, 4096, 4, 64, False, True))
     assert not b.reasons(KernelCall("wkv4", "recurrent", "cpu", torch.float32, 2, 4096, 1, 100, True, True))
     assert any("head size" in r for r in b.reasons(KernelCall("wkv7", "recurrent", "cpu", torch.float32,
