@@ -15,8 +15,12 @@ state entering each chunk.
 wkv7 ``chunk`` (``chunk7.py``, ``_kernels7.py``): forward and backward over 16-token chunks, a chunk's
 removal reads from one unit-lower-triangular solve, every decay exponent summed over its own span
 inside the chunk (<= 0 for any decay strength: fp32 <= 3e-7 relative with the decay scaled x10).
-wkv4 has no chunk kernel yet: dispatch runs its chunk calls on another backend, or this backend's
-recurrent kernel when it is asked for, and says so.
+wkv4 ``chunk`` is the recurrent kernel itself, registered under both modes: wkv4 is a per-channel
+recurrence with three scalars of state per channel and no matrix state, so there is no matrix form
+to gain; one program per (batch, 64 channels) stepping through t already exposes B * C / 64-way
+parallelism, as much as a chunked kernel would, and its backward (every step's state stored, the size
+of the inputs) has no length limit. Registering it lets dispatch keep wkv4 training (chunk) calls on
+this backend instead of handing them to another one.
 
 Availability (``unavailable_reason``, read at every call, environment included): Triton must import,
 and there must be a CUDA GPU or ``TRITON_INTERPRET=1`` (the interpreter runs the same kernels on CPU
@@ -93,6 +97,7 @@ def make_backend() -> Backend:
     common = dict(devices=("cuda", "cpu"), dtypes=DTYPES, check=_check)
     kernels = [
         Kernel("wkv4", "recurrent", wkv4_recurrent, **common),
+        Kernel("wkv4", "chunk", wkv4_recurrent, **common),  # the same kernel: see the module docstring
         Kernel("wkv5", "recurrent", wkv5_recurrent, head_sizes=HEAD_SIZES, **common),
         Kernel("wkv6", "recurrent", wkv6_recurrent, head_sizes=HEAD_SIZES, **common),
         Kernel("wkv7", "recurrent", wkv7_recurrent, head_sizes=HEAD_SIZES, **common),
@@ -105,7 +110,7 @@ def make_backend() -> Backend:
         kernels=kernels,
         priority=PRIORITY_GPU if torch.cuda.is_available() else PRIORITY_CPU,
         description=(
-            "Triton kernels: recurrent wkv4-7 and chunk wkv5-7, fwd+bwd; fp32 state; "
+            "Triton kernels: recurrent and chunk wkv4-7, fwd+bwd; fp32 state; "
             "CUDA (CPU via TRITON_INTERPRET=1)"
         ),
         availability=unavailable_reason,

@@ -92,12 +92,36 @@ def test_recurrent_backward_keeps_one_state_per_checkpoint_block(op):
     assert [tuple(t.shape) for t in states] == [(B, H, 3, N, N)]
 
 
+def test_wkv4_chunk_is_the_recurrent_kernel_and_takes_long_sequences():
+    # wkv4 has no matrix state, so its chunk kernel is the recurrent one; a training-length call picks it
+    # (no fallback) and its backward has no length limit: T=300 against the fp64 reference, every gradient.
+    b = dispatch.get_backends()["triton"]
+    assert b.kernel("wkv4", "chunk").fn is b.kernel("wkv4", "recurrent").fn
+    sel = dispatch.select(KernelCall("wkv4", "chunk", "cpu", torch.float32, 8, 100_000, 1, 768, True, True), "triton")
+    assert (sel.backend, sel.mode) == ("triton", "chunk")
+    gen = torch.Generator().manual_seed(4)
+    B, T, C = 1, 300, 16
+    inputs = make_inputs("wkv4", B, T, 1, C, generator=gen)
+    upstream = {"y": torch.randn(B, T, C, generator=gen, dtype=torch.float64),
+                **{n: torch.randn(B, C, generator=gen, dtype=torch.float64) for n in ("a", "b", "p")}}
+    ref = evaluate(recurrent.wkv4_recurrent, "wkv4", inputs, upstream)
+
+    def run(w, u, k, v, s):
+        return rwkv_zoo.ops.wkv4(w, u, k, v, s, backend="triton", mode="chunk")
+
+    cast = [tuple(x.float() for x in a) if isinstance(a, tuple) else a.float() for a in inputs]
+    got = evaluate(run, "wkv4", cast, {n: t.float() for n, t in upstream.items()})
+    for name, t in ref.items():
+        if t is not None:
+            assert rel_err(got[name], t) <= 1e-5, name
+
+
 def test_registered_and_available_under_the_interpreter():
     backends = dispatch.get_backends()
     assert "triton" in backends
     b = backends["triton"]
     assert b.unavailable_reason() is None
-    assert b.ops() == {"wkv4": ["recurrent"], "wkv5": ["recurrent", "chunk"], "wkv6": ["recurrent", "chunk"],
+    assert b.ops() == {"wkv4": ["recurrent", "chunk"], "wkv5": ["recurrent", "chunk"], "wkv6": ["recurrent", "chunk"],
                        "wkv7": ["recurrent", "chunk"]}
     assert b.kernel("wkv6", "recurrent").head_sizes == (16, 32, 64, 128)
 
