@@ -14,7 +14,9 @@ Subcommands:
 - ``demo``: builds every version at a small size and checks that the parallel, token-by-token and
   split runs give the same logits;
 - ``train [CONFIG.toml]``: train a model (``rwkv_zoo.train``); ``ablate [CONFIG.toml]``: a grid of
-  versions/hybrids x tasks x seeds with matched budgets (default: v4-v7 tiny models on MQAR).
+  versions/hybrids x tasks x seeds with matched budgets (default: v4-v7 tiny models on MQAR);
+- ``lm-eval MODEL --tasks T1,T2``: EleutherAI lm-evaluation-harness tasks through ``rwkv_zoo.harness``
+  (needs ``pip install lm_eval``).
 
 Errors the user can fix (an unknown model, a backend that cannot run the call) print one message to
 stderr and exit with status 2; ``demo`` exits with 1 when a check fails.
@@ -372,6 +374,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lm_eval(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    # lm_eval is optional and heavy: looked for only here, so the rest of the CLI never needs it.
+    if importlib.util.find_spec("lm_eval") is None:
+        raise UsageError("lm-eval needs EleutherAI's lm-evaluation-harness: pip install lm_eval")
+    from rwkv_zoo.harness import run_cli
+
+    try:
+        return run_cli(args)
+    except ValueError as exc:  # an unknown model or task, a tokenizer that does not fit
+        raise UsageError(str(exc)) from exc
+
+
 # ---------------------------------------------------------------------------------------------------
 # argument parsing
 
@@ -422,6 +438,25 @@ def make_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads while the demo runs (default 1: these models are too small to "
                         "gain from more, and a busy machine makes extra OpenMP threads much slower)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("lm-eval", help="lm-evaluation-harness tasks (LAMBADA, ...) on a model; needs lm_eval")
+    p.add_argument("model", help="a checkpoint file, or a model name such as v7-tiny (random weights)")
+    p.add_argument("--tasks", required=True, help="comma-separated lm_eval task names, e.g. lambada_openai")
+    p.add_argument("--limit", type=float, help="at most N documents per task (a fraction if < 1)")
+    p.add_argument("--num-fewshot", type=int, help="few-shot examples (default: the task's)")
+    p.add_argument("--batch-size", type=int, default=8, help="requests per forward pass (default 8)")
+    p.add_argument("--tokenizer", help="world, bytes, a tokenizer .json (Pile: 20B_tokenizer.json) or a vocab .txt")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="weights (default: the file's)")
+    p.add_argument("--device", help="cpu, cuda, ... (default cpu)")
+    p.add_argument("--backend", help="force a WKV kernel backend")
+    p.add_argument("--chunk-len", type=int, default=1024, help="prefill chunk length in tokens (default 1024)")
+    p.add_argument("--prefix", choices=("eod", "newline", "none"), default="eod",
+                   help="before every context: token 0 (default, as BlinkDL's LAMBADA check), '\\n' (as his "
+                        "lm_eval scripts) or nothing; see rwkv_zoo.harness")
+    p.add_argument("--include-path", help="a folder of extra task YAML files")
+    p.add_argument("--bootstrap-iters", type=int, help="stderr bootstrap iterations (default 0: none)")
+    p.add_argument("--output", metavar="FILE", help="also write the results as JSON")
+    p.set_defaults(func=cmd_lm_eval)
 
     from rwkv_zoo.cli_checkpoint import add_parsers as add_checkpoint_parsers
 
