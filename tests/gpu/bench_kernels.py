@@ -8,7 +8,7 @@
    every gradient against the fp64 reference recurrence), then the triton kernels against the
    ``reference`` backend's chunk kernels (fp32, on the GPU) at the S-small shape.
 2. Timings (``triton.testing.do_bench``, median ms, CUDA events) of fwd and fwd+bwd at S-std
-   (B=8, T=4096, H=64, N=64, bf16) and S-small (B=8, T=1024, H=8, N=64) of the triton chunk (wkv5/6)
+   (B=8, T=4096, H=64, N=64, bf16) and S-small (B=8, T=1024, H=8, N=64) of the triton chunk (wkv5-7)
    and recurrent (all ops) kernels, side by side with the
    ``reference`` backend and with flash-linear-attention's ``chunk_rwkv6`` / ``chunk_rwkv7`` (through
    rwkv_zoo's ``fla`` backend) when fla is importable. wkv4 runs with C = H * N channels.
@@ -35,6 +35,7 @@ RUNS = [
     ("wkv6", "triton", "recurrent"),
     ("wkv6", "fla", "chunk"),
     ("wkv6", "reference", "chunk"),
+    ("wkv7", "triton", "chunk"),
     ("wkv7", "triton", "recurrent"),
     ("wkv7", "fla", "chunk"),
     ("wkv7", "reference", "chunk"),
@@ -155,7 +156,7 @@ def correctness(quick: bool) -> list[str]:
         T = 256
     print(f"\ntriton vs reference chunk (fp32, GPU) at B={B} T={T} H={H} N={N}:")
     for op, tmode in (("wkv4", "recurrent"), ("wkv5", "recurrent"), ("wkv5", "chunk"), ("wkv6", "recurrent"),
-                      ("wkv6", "chunk"), ("wkv7", "recurrent")):
+                      ("wkv6", "chunk"), ("wkv7", "recurrent"), ("wkv7", "chunk")):
         args = make_args(op, B, T, H, N, torch.float32, "cuda", seed=1)
         outs = []
         for backend, mode in (("triton", tmode), ("reference", "chunk")):
