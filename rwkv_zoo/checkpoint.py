@@ -198,8 +198,12 @@ def load(
     backend: str | None = None,
     mmap: bool = True,
     format: str | None = None,
+    weights: str | None = None,
 ):
     """Load a checkpoint of any registered format into a model (in eval mode).
+
+    ``weights="fp32" | "bf16" | "int8"`` prepares the model for inference with its projection weights
+    in that format (``rwkv_zoo.inference.prepare_inference``; activations and state stay fp32).
 
     The format and version are detected; ``dtype=None`` keeps the checkpoint's dtype (that of
     ``emb.weight``). Official state-tuning keys (``blocks.N.att.time_state``) become
@@ -234,6 +238,13 @@ def load(
 
         model.initial_state = RWKVState.from_time_state(model, time_state)
     model.checkpoint_format = fmt.name
+    if weights is not None:
+        from rwkv_zoo.inference import prepare_inference
+
+        del converted, tensors, ckpt  # the fp32 copies go as each projection is replaced
+        if model.dtype != torch.float32:
+            model.float()
+        prepare_inference(model, weights)
     return model.eval()
 
 
@@ -300,6 +311,11 @@ def model_metadata(model) -> dict[str, str]:
 def save(model, path: str | os.PathLike, *, format: str | None = None, dtype: torch.dtype | None = None) -> None:
     """Write ``model``: ``.safetensors`` -> rwkv_zoo safetensors, else an official ``.pth``;
     ``format=`` picks any writable registered format (e.g. ``"hf"`` for a transformers RWKV-4 folder)."""
+    if getattr(model, "inference_weights", None):
+        raise CheckpointError(
+            f"this model was prepared for inference ({model.inference_weights} weights, projections replaced): "
+            "save the original model instead"
+        )
     p = Path(path)
     if format is None:
         format = "safetensors" if p.suffix == ".safetensors" else "official-pth"

@@ -464,6 +464,9 @@ def make_parser() -> argparse.ArgumentParser:
     from rwkv_zoo.cli_generate import add_parsers as add_generate_parsers
 
     add_generate_parsers(sub)
+    from rwkv_zoo.bench import add_parsers as add_bench_parsers
+
+    add_bench_parsers(sub)
     from rwkv_zoo.train.cli import add_parsers as add_train_parsers
 
     add_train_parsers(sub)

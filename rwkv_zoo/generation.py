@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rwkv_zoo.model import RWKV
 from rwkv_zoo.state import RWKVState, StateMismatchError
 
 __all__ = [
@@ -337,9 +338,12 @@ def _prefill(model, ids: list[int], state: RWKVState | None, chunk_len: int,
         if n:
             start, state, logits = n, cached_state, cached_logits
     device = model.device
+    # Only the last position's logits are used: an RWKV skips the head everywhere else. Any other
+    # callable with the model's signature (a wrapper) is called plainly.
+    keep = {"logits_to_keep": 1} if isinstance(model, RWKV) else {}
     for i in range(start, len(ids), chunk_len):
         chunk = torch.tensor([ids[i : i + chunk_len]], dtype=torch.long, device=device)
-        out, state = model(chunk, state)
+        out, state = model(chunk, state, **keep)
         logits = out[0, -1].float()
     if cache is not None and start < len(ids):
         cache.put(model, ids, state, logits)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rwkv_zoo import inference
 from rwkv_zoo.state import LayerState, ModelIdentity, RWKVState, Wkv
 
 GROUPNORM_EPS = 64e-5  # SPEC §9.1: GN(y/8, 1e-5) of training == GN(y, 64e-5) on the raw WKV output
@@ -179,6 +180,8 @@ class RWKV(nn.Module):
         self.initial_state: RWKVState | None = None
         # fp16 inference transform (SPEC §8): see set_rescale(). 0 = off.
         self.rescale_every: int = 0
+        # T = 1 without gradients runs rwkv_zoo.inference.DecodeStep (same maths, less overhead).
+        self.fast_decode: bool = True
 
     # -- identity and state ------------------------------------------------------------------------
     @property
@@ -225,7 +228,12 @@ class RWKV(nn.Module):
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"token id {bad} is out of range for this model's vocabulary of {V} (ids 0..{V - 1})")
 
-    def forward(self, tokens: Tensor, state: RWKVState | None = None) -> tuple[Tensor, RWKVState]:
+    def forward(self, tokens: Tensor, state: RWKVState | None = None, *,
+                logits_to_keep: int = 0) -> tuple[Tensor, RWKVState]:
+        """``logits_to_keep = n > 0`` computes the head for the last ``n`` positions only (prefill needs
+        one: at T = 512 the head over every position would cost as much as the model body)."""
+        if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be an int >= 0 (0 = every position), got {logits_to_keep!r}")
         self._check_tokens(tokens)
         B = tokens.shape[0]
         if state is None and self.initial_state is not None:
@@ -237,6 +245,10 @@ class RWKV(nn.Module):
                 raise TypeError(f"state must be an RWKVState (or None), got {type(state).__name__}")
             state.check(self, B)
         x = self.emb(tokens.to(self.device).long())
+        if inference.can_fast_decode(self, tokens.shape[1]):
+            fresh = state.layers[0].wkv is None
+            logits, layers = inference.decode_step(self)(x[:, 0], state, fresh)
+            return logits[:, None], RWKVState(layers, state.identity)
         ctx: dict[str, Any] = {"backend": self.backend, "mode": self.mode}
         new_layers = []
         every = self.rescale_every
@@ -245,6 +257,8 @@ class RWKV(nn.Module):
             new_layers.append(ls)
             if every and (i + 1) % every == 0:
                 x = x / 2  # keeps fp16 activations in range; matches the weights set_rescale() divided
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
         logits = self.head(self.ln_out(x))
         return logits, RWKVState(new_layers, state.identity)
 

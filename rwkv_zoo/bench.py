@@ -1,0 +1,340 @@
+"""``rwkv-zoo bench``: decode and prefill speed and peak memory on this machine, optionally side by side
+with BlinkDL's ``rwkv`` package on the same checkpoint file.
+
+Every configuration runs in a fresh subprocess, so its peak RSS is its own and one run's caches do not
+help the next. The parent measures the machine first (fp32 GEMM throughput at the model's FFN shape
+and the memory read bandwidth) and reports each result against the floor it implies:
+
+- decode floor = bytes of weights read per token (every matrix except the embedding, which is a row
+  lookup) / read bandwidth; ``x floor`` = measured time / floor (1.0 is the hardware limit);
+- prefill ``% GEMM`` = (2 x matrix parameters per token) x tokens/s / measured GEMM FLOP/s.
+
+Prefill runs one forward of ``--prefill`` tokens from the empty state and keeps the last logits (what
+the package's ``forward`` returns); decode feeds the argmax token back for ``--decode`` steps after a
+warm-up, at each ``--batch``. ``--kl`` adds the mean KL divergence of each weight format's next-token
+distribution from fp32 over a prompt and its continuation. Times are medians; ratios are only
+meaningful within one run (shared machines drift).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+RESULT = "RESULT "
+
+
+# ---------------------------------------------------------------------------------------------------
+# Measurements (run inside worker subprocesses)
+
+
+def _rss_now() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _timed(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _weight_bytes(model) -> int:
+    """Bytes a decode step reads: every parameter and buffer except the embedding table."""
+    total = 0
+    for name, t in (*model.named_parameters(), *model.named_buffers()):
+        if not name.startswith("emb."):
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _matrix_params(model) -> int:
+    n = 0
+    for name, t in (*model.named_parameters(), *model.named_buffers()):
+        if t.dim() >= 2 and not name.startswith(("emb.", "head.")) and not name.endswith("scale"):
+            n += t.numel()
+    return n
+
+
+def ours(spec: str, weights: str, batches: list[int], prefill: int, decode: int, threads: int,
+         long_steps: int = 0) -> dict:
+    from rwkv_zoo.cli_generate import load_model
+    from rwkv_zoo.inference import prepare_inference
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    model = prepare_inference(load_model(spec), weights)
+    out: dict = {"impl": "rwkv_zoo", "weights": weights, "load_s": time.perf_counter() - t0}
+    V = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    out["weight_bytes"] = _weight_bytes(model)
+    out["matrix_params"] = _matrix_params(model)
+    with torch.no_grad():
+        if prefill:
+            toks = torch.randint(0, V, (1, prefill), generator=g)
+            model(toks[:, :16], logits_to_keep=1)  # warm-up
+            out["prefill_s"] = _timed(lambda: model(toks, logits_to_keep=1), 3)
+        out["decode"] = {}
+        for B in batches:
+            logits, state = model(torch.randint(0, V, (B, 8), generator=g), logits_to_keep=1)
+            tok = logits[:, -1:].argmax(-1)
+            for _ in range(4):
+                logits, state = model(tok, state)
+                tok = logits[:, -1].argmax(-1, keepdim=True)
+            times = []
+            for _ in range(decode):
+                t = time.perf_counter()
+                logits, state = model(tok, state)
+                tok = logits[:, -1].argmax(-1, keepdim=True)
+                times.append(time.perf_counter() - t)
+            out["decode"][str(B)] = statistics.median(times)
+        if long_steps:
+            tok, state = tok[:1], state.select(0)
+            rss = {}
+            for i in range(1, long_steps + 1):
+                logits, state = model(tok, state)
+                tok = logits[:, -1].argmax(-1, keepdim=True)
+                if i in (100, long_steps):
+                    rss[str(i)] = _rss_now()
+            out["rss_after"] = rss
+    out["peak_rss"] = _peak_rss()
+    return out
+
+
+def official(path: str, version: str, weights: str, prefill: int, decode: int, threads: int) -> dict:
+    """BlinkDL's ``rwkv`` package (strategy ``cpu fp32`` / ``cpu bf16``, JIT on), batch 1."""
+    os.environ.setdefault("RWKV_JIT_ON", "1")
+    if version == "v7":
+        os.environ["RWKV_V7_ON"] = "1"
+    torch.set_num_threads(threads)
+    from rwkv.model import RWKV
+
+    t0 = time.perf_counter()
+    model = RWKV(model=path.removesuffix(".pth"), strategy=f"cpu {weights}")
+    out: dict = {"impl": "rwkv package", "weights": weights, "load_s": time.perf_counter() - t0}
+    vocab = model.w["emb.weight"].shape[0]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        if prefill:
+            toks = torch.randint(0, vocab, (prefill,), generator=g).tolist()
+            model.forward(toks[:16], None)
+            out["prefill_s"] = _timed(lambda: model.forward(toks, None), 3)
+        logits, state = model.forward(torch.randint(0, vocab, (8,), generator=g).tolist(), None)
+        tok = int(logits.argmax())
+        for _ in range(4):
+            logits, state = model.forward([tok], state)
+            tok = int(logits.argmax())
+        times = []
+        for _ in range(decode):
+            t = time.perf_counter()
+            logits, state = model.forward([tok], state)
+            tok = int(logits.argmax())
+            times.append(time.perf_counter() - t)
+        out["decode"] = {"1": statistics.median(times)}
+    out["peak_rss"] = _peak_rss()
+    return out
+
+
+def kl(spec: str, weights: list[str], tokens: int, threads: int) -> dict:
+    """Mean KL(fp32 || weights) of the next-token distributions over a prompt and its greedy continuation."""
+    from rwkv_zoo.cli_generate import load_model
+    from rwkv_zoo.inference import prepare_inference
+
+    torch.set_num_threads(threads)
+    base = load_model(spec)
+    V = base.config.vocab_size
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, V, (1, tokens), generator=g)
+
+    def run(model):
+        # The prompt in one forward, then the same tokens again one at a time (the decode path).
+        with torch.no_grad():
+            full, _ = model(prompt)
+            state, steps = None, []
+            for t in range(prompt.shape[1]):
+                lo, state = model(prompt[:, t : t + 1], state)
+                steps.append(lo)
+        return torch.log_softmax(full[0].float(), -1), torch.log_softmax(torch.cat(steps, 1)[0].float(), -1)
+
+    ref_full, ref_step = run(prepare_inference(base, "fp32"))
+    out = {}
+    for w in weights:
+        if w == "fp32":
+            continue
+        model = prepare_inference(load_model(spec), w)
+        full, step = run(model)
+        kl_full = (ref_full.exp() * (ref_full - full)).sum(-1).mean().item()
+        kl_step = (ref_step.exp() * (ref_step - step)).sum(-1).mean().item()
+        out[w] = {"prefill": kl_full, "decode": kl_step}
+        del model
+    return out
+
+
+def machine(C: int, F: int, threads: int) -> dict:
+    """fp32 GEMM FLOP/s at the prefill FFN shape [512, C] x [C, F], and read bandwidth (sum of 1 GiB)."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(512, C), torch.randn(C, F)
+    torch.mm(a, b)
+    t = _timed(lambda: torch.mm(a, b), 7)
+    big = torch.ones(1 << 28)  # 1 GiB of fp32
+    big.sum()
+    r = _timed(lambda: big.sum(), 5)
+    return {"gemm_flops": 2 * 512 * C * F / t, "read_bytes_per_s": big.numel() * 4 / r}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The command
+
+
+def _run_worker(kind: str, kwargs: dict, timeout: float) -> dict:
+    cmd = [sys.executable, "-m", "rwkv_zoo.bench", kind, json.dumps(kwargs)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT):
+            return json.loads(line[len(RESULT) :])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-12:]
+    raise RuntimeError(f"bench worker {kind} failed (exit {proc.returncode}):\n" + "\n".join(tail))
+
+
+def _fmt_bytes(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def run(args) -> int:
+    from rwkv_zoo.cli import UsageError
+
+    weights = [w.strip() for w in args.weights.split(",") if w.strip()]
+    batches = sorted({int(b) for b in args.batch.split(",")})
+    for w in weights:
+        if w not in ("fp32", "bf16", "int8"):
+            raise UsageError(f"--weights takes fp32, bf16, int8; got {w!r}")
+    if any(b < 1 for b in batches) or args.prefill < 0 or args.decode < 1:
+        raise UsageError("--batch values and --decode must be >= 1, --prefill >= 0")
+    spec, tmp = args.model, None
+    from rwkv_zoo.cli_generate import load_model
+
+    if args.compare_official and not os.path.exists(spec):
+        # Both implementations must read the same file: write the random model once.
+        import rwkv_zoo
+
+        tmp = tempfile.TemporaryDirectory(prefix="rwkv-zoo-bench-")
+        path = os.path.join(tmp.name, "model.pth")
+        rwkv_zoo.save(load_model(spec), path)
+        spec = path
+    try:
+        return _report(args, spec, weights, batches)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def _report(args, spec: str, weights: list[str], batches: list[int]) -> int:
+    import rwkv_zoo
+    from rwkv_zoo import cpu_kernels
+
+    meta = rwkv_zoo.load(spec) if os.path.exists(spec) else rwkv_zoo.build(spec, device="meta")  # mmap: cheap
+    c = meta.config
+    print(f"model {args.model}: {meta.version}, {c.n_layer} x {c.n_embd}, vocab {c.vocab_size}; "
+          f"threads {args.threads}; CPU kernels: {cpu_kernels.unavailable_reason() or 'available'}")
+    mach = _run_worker("machine", {"C": c.n_embd, "F": c.dim_ffn, "threads": args.threads}, 600)
+    print(f"machine: fp32 GEMM {mach['gemm_flops'] / 1e9:.0f} GFLOP/s at [512, {c.n_embd}] x "
+          f"[{c.n_embd}, {c.dim_ffn}]; read bandwidth {mach['read_bytes_per_s'] / 1e9:.1f} GB/s")
+    rows = []
+    common = {"prefill": args.prefill, "decode": args.decode, "threads": args.threads}
+    for w in weights:
+        rows.append(_run_worker("ours", {"spec": spec, "weights": w, "batches": batches,
+                                         "long_steps": args.long, **common}, 3600))
+    if args.compare_official:
+        for w in ("fp32", "bf16"):
+            if w in weights or w == "fp32":
+                rows.append(_run_worker("official", {"path": spec, "version": meta.version, "weights": w,
+                                                     **common}, 3600))
+    kls = _run_worker("kl", {"spec": spec, "weights": weights, "tokens": 64, "threads": args.threads}, 3600) \
+        if args.kl else {}
+    _print_table(rows, mach, batches, kls, args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": mach, "rows": rows, "kl": kls, "model": args.model}, f, indent=1)
+    return 0
+
+
+def _print_table(rows, mach, batches, kls, args) -> None:
+    base = {r["weights"]: r for r in rows if r["impl"] == "rwkv package"}
+    ref32 = base.get("fp32")
+    head = (f"{'implementation':<14} {'weights':<7} {'B':>3} {'prefill tok/s':>13} {'% GEMM':>6} "
+            f"{'decode ms':>9} {'tok/s':>8} {'x floor':>7} {'vs pkg fp32':>11} {'vs pkg same':>11} {'peak RSS':>9}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        matrix = r.get("matrix_params") or next((x["matrix_params"] for x in rows if "matrix_params" in x), 0)
+        wbytes = r.get("weight_bytes") or next(
+            (x["weight_bytes"] for x in rows if x.get("weights") == r["weights"] and "weight_bytes" in x), 0)
+        for i, (B, dt) in enumerate(sorted(r["decode"].items(), key=lambda kv: int(kv[0]))):
+            B = int(B)
+            pre, eff = "", ""
+            if i == 0 and r.get("prefill_s"):
+                tps = args.prefill / r["prefill_s"]
+                pre = f"{tps:.0f}"
+                eff = f"{100 * 2 * matrix * tps / mach['gemm_flops']:.0f}%" if matrix else ""
+            floor = wbytes / mach["read_bytes_per_s"] if wbytes else 0
+            xf = f"{dt / floor:.2f}" if floor else ""
+            tok_s = B / dt
+            vs32 = f"{tok_s * ref32['decode']['1']:.2f}x" if ref32 and r is not ref32 else ""
+            same = base.get(r["weights"])
+            vss = f"{tok_s * same['decode']['1']:.2f}x" if same and r is not same else ""
+            rss = _fmt_bytes(r["peak_rss"]) if i == 0 else ""
+            print(f"{r['impl']:<14} {r['weights']:<7} {B:>3} {pre:>13} {eff:>6} {dt * 1e3:>9.1f} {tok_s:>8.1f} "
+                  f"{xf:>7} {vs32:>11} {vss:>11} {rss:>9}")
+        if ref32 and r is not ref32 and r.get("prefill_s") and ref32.get("prefill_s"):
+            print(f"{'':<14} prefill vs package fp32: {ref32['prefill_s'] / r['prefill_s']:.2f}x")
+        if r.get("rss_after"):
+            a = r["rss_after"]
+            n0, n1 = sorted(a, key=int)
+            print(f"{'':<14} RSS after {n0} decode steps {_fmt_bytes(a[n0])}, after {n1}: {_fmt_bytes(a[n1])} "
+                  f"({100 * (a[n1] / a[n0] - 1):+.2f}%)")
+    for w, v in kls.items():
+        print(f"mean KL(fp32 || {w}) of next-token distributions: prefill {v['prefill']:.2e}, "
+              f"decode {v['decode']:.2e}")
+    print("(decode ms = median per step; tok/s = B / step time; x floor = step time / (weight bytes / read "
+          "bandwidth); vs pkg = tokens/s over the package's batch-1 tokens/s)")
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("bench", help="decode/prefill tok/s and peak RSS; --compare-official runs the rwkv package too")
+    p.add_argument("model", help="checkpoint file, or a model name (random weights, e.g. v4-pile-169M)")
+    p.add_argument("--weights", default="fp32", help="comma list of fp32, bf16, int8 (default fp32)")
+    p.add_argument("--batch", default="1", help="comma list of decode batch sizes (default 1)")
+    p.add_argument("--prefill", type=int, default=512, help="prefill length (0 skips it)")
+    p.add_argument("--decode", type=int, default=64, help="decode steps timed per batch size")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--compare-official", action="store_true", help="also run BlinkDL's rwkv package (cpu fp32/bf16)")
+    p.add_argument("--kl", action="store_true", help="mean logit KL of bf16/int8 weights against fp32")
+    p.add_argument("--long", type=int, default=0, metavar="N",
+                   help="decode N more steps at batch 1 and report RSS after 100 and after N")
+    p.add_argument("--json", help="also write the results to this file")
+    p.set_defaults(func=run)
+
+
+def _main() -> None:
+    kind, kwargs = sys.argv[1], json.loads(sys.argv[2])
+    fn = {"ours": ours, "official": official, "kl": kl, "machine": machine}[kind]
+    print(RESULT + json.dumps(fn(**kwargs)), flush=True)
+
+
+if __name__ == "__main__":
+    _main()

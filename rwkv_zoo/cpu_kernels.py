@@ -1,0 +1,137 @@
+"""CPU matrix-vector kernels for decode, compiled at first use and called through ``ctypes``.
+
+Decode reads every weight once per token, so on a CPU it is bound by memory bandwidth; the kernels
+in ``csrc/cpu_gemv.cpp`` stream weights stored ``[out, in]`` in fp32, bf16 or int8 (one fp32 scale
+per output row), widen them in registers and accumulate in fp32, for up to a few rows of input at a
+time (AVX2 + FMA, OpenMP threads = ``torch.get_num_threads()``).
+
+The library is built with the system C++ compiler (``$CXX``, else ``c++``/``g++``) into a cache
+directory (``$RWKV_ZOO_CACHE``, else ``~/.cache/rwkv_zoo``), named after a hash of the source and
+the flags; a file lock keeps two processes from building at once and the file is renamed into
+place, so a reader never sees half a library. No torch headers: building takes ~2 s.
+
+``unavailable_reason()`` says why the kernels cannot run here (not x86-64, no AVX2, no compiler,
+the build failed, ``RWKV_ZOO_CPU_KERNELS=0``); callers then fall back to ``torch.nn.functional.linear``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("csrc") / "cpu_gemv.cpp"
+FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+ABI_VERSION = 1
+
+_P, _I, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("RWKV_ZOO_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "rwkv_zoo"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _static_reason() -> str | None:
+    if os.environ.get("RWKV_ZOO_CPU_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
+        return "disabled by RWKV_ZOO_CPU_KERNELS=0"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"the CPU kernels are written for x86-64 with AVX2, this is {platform.machine()}"
+    if os.name != "posix":
+        return "the CPU kernels are built as a POSIX shared library"
+    cap = torch.backends.cpu.get_cpu_capability()
+    if "AVX2" not in cap and "AVX512" not in cap:
+        return f"this CPU has no AVX2 (torch reports {cap})"
+    if _compiler() is None:
+        return "no C++ compiler found (set CXX, or install g++)"
+    return None
+
+
+def _build(cxx: str) -> Path:
+    src = SOURCE.read_bytes()
+    tag = hashlib.sha256(src + " ".join((cxx, *FLAGS)).encode()).hexdigest()[:16]
+    out_dir = cache_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lib = out_dir / f"cpu_gemv-{tag}.so"
+    if lib.exists():
+        return lib
+    import fcntl
+
+    with open(out_dir / f"cpu_gemv-{tag}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same library
+        if lib.exists():
+            return lib
+        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".cpu_gemv-", suffix=".so")
+        os.close(fd)
+        try:
+            proc = subprocess.run([cxx, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{cxx} failed to build {SOURCE.name}:\n{proc.stderr.strip()[-2000:]}")
+            os.replace(tmp, lib)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return lib
+
+
+@functools.lru_cache(maxsize=1)
+def _load() -> tuple[ctypes.CDLL | None, str | None]:
+    why = _static_reason()
+    if why:
+        return None, why
+    try:
+        lib = ctypes.CDLL(str(_build(_compiler())))
+    except Exception as exc:  # a broken toolchain must not break inference: report and fall back
+        return None, f"building the CPU kernels failed ({type(exc).__name__}: {exc})"
+    if lib.rz_abi_version() != ABI_VERSION:
+        return None, "the cached CPU kernel library has another ABI version; clear the cache directory"
+    lib.rz_gemv_f32.argtypes = [_P, _I, _I, _I, _P, _I, _P, _I, _INT]
+    lib.rz_gemv_bf16.argtypes = [_P, _I, _I, _I, _P, _I, _P, _I, _INT]
+    lib.rz_gemv_i8.argtypes = [_P, _I, _I, _I, _P, _P, _I, _P, _I, _INT]
+    for fn in (lib.rz_gemv_f32, lib.rz_gemv_bf16, lib.rz_gemv_i8):
+        fn.restype = None
+    return lib, None
+
+
+def unavailable_reason() -> str | None:
+    """Why the CPU kernels cannot run here (building them on first call), or None."""
+    return _load()[1]
+
+
+def available() -> bool:
+    return _load()[0] is not None
+
+
+def gemv(x: Tensor, weight: Tensor, scale: Tensor | None = None, out: Tensor | None = None) -> Tensor:
+    """``x`` [M, K] fp32 (rows contiguous) times ``weight`` [N, K] (fp32, bf16, or int8 with ``scale`` [N]).
+
+    Returns [M, N] fp32. The caller checks ``available()`` and the dtypes/devices; this is the hot path.
+    """
+    lib = _load()[0]
+    M, K = x.shape
+    N = weight.shape[0]
+    y = torch.empty(M, N, dtype=torch.float32) if out is None else out
+    nt = torch.get_num_threads()
+    if weight.dtype == torch.int8:
+        lib.rz_gemv_i8(x.data_ptr(), M, K, x.stride(0), weight.data_ptr(), scale.data_ptr(), N, y.data_ptr(), N, nt)
+    elif weight.dtype == torch.bfloat16:
+        lib.rz_gemv_bf16(x.data_ptr(), M, K, x.stride(0), weight.data_ptr(), N, y.data_ptr(), N, nt)
+    else:
+        lib.rz_gemv_f32(x.data_ptr(), M, K, x.stride(0), weight.data_ptr(), N, y.data_ptr(), N, nt)
+    return y

@@ -1,0 +1,381 @@
+"""Inference fast paths: a lean one-token decode step, and fp32 / bf16 / int8 weights for it.
+
+``model(tokens [B, 1], state)`` without gradients runs ``DecodeStep`` instead of the module tree
+(``RWKV.forward`` routes there; ``model.fast_decode = False`` turns it off). The step is the same
+maths as the version files, written for one token on ``[B, C]`` tensors: mixes as ``lerp``/fused
+stacks, constants such as ``exp(-exp(time_decay))`` computed once per weight version, the one-step
+WKV recurrence inline, and no module-call or dispatch overhead per layer. It is checked against the
+module path to fp32 rounding for every version and hybrids (tests/generation/test_inference.py).
+Dispatch still decides: the step asks for the ``recurrent`` kernel once per call, and runs its own
+one-step recurrence only when dispatch chose ``reference`` (the same formulas); any other backend's
+kernel is called for each layer's WKV.
+
+``prepare_inference(model, weights=...)`` replaces every ``nn.Linear`` of the blocks and the head by
+an ``InferenceLinear`` holding the weight in fp32, bf16 or int8 (symmetric, one fp32 scale per output
+channel: ``W[n, :] ~= scale[n] * q[n, :]``). A few rows of input (decode, up to ``GEMV_MAX_ROWS``) go
+through ``rwkv_zoo.cpu_kernels`` (weights streamed and widened in registers, fp32 accumulation);
+more rows (prefill) multiply with the weight widened to fp32, one matrix at a time, because a CPU
+without native bf16 computes bf16 GEMMs slowly. Activations and the state stay fp32 throughout.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rwkv_zoo import cpu_kernels, ops
+from rwkv_zoo.state import LayerState, RWKVState
+
+WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
+GEMV_MAX_ROWS = 16  # above this, a GEMM on fp32 weights wins over streaming the stored weights per row tile
+
+__all__ = ["DecodeStep", "InferenceLinear", "prepare_inference", "quantize_int8"]
+
+
+def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric per-output-channel int8: ``weight [N, K] ~= scale[:, None] * q`` with ``|q| <= 127``."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp_min(1e-30) / 127.0
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+class InferenceLinear(nn.Module):
+    """A bias-free linear layer for inference with its weight stored in fp32, bf16 or int8."""
+
+    def __init__(self, weight: Tensor, kind: str = "fp32"):
+        super().__init__()
+        if kind not in WEIGHT_DTYPES:
+            raise ValueError(f"weights must be one of {', '.join(WEIGHT_DTYPES)}, got {kind!r}")
+        self.kind = kind
+        self.out_features, self.in_features = weight.shape
+        if kind == "int8":
+            q, scale = quantize_int8(weight)
+            self.register_buffer("qweight", q.contiguous())
+            self.register_buffer("scale", scale.contiguous())
+        else:
+            self.register_buffer("qweight", weight.detach().to(WEIGHT_DTYPES[kind]).contiguous())
+            self.scale = None
+
+    def dequantized(self) -> Tensor:
+        """The weight the kernels multiply with, as an fp32 [out, in] tensor."""
+        w = self.qweight.float()
+        return w * self.scale[:, None] if self.scale is not None else w
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.numel() // self.in_features
+        if (
+            rows <= GEMV_MAX_ROWS
+            and x.dtype == torch.float32
+            and x.device.type == "cpu"
+            and not (torch.is_grad_enabled() and x.requires_grad)
+            and cpu_kernels.available()
+        ):
+            x2 = x.reshape(rows, self.in_features)
+            if x2.stride(1) != 1 or x2.stride(0) != self.in_features:
+                x2 = x2.contiguous()
+            return cpu_kernels.gemv(x2, self.qweight, self.scale).view(*x.shape[:-1], self.out_features)
+        w = self.qweight if self.kind == "fp32" else self.dequantized()
+        return F.linear(x, w.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weights={self.kind}"
+
+
+@torch.no_grad()
+def prepare_inference(model: nn.Module, weights: str = "fp32") -> nn.Module:
+    """Turn ``model`` (in place) into an inference model with ``weights`` in fp32, bf16 or int8.
+
+    Every ``nn.Linear`` of the blocks and the head becomes an ``InferenceLinear``; the small LoRA
+    matrices, mixes, norms and the embedding (a row lookup) stay fp32. Parameters stop requiring
+    gradients. The model keeps its call signature and state, so ``generate``, ``score`` and the CLI
+    use it unchanged; ``rwkv_zoo.save`` refuses it (save the original weights instead).
+    """
+    if weights not in WEIGHT_DTYPES:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHT_DTYPES)}, got {weights!r}")
+    if model.dtype != torch.float32:
+        raise ValueError(f"prepare_inference needs an fp32 model (activations stay fp32), got {model.dtype}")
+    if any(p.is_meta for p in model.parameters()):
+        raise ValueError("prepare_inference needs real weights, not a model on the meta device")
+    targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, (nn.Linear, InferenceLinear))]
+    for name, mod in targets:
+        if isinstance(mod, nn.Linear) and mod.bias is not None:
+            raise ValueError(f"{name} has a bias; RWKV projections have none")
+        weight = mod.dequantized() if isinstance(mod, InferenceLinear) else mod.weight
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, InferenceLinear(weight, weights))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.inference_weights = weights
+    model.eval()
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# The decode step
+
+
+def _lin(mod: nn.Module):
+    if isinstance(mod, InferenceLinear):
+        return mod.forward
+    weight = mod.weight
+    return lambda x: F.linear(x, weight)
+
+
+def _flat(p: Tensor) -> Tensor:
+    return p.detach().reshape(-1).float()
+
+
+def _group_norm(y: Tensor, H: int, ln: nn.GroupNorm) -> Tensor:
+    return F.group_norm(y, H, ln.weight, ln.bias, ln.eps)
+
+
+def _wkv4_step(a, b, p, w, u, k, v):
+    # The reference recurrence for one token (backends/reference/recurrent.py), on [B, C].
+    q = torch.maximum(p, u + k)
+    e1, e2 = torch.exp(p - q), torch.exp(u + k - q)
+    y = (e1 * a + e2 * v) / (e1 * b + e2)
+    q2 = torch.maximum(p + w, k)
+    e1, e2 = torch.exp(p + w - q2), torch.exp(k - q2)
+    return y, e1 * a + e2 * v, e1 * b + e2, q2
+
+
+class _Layer:
+    """One block's tensors, pre-shaped for [B, C] inputs."""
+
+    def __init__(self, block: nn.Module):
+        from rwkv_zoo.versions import v4, v5, v6, v7
+
+        att, ffn = block.att, block.ffn
+        self.ln0 = block.ln0
+        self.ln1, self.ln2 = block.ln1, block.ln2
+        if isinstance(att, v5.V5TimeMix):
+            self.att_kind = "v5"
+        elif isinstance(att, v4.V4TimeMix):
+            self.att_kind = "v4"
+        elif isinstance(att, v6.V6TimeMix):
+            self.att_kind = "v6"
+        elif isinstance(att, v7.V7TimeMix):
+            self.att_kind = "v7"
+        else:
+            raise TypeError(type(att).__name__)
+        if isinstance(ffn, v4.V4ChannelMix):
+            self.ffn_kind = "v4"
+            self.f_mk, self.f_mr = _flat(ffn.time_mix_k), _flat(ffn.time_mix_r)
+        elif isinstance(ffn, v6.V6ChannelMix):
+            self.ffn_kind = "v6"
+            self.f_mk, self.f_mr = 1 - _flat(ffn.time_maa_k), 1 - _flat(ffn.time_maa_r)
+        elif isinstance(ffn, v7.V7ChannelMix):
+            self.ffn_kind = "v7"
+            self.f_mk = 1 - _flat(ffn.x_k)
+        else:
+            raise TypeError(type(ffn).__name__)
+        self.f_key, self.f_value = _lin(ffn.key), _lin(ffn.value)
+        self.f_rec = _lin(ffn.receptance) if self.ffn_kind != "v7" else None
+        self.op = att.wkv_op
+        self.H, self.N = att.kernel_heads, att.kernel_head_size
+        self.r, self.k, self.v, self.o = _lin(att.receptance), _lin(att.key), _lin(att.value), _lin(att.output)
+        kind = self.att_kind
+        if kind == "v4":
+            self.mk, self.mv, self.mr = _flat(att.time_mix_k), _flat(att.time_mix_v), _flat(att.time_mix_r)
+            self.w = -torch.exp(_flat(att.time_decay))
+            self.u = _flat(att.time_first)
+        elif kind == "v5":
+            self.mk, self.mv, self.mr = _flat(att.time_mix_k), _flat(att.time_mix_v), _flat(att.time_mix_r)
+            self.mg = _flat(att.time_mix_g)
+            self.g = _lin(att.gate)
+            self.logw = -torch.exp(att.time_decay.detach().float())  # [H, N]
+            self.decay = torch.exp(self.logw)[None, :, :, None]  # [1, H, K, 1]
+            self.u = att.time_faaaa.detach().float()[None, :, :, None]
+            self.ln_x = att.ln_x
+        elif kind == "v6":
+            self.maa_x = _flat(att.time_maa_x)
+            self.maa = torch.stack([_flat(getattr(att, f"time_maa_{c}")) for c in "wkvrg"])[:, None, :]  # [5, 1, C]
+            self.maa_w1 = att.time_maa_w1.detach()
+            self.maa_w2 = att.time_maa_w2.detach()
+            self.decay0 = _flat(att.time_decay)
+            self.dw1, self.dw2 = att.time_decay_w1.detach(), att.time_decay_w2.detach()
+            self.u = att.time_faaaa.detach().float()[None, :, :, None]
+            self.g = _lin(att.gate)
+            self.ln_x = att.ln_x
+        else:
+            self.mix = torch.stack([_flat(getattr(att, f"x_{c}")) for c in "rwkvag"])[:, None, :]  # [6, 1, C]
+            self.w0, self.w1, self.w2 = _flat(att.w0), att.w1.detach(), att.w2.detach()
+            self.a0, self.a1, self.a2 = _flat(att.a0), att.a1.detach(), att.a2.detach()
+            self.v0, self.v1, self.v2 = _flat(att.v0), att.v1.detach(), att.v2.detach()
+            self.g1, self.g2 = att.g1.detach(), att.g2.detach()
+            self.k_k, self.k_a = _flat(att.k_k), _flat(att.k_a)
+            self.r_k = att.r_k.detach().float()  # [H, N]
+            self.ln_x = att.ln_x
+
+
+class DecodeStep:
+    """``step(x [B, C] embeddings, state) -> (logits [B, V], state)`` for one token, no gradients."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.layers = [_Layer(b) for b in model.blocks]
+        self.head = _lin(model.head)
+        self.ln_out = model.ln_out
+        self.key = self.fingerprint(model)
+
+    @staticmethod
+    def fingerprint(model: nn.Module) -> tuple:
+        # In-place updates (an optimizer step, set_rescale, load_state_dict) bump tensor versions;
+        # swapped modules (prepare_inference) or moved weights change data pointers. Either rebuilds
+        # the step's cached constants.
+        return tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
+
+    def _kernels(self, B: int, has_state: bool, device, dtype) -> dict[str, Any]:
+        """Per op: None to run the inline reference recurrence, else dispatch's ``Selection`` (its kernel
+        then runs through the op front-end, which checks what the kernel returns)."""
+        out: dict[str, Any] = {}
+        m = self.model
+        for layer in self.layers:
+            if layer.op in out:
+                continue
+            sel = ops._select(layer.op, m.mode or "recurrent", device.type, dtype, B, 1, layer.H, layer.N,
+                              False, has_state, m.backend)
+            out[layer.op] = None if sel.backend == "reference" and sel.mode == "recurrent" else sel
+        return out
+
+    @torch.no_grad()
+    def __call__(self, x: Tensor, state: RWKVState, fresh: bool) -> tuple[Tensor, list[LayerState]]:
+        model = self.model
+        B, C = x.shape
+        kernels = self._kernels(B, not fresh, x.device, x.dtype)
+        ctx: dict[str, Tensor] = {}
+        new_layers = []
+        every = model.rescale_every
+        for i, (layer, ls) in enumerate(zip(self.layers, state.layers, strict=True)):
+            if layer.ln0 is not None:
+                x = F.layer_norm(x, (C,), layer.ln0.weight, layer.ln0.bias, layer.ln0.eps)
+            xa = F.layer_norm(x, (C,), layer.ln1.weight, layer.ln1.bias, layer.ln1.eps)
+            out, wkv = self._time_mix(layer, xa, ls.att_shift, ls.wkv, kernels[layer.op], ctx, B)
+            x = x + out
+            xf = F.layer_norm(x, (C,), layer.ln2.weight, layer.ln2.bias, layer.ln2.eps)
+            x = x + self._channel_mix(layer, xf, ls.ffn_shift)
+            new_layers.append(LayerState(xa, xf, wkv))
+            if every and (i + 1) % every == 0:
+                x = x / 2
+        x = F.layer_norm(x, (C,), self.ln_out.weight, self.ln_out.bias, self.ln_out.eps)
+        return self.head(x), new_layers
+
+    @staticmethod
+    def _channel_mix(layer: _Layer, x: Tensor, xx: Tensor) -> Tensor:
+        xk = torch.lerp(xx, x, layer.f_mk)
+        k = torch.relu(layer.f_key(xk)).square_()
+        if layer.ffn_kind == "v7":
+            return layer.f_value(k)
+        r = torch.sigmoid(layer.f_rec(torch.lerp(xx, x, layer.f_mr)))
+        return r * layer.f_value(k)
+
+    def _time_mix(self, layer: _Layer, x: Tensor, xx: Tensor, wkv, kernel, ctx, B: int):
+        kind, H, N = layer.att_kind, layer.H, layer.N
+        if kind == "v4":
+            k = layer.k(torch.lerp(xx, x, layer.mk))
+            v = layer.v(torch.lerp(xx, x, layer.mv))
+            r = torch.sigmoid(layer.r(torch.lerp(xx, x, layer.mr)))
+            if kernel is None:
+                if wkv is None:
+                    wkv = ops.zero_state4(B, x.shape[1], x.device)
+                y, a, b, p = _wkv4_step(*wkv, layer.w, layer.u, k, v)
+                wkv = (a, b, p)
+            else:
+                y, wkv = ops.wkv4(layer.w, layer.u, k[:, None], v[:, None], wkv, mode=kernel.mode,
+                                  backend=kernel.backend)
+                y = y[:, 0]
+            return layer.o(r * y), wkv
+        if wkv is None and kernel is None:
+            wkv = x.new_zeros(B, H, N, N)
+        if kind == "v5":
+            r = layer.r(torch.lerp(xx, x, layer.mr))
+            k = layer.k(torch.lerp(xx, x, layer.mk))
+            v = layer.v(torch.lerp(xx, x, layer.mv))
+            g = F.silu(layer.g(torch.lerp(xx, x, layer.mg)))
+            y, wkv = self._wkv56(kernel, r, k, v, layer.decay, layer.logw, layer.u, wkv, B, H, N, "wkv5")
+            y = _group_norm(y, H, layer.ln_x)
+            return layer.o(y * g), wkv
+        if kind == "v6":
+            dx = xx - x
+            h = torch.tanh(torch.addcmul(x, dx, layer.maa_x) @ layer.maa_w1)  # [B, 5 * Dm]
+            m = torch.bmm(h.view(B, 5, -1).transpose(0, 1), layer.maa_w2)  # [5, B, C]: w, k, v, r, g
+            mixed = torch.addcmul(x, dx, layer.maa + m)  # [5, B, C]
+            r, k, v = layer.r(mixed[3]), layer.k(mixed[1]), layer.v(mixed[2])
+            g = F.silu(layer.g(mixed[4]))
+            logw = -torch.exp(layer.decay0 + torch.tanh(mixed[0] @ layer.dw1) @ layer.dw2)  # [B, C]
+            y, wkv = self._wkv56(kernel, r, k, v, None, logw.view(B, H, N), layer.u, wkv, B, H, N, "wkv6")
+            y = _group_norm(y, H, layer.ln_x)
+            return layer.o(y * g), wkv
+        return self._v7(layer, x, xx, wkv, kernel, ctx, B, H, N)
+
+    @staticmethod
+    def _wkv56(sel, r, k, v, decay, logw, u, S, B, H, N, op: str):
+        if sel is not None:
+            r4, k4, v4 = (t.view(B, 1, H, N) for t in (r, k, v))
+            w = logw.view(B, 1, H, N) if op == "wkv6" else logw
+            y, S = ops.OP_FUNCTIONS[op](r4, k4, v4, w, u.view(H, N), S, mode=sel.mode, backend=sel.backend)
+            return y.view(B, H * N), S
+        r, k, v = r.view(B, H, 1, N), k.view(B, H, N, 1), v.view(B, H, 1, N)
+        kv = k @ v  # [B, H, K, V]
+        y = r @ torch.addcmul(S, u, kv)  # bonus on the current token, read before the update
+        if decay is None:
+            decay = torch.exp(logw).unsqueeze(-1)
+        S = torch.addcmul(kv, decay, S)
+        return y.view(B, H * N), S
+
+    @staticmethod
+    def _v7(layer: _Layer, x, xx, S, kernel, ctx, B, H, N):
+        from rwkv_zoo.versions.v7 import DECAY_SCALE
+
+        C = H * N
+        mixed = torch.addcmul(x, xx - x, layer.mix)  # [6, B, C]: r, w, k, v, a, g
+        r, k, v = layer.r(mixed[0]), layer.k(mixed[2]), layer.v(mixed[3])
+        logw = -DECAY_SCALE * torch.sigmoid(layer.w0 + torch.tanh(mixed[1] @ layer.w1) @ layer.w2)
+        a = torch.sigmoid(layer.a0 + (mixed[4] @ layer.a1) @ layer.a2)
+        g = torch.sigmoid(mixed[5] @ layer.g1) @ layer.g2
+        kk = F.normalize((k * layer.k_k).view(B, H, N), dim=-1, p=2.0, eps=1e-12)
+        k = k * (1 + (a - 1) * layer.k_a)
+        if "v_first" not in ctx:
+            ctx["v_first"] = v
+        else:
+            v = torch.lerp(v, ctx["v_first"], torch.sigmoid(layer.v0 + (mixed[3] @ layer.v1) @ layer.v2))
+        rh, kh, vh, ah = r.view(B, H, N), k.view(B, H, N), v.view(B, H, N), a.view(B, H, N)
+        if kernel is not None:
+            args = [t.view(B, 1, H, N) for t in (rh, logw, kh, vh, -kk, kk * ah)]
+            y, S = ops.wkv7(*args, S, mode=kernel.mode, backend=kernel.backend)
+            y = y.view(B, C)
+        else:
+            # S_t = diag(exp(w)) S + b (a^T S) + k v^T with a = -kk, b = kk * a_t; y = S_t^T r.
+            sa = (-kk).unsqueeze(-2) @ S  # [B, H, 1, V]
+            S = torch.exp(logw.view(B, H, N, 1)) * S + (kk * ah).unsqueeze(-1) @ sa
+            S = S + kh.unsqueeze(-1) @ vh.unsqueeze(-2)
+            y = (rh.unsqueeze(-2) @ S).view(B, C)
+        y = _group_norm(y, H, layer.ln_x)
+        y = y + ((rh * kh * layer.r_k).sum(-1, keepdim=True) * vh).view(B, C)
+        return layer.o(y * g), S
+
+
+def decode_step(model: nn.Module) -> DecodeStep:
+    """The model's cached ``DecodeStep``, rebuilt when its weights changed since it was made."""
+    step = model.__dict__.get("_decode_step")
+    if step is None or step.key != DecodeStep.fingerprint(model):
+        step = DecodeStep(model)
+        model.__dict__["_decode_step"] = step
+    return step
+
+
+def can_fast_decode(model: nn.Module, T: int) -> bool:
+    return (
+        T == 1
+        and getattr(model, "fast_decode", True)
+        and not torch.is_grad_enabled()
+        and model.dtype == torch.float32
+        and (model.mode is None or model.mode == "recurrent")
+        and not torch.compiler.is_compiling()
+    )
+

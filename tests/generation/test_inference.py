@@ -1,0 +1,243 @@
+"""Inference fast paths: the one-token ``DecodeStep`` equals the module path, ``prepare_inference`` weights
+(fp32 exact, bf16 / int8 close), the CPU GEMV kernels against ``F.linear``, their fallback, flat decode
+memory, and ``rwkv-zoo bench``."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rwkv_zoo
+from rwkv_zoo import cpu_kernels, inference
+from rwkv_zoo.checkpoint import CheckpointError
+from rwkv_zoo.inference import InferenceLinear, prepare_inference
+from rwkv_zoo.testing import registered_plugin
+
+MODELS = ["v4-tiny", "v5-tiny", "v6-tiny", "v7-tiny"]
+
+
+def _model(name, seed=1, **kw):
+    return rwkv_zoo.randomize_(rwkv_zoo.build(name, **kw), seed=seed).eval()
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def _decode(model, tokens, state, fast: bool):
+    """Feed tokens [B, T] one at a time; returns the stacked logits [B, T, V] and the final state."""
+    model.fast_decode = fast
+    out = []
+    with torch.no_grad():
+        for t in range(tokens.shape[1]):
+            lo, state = model(tokens[:, t : t + 1], state)
+            out.append(lo)
+    model.fast_decode = True
+    return torch.cat(out, 1), state
+
+
+def _state_err(s1, s2):
+    return max(_rel(a.float(), b.float()) for l1, l2 in zip(s1.layers, s2.layers, strict=True)
+               for a, b in zip(l1.tensors(), l2.tensors(), strict=True) if b.norm() > 0)
+
+
+@pytest.mark.parametrize("name", [*MODELS, "hybrid"])
+def test_fast_decode_equals_module_path(name):
+    if name == "hybrid":
+        model = _model("v6", layers="v7,v6,v5,v4", n_layer=4, n_embd=64, vocab_size=256, head_size=16)
+    else:
+        model = _model(name)
+    g = torch.Generator().manual_seed(0)
+    V = model.config.vocab_size
+    prompt, steps = torch.randint(0, V, (3, 5), generator=g), torch.randint(0, V, (3, 6), generator=g)
+    with torch.no_grad():
+        _, state = model(prompt)
+    slow, s_slow = _decode(model, steps, state, fast=False)
+    fast, s_fast = _decode(model, steps, state, fast=True)
+    assert _rel(fast, slow) < 1e-5 and _state_err(s_fast, s_slow) < 1e-5
+    # from the empty state (the kernels see no state), and the model's tuned initial state
+    slow0, _ = _decode(model, steps[:, :2], None, fast=False)
+    fast0, _ = _decode(model, steps[:, :2], None, fast=True)
+    assert _rel(fast0, slow0) < 1e-5
+
+
+def test_fast_decode_follows_weight_updates_and_rescale():
+    model = _model("v5-tiny")
+    tok = torch.tensor([[3]])
+    with torch.no_grad():
+        model(tok)  # builds and caches the step
+        model.blocks[0].att.time_decay.add_(0.5)  # in place: the cached constants must be rebuilt
+        model.set_rescale(1)
+    slow, _ = _decode(model, tok, None, fast=False)
+    fast, _ = _decode(model, tok, None, fast=True)
+    assert _rel(fast, slow) < 1e-5
+
+
+def test_fast_decode_uses_the_backend_dispatch_chose():
+    calls = []
+    from rwkv_zoo.backends.reference.recurrent import wkv7_recurrent
+
+    def counting(*args):
+        calls.append(args[0].shape)
+        return wkv7_recurrent(*args)
+
+    class Plugin:
+        @rwkv_zoo.hookimpl
+        def rwkv_zoo_register_backends(self, register):
+            register(rwkv_zoo.Backend("counting", [rwkv_zoo.Kernel("wkv7", "recurrent", counting)], priority=50))
+
+    model = _model("v7-tiny")
+    steps = torch.tensor([[1, 2, 3]])
+    ref, _ = _decode(model, steps, None, fast=False)
+    with registered_plugin(Plugin(), "counting-plugin"):
+        out, _ = _decode(model, steps, None, fast=True)
+    assert len(calls) == 3 * model.config.n_layer and all(s[1] == 1 for s in calls)
+    assert _rel(out, ref) < 1e-5
+
+
+def test_gradients_and_other_dtypes_take_the_module_path():
+    model = _model("v7-tiny")
+    logits, _ = model(torch.tensor([[1]]))  # grad enabled: the module path, differentiable
+    logits.sum().backward()
+    assert model.head.weight.grad is not None
+    assert not inference.can_fast_decode(model.to(torch.float64), 1)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_prepared_weights(name):
+    ref_model = _model(name)
+    g = torch.Generator().manual_seed(2)
+    V = ref_model.config.vocab_size
+    prompt, steps = torch.randint(0, V, (2, 20), generator=g), torch.randint(0, V, (2, 4), generator=g)
+    with torch.no_grad():
+        ref_full, state = ref_model(prompt)
+    ref_steps, _ = _decode(ref_model, steps, state, fast=False)
+    for weights, tol in (("fp32", 1e-5), ("bf16", 2e-2), ("int8", 5e-2)):
+        model = prepare_inference(_model(name), weights)
+        assert all(not p.requires_grad for p in model.parameters())
+        assert isinstance(model.head, InferenceLinear) and model.head.kind == weights
+        with torch.no_grad():
+            full, _ = model(prompt)  # 40 rows: the widened-weight GEMM path
+        out, _ = _decode(model, steps, state, fast=True)  # 2 rows: the GEMV kernels
+        assert _rel(full, ref_full) < tol and _rel(out, ref_steps) < tol, weights
+        kl = F.kl_div(torch.log_softmax(out, -1), torch.log_softmax(ref_steps, -1), log_target=True,
+                      reduction="none").sum(-1).mean()
+        assert kl < (1e-6 if weights == "fp32" else 2e-2)
+
+
+def test_prepared_model_refuses_save_and_load_option(tmp_path):
+    model = _model("v6-tiny")
+    path = tmp_path / "m.pth"
+    rwkv_zoo.save(model, path)
+    q = rwkv_zoo.load(path, weights="int8")
+    assert q.inference_weights == "int8" and q.blocks[0].ffn.key.qweight.dtype == torch.int8
+    with pytest.raises(CheckpointError, match="prepared for inference"):
+        rwkv_zoo.save(q, tmp_path / "again.pth")
+    with pytest.raises(ValueError, match="weights must be one of"):
+        prepare_inference(model, "int4")
+    with pytest.raises(ValueError, match="fp32 model"):
+        prepare_inference(_model("v6-tiny").to(torch.bfloat16), "int8")
+    tok = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        a, _ = model(tok)
+        b, _ = q(tok)
+    assert _rel(b, a) < 5e-2
+
+
+def test_quantize_int8_is_per_output_channel():
+    w = torch.randn(6, 40) * torch.tensor([1e-3, 1, 10, 100, 0.5, 2.0])[:, None]
+    q, scale = inference.quantize_int8(w)
+    assert q.dtype == torch.int8 and scale.shape == (6,)
+    assert (q.abs().amax(1) == 127).all()  # every row uses its full range
+    assert ((q.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-6).all()
+
+
+needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason=f"{cpu_kernels.unavailable_reason()}")
+
+
+@needs_kernels
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 8, 9, 16])
+def test_gemv_kernels_match_linear(M):
+    g = torch.Generator().manual_seed(M)
+    N, K = 37, 203  # neither a multiple of the row tile nor of 8 lanes
+    x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g)
+    torch.testing.assert_close(cpu_kernels.gemv(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    wb = w.bfloat16()
+    torch.testing.assert_close(cpu_kernels.gemv(x, wb), F.linear(x, wb.float()), rtol=1e-5, atol=1e-5)
+    q, s = inference.quantize_int8(w)
+    torch.testing.assert_close(cpu_kernels.gemv(x, q, s), F.linear(x, q.float() * s[:, None]), rtol=1e-5, atol=1e-4)
+    # a strided input (rows of a wider buffer), as the decode step passes views
+    wide = torch.randn(M, K + 13, generator=g)[:, :K]
+    lin = InferenceLinear(w, "fp32")
+    torch.testing.assert_close(lin(wide), F.linear(wide, w), rtol=1e-5, atol=1e-5)
+
+
+def test_kernels_disabled_fall_back(monkeypatch):
+    monkeypatch.setenv("RWKV_ZOO_CPU_KERNELS", "0")
+    cpu_kernels._load.cache_clear()
+    try:
+        assert "RWKV_ZOO_CPU_KERNELS=0" in cpu_kernels.unavailable_reason()
+        w = torch.randn(8, 16)
+        lin = InferenceLinear(w, "int8")
+        x = torch.randn(1, 16)
+        torch.testing.assert_close(lin(x), F.linear(x, lin.dequantized()))
+    finally:
+        monkeypatch.delenv("RWKV_ZOO_CPU_KERNELS")
+        cpu_kernels._load.cache_clear()
+
+
+def test_kernel_build_reports_compiler_failure(monkeypatch, tmp_path):
+    monkeypatch.setenv("RWKV_ZOO_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(cpu_kernels, "_compiler", lambda: "/bin/false")
+    cpu_kernels._load.cache_clear()
+    try:
+        why = cpu_kernels.unavailable_reason()
+        assert why and "building the CPU kernels failed" in why and "/bin/false" in why
+        assert not list(tmp_path.glob("*.so"))  # nothing half-written is left for the next process
+    finally:
+        cpu_kernels._load.cache_clear()
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc (Linux)")
+def test_decode_memory_is_flat():
+    model = prepare_inference(_model("v7-tiny"), "int8")
+    tok, state = torch.tensor([[1]]), None
+    with torch.no_grad():
+        for i in range(1, 3001):
+            logits, state = model(tok, state)
+            tok = logits[:, -1].argmax(-1, keepdim=True)
+            if i == 100:
+                before = _rss()
+    after = _rss()
+    assert after - before <= max(0.01 * before, 4 << 20), (before, after)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_bench_cli_runs_and_compares_with_the_package(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "rwkv_zoo", "bench", "v4-tiny", "--weights", "fp32,int8", "--batch", "1,3",
+           "--prefill", "32", "--decode", "4", "--threads", "1", "--compare-official", "--kl", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout
+    assert "rwkv package" in text and "vs pkg fp32" in text and "KL(fp32 || int8)" in text
+    import json
+
+    data = json.loads(out.read_text())
+    impls = {(r["impl"], r["weights"]) for r in data["rows"]}
+    assert impls == {("rwkv_zoo", "fp32"), ("rwkv_zoo", "int8"), ("rwkv package", "fp32")}
+    ours = next(r for r in data["rows"] if r["impl"] == "rwkv_zoo" and r["weights"] == "fp32")
+    assert set(ours["decode"]) == {"1", "3"} and ours["prefill_s"] > 0 and ours["peak_rss"] > 0
+    assert 0 <= data["kl"]["int8"]["decode"] < 0.05
