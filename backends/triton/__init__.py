@@ -11,7 +11,8 @@ reverse, so gradients need (T / 16 + 16) states per head and have no length limi
 chunks with fp32 accumulation and chunk-local log-decay sums, each exponent summed over its own span
 (every exponent <= 0: no overflow under strong decay, and no digits lost to differences of prefix
 sums: fp32 <= 2e-6 relative on every quantity with the decay scaled x10); the backward keeps only the
-state entering each chunk.
+state entering each chunk. Heads are split over programs (value columns forward, keys backward) and
+the pairwise-decay tiles built 16 keys at a time, so head sizes 128 and 256 fit.
 wkv7 ``chunk`` (``chunk7.py``, ``_kernels7.py``): forward and backward over 16-token chunks, a chunk's
 removal reads from one unit-lower-triangular solve, every decay exponent summed over its own span
 inside the chunk (<= 0 for any decay strength: fp32 <= 3e-7 relative with the decay scaled x10).
@@ -29,8 +30,9 @@ tensors, slowly: that is how CI tests them). Nothing of Triton is imported when 
 defined). Priority: 5 on a machine with a CUDA GPU (above ``reference``, below ``fla``'s chunked
 kernels); -10 without one, so the interpreter only runs when asked for (``backend="triton"``).
 
-Capabilities: head sizes 16, 32, 64, 128 (powers of two; the whole state of a head lives in one
-program's registers); fp32, bf16 and fp16 inputs (``w``, ``u`` may be fp32 alongside), fp32 state;
+Capabilities: head sizes 16, 32, 64, 128 (powers of two; the recurrent kernels hold a head's whole
+state in one program's registers; chunk wkv5/6 split a head over programs and also take 256, see
+``chunk.BLOCKS``; chunk wkv7 takes 16-64); fp32, bf16 and fp16 inputs (``w``, ``u`` may be fp32 alongside), fp32 state;
 ``y`` in the input dtype. Accuracy (fp32) is that of the literal recurrence: ~1e-7 relative to fp64.
 """
 
@@ -52,6 +54,8 @@ from .recurrent import wkv4_recurrent, wkv5_recurrent, wkv6_recurrent, wkv7_recu
 
 HEAD_SIZES = (16, 32, 64, 128)
 CHUNK_HEAD_SIZES = (16, 32, 64)  # the chunk kernels also hold [L, L, K] tiles of pairwise decays
+# chunk wkv5/6 split heads above 64 over programs and decay tiles over key blocks (chunk.blocks)
+CHUNK6_HEAD_SIZES = (16, 32, 64, 128, 256)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 PRIORITY_GPU, PRIORITY_CPU = 5, -10
 
@@ -101,8 +105,8 @@ def make_backend() -> Backend:
         Kernel("wkv5", "recurrent", wkv5_recurrent, head_sizes=HEAD_SIZES, **common),
         Kernel("wkv6", "recurrent", wkv6_recurrent, head_sizes=HEAD_SIZES, **common),
         Kernel("wkv7", "recurrent", wkv7_recurrent, head_sizes=HEAD_SIZES, **common),
-        Kernel("wkv5", "chunk", wkv5_chunk, head_sizes=CHUNK_HEAD_SIZES, **common),
-        Kernel("wkv6", "chunk", wkv6_chunk, head_sizes=CHUNK_HEAD_SIZES, **common),
+        Kernel("wkv5", "chunk", wkv5_chunk, head_sizes=CHUNK6_HEAD_SIZES, **common),
+        Kernel("wkv6", "chunk", wkv6_chunk, head_sizes=CHUNK6_HEAD_SIZES, **common),
         Kernel("wkv7", "chunk", wkv7_chunk, head_sizes=CHUNK_HEAD_SIZES, **common),
     ]
     return Backend(

@@ -343,39 +343,49 @@ def wkv4_bwd_kernel(w_ptr, u_ptr, k_ptr, v_ptr, sa_ptr, sb_ptr, sp_ptr, dy_ptr, 
 
 
 @triton.jit
-def _chunk_decays(wc, strict):
+def _span_sums(wc):
     """Chunk-local decay sums of a chunk's log decay ``wc`` [L, K], each summed over its own span.
 
-    Returns ``a_exc`` [L, K] (sum_{m<t} w_m), ``tail`` [L, K] (sum_{m>s} w_m), ``a_last`` [K] (the
-    whole chunk) and ``E`` [L, L, K] = exp(sum_{s<m<t} w_m) for s < t, exactly 0 elsewhere. Spans are
-    summed directly (scans), not as differences of prefix sums, so strong decay elsewhere in the
-    chunk costs no digits, and each w_m gets gradient only from the spans that contain it.
+    Returns ``a_exc`` [L, K] (sum_{m<t} w_m), ``tail`` [L, K] (sum_{m>s} w_m) and ``a_last`` [K] (the
+    whole chunk). Spans are summed directly (scans), not as differences of prefix sums, so strong decay
+    elsewhere in the chunk costs no digits, and each w_m gets gradient only from the spans holding it.
+    Every channel k is independent, so a block of channels gives that block's sums.
     """
     a_exc = tl.associative_scan(wc, 0, _add) - wc
     tail = tl.associative_scan(wc, 0, _add, reverse=True) - wc
-    a_last = _sum(wc, 0)
+    return a_exc, tail, _sum(wc, 0)
+
+
+@triton.jit
+def _pair_decays(wc, strict):
+    """``E`` [L, L, K] = exp(sum_{s<m<t} w_m) for s < t, exactly 0 elsewhere (per channel, as above)."""
     X = tl.where(strict[:, :, None], wc[None, :, :], 0.0)  # [t, m]: w_m for m < t
     R = tl.associative_scan(X, 1, _add, reverse=True)  # [t, s]: sum_{s<=m<t} w_m
-    E = tl.exp(tl.where(strict[:, :, None], R - X, float("-inf")))
-    return a_exc, tail, a_last, E
+    return tl.exp(tl.where(strict[:, :, None], R - X, float("-inf")))
 
 
 @triton.jit
 def wkv6_chunk_fwd_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, y_ptr, sT_ptr, sc_ptr, T,
-                          H: tl.constexpr, N: tl.constexpr, L: tl.constexpr, SAVE: tl.constexpr):
-    # Chunked wkv6 forward, one program per (batch, head), chunks of L tokens in order; with SAVE, the
-    # state entering every chunk goes to sc_ptr ([B, H, n_chunks, K, V]) for the backward.
-    # Within a chunk, with the chunk-local span sums of _chunk_decays (all <= 0):
+                          H: tl.constexpr, N: tl.constexpr, L: tl.constexpr, BK: tl.constexpr,
+                          BV: tl.constexpr, SAVE: tl.constexpr):
+    # Chunked wkv6 forward, one program per (batch, head, block of BV value columns), chunks of L tokens
+    # in order; with SAVE, the state entering every chunk goes to sc_ptr ([B, H, n_chunks, K, V]).
+    # Within a chunk, with the chunk-local span sums of _span_sums / _pair_decays (all <= 0):
     #   y_t = sum_{s<t} (sum_k r_t k_s e^{sum_{s<m<t} w_m}) v_s + (r_t . u k_t) v_t + (r_t e^{a_exc[t]}) S
     #   S' = diag(e^{a_last}) S + sum_s (k_s e^{tail[s]}) v_s^T
     # Every exponent is a decay over a span inside the chunk (<= 0, masked to -inf before exp where
     # unused): nothing overflows however strong the decay. Products accumulate in fp32 (ieee dots).
+    # Value columns are independent (y[:, cols] and S[:, cols] need only v[:, cols]), so a program
+    # holds the [K, BV] columns of the state; the pairwise-decay tile is [L, L, BK], P summed over
+    # blocks of BK keys (reloaded from memory) so the tile never grows with the head size.
     pid = tl.program_id(0).to(tl.int64)
+    pv = tl.program_id(1)
     b = pid // H
     h = pid % H
     ik = tl.arange(0, N)
+    iv = pv * BV + tl.arange(0, BV)
     il = tl.arange(0, L)
-    sidx = ik[:, None] * N + ik[None, :]
+    sidx = ik[:, None] * N + iv[None, :]
     S = tl.load(s0_ptr + pid * N * N + sidx)
     uu = tl.load(u_ptr + h * N + ik).to(tl.float32)
     strict = il[:, None] > il[None, :]  # (t, s): s < t
@@ -383,19 +393,29 @@ def wkv6_chunk_fwd_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, y_ptr, sT_p
     for c in range(nc):
         tt = c * L + il
         mt = (tt < T)[:, None]
-        ptrs = ((b * T + tt) * H + h)[:, None] * N + ik[None, :]
-        rc = tl.load(r_ptr + ptrs, mask=mt, other=0.0).to(tl.float32)
-        kc = tl.load(k_ptr + ptrs, mask=mt, other=0.0).to(tl.float32)
-        vc = tl.load(v_ptr + ptrs, mask=mt, other=0.0).to(tl.float32)
-        wc = tl.load(w_ptr + ptrs, mask=mt, other=0.0).to(tl.float32)  # padded tokens: no decay, no input
+        rows = ((b * T + tt) * H + h)[:, None] * N
+        rc = tl.load(r_ptr + rows + ik[None, :], mask=mt, other=0.0).to(tl.float32)
+        kc = tl.load(k_ptr + rows + ik[None, :], mask=mt, other=0.0).to(tl.float32)
+        # padded tokens: no decay, no input
+        wc = tl.load(w_ptr + rows + ik[None, :], mask=mt, other=0.0).to(tl.float32)
+        vc = tl.load(v_ptr + rows + iv[None, :], mask=mt, other=0.0).to(tl.float32)
         if SAVE:
             tl.store(sc_ptr + (pid * nc + c) * N * N + sidx, S)
-        a_exc, tail, a_last, E = _chunk_decays(wc, strict)
-        P = _sum(rc[:, None, :] * kc[None, :, :] * E, 2)
+        a_exc, tail, a_last = _span_sums(wc)
+        if BK == N:
+            P = _sum(rc[:, None, :] * kc[None, :, :] * _pair_decays(wc, strict), 2)
+        else:
+            P = tl.full([L, L], 0.0, tl.float32)
+            for k0 in range(0, N, BK):
+                pk = rows + k0 + tl.arange(0, BK)[None, :]
+                rb = tl.load(r_ptr + pk, mask=mt, other=0.0).to(tl.float32)
+                kb = tl.load(k_ptr + pk, mask=mt, other=0.0).to(tl.float32)
+                wb = tl.load(w_ptr + pk, mask=mt, other=0.0).to(tl.float32)
+                P += _sum(rb[:, None, :] * kb[None, :, :] * _pair_decays(wb, strict), 2)
         yc = tl.dot(P, vc, input_precision="ieee")
         yc += _sum(rc * uu[None, :] * kc, 1)[:, None] * vc
         yc += tl.dot(rc * tl.exp(a_exc), S, input_precision="ieee")
-        tl.store(y_ptr + ptrs, yc.to(y_ptr.dtype.element_ty), mask=mt)
+        tl.store(y_ptr + rows + iv[None, :], yc.to(y_ptr.dtype.element_ty), mask=mt)
         kd = kc * tl.exp(tail)
         S = tl.exp(a_last)[:, None] * S + tl.dot(tl.trans(kd), vc, input_precision="ieee")
     tl.store(sT_ptr + pid * N * N + sidx, S)
@@ -403,36 +423,46 @@ def wkv6_chunk_fwd_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, y_ptr, sT_p
 
 @triton.jit
 def wkv6_chunk_bwd_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, sc_ptr, dy_ptr, dsT_ptr,
-                          dr_ptr, dk_ptr, dv_ptr, dw_ptr, du_ptr, ds0_ptr, T,
-                          H: tl.constexpr, N: tl.constexpr, L: tl.constexpr):
+                          dr_ptr, dk_ptr, dvp_ptr, dw_ptr, du_ptr, ds0_ptr, T,
+                          H: tl.constexpr, N: tl.constexpr, L: tl.constexpr, BK: tl.constexpr):
     # Reverse mode of wkv6_chunk_fwd_kernel, chunks in reverse order, dS = dL/d(state leaving the chunk).
     # Per chunk, with E[t,s,k] = e^{sum_{s<m<t} w_m} (s < t), P = sum_k r_t k_s E, q_t = r_t e^{a_exc[t]},
     # kd_s = k_s e^{tail[s]}, beta_t = r_t . u k_t:
     #   dv = P^T dy + beta dy + kd dS;   dP = (dy v^T) on s < t;   dq = dy S^T;   dS_in = q^T dy + e^{a_last} dS
     #   and the decay gradients through each span sum (scans), never through differences of prefix sums.
+    # One program per (batch, head, block of BK keys): the key rows of S and dS are independent (dS_in
+    # rows need only their own q, e^{a_last}, dS rows), and so are dr, dk, dw, du of those keys; only dv
+    # sums over keys, so each program writes its block's share of dv (P, beta and kd dS restricted to
+    # its keys) to dvp_ptr[key block] ([NK, B, T, H, V]) and the wrapper adds the shares.
     pid = tl.program_id(0).to(tl.int64)
+    pk = tl.program_id(1).to(tl.int64)
     b = pid // H
     h = pid % H
-    ik = tl.arange(0, N)
+    ib = pk * BK + tl.arange(0, BK)
+    iv = tl.arange(0, N)
     il = tl.arange(0, L)
-    sidx = ik[:, None] * N + ik[None, :]
+    sidx = ib[:, None] * N + iv[None, :]
+    dvp_ptr += pk * tl.num_programs(0).to(tl.int64) * T * N  # this key block's share of dv
     dS = tl.load(dsT_ptr + pid * N * N + sidx)
-    uu = tl.load(u_ptr + h * N + ik).to(tl.float32)
-    du = tl.full([N], 0.0, tl.float32)
+    uu = tl.load(u_ptr + h * N + ib).to(tl.float32)
+    du = tl.full([BK], 0.0, tl.float32)
     strict = il[:, None] > il[None, :]
     nc = (T + L - 1) // L
     for i in range(nc):
         c = nc - 1 - i
         tt = c * L + il
         mt = (tt < T)[:, None]
-        ptrs = ((b * T + tt) * H + h)[:, None] * N + ik[None, :]
-        rc = tl.load(r_ptr + ptrs, mask=mt, other=0.0).to(tl.float32)
-        kc = tl.load(k_ptr + ptrs, mask=mt, other=0.0).to(tl.float32)
-        vc = tl.load(v_ptr + ptrs, mask=mt, other=0.0).to(tl.float32)
-        wc = tl.load(w_ptr + ptrs, mask=mt, other=0.0).to(tl.float32)
-        dyc = tl.load(dy_ptr + ptrs, mask=mt, other=0.0).to(tl.float32)
+        rows = ((b * T + tt) * H + h)[:, None] * N
+        ko = rows + ib[None, :]
+        vo = rows + iv[None, :]
+        rc = tl.load(r_ptr + ko, mask=mt, other=0.0).to(tl.float32)
+        kc = tl.load(k_ptr + ko, mask=mt, other=0.0).to(tl.float32)
+        wc = tl.load(w_ptr + ko, mask=mt, other=0.0).to(tl.float32)
+        vc = tl.load(v_ptr + vo, mask=mt, other=0.0).to(tl.float32)
+        dyc = tl.load(dy_ptr + vo, mask=mt, other=0.0).to(tl.float32)
         S = tl.load(sc_ptr + (pid * nc + c) * N * N + sidx)
-        a_exc, tail, a_last, E = _chunk_decays(wc, strict)
+        a_exc, tail, a_last = _span_sums(wc)
+        E = _pair_decays(wc, strict)
         P = _sum(rc[:, None, :] * kc[None, :, :] * E, 2)
         beta = _sum(rc * uu[None, :] * kc, 1)
         e_exc = tl.exp(a_exc)
@@ -461,10 +491,10 @@ def wkv6_chunk_bwd_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, sc_ptr, dy_ptr, dsT
         dtail = dkd * kd
         dw += tl.associative_scan(dtail, 0, _add) - dtail
         dw += (dD * e_last)[None, :]
-        tl.store(dr_ptr + ptrs, dr, mask=mt)
-        tl.store(dk_ptr + ptrs, dk, mask=mt)
-        tl.store(dv_ptr + ptrs, dv, mask=mt)
-        tl.store(dw_ptr + ptrs, dw, mask=mt)
+        tl.store(dr_ptr + ko, dr, mask=mt)
+        tl.store(dk_ptr + ko, dk, mask=mt)
+        tl.store(dvp_ptr + vo, dv, mask=mt)
+        tl.store(dw_ptr + ko, dw, mask=mt)
         dS = tl.dot(tl.trans(q), dyc, input_precision="ieee") + e_last[:, None] * dS
     tl.store(ds0_ptr + pid * N * N + sidx, dS)
-    tl.store(du_ptr + pid * N + ik, du)
+    tl.store(du_ptr + pid * N + ib, du)

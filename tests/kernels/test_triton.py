@@ -3,8 +3,9 @@
 Conformance against the fp64 reference recurrence (``rwkv_zoo.testing.check_backend``) for every op
 and mode the backend has, fp32 (gate 1e-5) and bf16/fp16 (5e-3; 8e-3 on wkv7 gradients), outputs,
 final state and every gradient, the initial state included; plus availability, capabilities and
-dispatch. The interpreter is slow, so shapes are tiny (B=2, H=1-2, N=16) and each dtype runs a few
-lengths across the 64-token boundary. Skipped where Triton is not installed (an optional extra).
+dispatch. The interpreter is slow, so shapes are tiny (B=2, H=1-2, N=16; N=32-128 for the chunk
+kernels' split heads) and each dtype runs a few lengths across the 64-token boundary. Skipped where
+Triton is not installed (an optional extra).
 """
 
 from __future__ import annotations
@@ -58,6 +59,30 @@ def test_conformance_bf16(op):
 
 def test_conformance_fp16():
     _check("wkv6", (torch.float16,), (65,), H=1)
+
+
+@pytest.mark.parametrize(("op", "N", "T", "scale"), [("wkv6", 32, 40, 10.0), ("wkv5", 32, 40, 1.0),
+                                                     ("wkv6", 64, 20, 1.0), ("wkv6", 128, 17, 1.0)])
+def test_chunk_split_heads(op, N, T, scale):
+    # Above N=16 the chunk kernels split a head (chunk.BLOCKS): value-column blocks in the forward, key
+    # blocks in the backward (dv summed from their shares), decay tiles 16 keys at a time. The standard
+    # conformance runs at N=16, where nothing splits; this covers the split path, at N=128 too.
+    from rwkv_zoo.backends.triton.chunk import blocks
+
+    bl = blocks(N)
+    assert bl.bk < N and N % bl.bk == 0 and N % bl.bv == 0
+    gen = torch.Generator().manual_seed(N + T)
+    inputs = make_inputs(op, 1, T, 2, N, generator=gen, decay_scale=scale)
+    upstream = {"y": torch.randn(1, T, 2, N, generator=gen, dtype=torch.float64),
+                "state": torch.randn(1, 2, N, N, generator=gen, dtype=torch.float64)}
+    ref = evaluate(getattr(recurrent, f"{op}_recurrent"), op, inputs, upstream)
+
+    def run(r, k, v, w, u, s):
+        return rwkv_zoo.ops.OP_FUNCTIONS[op](r, k, v, w, u, s, backend="triton", mode="chunk")
+
+    got = evaluate(run, op, [x.float() for x in inputs], {n: t.float() for n, t in upstream.items()})
+    for name, t in ref.items():
+        assert rel_err(got[name], t) <= 1e-5, name
 
 
 @pytest.mark.parametrize("op", ["wkv5", "wkv6"])
@@ -169,11 +194,14 @@ def test_chunk_falls_back_and_says_so():
     assert "no usable chunk kernel" in sel.mode_reason and "head size" in sel.mode_reason
     with pytest.raises(BackendError, match="head size"):
         dispatch.select(call, "triton", mode_fixed=True)
-    # wkv6 has a chunk kernel with a backward and no length limit; N=128 is recurrent-only.
-    sel = dispatch.select(KernelCall("wkv6", "chunk", "cpu", torch.float32, 1, 4096, 1, 16, True), "triton")
-    assert sel.mode == "chunk"
-    sel = dispatch.select(KernelCall("wkv6", "chunk", "cpu", torch.float32, 1, 100, 1, 128, True), "triton")
-    assert sel.mode == "recurrent" and "head size" in sel.mode_reason
+    # wkv5/6 have chunk kernels with a backward and no length limit, for head sizes up to 256 (split
+    # over programs and key blocks); 256 has no recurrent kernel, so short calls run chunked and say why.
+    for op in ("wkv5", "wkv6"):
+        for N in (16, 128, 256):
+            sel = dispatch.select(KernelCall(op, "chunk", "cpu", torch.float32, 1, 4096, 1, N, True), "triton")
+            assert sel.mode == "chunk", (op, N)
+    sel = dispatch.select(KernelCall("wkv6", "recurrent", "cpu", torch.float32, 1, 8, 1, 256, True), "triton")
+    assert sel.mode == "chunk" and "head size" in sel.mode_reason
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine triton outranks reference")
