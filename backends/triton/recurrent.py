@@ -22,6 +22,18 @@ BLOCK4 = 64  # wkv4 channels per program
 CKPT = 16
 
 
+def _warps(N: int, backward: bool) -> int:
+    """Warps per program for the wkv5-7 kernels: enough that the [K, V] tensors fit in registers.
+
+    From compiling for sm_90 (Triton to PTX, ``ptxas -v``; no GPU needed), bytes spilled per thread:
+    the N=64 backward spills 156 (wkv6) / 84 (wkv7) with 4 warps and nothing with 8 (the forward
+    spills nothing with 4); N <= 32 spills nothing with 4; at N=128 (a 16384-element state) 8 warps
+    spill least overall (backward 2744 / 2128; 16 warps: 1644 / 3028).
+    """
+    most = 32 if backward else 64  # the largest head size that fits with 4 warps
+    return 8 if most < N else 4
+
+
 def _k():
     from . import _kernels  # imports triton: only when a kernel runs
 
@@ -53,7 +65,8 @@ class _WKV6(torch.autograd.Function):
         y = torch.empty_like(r)
         sT = torch.empty(B, H, N, N, device=r.device, dtype=torch.float32)
         ck = _checkpoints(B, H, T, N, r.device, save)
-        _k().wkv6_fwd_kernel[(B * H,)](r, k, v, w, u, s0, y, sT, ck, T, H=H, N=N, CK=CKPT, SAVE=save)
+        _k().wkv6_fwd_kernel[(B * H,)](r, k, v, w, u, s0, y, sT, ck, T, H=H, N=N, CK=CKPT, SAVE=save,
+                                       num_warps=_warps(N, False))
         if save:
             ctx.save_for_backward(r, k, v, w, u, ck)
         return y, sT
@@ -70,7 +83,7 @@ class _WKV6(torch.autograd.Function):
         du = torch.empty(B, H, N, **f32)
         ds0 = torch.empty(B, H, N, N, **f32)
         _k().wkv6_bwd_kernel[(B * H,)](r, k, v, w, u, ck, scr, dy, dsT, dr, dk, dv, dw, du, ds0, T,
-                                       H=H, N=N, CK=CKPT)
+                                       H=H, N=N, CK=CKPT, num_warps=_warps(N, True))
         return dr.to(r.dtype), dk.to(k.dtype), dv.to(v.dtype), dw.to(w.dtype), du.sum(0).to(u.dtype), ds0
 
 
@@ -84,7 +97,8 @@ class _WKV7(torch.autograd.Function):
         y = torch.empty_like(r)
         sT = torch.empty(B, H, N, N, device=r.device, dtype=torch.float32)
         ck = _checkpoints(B, H, T, N, r.device, save)
-        _k().wkv7_fwd_kernel[(B * H,)](r, w, k, v, a, b, s0, y, sT, ck, T, H=H, N=N, CK=CKPT, SAVE=save)
+        _k().wkv7_fwd_kernel[(B * H,)](r, w, k, v, a, b, s0, y, sT, ck, T, H=H, N=N, CK=CKPT, SAVE=save,
+                                       num_warps=_warps(N, False))
         if save:
             ctx.save_for_backward(r, w, k, v, a, b, ck)
         return y, sT
@@ -100,7 +114,7 @@ class _WKV7(torch.autograd.Function):
         dr, dw, dk, dv, da, db = (torch.empty(B, T, H, N, **f32) for _ in range(6))
         ds0 = torch.empty(B, H, N, N, **f32)
         _k().wkv7_bwd_kernel[(B * H,)](r, w, k, v, a, b, ck, scr, dy, dsT, dr, dw, dk, dv, da, db, ds0, T,
-                                       H=H, N=N, CK=CKPT)
+                                       H=H, N=N, CK=CKPT, num_warps=_warps(N, True))
         return (dr.to(r.dtype), dw.to(w.dtype), dk.to(k.dtype), dv.to(v.dtype), da.to(a.dtype),
                 db.to(b.dtype), ds0)
 
