@@ -34,6 +34,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "rwkv_zoo.versions.v7",
     "rwkv_zoo.backends.reference",
     "rwkv_zoo.backends.triton",
+    "rwkv_zoo.backends.cuda",
     "rwkv_zoo.backends.fla",
     "rwkv_zoo.plugins.formats",
     "rwkv_zoo.plugins.hybrids",

@@ -1,0 +1,306 @@
+"""The ``cuda`` backend: nvcc compiles its kernels, its numerics run in a CPU emulator, dispatch skips it here.
+
+Without a GPU three things are checked:
+- every ``csrc/*.cu`` compiles with ``nvcc -c`` for sm_80 and sm_90 (template, syntax and register
+  errors fail here; skipped only where nvcc is absent);
+- the kernels' per-thread arithmetic (``csrc/wkv_math.cuh``, shared with the ``.cu`` files) run by the
+  CPU emulator (``csrc/emulate.cpp``, threads one after another between the kernels' barriers), through
+  the backend's own custom ops and autograd, passes ``rwkv_zoo.testing.check_backend`` against the fp64
+  reference: outputs, final state, every gradient incl. the initial state's;
+- the backend registers, says what is missing, and dispatch skips it with that reason.
+On a GPU the tests marked ``gpu`` run the real kernels through the same conformance suite.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import rwkv_zoo
+from rwkv_zoo import dispatch
+from rwkv_zoo.backends import cuda as cb
+from rwkv_zoo.backends.reference import recurrent as ref
+from rwkv_zoo.dispatch import BackendError, KernelCall
+from rwkv_zoo.testing import check_backend, evaluate, make_inputs, registered_plugin, rel_err
+
+pytestmark = pytest.mark.kernel
+
+CSRC = Path(cb.__file__).resolve().parent / "csrc"
+OPS = ("wkv4", "wkv5", "wkv6", "wkv7")
+HAS_GPU = torch.cuda.is_available() and torch.version.cuda is not None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cache(tmp_path_factory):
+    """Emulator (and, on a GPU, extension) builds go to a per-run temporary cache unless one is set."""
+    if os.environ.get("RWKV_ZOO_CUDA_CACHE"):
+        yield
+        return
+    os.environ["RWKV_ZOO_CUDA_CACHE"] = str(tmp_path_factory.mktemp("rwkv_zoo_cuda_cache"))
+    try:
+        yield
+    finally:
+        os.environ.pop("RWKV_ZOO_CUDA_CACHE", None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# nvcc: every kernel file compiles for the architectures we ship for
+
+
+def _nvcc() -> str | None:
+    return cb.nvcc_path()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_nvcc() is None, reason="nvcc is not installed (CUDA toolkit)")
+@pytest.mark.parametrize("source", sorted(p.name for p in CSRC.glob("*.cu")))
+def test_kernel_file_compiles_with_nvcc(source, tmp_path):
+    cmd = [_nvcc(), "-c", "-O3", "-std=c++17", "--expt-relaxed-constexpr", "-Werror", "all-warnings",
+           "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
+           "-I", str(CSRC), str(CSRC / source), "-o", str(tmp_path / "k.o")]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stdout}\n{done.stderr}"
+    assert (tmp_path / "k.o").stat().st_size > 0
+    print(f"{source}: {time.perf_counter() - start:.1f} s")
+
+
+@pytest.mark.skipif(_nvcc() is None, reason="nvcc is not installed (CUDA toolkit)")
+def test_every_kernel_file_is_built_by_the_loader():
+    from rwkv_zoo.backends.cuda import loader
+
+    assert set(loader.KERNEL_SOURCES) == {p.name for p in CSRC.glob("*.cu")}
+    for name in (*loader.HEADERS, loader.BINDING, "emulate.cpp"):
+        assert (CSRC / name).exists()
+
+
+def test_kernel_sources_have_no_torch_headers():
+    # CI compiles each .cu with plain nvcc: only the binding may include torch.
+    for path in [*CSRC.glob("*.cu"), *CSRC.glob("*.cuh"), *CSRC.glob("*.h")]:
+        text = path.read_text()
+        assert "torch/" not in text and "ATen/" not in text, path.name
+
+
+# ---------------------------------------------------------------------------------------------------
+# the kernels' arithmetic, emulated on the CPU, through the backend's custom ops and autograd
+
+
+def _emulated():
+    class Plugin:
+        @rwkv_zoo.hookimpl
+        def rwkv_zoo_register_backends(self, register):
+            register(cb.make_backend(emulated=True))
+
+    return registered_plugin(Plugin(), name="cuda-emulated-plugin")
+
+
+needs_cxx = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None
+                               and shutil.which("clang++") is None, reason="no host C++ compiler")
+
+
+@needs_cxx
+@pytest.mark.parametrize("N", [32, 64])
+def test_emulated_kernels_conform_fp32(N):
+    with _emulated():
+        report = check_backend("cuda-emulated", dtypes=(torch.float32,), Ts=(1, 15, 16, 17, 65), B=2, H=2, N=N)
+    ran = [r for r in report.results if not r.skipped]
+    assert {r.op for r in ran} == set(OPS) and len(ran) == 4 * 5, str(report)
+    assert report.ok, str(report)
+    assert not any("forward only" in r.message for r in ran)
+    assert max(report.max_errors().values()) <= 1e-5, str(report)
+
+
+@needs_cxx
+def test_emulated_kernels_conform_bf16_fp16():
+    with _emulated():
+        report = check_backend("cuda-emulated", dtypes=(torch.bfloat16, torch.float16), Ts=(33,), B=1, H=2, N=32)
+    assert report.ok and len([r for r in report.results if not r.skipped]) == 8, str(report)
+
+
+@needs_cxx
+@pytest.mark.parametrize(("op", "T", "scale"), [("wkv6", 100, 10.0), ("wkv6", 100, 0.1), ("wkv5", 100, 10.0),
+                                                 ("wkv7", 200, 1.0), ("wkv4", 200, 10.0)])
+def test_emulated_backward_strong_and_weak_decay(op, T, scale):
+    # wkv5/6: the backward rebuilds S_{t-1} forward from 16-step checkpoints, never divides by the
+    # decay, so a decay of exp(-30) per step costs no accuracy. wkv7 inverts its update between
+    # checkpoints: fine for v7's decay (>= 0.545), which make_inputs keeps at every scale.
+    gen = torch.Generator().manual_seed(11)
+    inputs = make_inputs(op, 1, T, 2, 32, generator=gen, decay_scale=scale)
+    plain = evaluate(getattr(ref, f"{op}_recurrent"), op, inputs, None, grad=False)
+    upstream = {n: torch.randn(t.shape, generator=gen, dtype=torch.float64) for n, t in plain.items()}
+    want = evaluate(getattr(ref, f"{op}_recurrent"), op, inputs, upstream)
+    from rwkv_zoo.backends.cuda import recurrent
+
+    f32 = [tuple(s.float() for s in x) if isinstance(x, tuple) else x.float() for x in inputs]
+    got = evaluate(getattr(recurrent, f"{op}_recurrent"), op, f32, {n: t.float() for n, t in upstream.items()})
+    errors = {n: rel_err(got[n], t) for n, t in want.items()}
+    assert max(errors.values()) <= 1e-5, errors
+
+
+@needs_cxx
+def test_emulated_ops_trace_with_torch_compile():
+    # The custom ops' fake implementations let torch.compile trace through them (no graph break).
+    from rwkv_zoo.backends.cuda import recurrent
+
+    gen = torch.Generator().manual_seed(0)
+    r, k, v, w, u, s = (x.float() for x in make_inputs("wkv6", 1, 9, 2, 32, generator=gen))
+    want = recurrent.wkv6_recurrent(r, k, v, w, u, s)
+    compiled = torch.compile(recurrent.wkv6_recurrent, backend="eager", fullgraph=True)
+    got = compiled(r, k, v, w, u, s)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_fake_tensor_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from rwkv_zoo.backends.cuda import _ops
+
+    with FakeTensorMode():
+        r = torch.empty(2, 33, 3, 32, dtype=torch.bfloat16)
+        w = torch.empty(2, 33, 3, 32)
+        s = torch.empty(2, 3, 32, 32)
+        y, sT, sa, ck = _ops.wkv7_fwd(r, w, r, r, r, r, s, True)
+        assert y.shape == r.shape and y.dtype == torch.bfloat16 and sT.dtype == torch.float32
+        assert sa.shape == (2, 33, 3, 32) and ck.shape == (2, 3, 3, 32, 32)
+        y, sT = _ops.wkv6_fwd(r, r, r, torch.empty(3, 32), torch.empty(3, 32), s)
+        assert y.shape == r.shape and sT.shape == (2, 3, 32, 32)
+
+
+# ---------------------------------------------------------------------------------------------------
+# registration, availability, dispatch
+
+
+def test_registered_with_its_kernels():
+    b = dispatch.get_backends()["cuda"]
+    assert b.ops() == {op: ["recurrent"] for op in OPS}
+    assert b.kernel("wkv7", "recurrent").head_sizes == (32, 64, 128)
+    assert b.kernel("wkv6", "recurrent").devices == ("cuda",)
+    assert b.provider == "rwkv_zoo.backends.cuda"
+
+
+@pytest.mark.skipif(HAS_GPU, reason="this machine has a GPU")
+def test_unavailable_reason_names_what_is_missing():
+    why = cb.unavailable_reason()
+    assert why is not None and why.startswith("the cuda backend needs ")
+    if torch.version.cuda is None:
+        assert "a CUDA build of torch" in why and torch.__version__ in why
+    elif not torch.cuda.is_available():
+        assert "a CUDA GPU" in why
+
+
+def test_unavailable_reason_lists_each_missing_piece(monkeypatch):
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(cb, "nvcc_path", lambda: "/usr/bin/nvcc")
+    monkeypatch.setattr(cb, "ninja_path", lambda: "/usr/bin/ninja")
+    cb._toolchain_missing.cache_clear()
+    try:
+        assert cb.unavailable_reason() is None
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (6, 1))
+        assert "compute capability >= 7.0 (this one is 6.1)" in cb.unavailable_reason()
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+        monkeypatch.setattr(cb, "nvcc_path", lambda: None)
+        monkeypatch.setattr(cb, "ninja_path", lambda: None)
+        cb._toolchain_missing.cache_clear()
+        why = cb.unavailable_reason()
+        assert "nvcc" in why and "ninja" in why and "compute capability" not in why
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        assert "a CUDA GPU (torch.cuda.is_available() is False)" in cb.unavailable_reason()
+    finally:
+        cb._toolchain_missing.cache_clear()
+
+
+def test_availability_check_compiles_and_imports_nothing():
+    import sys
+
+    before = set(sys.modules)
+    cb.unavailable_reason()
+    assert not {m for m in set(sys.modules) - before if m.startswith(("torch.utils.cpp_extension",
+                                                                           "rwkv_zoo.backends.cuda._ops"))}
+
+
+@pytest.mark.skipif(HAS_GPU, reason="this machine has a GPU")
+def test_dispatch_skips_it_with_its_reason_and_explicit_choice_raises():
+    why = cb.unavailable_reason()
+    call = KernelCall("wkv7", "recurrent", "cuda", torch.bfloat16, 8, 1, 64, 64)
+    sel = dispatch.select(call)
+    assert sel.backend != "cuda"
+    assert why in dict(sel.rejected)["cuda"]
+    assert why in sel.explain()
+    with pytest.raises(BackendError, match="CUDA build of torch|CUDA GPU"):
+        dispatch.select(call, "cuda")
+    # The public op says the same, on CPU tensors too.
+    x = torch.randn(1, 2, 1, 32)
+    with pytest.raises(BackendError, match="the cuda backend needs"):
+        rwkv_zoo.ops.wkv7(x, -torch.rand_like(x), x, x, x, x, backend="cuda")
+
+
+def test_capability_reasons_when_available(monkeypatch):
+    monkeypatch.setattr(cb, "unavailable_reason", lambda: None)
+    b = cb.make_backend()
+    b.availability = lambda: None
+    assert not b.reasons(KernelCall("wkv6", "recurrent", "cuda", torch.bfloat16, 8, 4096, 64, 64, True, True))
+    assert any("head size" in r for r in b.reasons(KernelCall("wkv6", "recurrent", "cuda", torch.float32,
+                                                                1, 8, 1, 256)))
+    assert any("float64" in r for r in b.reasons(KernelCall("wkv7", "recurrent", "cuda", torch.float64,
+                                                              1, 8, 1, 64)))
+    assert any("runs on cuda" in r for r in b.reasons(KernelCall("wkv4", "recurrent", "cpu", torch.float32,
+                                                                   1, 8, 1, 64)))
+    sel = dispatch.select(KernelCall("wkv7", "chunk", "cuda", torch.bfloat16, 1, 100, 1, 64), None)
+    assert sel.backend  # something (another backend) serves chunk mode
+
+
+# ---------------------------------------------------------------------------------------------------
+# on a GPU: the real kernels
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU and a CUDA build of torch")
+@pytest.mark.skipif(cb.unavailable_reason() is not None, reason=str(cb.unavailable_reason()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gpu_conformance(dtype):
+    report = check_backend("cuda", dtypes=(dtype,), Ts=(1, 15, 16, 17, 64, 65, 1000), device="cuda", N=64)
+    assert report.ok, str(report)
+    assert len([r for r in report.results if not r.skipped]) == 4 * 7, str(report)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU and a CUDA build of torch")
+@pytest.mark.skipif(cb.unavailable_reason() is not None, reason=str(cb.unavailable_reason()))
+@pytest.mark.parametrize("N", [32, 128])
+def test_gpu_conformance_other_head_sizes(N):
+    report = check_backend("cuda", dtypes=(torch.float32,), Ts=(17, 65), device="cuda", N=N)
+    assert report.ok, str(report)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU and a CUDA build of torch")
+@pytest.mark.skipif(cb.unavailable_reason() is not None, reason=str(cb.unavailable_reason()))
+def test_gpu_matches_emulator_bitwise_close():
+    # The emulator runs the same per-thread arithmetic: the GPU kernels agree with it to rounding.
+    from rwkv_zoo.backends.cuda import recurrent
+
+    gen = torch.Generator().manual_seed(2)
+    args = [x.float() for x in make_inputs("wkv7", 2, 40, 2, 64, generator=gen)]
+    y_cpu, s_cpu = recurrent.wkv7_recurrent(*args)
+    y_gpu, s_gpu = recurrent.wkv7_recurrent(*(x.cuda() for x in args))
+    assert rel_err(y_gpu.cpu(), y_cpu) <= 1e-6 and rel_err(s_gpu.cpu(), s_cpu) <= 1e-6
+
+
+def test_sources_ship_as_package_data():
+    import fnmatch
+
+    import tomllib
+
+    cfg = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "rwkv_zoo.backends.cuda" in cfg["packages"]
+    globs = cfg["package-data"]["rwkv_zoo.backends.cuda"]
+    for path in CSRC.iterdir():
+        assert any(fnmatch.fnmatch(f"csrc/{path.name}", g) for g in globs), path.name
