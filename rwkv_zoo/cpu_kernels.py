@@ -5,10 +5,11 @@ in ``csrc/cpu_gemv.cpp`` stream weights stored ``[out, in]`` in fp32, bf16 or in
 per output row), widen them in registers and accumulate in fp32, for up to a few rows of input at a
 time (AVX2 + FMA, OpenMP threads = ``torch.get_num_threads()``).
 
-The library is built with the system C++ compiler (``$CXX``, else ``c++``/``g++``) into a cache
-directory (``$RWKV_ZOO_CACHE``, else ``~/.cache/rwkv_zoo``), named after a hash of the source and
-the flags; a file lock keeps two processes from building at once and the file is renamed into
-place, so a reader never sees half a library. No torch headers: building takes ~2 s.
+The libraries (this one, and ``csrc/cpu_wkv.cpp`` for the ``cpu`` backend's WKV recurrences) are
+built with the system C++ compiler (``$CXX``, else ``c++``/``g++``) into a cache directory
+(``$RWKV_ZOO_CACHE``, else ``~/.cache/rwkv_zoo``), named after a hash of the source and the flags;
+a file lock keeps two processes from building at once and the file is renamed into place, so a
+reader never sees half a library. No torch headers: building takes ~2 s.
 
 ``unavailable_reason()`` says why the kernels cannot run here (not x86-64, no AVX2, no compiler,
 the build failed, ``RWKV_ZOO_CPU_KERNELS=0``); callers then fall back to ``torch.nn.functional.linear``.
@@ -29,9 +30,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-SOURCE = Path(__file__).with_name("csrc") / "cpu_gemv.cpp"
-FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
-ABI_VERSION = 1
+CSRC = Path(__file__).with_name("csrc")
+BASE_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+# name -> (source, extra flags, ABI version). The WKV loops need -ffast-math so expf vectorizes (libmvec);
+# the GEMV kernels do not use it, so their sums keep IEEE semantics.
+LIBRARIES = {
+    "cpu_gemv": ("cpu_gemv.cpp", (), 1),
+    "cpu_wkv": ("cpu_wkv.cpp", ("-ffast-math",), 1),
+}
 
 _P, _I, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
@@ -63,26 +69,28 @@ def _static_reason() -> str | None:
     return None
 
 
-def _build(cxx: str) -> Path:
-    src = SOURCE.read_bytes()
-    tag = hashlib.sha256(src + " ".join((cxx, *FLAGS)).encode()).hexdigest()[:16]
+def _build(cxx: str, name: str) -> Path:
+    source, extra, _ = LIBRARIES[name]
+    src_path = CSRC / source
+    flags = (*BASE_FLAGS, *extra)
+    tag = hashlib.sha256(src_path.read_bytes() + " ".join((cxx, *flags)).encode()).hexdigest()[:16]
     out_dir = cache_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
-    lib = out_dir / f"cpu_gemv-{tag}.so"
+    lib = out_dir / f"{name}-{tag}.so"
     if lib.exists():
         return lib
     import fcntl
 
-    with open(out_dir / f"cpu_gemv-{tag}.lock", "w") as lock:
+    with open(out_dir / f"{name}-{tag}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same library
         if lib.exists():
             return lib
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".cpu_gemv-", suffix=".so")
+        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}-", suffix=".so")
         os.close(fd)
         try:
-            proc = subprocess.run([cxx, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+            proc = subprocess.run([cxx, *flags, "-o", tmp, str(src_path)], capture_output=True, text=True)
             if proc.returncode != 0:
-                raise RuntimeError(f"{cxx} failed to build {SOURCE.name}:\n{proc.stderr.strip()[-2000:]}")
+                raise RuntimeError(f"{cxx} failed to build {source}:\n{proc.stderr.strip()[-2000:]}")
             os.replace(tmp, lib)
         finally:
             if os.path.exists(tmp):
@@ -90,21 +98,42 @@ def _build(cxx: str) -> Path:
     return lib
 
 
-@functools.lru_cache(maxsize=1)
-def _load() -> tuple[ctypes.CDLL | None, str | None]:
+def _open(name: str, abi_symbol: str) -> tuple[ctypes.CDLL | None, str | None]:
     why = _static_reason()
     if why:
         return None, why
     try:
-        lib = ctypes.CDLL(str(_build(_compiler())))
+        lib = ctypes.CDLL(str(_build(_compiler(), name)))
     except Exception as exc:  # a broken toolchain must not break inference: report and fall back
         return None, f"building the CPU kernels failed ({type(exc).__name__}: {exc})"
-    if lib.rz_abi_version() != ABI_VERSION:
-        return None, "the cached CPU kernel library has another ABI version; clear the cache directory"
+    if getattr(lib, abi_symbol)() != LIBRARIES[name][2]:
+        return None, f"the cached {name} library has another ABI version; clear {cache_dir()}"
+    return lib, None
+
+
+@functools.lru_cache(maxsize=1)
+def _load() -> tuple[ctypes.CDLL | None, str | None]:
+    lib, why = _open("cpu_gemv", "rz_abi_version")
+    if lib is None:
+        return None, why
     lib.rz_gemv_f32.argtypes = [_P, _I, _I, _I, _P, _I, _P, _I, _INT]
     lib.rz_gemv_bf16.argtypes = [_P, _I, _I, _I, _P, _I, _P, _I, _INT]
     lib.rz_gemv_i8.argtypes = [_P, _I, _I, _I, _P, _P, _I, _P, _I, _INT]
     for fn in (lib.rz_gemv_f32, lib.rz_gemv_bf16, lib.rz_gemv_i8):
+        fn.restype = None
+    return lib, None
+
+
+@functools.lru_cache(maxsize=1)
+def load_wkv() -> tuple[ctypes.CDLL | None, str | None]:
+    """The WKV recurrence library (``csrc/cpu_wkv.cpp``) and None, or None and why it cannot load."""
+    lib, why = _open("cpu_wkv", "rz_wkv_abi_version")
+    if lib is None:
+        return None, why
+    lib.rz_wkv4.argtypes = [_P] * 11 + [_I, _I, _I, _INT]
+    lib.rz_wkv6.argtypes = [_P, _P, _P, _P, _INT, _P, _P, _P, _P, _I, _I, _I, _I, _INT]
+    lib.rz_wkv7.argtypes = [_P] * 9 + [_I, _I, _I, _I, _INT]
+    for fn in (lib.rz_wkv4, lib.rz_wkv6, lib.rz_wkv7):
         fn.restype = None
     return lib, None
 

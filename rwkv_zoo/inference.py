@@ -7,8 +7,8 @@ stacks, constants such as ``exp(-exp(time_decay))`` computed once per weight ver
 WKV recurrence inline, and no module-call or dispatch overhead per layer. It is checked against the
 module path to fp32 rounding for every version and hybrids (tests/generation/test_inference.py).
 Dispatch still decides: the step asks for the ``recurrent`` kernel once per call, and runs its own
-one-step recurrence only when dispatch chose ``reference`` (the same formulas); any other backend's
-kernel is called for each layer's WKV.
+one-step recurrence only when dispatch chose ``reference`` or ``cpu`` (the same formulas); any other
+backend's kernel runs through the op front-end for each layer's WKV.
 
 ``prepare_inference(model, weights=...)`` replaces every ``nn.Linear`` of the blocks and the head by
 an ``InferenceLinear`` holding the weight in fp32, bf16 or int8 (symmetric, one fp32 scale per output
@@ -30,6 +30,8 @@ from rwkv_zoo import cpu_kernels, ops
 from rwkv_zoo.state import LayerState, RWKVState
 
 WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
+# Backends whose recurrent kernel computes exactly the step's inline recurrence (the same formulas).
+INLINE_BACKENDS = ("reference", "cpu")
 GEMV_MAX_ROWS = 16  # above this, a GEMM on fp32 weights wins over streaming the stored weights per row tile
 
 __all__ = ["DecodeStep", "InferenceLinear", "prepare_inference", "quantize_int8"]
@@ -240,7 +242,7 @@ class DecodeStep:
                 continue
             sel = ops._select(layer.op, m.mode or "recurrent", device.type, dtype, B, 1, layer.H, layer.N,
                               False, has_state, m.backend)
-            out[layer.op] = None if sel.backend == "reference" and sel.mode == "recurrent" else sel
+            out[layer.op] = None if sel.backend in INLINE_BACKENDS and sel.mode == "recurrent" else sel
         return out
 
     @torch.no_grad()

@@ -69,6 +69,7 @@ PROBE = textwrap.dedent(
         except Exception as exc:
             result["exact_error"] = f"{type(exc).__name__}: {exc}"
     result["finite"] = bool(torch.isfinite(logits).all())
+    result["cpu_available"] = result["backends"].get("cpu", {}).get("available", False)
     if "exact" in result["backends"]:
         from rwkv_zoo.testing import check_backend
         report = check_backend("exact", dtypes=(torch.float32, torch.bfloat16), Ts=(1, 15, 65), raise_on_fail=False)
@@ -113,10 +114,12 @@ def test_discovered_listed_chosen_and_explained():
     row = next(line for line in text.splitlines() if line.startswith("exact "))
     assert rc == 0 and "entrypoint" in row and f"{DIST} {VERSION}" in row and row.endswith("ok")
 
-    # Chosen explicitly, and explain says so; left to priority, reference (0) wins over exact (-10).
+    # Chosen explicitly, and explain says so; left to priority, the C++ cpu backend (2, where it builds) or
+    # reference (0) wins over exact (-10).
     assert "-> exact (use_backend(): chosen explicitly)" in out["exact_explain"]
     chosen = next(line for line in out["default_explain"].splitlines() if "->" in line)
-    assert "-> reference (priority: highest priority (0) of those that can run it; also able:" in chosen
+    name, prio = ("cpu", 2) if out["cpu_available"] else ("reference", 0)
+    assert f"-> {name} (priority: highest priority ({prio}) of those that can run it; also able:" in chosen
     assert "exact" in chosen.split("also able:")[1]
     assert "exact_error" not in out and out["rel_diff"] < 1e-5 and out["finite"]
 
@@ -129,8 +132,10 @@ def test_discovered_listed_chosen_and_explained():
 def test_blocked_plugin_runs_the_model_on_the_next_backend_and_says_so():
     out = _probe(RWKV_ZOO_DISABLE_PLUGINS="exact")
     assert out["plugins"]["exact"]["disabled"] and "exact" not in out["backends"]
-    assert out["finite"]  # the model ran, on reference
-    assert "-> reference (priority" in out["default_explain"] and "also able: exact" not in out["default_explain"]
+    assert out["finite"]  # the model ran, on cpu or reference
+    name = "cpu" if out["cpu_available"] else "reference"
+    chosen = next(line for line in out["default_explain"].splitlines() if "->" in line)
+    assert f"-> {name} (priority" in chosen and "also able: exact" not in chosen
     blocked = f"plugin exact ({DIST} {VERSION}) is blocked by RWKV_ZOO_DISABLE_PLUGINS"
     assert f"not considered: {blocked}" in out["default_explain"]
     # An explicit choice of a blocked backend raises (never a silent fallback), naming the block.

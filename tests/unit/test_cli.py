@@ -11,7 +11,11 @@ import torch
 
 import rwkv_zoo
 from rwkv_zoo import cli
+from rwkv_zoo.backends import cpu as cpu_backend
 from rwkv_zoo.cli import main
+
+# Inference calls on the CPU go to the C++ ``cpu`` backend where it builds (priority 2), else to reference.
+CPU_DEFAULT = "cpu" if cpu_backend.unavailable_reason() is None else "reference"
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -184,7 +188,7 @@ def test_explain_default(capsys):
     assert out.startswith("v6-1.5B: input [B=1, T=1024]")
     assert "layers 0-23 (24):" in out
     assert "wkv6 [chunk] cpu float32 B=1 T=1024 H=32 N=64" in out
-    assert "-> reference" in out
+    assert f"-> {CPU_DEFAULT}" in out
 
 
 def test_explain_options(capsys):
@@ -208,7 +212,7 @@ def test_explain_picks_higher_priority_backend(capsys):
         assert "-> cudaonly (priority" in out
         rc, out, _ = run(capsys, "explain", "v6-tiny")  # on the CPU it cannot
         assert rc == 0
-        assert "-> reference" in out and "not cudaonly: runs on cuda, not cpu" in out
+        assert f"-> {CPU_DEFAULT}" in out and "not cudaonly: runs on cuda, not cpu" in out
 
 
 @pytest.mark.parametrize(
@@ -258,7 +262,7 @@ def test_demo_tiny(capsys):
     assert "v4-tiny: 2 layers x 64" in out and "v7-tiny: 2 layers x 64" in out
     assert "v5-tiny" not in out
     assert out.count("PASS  ") + out.count("PASS\n") == 4  # recurrent and split, per version
-    assert "reference/chunk" in out and "reference/recurrent" in out
+    assert f"{CPU_DEFAULT}/chunk" in out and f"{CPU_DEFAULT}/recurrent" in out
     assert "20 x [1, 1]" in out
     assert out.rstrip().splitlines()[-1].startswith("PASS: v4, v7")
 

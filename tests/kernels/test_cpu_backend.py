@@ -1,0 +1,63 @@
+"""The ``cpu`` backend: C++ WKV recurrences for inference, forward only, against the fp64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rwkv_zoo
+from rwkv_zoo import dispatch
+from rwkv_zoo.backends import cpu as cpu_backend
+from rwkv_zoo.dispatch import BackendError, KernelCall
+from rwkv_zoo.testing import check_backend
+
+pytestmark = [
+    pytest.mark.kernel,
+    pytest.mark.skipif(cpu_backend.unavailable_reason() is not None, reason=f"{cpu_backend.unavailable_reason()}"),
+]
+
+
+@pytest.mark.parametrize("N", [16, 64])
+def test_conformance_forward(N):
+    # Random initial state, odd T, outputs poisoned before each call; fp32 gate 1e-5 (PERF.md).
+    report = check_backend("cpu", dtypes=(torch.float32,), Ts=(1, 15, 65), B=2, H=2, N=N)
+    ran = [r for r in report.results if not r.skipped]
+    assert len(ran) == 4 * 2 * 3 and all("forward only" in r.message for r in ran), str(report)
+    assert max(report.max_errors().values()) <= 1e-6, str(report)
+
+
+def test_strong_and_weak_decay_match_reference():
+    g = torch.Generator().manual_seed(0)
+    B, T, H, N = 2, 40, 2, 32
+    for scale in (0.1, 10.0):
+        r, k, v = (torch.randn(B, T, H, N, generator=g) for _ in range(3))
+        w = torch.nn.functional.logsigmoid(torch.randn(B, T, H, N, generator=g)) * scale
+        u, s0 = torch.randn(H, N, generator=g), torch.randn(B, H, N, N, generator=g)
+        ref_y, ref_s = rwkv_zoo.wkv6(r.double(), k.double(), v.double(), w.double(), u.double(), s0.double(),
+                                     backend="reference", mode="recurrent")
+        y, s = rwkv_zoo.wkv6(r, k, v, w, u, s0, backend="cpu")
+        assert float((y.double() - ref_y).norm() / ref_y.norm()) < 1e-6
+        assert float((s.double() - ref_s).norm() / ref_s.norm()) < 1e-6
+
+
+def test_serves_inference_calls_and_gives_training_calls_away():
+    infer = KernelCall("wkv7", "chunk", "cpu", torch.float32, 1, 512, 12, 64)
+    assert dispatch.select(infer).backend == "cpu"
+    train = KernelCall("wkv7", "chunk", "cpu", torch.float32, 1, 512, 12, 64, requires_grad=True)
+    sel = dispatch.select(train)
+    assert sel.backend != "cpu"
+    assert any("has no backward" in " ".join(why) for name, why in sel.rejected if name == "cpu")
+    with pytest.raises(BackendError, match="no backward"):
+        dispatch.select(train, "cpu")
+    bf16 = KernelCall("wkv6", "chunk", "cpu", torch.bfloat16, 1, 64, 4, 64)
+    assert dispatch.select(bf16).backend != "cpu"
+
+
+def test_model_prefill_on_cpu_backend_equals_reference():
+    model = rwkv_zoo.randomize_(rwkv_zoo.build("v4-tiny"), seed=2).eval()
+    tokens = torch.randint(0, 256, (2, 70), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, _ = model(tokens)
+        model.backend = "reference"
+        ref, _ = model(tokens)
+    assert float((ours - ref).norm() / ref.norm()) < 1e-5
