@@ -9,8 +9,12 @@ Kernels (``csrc/``, our own code; the per-thread arithmetic in ``wkv_math.cuh``)
   inversion of the decay) and gives every gradient, the initial state's included.
 - ``wkv7`` recurrent: the same layout; the backward rebuilds earlier states from checkpoints taken
   every 16 steps, inverting the update in between (accurate for v7's decay, >= 0.545 per step).
-- Decode (T = 1) runs the same kernels, one block per (batch, head).
-Inputs fp32, bf16 or fp16 (decay and bonus fp32 alongside), fp32 state, ``y`` in the input dtype.
+- ``wkv7`` chunk (forward only): 16-step chunks on tensor cores (fp16 pairwise products, tf32 products
+  with the fp32 state; sm_80+), bf16/fp16 inputs, head sizes 32 and 64. It assumes v7's decay bound
+  (w >= -exp(-0.5), as the model produces): far stronger decay would overflow its factored decays.
+  Dispatch picks it only for calls without gradients (prefill); training runs the recurrent backward.
+- Decode (T = 1) runs the recurrent kernels, one block per (batch, head).
+Recurrent inputs fp32, bf16 or fp16 (decay and bonus fp32 alongside), fp32 state, ``y`` in the input dtype.
 Head sizes 32, 64, 128 (the state of a head lives in one block's registers: N floats per thread,
 3N in the wkv7 backward, which spills at N = 128).
 
@@ -42,11 +46,14 @@ import torch
 from rwkv_zoo.backend import Backend, Kernel
 from rwkv_zoo.hookspecs import hookimpl
 
-from .recurrent import wkv4_recurrent, wkv5_recurrent, wkv6_recurrent, wkv7_recurrent
+from .recurrent import wkv4_recurrent, wkv5_recurrent, wkv6_recurrent, wkv7_chunk, wkv7_recurrent
 
 HEAD_SIZES = (32, 64, 128)
+CHUNK_HEAD_SIZES = (32, 64)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+CHUNK_DTYPES = (torch.bfloat16, torch.float16)  # tensor-core precision: not an fp32 kernel
 MIN_CAPABILITY = (7, 0)
+CHUNK_MIN_CAPABILITY = (8, 0)
 PRIORITY_GPU, PRIORITY_CPU = 8, -10
 
 
@@ -107,6 +114,14 @@ def _check(call) -> list[str]:
     return []
 
 
+def _check_chunk(call) -> list[str]:
+    if call.device == "cuda" and torch.cuda.is_available():
+        cap = torch.cuda.get_device_capability()
+        if cap < CHUNK_MIN_CAPABILITY:
+            return [f"its tensor-core chunk kernel needs compute capability >= 8.0 (this GPU is {cap[0]}.{cap[1]})"]
+    return []
+
+
 def make_backend(*, emulated: bool = False) -> Backend:
     """The ``cuda`` backend; ``emulated=True`` gives ``cuda-emulated``, the same kernels on CPU tensors.
 
@@ -118,21 +133,25 @@ def make_backend(*, emulated: bool = False) -> Backend:
         from . import emulate
 
         common = dict(devices=("cpu",), dtypes=DTYPES, check=_check)
+        chunk = dict(devices=("cpu",), dtypes=CHUNK_DTYPES, check=_check_chunk)
         sizes = tuple(n for n in emulate.HEAD_SIZES)
         name, priority, availability = "cuda-emulated", -100, emulate.unavailable_reason
         description = "the cuda backend's kernels run by its CPU emulator (tests only)"
     else:
         common = dict(devices=("cuda",), dtypes=DTYPES, check=_check)
+        chunk = dict(devices=("cuda",), dtypes=CHUNK_DTYPES, check=_check_chunk)
         sizes = HEAD_SIZES
         name = "cuda"
         priority = PRIORITY_GPU if torch.cuda.is_available() else PRIORITY_CPU
         availability = unavailable_reason
-        description = "CUDA C++ kernels: recurrent wkv4-7, fwd+bwd; fp32 state; compiled on first use (nvcc, ninja)"
+        description = ("CUDA C++ kernels: recurrent wkv4-7 fwd+bwd, fp32 state; wkv7 chunk fwd on tensor cores; "
+                       "compiled on first use (nvcc, ninja)")
     kernels = [
         Kernel("wkv4", "recurrent", wkv4_recurrent, **common),
         Kernel("wkv5", "recurrent", wkv5_recurrent, head_sizes=sizes, **common),
         Kernel("wkv6", "recurrent", wkv6_recurrent, head_sizes=sizes, **common),
         Kernel("wkv7", "recurrent", wkv7_recurrent, head_sizes=sizes, **common),
+        Kernel("wkv7", "chunk", wkv7_chunk, head_sizes=CHUNK_HEAD_SIZES, supports_backward=False, **chunk),
     ]
     return Backend(name=name, kernels=kernels, priority=priority, description=description,
                    availability=availability)

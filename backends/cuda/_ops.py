@@ -220,3 +220,24 @@ def _wkv7_backward(ctx, dy, dsT, *_):
 
 
 wkv7_fwd.register_autograd(_wkv7_backward, setup_context=_wkv7_setup)
+
+
+# ---------------------------------------------------------------------------------------------------
+# wkv7 chunked (tensor cores), forward only: no autograd is registered, and the backend declares the
+# kernel without backward, so dispatch never picks it for a call that needs gradients.
+
+
+@torch.library.custom_op("rwkv_zoo_cuda::wkv7_chunk_fwd", mutates_args=())
+def wkv7_chunk_fwd(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
+                   s0: Tensor) -> tuple[Tensor, Tensor]:
+    B, _, H, N = r.shape
+    y = torch.empty_like(r)
+    sT = _empty(B, H, N, N, like=r)
+    _impl(r).wkv7_chunk_fwd(r, w, k, v, a, b, s0, y, sT)
+    return y, sT
+
+
+@wkv7_chunk_fwd.register_fake
+def _(r, w, k, v, a, b, s0):
+    B, _, H, N = r.shape
+    return torch.empty_like(r), r.new_empty(B, H, N, N, dtype=F32)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("emulate.cpp", "wkv_math.cuh")
+SOURCES = ("emulate.cpp", "wkv_math.cuh", "wkv7_chunk.cuh")
 HEAD_SIZES = (16, 32, 64)
 
 
@@ -138,6 +138,12 @@ class Emulator:
         x = _Args()
         args = [x.inp(t) for t in (r, w, k, v, a, b, s0)] + [x.out(t) for t in (y, sT, sa, ck)]
         x.finish(library().emu_wkv7_fwd(B, T, H, N, *args, int(save)), "wkv7 kernel")
+
+    def wkv7_chunk_fwd(self, r, w, k, v, a, b, s0, y, sT) -> None:
+        B, T, H, N = r.shape
+        x = _Args()
+        args = [x.inp(t) for t in (r, w, k, v, a, b, s0)] + [x.out(t) for t in (y, sT)]
+        x.finish(library().emu_wkv7_chunk_fwd(B, T, H, N, *args), "wkv7 chunk kernel")
 
     def wkv7_bwd(self, r, w, k, v, a, b, sa, ck, sT, dy, dsT, dr, dw, dk, dv, da, db, ds0) -> None:
         B, T, H, N = r.shape

@@ -119,6 +119,17 @@ void wkv7_bwd(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v
         "wkv7 backward");
 }
 
+void wkv7_chunk_fwd(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a,
+                    torch::Tensor b, torch::Tensor s0, torch::Tensor y, torch::Tensor sT) {
+  for (auto* t : {&r, &k, &v, &a, &b, &y}) need(*t, "wkv7 activation");
+  for (auto* t : {&w, &s0, &sT}) need(*t, "wkv7 fp32 tensor", true);
+  const c10::cuda::CUDAGuard guard(r.device());
+  const int B = r.size(0), T = r.size(1), H = r.size(2), N = r.size(3);
+  check(rwkv_zoo_cuda::wkv7_chunk_forward(dtype_of(r), B, T, H, N, r.data_ptr(), f(w), k.data_ptr(), v.data_ptr(),
+                                          a.data_ptr(), b.data_ptr(), f(s0), y.data_ptr(), fm(sT), stream()),
+        "wkv7 chunk forward");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -129,4 +140,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("wkv6_bwd", &wkv6_bwd);
   m.def("wkv7_fwd", &wkv7_fwd);
   m.def("wkv7_bwd", &wkv7_bwd);
+  m.def("wkv7_chunk_fwd", &wkv7_chunk_fwd);
 }

@@ -10,8 +10,10 @@
 // a second and call it through ctypes; no torch headers.
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <vector>
 
+#include "wkv7_chunk.cuh"
 #include "wkv_math.cuh"
 
 using namespace rwkv_zoo_cuda;
@@ -188,6 +190,74 @@ void wkv7_bwd(int B, int T, int H, const float* r, const float* w, const float* 
     }
 }
 
+// The chunked wkv7 forward: phases 1, 2, 4, 5 are wkv7_chunk.cuh's; phases 3 and 6 (tensor cores on
+// the GPU) are loops here over the same operands, fp16 ones as stored, fp32 ones rounded to tf32 as
+// the tensor cores round them. Summation order inside a tile product differs from the hardware's.
+template <int N>
+void wkv7_chunk_fwd(int B, int T, int H, const float* r, const float* w, const float* k, const float* v,
+                    const float* a, const float* bb, const float* s0, float* y, float* sT) {
+  using Sm = Chunk7Smem<N, _Float16>;
+  auto sm_ptr = std::make_unique<Sm>();
+  Sm& sm = *sm_ptr;
+  const int L = C7_L;
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < H; ++h) {
+      const long so = (long)(b * H + h) * N * N;
+      for (int x = 0; x < N * N; ++x) sm.S[x / N][x % N] = s0[so + x];
+      for (int c0 = 0; c0 < T; c0 += L) {
+        const int len = std::min(L, T - c0);
+        for (int t = 0; t < L; ++t)
+          for (int j = 0; j < N; ++j) {
+            const bool in = t < len;
+            const long o = ((long)(b * T + c0 + t) * H + h) * N + j;
+            sm.r0[t][j] = in ? r[o] : 0.f;
+            sm.a0[t][j] = in ? a[o] : 0.f;
+            sm.bend[t][j] = in ? bb[o] : 0.f;
+            sm.kend[t][j] = in ? k[o] : 0.f;
+            sm.v[t][j] = in ? v[o] : 0.f;
+            sm.g[t][j] = in ? w[o] : 0.f;
+          }
+        for (int tid = 0; tid < C7_THREADS; ++tid) c7_cumsum<N, _Float16>(tid, sm);
+        for (int tid = 0; tid < C7_THREADS; ++tid) c7_scale<N, _Float16>(tid, C7_THREADS, sm);
+        // phase 3
+        const _Float16* As[4] = {&sm.aq[0][0], &sm.aq[0][0], &sm.rq[0][0], &sm.rq[0][0]};
+        const _Float16* Bs[4] = {&sm.bq[0][0], &sm.kq[0][0], &sm.bq[0][0], &sm.kq[0][0]};
+        for (int p = 0; p < 4; ++p)
+          for (int t = 0; t < L; ++t)
+            for (int s2 = 0; s2 < L; ++s2) {
+              float acc = 0.f;
+              for (int j = 0; j < N; ++j) acc += (float)As[p][t * N + j] * (float)Bs[p][s2 * N + j];
+              sm.P[p][t][s2] = acc;
+            }
+        for (int t = 0; t < L; ++t)
+          for (int i = 0; i < N; ++i) {
+            float x = 0.f, yq = 0.f;
+            for (int j = 0; j < N; ++j) {
+              const float sji = c7_round_tf32(sm.S[j][i]);
+              x += c7_round_tf32(sm.a0[t][j]) * sji;
+              yq += c7_round_tf32(sm.r0[t][j]) * sji;
+            }
+            sm.X[t][i] = x;
+            sm.Yq[t][i] = yq;
+          }
+        for (int tid = 0; tid < C7_THREADS; ++tid) c7_solve<N, _Float16>(tid, sm);
+        for (int tid = 0; tid < C7_THREADS; ++tid) c7_output<N, _Float16>(tid, C7_THREADS, sm);
+        for (int t = 0; t < len; ++t)
+          for (int i = 0; i < N; ++i) y[((long)(b * T + c0 + t) * H + h) * N + i] = sm.Yq[t][i];
+        // phase 6
+        for (int j = 0; j < N; ++j)
+          for (int i = 0; i < N; ++i) {
+            float acc = sm.S[j][i];
+            for (int s2 = 0; s2 < L; ++s2)
+              acc += c7_round_tf32(sm.bend[s2][j]) * c7_round_tf32(sm.U[s2][i]) +
+                     c7_round_tf32(sm.kend[s2][j]) * c7_round_tf32(sm.v[s2][i]);
+            sm.S[j][i] = acc;
+          }
+      }
+      for (int x = 0; x < N * N; ++x) sT[so + x] = sm.S[x / N][x % N];
+    }
+}
+
 }  // namespace
 
 #define RWKV_EMU_SWITCH(N, CALL)                                \
@@ -215,6 +285,11 @@ int emu_wkv7_fwd(int B, int T, int H, int N, const float* r, const float* w, con
                  const float* a, const float* b, const float* s0, float* y, float* sT, float* sa, float* ck,
                  int save) {
   RWKV_EMU_SWITCH(N, (wkv7_fwd<NN>(B, T, H, r, w, k, v, a, b, s0, y, sT, sa, ck, save)))
+}
+
+int emu_wkv7_chunk_fwd(int B, int T, int H, int N, const float* r, const float* w, const float* k, const float* v,
+                       const float* a, const float* b, const float* s0, float* y, float* sT) {
+  RWKV_EMU_SWITCH(N, (wkv7_chunk_fwd<NN>(B, T, H, r, w, k, v, a, b, s0, y, sT)))
 }
 
 int emu_wkv7_bwd(int B, int T, int H, int N, const float* r, const float* w, const float* k, const float* v,

@@ -45,3 +45,13 @@ cudaError_t wkv7_backward(int dtype, int B, int T, int H, int N, const void* r, 
                           float* dv, float* da, float* db, float* ds0, cudaStream_t stream);
 
 }  // namespace rwkv_zoo_cuda
+
+namespace rwkv_zoo_cuda {
+
+// wkv7 chunked forward on tensor cores (sm_80+; cudaErrorNotSupported below): head sizes 32 and 64, no
+// backward. Assumes v7's decay bound, w >= -exp(-0.5) (see wkv7_chunk.cuh).
+cudaError_t wkv7_chunk_forward(int dtype, int B, int T, int H, int N, const void* r, const float* w, const void* k,
+                               const void* v, const void* a, const void* b, const float* s0, void* y, float* sT,
+                               cudaStream_t stream);
+
+}  // namespace rwkv_zoo_cuda

@@ -1,0 +1,168 @@
+// Chunked wkv7 forward on tensor cores (sm_80+): fp16 m16n16k16 for the pairwise products inside a
+// chunk, tf32 m16n16k8 for the products with the fp32 state; the algorithm and its other phases are in
+// wkv7_chunk.cuh. One block of four warps per (batch, head); state in shared memory across chunks.
+// Forward only (training uses the recurrent kernel's backward); inputs bf16/fp16 (fp32 accepted),
+// head sizes 32 and 64.
+#include <mma.h>
+
+#include "wkv7_chunk.cuh"
+#include "wkv_cuda_common.cuh"
+
+namespace rwkv_zoo_cuda {
+namespace {
+
+using namespace nvcuda;
+
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define RWKV_C7_TC 1
+#endif
+
+template <int N>
+using Smem7 = Chunk7Smem<N, __half>;
+
+// Phase 3: warp w computes pairwise product w and its share of the X = a0 S, Yq = r0 S tiles.
+template <int N>
+__device__ void c7_products(int warp, Smem7<N>& sm) {
+#ifdef RWKV_C7_TC
+  {
+    const __half* A = (warp < 2) ? &sm.aq[0][0] : &sm.rq[0][0];
+    const __half* Bm = (warp % 2 == 0) ? &sm.bq[0][0] : &sm.kq[0][0];
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::fill_fragment(acc, 0.f);
+    for (int kk = 0; kk < N / 16; ++kk) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> fb;  // Bm^T
+      wmma::load_matrix_sync(fa, A + 16 * kk, N);
+      wmma::load_matrix_sync(fb, Bm + 16 * kk, N);
+      wmma::mma_sync(acc, fa, fb, acc);
+    }
+    wmma::store_matrix_sync(&sm.P[warp][0][0], acc, C7_L, wmma::mem_row_major);
+  }
+  for (int q = warp; q < 2 * (N / 16); q += 4) {
+    const int which = q / (N / 16), col = q % (N / 16);
+    const float* A = which ? &sm.r0[0][0] : &sm.a0[0][0];
+    float* out = which ? &sm.Yq[0][0] : &sm.X[0][0];
+    wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc;
+    wmma::fill_fragment(acc, 0.f);
+    for (int kk = 0; kk < N / 8; ++kk) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> fa;
+      wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major> fb;
+      wmma::load_matrix_sync(fa, A + 8 * kk, N);
+      wmma::load_matrix_sync(fb, &sm.S[8 * kk][16 * col], N);
+      for (int e = 0; e < fa.num_elements; ++e) fa.x[e] = wmma::__float_to_tf32(fa.x[e]);
+      for (int e = 0; e < fb.num_elements; ++e) fb.x[e] = wmma::__float_to_tf32(fb.x[e]);
+      wmma::mma_sync(acc, fa, fb, acc);
+    }
+    wmma::store_matrix_sync(out + 16 * col, acc, N, wmma::mem_row_major);
+  }
+#endif
+}
+
+// Phase 6: S += bend^T U + kend^T V, tile by tile (S already scaled by e^{G_{L-1}} in phase 5).
+template <int N>
+__device__ void c7_state_update(int warp, Smem7<N>& sm) {
+#ifdef RWKV_C7_TC
+  for (int q = warp; q < (N / 16) * (N / 16); q += 4) {
+    const int rt = q / (N / 16), ct = q % (N / 16);
+    wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc;
+    wmma::load_matrix_sync(acc, &sm.S[16 * rt][16 * ct], N, wmma::mem_row_major);
+    for (int part = 0; part < 2; ++part) {
+      const float* L = part ? &sm.kend[0][0] : &sm.bend[0][0];  // [s][j], read as its transpose
+      const float* R = part ? &sm.v[0][0] : &sm.U[0][0];        // [s][i]
+      for (int kk = 0; kk < C7_L / 8; ++kk) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::col_major> fa;
+        wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major> fb;
+        wmma::load_matrix_sync(fa, L + 8 * kk * N + 16 * rt, N);
+        wmma::load_matrix_sync(fb, R + 8 * kk * N + 16 * ct, N);
+        for (int e = 0; e < fa.num_elements; ++e) fa.x[e] = wmma::__float_to_tf32(fa.x[e]);
+        for (int e = 0; e < fb.num_elements; ++e) fb.x[e] = wmma::__float_to_tf32(fb.x[e]);
+        wmma::mma_sync(acc, fa, fb, acc);
+      }
+    }
+    wmma::store_matrix_sync(&sm.S[16 * rt][16 * ct], acc, N, wmma::mem_row_major);
+  }
+#endif
+}
+
+template <typename T, int N>
+__global__ void __launch_bounds__(C7_THREADS) wkv7_chunk_fwd_kernel(
+    int T_, int H, const T* __restrict__ r, const float* __restrict__ w, const T* __restrict__ k,
+    const T* __restrict__ v, const T* __restrict__ a, const T* __restrict__ b_, const float* __restrict__ s0,
+    T* __restrict__ y, float* __restrict__ sT) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  Smem7<N>& sm = *reinterpret_cast<Smem7<N>*>(smem_raw);
+  const int bh = blockIdx.x, b = bh / H, h = bh % H, tid = threadIdx.x, warp = tid / 32;
+  const long so = (long)bh * N * N;
+  for (int idx = tid; idx < N * N; idx += C7_THREADS) sm.S[idx / N][idx % N] = s0[so + idx];
+  for (int c0 = 0; c0 < T_; c0 += C7_L) {
+    const int len = min(C7_L, T_ - c0);
+    __syncthreads();
+    for (int idx = tid; idx < C7_L * N; idx += C7_THREADS) {
+      const int t = idx / N, j = idx % N;
+      const bool in = t < len;
+      const long o = ((long)(b * T_ + c0 + t) * H + h) * N + j;
+      sm.r0[t][j] = in ? to_f(r[o]) : 0.f;
+      sm.a0[t][j] = in ? to_f(a[o]) : 0.f;
+      sm.bend[t][j] = in ? to_f(b_[o]) : 0.f;
+      sm.kend[t][j] = in ? to_f(k[o]) : 0.f;
+      sm.v[t][j] = in ? to_f(v[o]) : 0.f;
+      sm.g[t][j] = in ? w[o] : 0.f;
+    }
+    __syncthreads();
+    c7_cumsum<N, __half>(tid, sm);
+    __syncthreads();
+    c7_scale<N, __half>(tid, C7_THREADS, sm);
+    __syncthreads();
+    c7_products<N>(warp, sm);
+    __syncthreads();
+    c7_solve<N, __half>(tid, sm);
+    __syncthreads();
+    c7_output<N, __half>(tid, C7_THREADS, sm);
+    __syncthreads();
+    for (int idx = tid; idx < len * N; idx += C7_THREADS) {
+      const int t = idx / N, i = idx % N;
+      y[((long)(b * T_ + c0 + t) * H + h) * N + i] = from_f<T>(sm.Yq[t][i]);
+    }
+    c7_state_update<N>(warp, sm);
+  }
+  __syncthreads();
+  for (int idx = tid; idx < N * N; idx += C7_THREADS) sT[so + idx] = sm.S[idx / N][idx % N];
+}
+
+}  // namespace
+
+cudaError_t wkv7_chunk_forward(int dtype, int B, int T, int H, int N, const void* r, const float* w, const void* k,
+                               const void* v, const void* a, const void* b, const float* s0, void* y, float* sT,
+                               cudaStream_t stream) {
+  int dev = 0, major = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  if (major < 8) return cudaErrorNotSupported;  // tf32 / this wmma use needs sm_80
+  RWKV_DISPATCH_DTYPE(dtype, switch (N) {
+    case 32: {
+      constexpr int NN = 32;
+      auto kern = wkv7_chunk_fwd_kernel<scalar_t, NN>;
+      const int bytes = sizeof(Smem7<NN>);
+      cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+      kern<<<B * H, C7_THREADS, bytes, stream>>>(T, H, (const scalar_t*)r, w, (const scalar_t*)k,
+                                                 (const scalar_t*)v, (const scalar_t*)a, (const scalar_t*)b, s0,
+                                                 (scalar_t*)y, sT);
+      break;
+    }
+    case 64: {
+      constexpr int NN = 64;
+      auto kern = wkv7_chunk_fwd_kernel<scalar_t, NN>;
+      const int bytes = sizeof(Smem7<NN>);
+      cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+      kern<<<B * H, C7_THREADS, bytes, stream>>>(T, H, (const scalar_t*)r, w, (const scalar_t*)k,
+                                                 (const scalar_t*)v, (const scalar_t*)a, (const scalar_t*)b, s0,
+                                                 (scalar_t*)y, sT);
+      break;
+    }
+    default:
+      return cudaErrorInvalidValue;
+  })
+  return cudaGetLastError();
+}
+
+}  // namespace rwkv_zoo_cuda
