@@ -80,6 +80,47 @@ def test_every_kernel_file_is_built_by_the_loader():
         assert (CSRC / name).exists()
 
 
+_STUBS = {
+    # Headers a CPU-only torch wheel's CUDA headers include but this machine's toolkit may lack: the
+    # binding uses none of them, so empty declarations are enough for a syntax check.
+    "cusparse.h": "typedef struct cusparseContext* cusparseHandle_t;\n"
+                  "typedef enum { CUSPARSE_STATUS_SUCCESS = 0 } cusparseStatus_t;\n"
+                  "inline const char* cusparseGetErrorString(cusparseStatus_t) { return \"\"; }\n",
+    "cublas_v2.h": "typedef struct cublasContext* cublasHandle_t;\n"
+                   "typedef enum { CUBLAS_STATUS_SUCCESS = 0 } cublasStatus_t;\n",
+    "cublasLt.h": "#include \"cublas_v2.h\"\ntypedef struct cublasLtContext* cublasLtHandle_t;\n",
+    "cusolverDn.h": "typedef struct cusolverDnContext* cusolverDnHandle_t;\n",
+    "cusolverSp.h": "",
+    "cusolver_common.h": "typedef enum { CUSOLVER_STATUS_SUCCESS = 0 } cusolverStatus_t;\n",
+    "c10/cuda/impl/cuda_cmake_macros.h": "",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None or _nvcc() is None, reason="needs g++ and the CUDA toolkit headers")
+def test_binding_parses_against_this_torch(tmp_path):
+    # The torch binding is built only on a GPU machine; here it is at least parsed against this torch's
+    # headers (ATen/c10 CUDA headers included), so an API misuse fails CI.
+    import sysconfig
+
+    from torch.utils.cpp_extension import include_paths
+
+    candidates = [Path(os.environ[e]) / "include" for e in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(e)]
+    candidates += [Path(_nvcc()).resolve().parent.parent / "include", Path("/usr/local/cuda/include")]
+    cuda_include = next((c for c in candidates if (c / "cuda_runtime.h").exists()), None)
+    if cuda_include is None:
+        pytest.skip(f"no cuda_runtime.h in {', '.join(map(str, candidates))}")
+    for name, text in _STUBS.items():
+        if not (cuda_include / name).exists():
+            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name).write_text("#pragma once\n" + text)
+    cmd = ["g++", "-std=c++17", "-fsyntax-only", "-DTORCH_EXTENSION_NAME=rwkv_zoo_cuda_check",
+           *(f"-I{p}" for p in include_paths()), f"-I{tmp_path}", f"-I{cuda_include}", f"-I{CSRC}",
+           f"-I{sysconfig.get_paths()['include']}", str(CSRC / "binding.cpp")]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
 def test_kernel_sources_have_no_torch_headers():
     # CI compiles each .cu with plain nvcc: only the binding may include torch.
     for path in [*CSRC.glob("*.cu"), *CSRC.glob("*.cuh"), *CSRC.glob("*.h")]:
