@@ -1,4 +1,4 @@
-"""The CPU emulator of the CUDA kernels (``csrc/emulate.cpp``), built with the host C++ compiler.
+"""CPU stand-ins for the CUDA kernels, built with the host C++ compiler: the emulator and the threaded host build.
 
 The emulator runs the kernels' per-thread arithmetic (``csrc/wkv_math.cuh``, the same functions the
 ``.cu`` kernels call) one emulated thread after another between the kernels' barrier points, in fp32.
@@ -8,7 +8,13 @@ run this emulator instead of the extension. It is a pure C++ shared library load
 torch headers: it builds in about a second). Not checked by it: the CUDA-side indexing, dtype loads
 and races, which only a GPU run checks.
 
-The library is built once per source hash into ``$RWKV_ZOO_CUDA_CACHE/emulator`` (default: the cuda
+``threaded_library()`` goes further: it compiles the real kernel files (``wkv4.cu``, ``wkv6.cu``,
+``wkv7.cu``; fp32, without their launchers) with g++ and runs each CUDA thread as a CPU thread, with a
+barrier for ``__syncthreads`` and function statics for ``__shared__`` (``csrc/host_threads.h``), so the
+kernels' own indexing, chunk staging and barrier placement are exercised too. ``THREADED`` drives it
+with the same interface as ``EMULATOR`` (no chunk kernel: its tensor-core code cannot run on a CPU).
+
+The libraries are built once per source hash into ``$RWKV_ZOO_CUDA_CACHE/emulator`` (default: the cuda
 backend's cache directory), under the same file lock as the extension build.
 """
 
@@ -27,6 +33,8 @@ from torch import Tensor
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("emulate.cpp", "wkv_math.cuh", "wkv7_chunk.cuh")
+THREADED_SOURCES = ("kernels_host.cpp", "host_threads.h", "wkv_cuda_common.cuh", "wkv_math.cuh", "wkv4.cu", "wkv6.cu",
+                    "wkv7.cu")
 HEAD_SIZES = (16, 32, 64)
 
 
@@ -44,16 +52,14 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def _digest() -> str:
+def _digest(sources) -> str:
     h = hashlib.sha256()
-    for name in SOURCES:
+    for name in sources:
         h.update((CSRC / name).read_bytes())
     return h.hexdigest()[:16]
 
 
-@functools.cache
-def library() -> ctypes.CDLL:
-    """Build (once per source hash, under the cache lock) and load the emulator library."""
+def _build(stem: str, main: str, sources, flags) -> ctypes.CDLL:
     from .loader import cache_dir, file_lock
 
     why = unavailable_reason()
@@ -61,17 +67,29 @@ def library() -> ctypes.CDLL:
         raise RuntimeError(why)
     out_dir = cache_dir() / "emulator"
     out_dir.mkdir(parents=True, exist_ok=True)
-    lib = out_dir / f"rwkv_zoo_cuda_emulator_{_digest()}.so"
+    lib = out_dir / f"{stem}_{_digest(sources)}.so"
     with file_lock(out_dir / "build.lock"):
         if not lib.exists():
             tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-            cmd = [compiler(), "-O2", "-std=c++17", "-shared", "-fPIC", "-I", str(CSRC),
-                   str(CSRC / "emulate.cpp"), "-o", str(tmp)]
+            cmd = [compiler(), *flags, "-shared", "-fPIC", "-I", str(CSRC), str(CSRC / main), "-o", str(tmp)]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
-                raise RuntimeError(f"building the CUDA-kernel emulator failed:\n{' '.join(cmd)}\n{done.stderr}")
+                raise RuntimeError(f"building {main} failed:\n{' '.join(cmd)}\n{done.stderr}")
             os.replace(tmp, lib)  # atomic: a reader never sees a half-written library
     return ctypes.CDLL(str(lib))
+
+
+@functools.cache
+def library() -> ctypes.CDLL:
+    """Build (once per source hash, under the cache lock) and load the emulator library."""
+    return _build("rwkv_zoo_cuda_emulator", "emulate.cpp", SOURCES, ["-O2", "-std=c++17"])
+
+
+@functools.cache
+def threaded_library() -> ctypes.CDLL:
+    """Build and load the real kernels compiled for the CPU, a thread per CUDA thread (C++20, pthreads)."""
+    return _build("rwkv_zoo_cuda_host_threads", "kernels_host.cpp", THREADED_SOURCES,
+                  ["-O1", "-std=c++20", "-pthread", "-DRWKV_HOST_THREADS"])
 
 
 class _Args:
@@ -104,26 +122,29 @@ _L = ctypes.c_long
 
 
 class Emulator:
-    """The extension's interface (see ``binding.cpp``) on CPU tensors, run by the emulator."""
+    """The extension's interface (see ``binding.cpp``) on CPU tensors, run by a CPU library."""
+
+    def __init__(self, lib=library) -> None:
+        self._lib = lib
 
     def wkv4_fwd(self, w, u, k, v, a0, b0, p0, y, aT, bT, pT, sa, sb, sp, save: bool) -> None:
         B, T, C = k.shape
         x = _Args()
         args = [x.inp(t) for t in (w, u, k, v, a0, b0, p0)] + [x.out(t) for t in (y, aT, bT, pT, sa, sb, sp)]
-        x.finish(library().emu_wkv4_fwd(B, T, C, *args, int(save)), "wkv4")
+        x.finish(self._lib().emu_wkv4_fwd(B, T, C, *args, int(save)), "wkv4")
 
     def wkv4_bwd(self, w, u, k, v, sa, sb, sp, dy, daT, dbT, dpT, dk, dv, dw, du, da0, db0, dp0) -> None:
         B, T, C = k.shape
         x = _Args()
         args = ([x.inp(t) for t in (w, u, k, v, sa, sb, sp, dy, daT, dbT, dpT)]
                 + [x.out(t) for t in (dk, dv, dw, du, da0, db0, dp0)])
-        x.finish(library().emu_wkv4_bwd(B, T, C, *args), "wkv4")
+        x.finish(self._lib().emu_wkv4_bwd(B, T, C, *args), "wkv4")
 
     def wkv6_fwd(self, r, k, v, w, w_sb: int, w_st: int, u, s0, y, sT) -> None:
         B, T, H, N = r.shape
         x = _Args()
         args = [x.inp(r), x.inp(k), x.inp(v), x.inp(w), _L(w_sb), _L(w_st), x.inp(u), x.inp(s0), x.out(y), x.out(sT)]
-        x.finish(library().emu_wkv6_fwd(B, T, H, N, *args), "wkv6 kernel")
+        x.finish(self._lib().emu_wkv6_fwd(B, T, H, N, *args), "wkv6 kernel")
 
     def wkv6_bwd(self, r, k, v, w, w_sb: int, w_st: int, u, s0, dy, dsT, dr, dk, dv, dw, du, ds0, ck) -> None:
         # ck: the CUDA kernel's checkpoint scratch; the emulator keeps its own.
@@ -131,26 +152,27 @@ class Emulator:
         x = _Args()
         args = ([x.inp(r), x.inp(k), x.inp(v), x.inp(w), _L(w_sb), _L(w_st), x.inp(u), x.inp(s0), x.inp(dy),
                  x.inp(dsT)] + [x.out(t) for t in (dr, dk, dv, dw, du, ds0)])
-        x.finish(library().emu_wkv6_bwd(B, T, H, N, *args), "wkv6 kernel")
+        x.finish(self._lib().emu_wkv6_bwd(B, T, H, N, *args), "wkv6 kernel")
 
     def wkv7_fwd(self, r, w, k, v, a, b, s0, y, sT, sa, ck, save: bool) -> None:
         B, T, H, N = r.shape
         x = _Args()
         args = [x.inp(t) for t in (r, w, k, v, a, b, s0)] + [x.out(t) for t in (y, sT, sa, ck)]
-        x.finish(library().emu_wkv7_fwd(B, T, H, N, *args, int(save)), "wkv7 kernel")
+        x.finish(self._lib().emu_wkv7_fwd(B, T, H, N, *args, int(save)), "wkv7 kernel")
 
     def wkv7_chunk_fwd(self, r, w, k, v, a, b, s0, y, sT) -> None:
         B, T, H, N = r.shape
         x = _Args()
         args = [x.inp(t) for t in (r, w, k, v, a, b, s0)] + [x.out(t) for t in (y, sT)]
-        x.finish(library().emu_wkv7_chunk_fwd(B, T, H, N, *args), "wkv7 chunk kernel")
+        x.finish(self._lib().emu_wkv7_chunk_fwd(B, T, H, N, *args), "wkv7 chunk kernel")
 
     def wkv7_bwd(self, r, w, k, v, a, b, sa, ck, sT, dy, dsT, dr, dw, dk, dv, da, db, ds0) -> None:
         B, T, H, N = r.shape
         x = _Args()
         args = ([x.inp(t) for t in (r, w, k, v, a, b, sa, ck, sT, dy, dsT)]
                 + [x.out(t) for t in (dr, dw, dk, dv, da, db, ds0)])
-        x.finish(library().emu_wkv7_bwd(B, T, H, N, *args), "wkv7 kernel")
+        x.finish(self._lib().emu_wkv7_bwd(B, T, H, N, *args), "wkv7 kernel")
 
 
 EMULATOR = Emulator()
+THREADED = Emulator(threaded_library)

@@ -165,13 +165,39 @@ def test_emulated_kernels_conform_bf16_fp16():
     assert report.ok and len([r for r in report.results if not r.skipped]) == 10, str(report)
 
 
+@pytest.fixture
+def threaded(monkeypatch):
+    """The backend's CPU path runs the real kernel files, a CPU thread per CUDA thread (emulate.THREADED)."""
+    from rwkv_zoo.backends.cuda import _ops, emulate
+
+    monkeypatch.setattr(_ops, "EMULATOR", emulate.THREADED)
+
+
+@needs_cxx
+@pytest.mark.parametrize("N", [32, 64])
+def test_threaded_real_kernels_conform_fp32(N, threaded):
+    # The .cu kernels themselves (fp32 instantiation, compiled by g++ with host_threads.h): their
+    # indexing, 16-step staging, checkpoints and barrier placement, through the custom ops and autograd.
+    with _emulated():
+        report = check_backend("cuda-emulated", modes=("recurrent",), dtypes=(torch.float32,), Ts=(1, 16, 17, 40),
+                               B=2, H=2, N=N)
+    ran = [r for r in report.results if not r.skipped]
+    assert len(ran) == 4 * 4 and report.ok, str(report)
+    assert max(report.max_errors().values()) <= 1e-5, str(report)
+
+
 @needs_cxx
 @pytest.mark.parametrize(("op", "T", "scale"), [("wkv6", 100, 10.0), ("wkv6", 100, 0.1), ("wkv5", 100, 10.0),
                                                  ("wkv7", 200, 1.0), ("wkv4", 200, 10.0)])
-def test_emulated_backward_strong_and_weak_decay(op, T, scale):
+@pytest.mark.parametrize("impl", ["emulator", "threaded"])
+def test_emulated_backward_strong_and_weak_decay(op, T, scale, impl, monkeypatch):
     # wkv5/6: the backward rebuilds S_{t-1} forward from 16-step checkpoints, never divides by the
     # decay, so a decay of exp(-30) per step costs no accuracy. wkv7 inverts its update between
     # checkpoints: fine for v7's decay (>= 0.545), which make_inputs keeps at every scale.
+    if impl == "threaded":
+        from rwkv_zoo.backends.cuda import _ops, emulate
+
+        monkeypatch.setattr(_ops, "EMULATOR", emulate.THREADED)
     gen = torch.Generator().manual_seed(11)
     inputs = make_inputs(op, 1, T, 2, 32, generator=gen, decay_scale=scale)
     plain = evaluate(getattr(ref, f"{op}_recurrent"), op, inputs, None, grad=False)

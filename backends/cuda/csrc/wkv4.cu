@@ -65,6 +65,8 @@ unsigned blocks4(int B, int C) { return (unsigned)(((long)B * C + kThreads4 - 1)
 
 }  // namespace
 
+#ifndef RWKV_HOST_THREADS  // the launchers: CUDA only
+
 cudaError_t wkv4_forward(int dtype, int B, int T, int C, const float* w, const float* u, const void* k,
                          const void* v, const float* a0, const float* b0, const float* p0, void* y, float* aT,
                          float* bT, float* pT, float* sa, float* sb, float* sp, bool save, cudaStream_t stream) {
@@ -83,5 +85,7 @@ cudaError_t wkv4_backward(int dtype, int B, int T, int C, const float* w, const 
       db0, dp0)))
   return cudaGetLastError();
 }
+
+#endif
 
 }  // namespace rwkv_zoo_cuda

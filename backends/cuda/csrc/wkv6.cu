@@ -69,27 +69,34 @@ __global__ void __launch_bounds__(N) wkv6_bwd_kernel(int T_, int H, const T* __r
   const float* wp = w + (long)b * w_sb + h * N + tid;
   su[tid] = u[h * N + tid];
   {
-    // Pass 1: key row tid of S, forward in time; checkpoints of the row at every chunk start.
+    // Pass 1: key row tid of S, forward in time, a staged chunk at a time; the row at every chunk
+    // start goes to the checkpoint scratch.
     float s[N];
     RWKV_UNROLL
     for (int x = 0; x < N; ++x) s[x] = s0[so + tid * N + x];
     const float uj = u[h * N + tid];
     float du_j = 0.f;
-    for (int t = 0; t < T_; ++t) {
-      const long o = ((long)(b * T_ + t) * H + h) * N + tid;
-      if (t % CK == 0) {
-        float* row = ck + (((long)bh * nck + t / CK) * N + tid) * N;
-        RWKV_UNROLL
-        for (int x = 0; x < N; ++x) row[x] = s[x];
+    for (int c = 0; c < nck; ++c) {
+      const int c0 = c * CK, len = min(CK, T_ - c0);
+      float* row = ck + (((long)bh * nck + c) * N + tid) * N;
+      RWKV_UNROLL
+      for (int x = 0; x < N; ++x) row[x] = s[x];
+      __syncthreads();
+      for (int q = 0; q < len; ++q) {
+        const long o = ((long)(b * T_ + c0 + q) * H + h) * N + tid;
+        cr[q][tid] = to_f(r[o]);
+        ckk[q][tid] = to_f(k[o]);
+        cv[q][tid] = to_f(v[o]);
+        cdy[q][tid] = dy[o];
+        cew[q][tid] = expf(wp[(long)(c0 + q) * w_st]);
       }
       __syncthreads();
-      cv[0][tid] = to_f(v[o]);
-      cdy[0][tid] = dy[o];
-      const float rj = to_f(r[o]), kj = to_f(k[o]), ewj = expf(wp[(long)t * w_st]);
-      __syncthreads();
-      float dr_j;
-      wkv6_bwd_fwd_step<N>(s, rj, kj, ewj, uj, cv[0], cdy[0], dr_j, du_j);
-      dr[o] = dr_j;
+#pragma unroll 1
+      for (int q = 0; q < len; ++q) {
+        float dr_j;
+        wkv6_bwd_fwd_step<N>(s, cr[q][tid], ckk[q][tid], cew[q][tid], uj, cv[q], cdy[q], dr_j, du_j);
+        dr[((long)(b * T_ + c0 + q) * H + h) * N + tid] = dr_j;
+      }
     }
     du[(long)bh * N + tid] = du_j;
   }
@@ -134,6 +141,8 @@ __global__ void __launch_bounds__(N) wkv6_bwd_kernel(int T_, int H, const T* __r
 
 }  // namespace
 
+#ifndef RWKV_HOST_THREADS  // the launchers: CUDA only
+
 cudaError_t wkv6_forward(int dtype, int B, int T, int H, int N, const void* r, const void* k, const void* v,
                          const float* w, long w_sb, long w_st, const float* u, const float* s0, void* y, float* sT,
                          cudaStream_t stream) {
@@ -150,5 +159,7 @@ cudaError_t wkv6_backward(int dtype, int B, int T, int H, int N, const void* r, 
       T, H, (const scalar_t*)r, (const scalar_t*)k, (const scalar_t*)v, w, w_sb, w_st, u, s0, dy, dsT, dr, dk, dv, dw, du, ds0, ck))))
   return cudaGetLastError();
 }
+
+#endif
 
 }  // namespace rwkv_zoo_cuda

@@ -128,6 +128,8 @@ __global__ void __launch_bounds__(N) wkv7_bwd_kernel(int T_, int H, const T* __r
 
 }  // namespace
 
+#ifndef RWKV_HOST_THREADS  // the launchers: CUDA only
+
 cudaError_t wkv7_forward(int dtype, int B, int T, int H, int N, const void* r, const float* w, const void* k,
                          const void* v, const void* a, const void* b, const float* s0, void* y, float* sT, float* sa,
                          float* ck, bool save, cudaStream_t stream) {
@@ -146,5 +148,7 @@ cudaError_t wkv7_backward(int dtype, int B, int T, int H, int N, const void* r, 
       sa, ck, sT, dy, dsT, dr, dw, dk, dv, da, db, ds0))))
   return cudaGetLastError();
 }
+
+#endif
 
 }  // namespace rwkv_zoo_cuda

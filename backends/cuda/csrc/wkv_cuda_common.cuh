@@ -2,6 +2,17 @@
 // dtype x head-size dispatch of the launchers.
 #pragma once
 
+#if defined(RWKV_HOST_THREADS)
+// kernels_host.cpp compiles the kernel files with g++, a CPU thread per CUDA thread (host_threads.h):
+// fp32 only, no launchers.
+#include "host_threads.h"
+#include "wkv_math.cuh"
+
+namespace rwkv_zoo_cuda {
+template <typename T> inline float to_f(T x) { return x; }
+template <typename T> inline T from_f(float x) { return x; }
+}  // namespace rwkv_zoo_cuda
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -22,6 +33,7 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float
 template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
 
 }  // namespace rwkv_zoo_cuda
+#endif
 
 // Calls BODY with `using scalar_t = <element type>` for the runtime dtype; unknown dtypes are an error.
 #define RWKV_DISPATCH_DTYPE(dtype, ...)                                   \
