@@ -12,7 +12,8 @@ and races, which only a GPU run checks.
 ``wkv7.cu``; fp32, without their launchers) with g++ and runs each CUDA thread as a CPU thread, with a
 barrier for ``__syncthreads`` and function statics for ``__shared__`` (``csrc/host_threads.h``), so the
 kernels' own indexing, chunk staging and barrier placement are exercised too. ``THREADED`` drives it
-with the same interface as ``EMULATOR`` (no chunk kernel: its tensor-core code cannot run on a CPU).
+with the same interface as ``EMULATOR``. In ``wkv7_chunk.cu`` only the two tensor-core phases (wmma
+fragment loads, mma, stores) are swapped for loops there: they alone are left to a GPU run.
 
 The libraries are built once per source hash into ``$RWKV_ZOO_CUDA_CACHE/emulator`` (default: the cuda
 backend's cache directory), under the same file lock as the extension build.
@@ -33,8 +34,8 @@ from torch import Tensor
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("emulate.cpp", "wkv_math.cuh", "wkv7_chunk.cuh")
-THREADED_SOURCES = ("kernels_host.cpp", "host_threads.h", "wkv_cuda_common.cuh", "wkv_math.cuh", "wkv4.cu", "wkv6.cu",
-                    "wkv7.cu")
+THREADED_SOURCES = ("kernels_host.cpp", "host_threads.h", "wkv_cuda_common.cuh", "wkv_math.cuh", "wkv7_chunk.cuh",
+                    "wkv4.cu", "wkv6.cu", "wkv7.cu", "wkv7_chunk.cu")
 HEAD_SIZES = (16, 32, 64)
 
 

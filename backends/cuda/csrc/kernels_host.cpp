@@ -1,10 +1,11 @@
-// The real kernel files (wkv4.cu, wkv6.cu, wkv7.cu), fp32, compiled with g++ and run with a CPU thread
+// The real kernel files (wkv4.cu, wkv6.cu, wkv7.cu, wkv7_chunk.cu without its tensor-core calls), fp32, compiled with g++ and run with a CPU thread
 // per CUDA thread (host_threads.h). Entry points have the CPU emulator's signatures (emulate.cpp), so
 // the Python side (emulate.py) drives either. Build: g++ -std=c++20 -O1 -pthread -DRWKV_HOST_THREADS.
 #define RWKV_HOST_THREADS 1
 #include "wkv4.cu"
 #include "wkv6.cu"
 #include "wkv7.cu"
+#include "wkv7_chunk.cu"
 
 using namespace rwkv_zoo_cuda;
 
@@ -70,9 +71,12 @@ int emu_wkv4_bwd(int B, int T, int C, const float* w, const float* u, const floa
   return 0;
 }
 
-int emu_wkv7_chunk_fwd(int, int, int, int, const float*, const float*, const float*, const float*, const float*,
-                       const float*, const float*, float*, float*) {
-  return 2;  // tensor-core kernel: not runnable here (emulate.cpp models it)
+// The chunk kernel with its two tensor-core phases replaced by loops (see wkv7_chunk.cu).
+int emu_wkv7_chunk_fwd(int B, int T, int H, int N, const float* r, const float* w, const float* k, const float* v,
+                       const float* a, const float* b, const float* s0, float* y, float* sT) {
+  RWKV_HOST_SWITCH(N, rwkv_host_launch(B * H, C7_THREADS, [&] {
+    wkv7_chunk_fwd_kernel<float, NN>(T, H, r, w, k, v, a, b, s0, y, sT);
+  }))
 }
 
 }  // extern "C"

@@ -3,7 +3,12 @@
 // wkv7_chunk.cuh. One block of four warps per (batch, head); state in shared memory across chunks.
 // Forward only (training uses the recurrent kernel's backward); inputs bf16/fp16 (fp32 accepted),
 // head sizes 32 and 64.
+// Under RWKV_HOST_THREADS (kernels_host.cpp) the two tensor-core phases are replaced by loops with the
+// same work split (lane 0 of each warp does the warp's tiles) and the same operand rounding, so the
+// rest of the kernel (staging, padding, phases, barriers, output) runs on a CPU.
+#ifndef RWKV_HOST_THREADS
 #include <mma.h>
+#endif
 
 #include "wkv7_chunk.cuh"
 #include "wkv_cuda_common.cuh"
@@ -11,14 +16,62 @@
 namespace rwkv_zoo_cuda {
 namespace {
 
+#ifdef RWKV_HOST_THREADS
+using half_t = _Float16;
+#else
+using half_t = __half;
 using namespace nvcuda;
-
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
 #define RWKV_C7_TC 1
 #endif
+#endif
 
 template <int N>
-using Smem7 = Chunk7Smem<N, __half>;
+using Smem7 = Chunk7Smem<N, half_t>;
+
+#ifdef RWKV_HOST_THREADS
+template <int N>
+void c7_products(int warp, Smem7<N>& sm) {
+  if (threadIdx.x % 32 != 0) return;
+  {
+    const half_t* A = (warp < 2) ? &sm.aq[0][0] : &sm.rq[0][0];
+    const half_t* Bm = (warp % 2 == 0) ? &sm.bq[0][0] : &sm.kq[0][0];
+    for (int t = 0; t < C7_L; ++t)
+      for (int s = 0; s < C7_L; ++s) {
+        float acc = 0.f;
+        for (int j = 0; j < N; ++j) acc += (float)A[t * N + j] * (float)Bm[s * N + j];
+        sm.P[warp][t][s] = acc;
+      }
+  }
+  for (int q = warp; q < 2 * (N / 16); q += 4) {
+    const int which = q / (N / 16), col = q % (N / 16);
+    const float* A = which ? &sm.r0[0][0] : &sm.a0[0][0];
+    float* out = which ? &sm.Yq[0][0] : &sm.X[0][0];
+    for (int t = 0; t < C7_L; ++t)
+      for (int i = 16 * col; i < 16 * col + 16; ++i) {
+        float acc = 0.f;
+        for (int j = 0; j < N; ++j) acc += c7_round_tf32(A[t * N + j]) * c7_round_tf32(sm.S[j][i]);
+        out[t * N + i] = acc;
+      }
+  }
+}
+
+template <int N>
+void c7_state_update(int warp, Smem7<N>& sm) {
+  if (threadIdx.x % 32 != 0) return;
+  for (int q = warp; q < (N / 16) * (N / 16); q += 4) {
+    const int rt = q / (N / 16), ct = q % (N / 16);
+    for (int j = 16 * rt; j < 16 * rt + 16; ++j)
+      for (int i = 16 * ct; i < 16 * ct + 16; ++i) {
+        float acc = sm.S[j][i];
+        for (int s = 0; s < C7_L; ++s)
+          acc += c7_round_tf32(sm.bend[s][j]) * c7_round_tf32(sm.U[s][i]) +
+                 c7_round_tf32(sm.kend[s][j]) * c7_round_tf32(sm.v[s][i]);
+        sm.S[j][i] = acc;
+      }
+  }
+}
+#else
 
 // Phase 3: warp w computes pairwise product w and its share of the X = a0 S, Yq = r0 S tiles.
 template <int N>
@@ -83,13 +136,18 @@ __device__ void c7_state_update(int warp, Smem7<N>& sm) {
   }
 #endif
 }
+#endif  // RWKV_HOST_THREADS
 
 template <typename T, int N>
 __global__ void __launch_bounds__(C7_THREADS) wkv7_chunk_fwd_kernel(
     int T_, int H, const T* __restrict__ r, const float* __restrict__ w, const T* __restrict__ k,
     const T* __restrict__ v, const T* __restrict__ a, const T* __restrict__ b_, const float* __restrict__ s0,
     T* __restrict__ y, float* __restrict__ sT) {
+#ifdef RWKV_HOST_THREADS
+  alignas(128) static unsigned char smem_raw[sizeof(Smem7<N>)];
+#else
   extern __shared__ __align__(128) unsigned char smem_raw[];
+#endif
   Smem7<N>& sm = *reinterpret_cast<Smem7<N>*>(smem_raw);
   const int bh = blockIdx.x, b = bh / H, h = bh % H, tid = threadIdx.x, warp = tid / 32;
   const long so = (long)bh * N * N;
@@ -109,15 +167,15 @@ __global__ void __launch_bounds__(C7_THREADS) wkv7_chunk_fwd_kernel(
       sm.g[t][j] = in ? w[o] : 0.f;
     }
     __syncthreads();
-    c7_cumsum<N, __half>(tid, sm);
+    c7_cumsum<N, half_t>(tid, sm);
     __syncthreads();
-    c7_scale<N, __half>(tid, C7_THREADS, sm);
+    c7_scale<N, half_t>(tid, C7_THREADS, sm);
     __syncthreads();
     c7_products<N>(warp, sm);
     __syncthreads();
-    c7_solve<N, __half>(tid, sm);
+    c7_solve<N, half_t>(tid, sm);
     __syncthreads();
-    c7_output<N, __half>(tid, C7_THREADS, sm);
+    c7_output<N, half_t>(tid, C7_THREADS, sm);
     __syncthreads();
     for (int idx = tid; idx < len * N; idx += C7_THREADS) {
       const int t = idx / N, i = idx % N;
@@ -130,6 +188,8 @@ __global__ void __launch_bounds__(C7_THREADS) wkv7_chunk_fwd_kernel(
 }
 
 }  // namespace
+
+#ifndef RWKV_HOST_THREADS  // the launcher: CUDA only
 
 cudaError_t wkv7_chunk_forward(int dtype, int B, int T, int H, int N, const void* r, const float* w, const void* k,
                                const void* v, const void* a, const void* b, const float* s0, void* y, float* sT,
@@ -164,5 +224,7 @@ cudaError_t wkv7_chunk_forward(int dtype, int B, int T, int H, int N, const void
   })
   return cudaGetLastError();
 }
+
+#endif
 
 }  // namespace rwkv_zoo_cuda
