@@ -35,7 +35,7 @@ BASE_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c+
 # name -> (source, extra flags, ABI version). The WKV loops need -ffast-math so expf vectorizes (libmvec);
 # the GEMV kernels do not use it, so their sums keep IEEE semantics.
 LIBRARIES = {
-    "cpu_gemv": ("cpu_gemv.cpp", (), 1),
+    "cpu_gemv": ("cpu_gemv.cpp", (), 2),
     "cpu_wkv": ("cpu_wkv.cpp", ("-ffast-math",), 1),
 }
 
@@ -147,20 +147,41 @@ def available() -> bool:
     return _load()[0] is not None
 
 
-def gemv(x: Tensor, weight: Tensor, scale: Tensor | None = None, out: Tensor | None = None) -> Tensor:
-    """``x`` [M, K] fp32 (rows contiguous) times ``weight`` [N, K] (fp32, bf16, or int8 with ``scale`` [N]).
+TILE_ROWS, TILE_K = 4, 8  # the packed layout of csrc/cpu_gemv.cpp: [N / 4, K / 8, 4, 8]
 
-    Returns [M, N] fp32. The caller checks ``available()`` and the dtypes/devices; this is the hot path.
-    """
+
+def packable(weight: Tensor) -> bool:
+    return weight.dim() == 2 and weight.shape[1] % TILE_K == 0
+
+
+def pack(weight: Tensor) -> Tensor:
+    """[N, K] -> the kernels' tile layout [N' / 4, K / 8, 4, 8] (N' = N rounded up to 4, zero rows added)."""
+    N, K = weight.shape
+    pad = -N % TILE_ROWS
+    if pad:
+        weight = torch.cat([weight, weight.new_zeros(pad, K)])
+    n4 = (N + pad) // TILE_ROWS
+    return weight.reshape(n4, TILE_ROWS, K // TILE_K, TILE_K).transpose(1, 2).contiguous()
+
+
+def unpack(packed: Tensor, N: int) -> Tensor:
+    """The inverse of ``pack``: [N, K] in the packed tensor's dtype (a new tensor)."""
+    n4, kb, rows, lanes = packed.shape
+    return packed.transpose(1, 2).reshape(n4 * rows, kb * lanes)[:N]
+
+
+def gemv(x: Tensor, packed: Tensor, N: int, scale: Tensor | None = None) -> Tensor:
+    """``x`` [M, K] fp32 (unit column stride) times the packed weight (fp32, bf16, or int8 with ``scale``
+    [N'], one per packed row) -> [M, N] fp32. The caller checks ``available()``, dtypes and devices."""
     lib = _load()[0]
     M, K = x.shape
-    N = weight.shape[0]
-    y = torch.empty(M, N, dtype=torch.float32) if out is None else out
+    Np = packed.shape[0] * TILE_ROWS
+    y = torch.empty(M, Np, dtype=torch.float32)
     nt = torch.get_num_threads()
-    if weight.dtype == torch.int8:
-        lib.rz_gemv_i8(x.data_ptr(), M, K, x.stride(0), weight.data_ptr(), scale.data_ptr(), N, y.data_ptr(), N, nt)
-    elif weight.dtype == torch.bfloat16:
-        lib.rz_gemv_bf16(x.data_ptr(), M, K, x.stride(0), weight.data_ptr(), N, y.data_ptr(), N, nt)
+    if packed.dtype == torch.int8:
+        lib.rz_gemv_i8(x.data_ptr(), M, K, x.stride(0), packed.data_ptr(), scale.data_ptr(), Np, y.data_ptr(), Np, nt)
+    elif packed.dtype == torch.bfloat16:
+        lib.rz_gemv_bf16(x.data_ptr(), M, K, x.stride(0), packed.data_ptr(), Np, y.data_ptr(), Np, nt)
     else:
-        lib.rz_gemv_f32(x.data_ptr(), M, K, x.stride(0), weight.data_ptr(), N, y.data_ptr(), N, nt)
-    return y
+        lib.rz_gemv_f32(x.data_ptr(), M, K, x.stride(0), packed.data_ptr(), Np, y.data_ptr(), Np, nt)
+    return y if Np == N else y[:, :N]

@@ -46,7 +46,11 @@ def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class InferenceLinear(nn.Module):
-    """A bias-free linear layer for inference with its weight stored in fp32, bf16 or int8."""
+    """A bias-free linear layer for inference with its weight stored in fp32, bf16 or int8.
+
+    The weight is kept in the CPU kernels' tile layout (``cpu_kernels.pack``) when its input width
+    is a multiple of 8 (every RWKV projection), else as [out, in].
+    """
 
     def __init__(self, weight: Tensor, kind: str = "fp32"):
         super().__init__()
@@ -54,38 +58,43 @@ class InferenceLinear(nn.Module):
             raise ValueError(f"weights must be one of {', '.join(WEIGHT_DTYPES)}, got {kind!r}")
         self.kind = kind
         self.out_features, self.in_features = weight.shape
+        w = weight.detach()
+        scale = None
         if kind == "int8":
-            q, scale = quantize_int8(weight)
-            self.register_buffer("qweight", q.contiguous())
-            self.register_buffer("scale", scale.contiguous())
+            w, scale = quantize_int8(w)
         else:
-            self.register_buffer("qweight", weight.detach().to(WEIGHT_DTYPES[kind]).contiguous())
-            self.scale = None
+            w = w.to(WEIGHT_DTYPES[kind])
+        self.packed = weight.device.type == "cpu" and cpu_kernels.packable(w)
+        if self.packed:
+            w = cpu_kernels.pack(w)
+            if scale is not None:
+                scale = torch.cat([scale, scale.new_zeros(-scale.shape[0] % cpu_kernels.TILE_ROWS)])
+        self.register_buffer("qweight", w.contiguous())
+        self.register_buffer("scale", scale.contiguous() if scale is not None else None)
 
     def dequantized(self) -> Tensor:
         """The weight the kernels multiply with, as an fp32 [out, in] tensor."""
-        w = self.qweight.float()
-        return w * self.scale[:, None] if self.scale is not None else w
+        w = cpu_kernels.unpack(self.qweight, self.out_features) if self.packed else self.qweight
+        w = w.float()
+        return w * self.scale[: self.out_features, None] if self.scale is not None else w
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // self.in_features
         if (
-            rows <= GEMV_MAX_ROWS
+            self.packed
+            and rows <= GEMV_MAX_ROWS
             and x.dtype == torch.float32
             and x.device.type == "cpu"
             and not (torch.is_grad_enabled() and x.requires_grad)
             and cpu_kernels.available()
         ):
             x2 = x.reshape(rows, self.in_features)
-            if x2.stride(1) != 1 or x2.stride(0) != self.in_features:
+            if x2.stride(1) != 1:
                 x2 = x2.contiguous()
-            return cpu_kernels.gemv(x2, self.qweight, self.scale).view(*x.shape[:-1], self.out_features)
-        w = self.qweight if self.kind == "fp32" else self.dequantized()
-        return F.linear(x, w.to(x.dtype))
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, weights={self.kind}"
-
+            y = cpu_kernels.gemv(x2, self.qweight, self.out_features, self.scale)
+            return y.view(*x.shape[:-1], self.out_features) if y.is_contiguous() else y.reshape(
+                *x.shape[:-1], self.out_features)
+        return F.linear(x, self.dequantized().to(x.dtype))
 
 @torch.no_grad()
 def prepare_inference(model: nn.Module, weights: str = "fp32") -> nn.Module:
@@ -112,6 +121,7 @@ def prepare_inference(model: nn.Module, weights: str = "fp32") -> nn.Module:
         setattr(parent, attr, InferenceLinear(weight, weights))
     for p in model.parameters():
         p.requires_grad_(False)
+    invalidate(model)
     model.inference_weights = weights
     model.eval()
     return model
@@ -223,14 +233,15 @@ class DecodeStep:
         self.layers = [_Layer(b) for b in model.blocks]
         self.head = _lin(model.head)
         self.ln_out = model.ln_out
-        self.key = self.fingerprint(model)
+        self.tensors = [*model.parameters(), *model.buffers()]
+        self.key = self.fingerprint()
 
-    @staticmethod
-    def fingerprint(model: nn.Module) -> tuple:
-        # In-place updates (an optimizer step, set_rescale, load_state_dict) bump tensor versions;
-        # swapped modules (prepare_inference) or moved weights change data pointers. Either rebuilds
-        # the step's cached constants.
-        return tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
+    def fingerprint(self) -> tuple:
+        # In-place updates (an optimizer step, set_rescale, load_state_dict's copy) bump tensor versions;
+        # model.to() changes data pointers: either rebuilds the step's cached constants. Walking the
+        # module tree instead would cost ~2 ms per token; modules swapped out (prepare_inference,
+        # load_state_dict(assign=True)) drop the cached step through invalidate().
+        return tuple((t.data_ptr(), t._version) for t in self.tensors)
 
     def _kernels(self, B: int, has_state: bool, device, dtype) -> dict[str, Any]:
         """Per op: None to run the inline reference recurrence, else dispatch's ``Selection`` (its kernel
@@ -365,10 +376,15 @@ class DecodeStep:
 def decode_step(model: nn.Module) -> DecodeStep:
     """The model's cached ``DecodeStep``, rebuilt when its weights changed since it was made."""
     step = model.__dict__.get("_decode_step")
-    if step is None or step.key != DecodeStep.fingerprint(model):
+    if step is None or step.key != step.fingerprint():
         step = DecodeStep(model)
         model.__dict__["_decode_step"] = step
     return step
+
+
+def invalidate(model: nn.Module, *_args) -> None:
+    """Forget the cached ``DecodeStep`` (its modules or tensors were replaced)."""
+    model.__dict__.pop("_decode_step", None)
 
 
 def can_fast_decode(model: nn.Module, T: int) -> bool:

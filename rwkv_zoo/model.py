@@ -180,8 +180,10 @@ class RWKV(nn.Module):
         self.initial_state: RWKVState | None = None
         # fp16 inference transform (SPEC §8): see set_rescale(). 0 = off.
         self.rescale_every: int = 0
-        # T = 1 without gradients runs rwkv_zoo.inference.DecodeStep (same maths, less overhead).
+        # T = 1 without gradients runs rwkv_zoo.inference.DecodeStep (same maths, less overhead); it
+        # caches tensors, so a load_state_dict (assign=True replaces them) drops it.
         self.fast_decode: bool = True
+        self.register_load_state_dict_post_hook(inference.invalidate)
 
     # -- identity and state ------------------------------------------------------------------------
     @property
