@@ -350,6 +350,20 @@ def _prefill(model, ids: list[int], state: RWKVState | None, chunk_len: int,
     return state, logits
 
 
+@torch.no_grad()
+def _prefill_rows(model, prompts: list[list[int]], state: RWKVState | None, chunk_len: int,
+                  cache: PrefixCache | None) -> tuple[RWKVState, Tensor]:
+    """Prompts of one length as a batch; returns (state, last logits [G, V] fp32)."""
+    if len(prompts) == 1:
+        st, lg = _prefill(model, prompts[0], state, chunk_len, cache)
+        return st, lg[None]
+    keep = {"logits_to_keep": 1} if isinstance(model, RWKV) else {}
+    ids = torch.tensor(prompts, dtype=torch.long, device=model.device)
+    for i in range(0, ids.shape[1], chunk_len):
+        out, state = model(ids[:, i : i + chunk_len], state, **keep)
+    return state, out[:, -1].float()
+
+
 def _sample(logits: Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
     """One token from logits [V] (penalties and bans already applied)."""
     if p.temperature == 0:
@@ -525,13 +539,19 @@ def _result(seqs: list[_Seq], batched: bool) -> GenerationResult:
 @torch.no_grad()
 def _generate(model, seqs: list[_Seq], p: SamplingParams, max_new: int, state: RWKVState | None,
               chunk_len: int, cache: PrefixCache | None, batched: bool):
-    # Prefill: each prompt alone, so no sequence's state ever sees another's padding.
-    states, logits = [], []
+    # Prefill without padding, so no sequence's state ever sees another's: prompts of equal length run
+    # together as one batch (the prefix cache works per prompt, so with a cache each runs alone).
+    groups: dict[int, list[int]] = {}
     for i, s in enumerate(seqs):
-        init = None if state is None else (state if state.batch_size == 1 else state.select(i))
-        st, lg = _prefill(model, s.prompt, init, chunk_len, cache)
-        states.append(st)
-        logits.append(lg)
+        groups.setdefault(len(s.prompt) if cache is None else -1 - i, []).append(i)
+    states: list[RWKVState | None] = [None] * len(seqs)
+    logits: list[Tensor | None] = [None] * len(seqs)
+    for rows in groups.values():
+        init = None if state is None else state.select([0] * len(rows) if state.batch_size == 1 else rows)
+        st, lg = _prefill_rows(model, [seqs[i].prompt for i in rows], init, chunk_len, cache)
+        for j, i in enumerate(rows):
+            states[i] = st if len(rows) == 1 else st.select(j)
+            logits[i] = lg[j]
     active = list(range(len(seqs)))
     cur_state = RWKVState.concat(states)
     cur_logits = torch.stack(logits)  # [B_active, V]

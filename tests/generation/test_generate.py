@@ -92,7 +92,8 @@ def test_penalties_follow_the_official_pipeline(tiny, byte_tok):
 
 
 def test_mixed_length_batch_equals_solo_runs(tiny):
-    prompts = [[7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [200, 100, 50], [42] * 6]
+    # two prompts of length 3 are prefilled together as one batch; the others alone
+    prompts = [[7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [200, 100, 50], [42] * 6, [9, 8, 7]]
     batched = generate(tiny, prompts, max_new_tokens=7, temperature=0, chunk_len=4)
     for i, p in enumerate(prompts):
         solo = generate(tiny, p, max_new_tokens=7, temperature=0, chunk_len=4)
