@@ -182,7 +182,7 @@ class V7ChannelMix(nn.Module):
 
     def forward(self, x: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
         xx, new_shift = token_shift(x, shift)
-        k = torch.relu(self.key(x + (xx - x) * self.x_k)) ** 2
+        k = torch.relu(self.key(x + (xx - x) * self.x_k)).square()
         return self.value(k), new_shift
 
     @torch.no_grad()
