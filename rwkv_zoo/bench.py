@@ -223,8 +223,8 @@ def run(args) -> int:
     for w in weights:
         if w not in ("fp32", "bf16", "int8"):
             raise UsageError(f"--weights takes fp32, bf16, int8; got {w!r}")
-    if any(b < 1 for b in batches) or args.prefill < 0 or args.decode < 1:
-        raise UsageError("--batch values and --decode must be >= 1, --prefill >= 0")
+    if any(b < 1 for b in batches) or args.prefill < 0 or args.decode < 1 or args.repeat < 1:
+        raise UsageError("--batch values, --decode and --repeat must be >= 1, --prefill >= 0")
     spec, tmp = args.model, None
     from rwkv_zoo.cli_generate import load_model
 
@@ -254,16 +254,19 @@ def _report(args, spec: str, weights: list[str], batches: list[int]) -> int:
     mach = _run_worker("machine", {"C": c.n_embd, "F": c.dim_ffn, "threads": args.threads}, 600)
     print(f"machine: fp32 GEMM {mach['gemm_flops'] / 1e9:.0f} GFLOP/s at [512, {c.n_embd}] x "
           f"[{c.n_embd}, {c.dim_ffn}]; read bandwidth {mach['read_bytes_per_s'] / 1e9:.1f} GB/s")
-    rows = []
     common = {"prefill": args.prefill, "decode": args.decode, "threads": args.threads}
-    for w in weights:
-        rows.append(_run_worker("ours", {"spec": spec, "weights": w, "batches": batches,
-                                         "long_steps": args.long, **common}, 3600))
+    jobs = [("ours", {"spec": spec, "weights": w, "batches": batches, "long_steps": args.long, **common})
+            for w in weights]
     if args.compare_official:
-        for w in ("fp32", "bf16"):
-            if w in weights or w == "fp32":
-                rows.append(_run_worker("official", {"path": spec, "version": meta.version, "weights": w,
-                                                     **common}, 3600))
+        jobs += [("official", {"path": spec, "version": meta.version, "weights": w, **common})
+                 for w in ("fp32", "bf16") if w in weights or w == "fp32"]
+    # Round-robin repeats: on a shared machine load drifts over minutes, so every configuration gets
+    # samples from every period, and each number is the median over repeats.
+    runs: list[list[dict]] = [[] for _ in jobs]
+    for _ in range(args.repeat):
+        for i, (kind, kwargs) in enumerate(jobs):
+            runs[i].append(_run_worker(kind, kwargs, 3600))
+    rows = [_merge(r) for r in runs]
     kls = _run_worker("kl", {"spec": spec, "weights": weights, "tokens": 64, "threads": args.threads}, 3600) \
         if args.kl else {}
     _print_table(rows, mach, batches, kls, args)
@@ -271,6 +274,17 @@ def _report(args, spec: str, weights: list[str], batches: list[int]) -> int:
         with open(args.json, "w") as f:
             json.dump({"machine": mach, "rows": rows, "kl": kls, "model": args.model}, f, indent=1)
     return 0
+
+
+def _merge(samples: list[dict]) -> dict:
+    out = dict(samples[-1])
+    if len(samples) > 1:
+        out["decode"] = {B: statistics.median(s["decode"][B] for s in samples) for B in out["decode"]}
+        if "prefill_s" in out:
+            out["prefill_s"] = statistics.median(s["prefill_s"] for s in samples)
+        out["peak_rss"] = max(s["peak_rss"] for s in samples)
+    out["repeats"] = len(samples)
+    return out
 
 
 def _print_table(rows, mach, batches, kls, args) -> None:
@@ -326,6 +340,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--kl", action="store_true", help="mean logit KL of bf16/int8 weights against fp32")
     p.add_argument("--long", type=int, default=0, metavar="N",
                    help="decode N more steps at batch 1 and report RSS after 100 and after N")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run every configuration N times, round-robin, and report medians (noisy machines)")
     p.add_argument("--json", help="also write the results to this file")
     p.set_defaults(func=run)
 

@@ -251,7 +251,7 @@ def test_decode_memory_is_flat():
 def test_bench_cli_runs_and_compares_with_the_package(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "rwkv_zoo", "bench", "v4-tiny", "--weights", "fp32,int8", "--batch", "1,3",
-           "--prefill", "32", "--decode", "4", "--threads", "1", "--compare-official", "--kl", "--json", str(out)]
+           "--prefill", "32", "--decode", "4", "--threads", "1", "--repeat", "2", "--compare-official", "--kl", "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = proc.stdout
@@ -263,4 +263,5 @@ def test_bench_cli_runs_and_compares_with_the_package(tmp_path):
     assert impls == {("rwkv_zoo", "fp32"), ("rwkv_zoo", "int8"), ("rwkv package", "fp32")}
     ours = next(r for r in data["rows"] if r["impl"] == "rwkv_zoo" and r["weights"] == "fp32")
     assert set(ours["decode"]) == {"1", "3"} and ours["prefill_s"] > 0 and ours["peak_rss"] > 0
+    assert all(r["repeats"] == 2 for r in data["rows"])
     assert 0 <= data["kl"]["int8"]["decode"] < 0.05
