@@ -9,10 +9,12 @@ Kernels (``csrc/``, our own code; the per-thread arithmetic in ``wkv_math.cuh``)
   inversion of the decay) and gives every gradient, the initial state's included.
 - ``wkv7`` recurrent: the same layout; the backward rebuilds earlier states from checkpoints taken
   every 16 steps, inverting the update in between (accurate for v7's decay, >= 0.545 per step).
-- ``wkv7`` chunk (forward only): 16-step chunks on tensor cores (fp16 pairwise products, tf32 products
-  with the fp32 state; sm_80+), bf16/fp16 inputs, head sizes 32 and 64. It assumes v7's decay bound
-  (w >= -exp(-0.5), as the model produces): far stronger decay would overflow its factored decays.
-  Dispatch picks it only for calls without gradients (prefill); training runs the recurrent backward.
+- ``wkv7`` chunk: 16-step chunks; forward on tensor cores (fp16 pairwise products, tf32 products with
+  the fp32 state; sm_80+), backward in fp32 on CUDA cores from the state the forward keeps at every
+  chunk start (``wkv7_chunk_bwd.cuh``; tensor cores there are future work). bf16/fp16 inputs, head
+  sizes 32 and 64; error ~3e-4 relative from the operand rounding (5e-4 on gradients). It assumes
+  v7's decay bound (w >= -exp(-0.5), as the model produces): far stronger decay would overflow its
+  factored decays.
 - Decode (T = 1) runs the recurrent kernels, one block per (batch, head).
 Recurrent inputs fp32, bf16 or fp16 (decay and bonus fp32 alongside), fp32 state, ``y`` in the input dtype.
 Head sizes 32, 64, 128 (the state of a head lives in one block's registers: N floats per thread,
@@ -153,14 +155,14 @@ def make_backend(*, emulated: bool = False) -> Backend:
         name = "cuda"
         priority = PRIORITY_GPU if torch.cuda.is_available() else PRIORITY_CPU
         availability = unavailable_reason
-        description = ("CUDA C++ kernels: recurrent wkv4-7 fwd+bwd, fp32 state; wkv7 chunk fwd on tensor cores; "
+        description = ("CUDA C++ kernels: recurrent wkv4-7 fwd+bwd, fp32 state; wkv7 chunk fwd (tensor cores)+bwd; "
                        "compiled on first use (nvcc, ninja)")
     kernels = [
         Kernel("wkv4", "recurrent", wkv4_recurrent, **common),
         Kernel("wkv5", "recurrent", wkv5_recurrent, head_sizes=sizes, **common),
         Kernel("wkv6", "recurrent", wkv6_recurrent, head_sizes=sizes, **common),
         Kernel("wkv7", "recurrent", wkv7_recurrent, head_sizes=sizes, **common),
-        Kernel("wkv7", "chunk", wkv7_chunk, head_sizes=CHUNK_HEAD_SIZES, supports_backward=False, **chunk),
+        Kernel("wkv7", "chunk", wkv7_chunk, head_sizes=CHUNK_HEAD_SIZES, **chunk),
     ]
     return Backend(name=name, kernels=kernels, priority=priority, description=description,
                    availability=availability)

@@ -1,9 +1,10 @@
 """The CUDA kernels as ``torch.library`` custom ops, with autograd and fake (meta) implementations.
 
 Ops (namespace ``rwkv_zoo_cuda``): ``wkv4_fwd``/``wkv4_bwd``, ``wkv6_fwd``/``wkv6_bwd`` (wkv5 is
-wkv6 with the decay's batch and time strides 0), ``wkv7_fwd``/``wkv7_bwd``. The forward ops return
-what the backward needs besides the inputs (wkv4: the state entering each step; wkv7: ``a^T S`` per
-step and state checkpoints), empty when no gradient is needed. ``register_autograd`` wires each
+wkv6 with the decay's batch and time strides 0), ``wkv7_fwd``/``wkv7_bwd`` and
+``wkv7_chunk_fwd``/``wkv7_chunk_bwd``. The forward ops return what the backward needs besides the
+inputs (wkv4: the state entering each step; wkv7: ``a^T S`` per step and state checkpoints; chunk:
+the state entering each chunk), empty when no gradient is needed. ``register_autograd`` wires each
 forward to its backward op, and ``register_fake`` gives shapes to ``torch.compile`` without running
 anything, so a compiled model traces through them.
 
@@ -223,21 +224,56 @@ wkv7_fwd.register_autograd(_wkv7_backward, setup_context=_wkv7_setup)
 
 
 # ---------------------------------------------------------------------------------------------------
-# wkv7 chunked (tensor cores), forward only: no autograd is registered, and the backend declares the
-# kernel without backward, so dispatch never picks it for a call that needs gradients.
+# wkv7 chunked: forward on tensor cores, backward in fp32 (csrc/wkv7_chunk_bwd.cuh); the forward keeps
+# the state entering each 16-step chunk when a gradient will be taken.
+
+C7_L = 16
 
 
 @torch.library.custom_op("rwkv_zoo_cuda::wkv7_chunk_fwd", mutates_args=())
-def wkv7_chunk_fwd(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
-                   s0: Tensor) -> tuple[Tensor, Tensor]:
-    B, _, H, N = r.shape
+def wkv7_chunk_fwd(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, s0: Tensor,
+                   save: bool) -> tuple[Tensor, Tensor, Tensor]:
+    B, T, H, N = r.shape
     y = torch.empty_like(r)
     sT = _empty(B, H, N, N, like=r)
-    _impl(r).wkv7_chunk_fwd(r, w, k, v, a, b, s0, y, sT)
-    return y, sT
+    ck = _empty(*((B, H, -(-T // C7_L), N, N) if save else (0,)), like=r)
+    _impl(r).wkv7_chunk_fwd(r, w, k, v, a, b, s0, y, sT, ck)
+    return y, sT, ck
 
 
 @wkv7_chunk_fwd.register_fake
-def _(r, w, k, v, a, b, s0):
-    B, _, H, N = r.shape
-    return torch.empty_like(r), r.new_empty(B, H, N, N, dtype=F32)
+def _(r, w, k, v, a, b, s0, save):
+    B, T, H, N = r.shape
+    ck = r.new_empty((B, H, -(-T // C7_L), N, N) if save else (0,), dtype=F32)
+    return torch.empty_like(r), r.new_empty(B, H, N, N, dtype=F32), ck
+
+
+@torch.library.custom_op("rwkv_zoo_cuda::wkv7_chunk_bwd", mutates_args=())
+def wkv7_chunk_bwd(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, ck: Tensor, dy: Tensor,
+                   dsT: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    B, T, H, N = r.shape
+    grads = [_empty(B, T, H, N, like=r) for _ in range(6)]
+    ds0 = _empty(B, H, N, N, like=r)
+    _impl(r).wkv7_chunk_bwd(r, w, k, v, a, b, ck, dy, dsT, *grads, ds0)
+    return (*grads, ds0)
+
+
+@wkv7_chunk_bwd.register_fake
+def _(r, w, k, v, a, b, ck, dy, dsT):
+    B, T, H, N = r.shape
+    return (*(r.new_empty(B, T, H, N, dtype=F32) for _ in range(6)), r.new_empty(B, H, N, N, dtype=F32))
+
+
+def _wkv7_chunk_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:6], output[2], output[1])
+
+
+def _wkv7_chunk_backward(ctx, dy, dsT, *_):
+    r, w, k, v, a, b, ck, sT = ctx.saved_tensors
+    if ck.numel() == 0:
+        raise RuntimeError("rwkv_zoo cuda wkv7 chunk: backward through a forward that ran without saving")
+    dr, dw, dk, dv, da, db, ds0 = wkv7_chunk_bwd(r, w, k, v, a, b, ck, _g(dy, r), _g(dsT, sT))
+    return dr.to(r.dtype), dw, dk.to(k.dtype), dv.to(v.dtype), da.to(a.dtype), db.to(b.dtype), ds0, None
+
+
+wkv7_chunk_fwd.register_autograd(_wkv7_chunk_backward, setup_context=_wkv7_chunk_setup)

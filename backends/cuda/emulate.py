@@ -35,7 +35,7 @@ from torch import Tensor
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("emulate.cpp", "wkv_math.cuh", "wkv7_chunk.cuh")
 THREADED_SOURCES = ("kernels_host.cpp", "host_threads.h", "wkv_cuda_common.cuh", "wkv_math.cuh", "wkv7_chunk.cuh",
-                    "wkv4.cu", "wkv6.cu", "wkv7.cu", "wkv7_chunk.cu")
+                    "wkv7_chunk_bwd.cuh", "wkv4.cu", "wkv6.cu", "wkv7.cu", "wkv7_chunk.cu")
 HEAD_SIZES = (16, 32, 64)
 
 
@@ -161,11 +161,20 @@ class Emulator:
         args = [x.inp(t) for t in (r, w, k, v, a, b, s0)] + [x.out(t) for t in (y, sT, sa, ck)]
         x.finish(self._lib().emu_wkv7_fwd(B, T, H, N, *args, int(save)), "wkv7 kernel")
 
-    def wkv7_chunk_fwd(self, r, w, k, v, a, b, s0, y, sT) -> None:
+    def wkv7_chunk_fwd(self, r, w, k, v, a, b, s0, y, sT, ck) -> None:
         B, T, H, N = r.shape
         x = _Args()
-        args = [x.inp(t) for t in (r, w, k, v, a, b, s0)] + [x.out(t) for t in (y, sT)]
+        args = [x.inp(t) for t in (r, w, k, v, a, b, s0)] + [x.out(t) for t in (y, sT, ck)]
         x.finish(self._lib().emu_wkv7_chunk_fwd(B, T, H, N, *args), "wkv7 chunk kernel")
+
+    def wkv7_chunk_bwd(self, r, w, k, v, a, b, ck, dy, dsT, dr, dw, dk, dv, da, db, ds0) -> None:
+        # The chunk backward's phases run only in the threaded build of the real kernel (which runs
+        # wkv7_chunk_bwd.cuh verbatim), whichever library drives the rest.
+        B, T, H, N = r.shape
+        x = _Args()
+        args = ([x.inp(t) for t in (r, w, k, v, a, b, ck, dy, dsT)]
+                + [x.out(t) for t in (dr, dw, dk, dv, da, db, ds0)])
+        x.finish(threaded_library().emu_wkv7_chunk_bwd(B, T, H, N, *args), "wkv7 chunk kernel")
 
     def wkv7_bwd(self, r, w, k, v, a, b, sa, ck, sT, dy, dsT, dr, dw, dk, dv, da, db, ds0) -> None:
         B, T, H, N = r.shape

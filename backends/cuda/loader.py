@@ -26,7 +26,7 @@ import torch
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 KERNEL_SOURCES = ("wkv4.cu", "wkv6.cu", "wkv7.cu", "wkv7_chunk.cu")
-HEADERS = ("wkv_math.cuh", "wkv7_chunk.cuh", "wkv_cuda_common.cuh", "wkv_launch.h")
+HEADERS = ("wkv_math.cuh", "wkv7_chunk.cuh", "wkv7_chunk_bwd.cuh", "wkv_cuda_common.cuh", "wkv_launch.h")
 BINDING = "binding.cpp"
 # Exact expf (no --use_fast_math): the recurrent kernels promise fp32-reference accuracy, and the
 # exponentials are one per element per step, not the bottleneck.

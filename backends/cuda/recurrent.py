@@ -65,6 +65,8 @@ def wkv7_recurrent(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Ten
 
 
 def wkv7_chunk(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Tensor):
-    """The chunked tensor-core forward (no backward; see csrc/wkv7_chunk.cuh for its decay assumption)."""
+    """The chunked kernel: tensor-core forward, fp32 backward (csrc/wkv7_chunk.cuh: its decay assumption)."""
     dt, f32 = r.dtype, torch.float32
-    return _ops().wkv7_chunk_fwd(_c(r, dt), _c(w, f32), _c(k, dt), _c(v, dt), _c(a, dt), _c(b, dt), _c(state, f32))
+    args = (_c(r, dt), _c(w, f32), _c(k, dt), _c(v, dt), _c(a, dt), _c(b, dt), _c(state, f32))
+    y, sT, _ = _ops().wkv7_chunk_fwd(*args, _save(*args))
+    return y, sT

@@ -161,7 +161,7 @@ def test_emulated_kernels_conform_fp32(N):
 def test_emulated_kernels_conform_bf16_fp16():
     with _emulated():
         report = check_backend("cuda-emulated", dtypes=(torch.bfloat16, torch.float16), Ts=(33,), B=1, H=2, N=32)
-    # 4 recurrent kernels and the wkv7 chunk kernel (forward only), in both dtypes.
+    # 4 recurrent kernels and the wkv7 chunk kernel, in both dtypes.
     assert report.ok and len([r for r in report.results if not r.skipped]) == 10, str(report)
 
 
@@ -256,14 +256,21 @@ def test_emulated_chunk_algorithm_error(N):
 
 
 @needs_cxx
-def test_chunk_kernel_is_chosen_only_without_gradients():
-    with _emulated():
-        call = KernelCall("wkv7", "chunk", "cpu", torch.bfloat16, 1, 100, 1, 64, False, True)
-        sel = dispatch.select(call, "cuda-emulated")
-        assert (sel.backend, sel.mode) == ("cuda-emulated", "chunk")
-        sel = dispatch.select(KernelCall("wkv7", "chunk", "cpu", torch.bfloat16, 1, 100, 1, 64, True, True),
-                              "cuda-emulated")
-        assert sel.mode == "recurrent" and "backward" in sel.mode_reason
+@pytest.mark.parametrize("N", [32, 64])
+def test_chunk_backward_gradients(N):
+    # The chunked backward (csrc/wkv7_chunk_bwd.cuh, run verbatim by the threaded host build) against the
+    # fp64 reference on fp32 inputs: every gradient, the initial state's included, within the rounding
+    # the forward's fp16/tf32 products leave (~5e-4), across a partial last chunk.
+    from rwkv_zoo.backends.cuda import recurrent
+
+    gen = torch.Generator().manual_seed(3)
+    x = make_inputs("wkv7", 2, 37, 2, N, generator=gen)
+    plain = evaluate(ref.wkv7_recurrent, "wkv7", x, None, grad=False)
+    upstream = {n: torch.randn(t.shape, generator=gen, dtype=torch.float64) for n, t in plain.items()}
+    want = evaluate(ref.wkv7_recurrent, "wkv7", x, upstream)
+    got = evaluate(recurrent.wkv7_chunk, "wkv7", [t.float() for t in x], {n: t.float() for n, t in upstream.items()})
+    errors = {n: rel_err(got[n], t) for n, t in want.items()}
+    assert max(errors.values()) <= 2e-3, errors
 
 
 def test_fake_tensor_shapes():
@@ -292,7 +299,7 @@ def test_registered_with_its_kernels():
                        "wkv7": ["recurrent", "chunk"]}
     assert b.kernel("wkv7", "recurrent").head_sizes == (32, 64, 128)
     chunk = b.kernel("wkv7", "chunk")
-    assert chunk.head_sizes == (32, 64) and not chunk.supports_backward
+    assert chunk.head_sizes == (32, 64) and chunk.supports_backward
     assert chunk.dtypes == (torch.bfloat16, torch.float16)
     assert b.kernel("wkv6", "recurrent").devices == ("cuda",)
     assert b.provider == "rwkv_zoo.backends.cuda"

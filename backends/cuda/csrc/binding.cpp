@@ -120,14 +120,29 @@ void wkv7_bwd(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v
 }
 
 void wkv7_chunk_fwd(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a,
-                    torch::Tensor b, torch::Tensor s0, torch::Tensor y, torch::Tensor sT) {
+                    torch::Tensor b, torch::Tensor s0, torch::Tensor y, torch::Tensor sT, torch::Tensor ck) {
   for (auto* t : {&r, &k, &v, &a, &b, &y}) need(*t, "wkv7 activation");
   for (auto* t : {&w, &s0, &sT}) need(*t, "wkv7 fp32 tensor", true);
+  if (ck.numel()) need(ck, "chunk states", true);
   const c10::cuda::CUDAGuard guard(r.device());
   const int B = r.size(0), T = r.size(1), H = r.size(2), N = r.size(3);
   check(rwkv_zoo_cuda::wkv7_chunk_forward(dtype_of(r), B, T, H, N, r.data_ptr(), f(w), k.data_ptr(), v.data_ptr(),
-                                          a.data_ptr(), b.data_ptr(), f(s0), y.data_ptr(), fm(sT), stream()),
+                                          a.data_ptr(), b.data_ptr(), f(s0), y.data_ptr(), fm(sT), fm(ck), stream()),
         "wkv7 chunk forward");
+}
+
+void wkv7_chunk_bwd(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a,
+                    torch::Tensor b, torch::Tensor ck, torch::Tensor dy, torch::Tensor dsT, torch::Tensor dr,
+                    torch::Tensor dw, torch::Tensor dk, torch::Tensor dv, torch::Tensor da, torch::Tensor db,
+                    torch::Tensor ds0) {
+  for (auto* t : {&r, &k, &v, &a, &b}) need(*t, "wkv7 activation");
+  for (auto* t : {&w, &ck, &dy, &dsT, &dr, &dw, &dk, &dv, &da, &db, &ds0}) need(*t, "wkv7 fp32 tensor", true);
+  const c10::cuda::CUDAGuard guard(r.device());
+  const int B = r.size(0), T = r.size(1), H = r.size(2), N = r.size(3);
+  check(rwkv_zoo_cuda::wkv7_chunk_backward(dtype_of(r), B, T, H, N, r.data_ptr(), f(w), k.data_ptr(), v.data_ptr(),
+                                           a.data_ptr(), b.data_ptr(), f(ck), f(dy), f(dsT), fm(dr), fm(dw), fm(dk),
+                                           fm(dv), fm(da), fm(db), fm(ds0), stream()),
+        "wkv7 chunk backward");
 }
 
 }  // namespace
@@ -141,4 +156,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("wkv7_fwd", &wkv7_fwd);
   m.def("wkv7_bwd", &wkv7_bwd);
   m.def("wkv7_chunk_fwd", &wkv7_chunk_fwd);
+  m.def("wkv7_chunk_bwd", &wkv7_chunk_bwd);
 }

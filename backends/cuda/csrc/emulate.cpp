@@ -195,7 +195,7 @@ void wkv7_bwd(int B, int T, int H, const float* r, const float* w, const float* 
 // the tensor cores round them. Summation order inside a tile product differs from the hardware's.
 template <int N>
 void wkv7_chunk_fwd(int B, int T, int H, const float* r, const float* w, const float* k, const float* v,
-                    const float* a, const float* bb, const float* s0, float* y, float* sT) {
+                    const float* a, const float* bb, const float* s0, float* y, float* sT, float* ck) {
   using Sm = Chunk7Smem<N, _Float16>;
   auto sm_ptr = std::make_unique<Sm>();
   Sm& sm = *sm_ptr;
@@ -206,6 +206,8 @@ void wkv7_chunk_fwd(int B, int T, int H, const float* r, const float* w, const f
       for (int x = 0; x < N * N; ++x) sm.S[x / N][x % N] = s0[so + x];
       for (int c0 = 0; c0 < T; c0 += L) {
         const int len = std::min(L, T - c0);
+        if (ck != nullptr)
+          for (int x = 0; x < N * N; ++x) ck[((long)(b * H + h) * ((T + L - 1) / L) + c0 / L) * N * N + x] = sm.S[x / N][x % N];
         for (int t = 0; t < L; ++t)
           for (int j = 0; j < N; ++j) {
             const bool in = t < len;
@@ -288,8 +290,8 @@ int emu_wkv7_fwd(int B, int T, int H, int N, const float* r, const float* w, con
 }
 
 int emu_wkv7_chunk_fwd(int B, int T, int H, int N, const float* r, const float* w, const float* k, const float* v,
-                       const float* a, const float* b, const float* s0, float* y, float* sT) {
-  RWKV_EMU_SWITCH(N, (wkv7_chunk_fwd<NN>(B, T, H, r, w, k, v, a, b, s0, y, sT)))
+                       const float* a, const float* b, const float* s0, float* y, float* sT, float* ck) {
+  RWKV_EMU_SWITCH(N, (wkv7_chunk_fwd<NN>(B, T, H, r, w, k, v, a, b, s0, y, sT, ck)))
 }
 
 int emu_wkv7_bwd(int B, int T, int H, int N, const float* r, const float* w, const float* k, const float* v,

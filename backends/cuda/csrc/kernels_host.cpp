@@ -73,9 +73,17 @@ int emu_wkv4_bwd(int B, int T, int C, const float* w, const float* u, const floa
 
 // The chunk kernel with its two tensor-core phases replaced by loops (see wkv7_chunk.cu).
 int emu_wkv7_chunk_fwd(int B, int T, int H, int N, const float* r, const float* w, const float* k, const float* v,
-                       const float* a, const float* b, const float* s0, float* y, float* sT) {
+                       const float* a, const float* b, const float* s0, float* y, float* sT, float* ck) {
   RWKV_HOST_SWITCH(N, rwkv_host_launch(B * H, C7_THREADS, [&] {
-    wkv7_chunk_fwd_kernel<float, NN>(T, H, r, w, k, v, a, b, s0, y, sT);
+    wkv7_chunk_fwd_kernel<float, NN>(T, H, r, w, k, v, a, b, s0, y, sT, ck);
+  }))
+}
+
+int emu_wkv7_chunk_bwd(int B, int T, int H, int N, const float* r, const float* w, const float* k, const float* v,
+                       const float* a, const float* b, const float* ck, const float* dy, const float* dsT, float* dr,
+                       float* dw, float* dk, float* dv, float* da, float* db, float* ds0) {
+  RWKV_HOST_SWITCH(N, rwkv_host_launch(B * H, C7_THREADS, [&] {
+    wkv7_chunk_bwd_kernel<float, NN>(T, H, r, w, k, v, a, b, ck, dy, dsT, dr, dw, dk, dv, da, db, ds0);
   }))
 }
 

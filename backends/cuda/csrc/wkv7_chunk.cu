@@ -1,8 +1,9 @@
 // Chunked wkv7 forward on tensor cores (sm_80+): fp16 m16n16k16 for the pairwise products inside a
 // chunk, tf32 m16n16k8 for the products with the fp32 state; the algorithm and its other phases are in
 // wkv7_chunk.cuh. One block of four warps per (batch, head); state in shared memory across chunks.
-// Forward only (training uses the recurrent kernel's backward); inputs bf16/fp16 (fp32 accepted),
-// head sizes 32 and 64.
+// The backward (wkv7_chunk_bwd_kernel) recomputes each chunk's forward phases from the state the forward
+// stored at its start, then runs wkv7_chunk_bwd.cuh's phases (fp32, CUDA cores). Inputs bf16/fp16
+// (fp32 accepted), head sizes 32 and 64.
 // Under RWKV_HOST_THREADS (kernels_host.cpp) the two tensor-core phases are replaced by loops with the
 // same work split (lane 0 of each warp does the warp's tiles) and the same operand rounding, so the
 // rest of the kernel (staging, padding, phases, barriers, output) runs on a CPU.
@@ -11,6 +12,7 @@
 #endif
 
 #include "wkv7_chunk.cuh"
+#include "wkv7_chunk_bwd.cuh"
 #include "wkv_cuda_common.cuh"
 
 namespace rwkv_zoo_cuda {
@@ -142,7 +144,7 @@ template <typename T, int N>
 __global__ void __launch_bounds__(C7_THREADS) wkv7_chunk_fwd_kernel(
     int T_, int H, const T* __restrict__ r, const float* __restrict__ w, const T* __restrict__ k,
     const T* __restrict__ v, const T* __restrict__ a, const T* __restrict__ b_, const float* __restrict__ s0,
-    T* __restrict__ y, float* __restrict__ sT) {
+    T* __restrict__ y, float* __restrict__ sT, float* __restrict__ ck) {
 #ifdef RWKV_HOST_THREADS
   alignas(128) static unsigned char smem_raw[sizeof(Smem7<N>)];
 #else
@@ -155,6 +157,10 @@ __global__ void __launch_bounds__(C7_THREADS) wkv7_chunk_fwd_kernel(
   for (int c0 = 0; c0 < T_; c0 += C7_L) {
     const int len = min(C7_L, T_ - c0);
     __syncthreads();
+    if (ck != nullptr) {  // the state entering the chunk, for the backward
+      float* c = ck + ((long)bh * ((T_ + C7_L - 1) / C7_L) + c0 / C7_L) * N * N;
+      for (int idx = tid; idx < N * N; idx += C7_THREADS) c[idx] = sm.S[idx / N][idx % N];
+    }
     for (int idx = tid; idx < C7_L * N; idx += C7_THREADS) {
       const int t = idx / N, j = idx % N;
       const bool in = t < len;
@@ -187,13 +193,99 @@ __global__ void __launch_bounds__(C7_THREADS) wkv7_chunk_fwd_kernel(
   for (int idx = tid; idx < N * N; idx += C7_THREADS) sT[so + idx] = sm.S[idx / N][idx % N];
 }
 
+
+// The chunked backward (wkv7_chunk_bwd.cuh): per chunk in reverse, recompute the forward's phases 1-4
+// from the checkpointed state, then the backward phases. Scratch reuse: X <- dG of the previous step's
+// G, Yq <- dG of the middle step, dU <- dG of the last step, Z <- dw.
+template <int N>
+struct Smem7Bwd {
+  Smem7<N> f;
+  Chunk7Grad<N> g;
+};
+
+template <typename T, int N>
+__global__ void __launch_bounds__(C7_THREADS) wkv7_chunk_bwd_kernel(
+    int T_, int H, const T* __restrict__ r, const float* __restrict__ w, const T* __restrict__ k,
+    const T* __restrict__ v, const T* __restrict__ a, const T* __restrict__ b_, const float* __restrict__ ck,
+    const float* __restrict__ dy, const float* __restrict__ dsT, float* __restrict__ dr, float* __restrict__ dw,
+    float* __restrict__ dk, float* __restrict__ dv, float* __restrict__ da, float* __restrict__ db,
+    float* __restrict__ ds0) {
+#ifdef RWKV_HOST_THREADS
+  alignas(128) static unsigned char smem_raw[sizeof(Smem7Bwd<N>)];
+#else
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+#endif
+  Smem7Bwd<N>& all = *reinterpret_cast<Smem7Bwd<N>*>(smem_raw);
+  Smem7<N>& sm = all.f;
+  Chunk7Grad<N>& gd = all.g;
+  const int bh = blockIdx.x, b = bh / H, h = bh % H, tid = threadIdx.x, warp = tid / 32;
+  const long so = (long)bh * N * N;
+  const int nck = (T_ + C7_L - 1) / C7_L;
+  for (int idx = tid; idx < N * N; idx += C7_THREADS) gd.dS[idx / N][idx % N] = dsT[so + idx];
+  for (int c = nck - 1; c >= 0; --c) {
+    const int c0 = c * C7_L, len = min(C7_L, T_ - c0);
+    __syncthreads();
+    const float* cks = ck + ((long)bh * nck + c) * N * N;
+    for (int idx = tid; idx < N * N; idx += C7_THREADS) sm.S[idx / N][idx % N] = cks[idx];
+    for (int idx = tid; idx < C7_L * N; idx += C7_THREADS) {
+      const int t = idx / N, j = idx % N;
+      const bool in = t < len;
+      const long o = ((long)(b * T_ + c0 + t) * H + h) * N + j;
+      const float rr = in ? to_f(r[o]) : 0.f, aa = in ? to_f(a[o]) : 0.f, bb = in ? to_f(b_[o]) : 0.f,
+                  kk = in ? to_f(k[o]) : 0.f;
+      sm.r0[t][j] = gd.raw[0][t][j] = rr;
+      sm.a0[t][j] = gd.raw[1][t][j] = aa;
+      sm.bend[t][j] = gd.raw[2][t][j] = bb;
+      sm.kend[t][j] = gd.raw[3][t][j] = kk;
+      sm.v[t][j] = in ? to_f(v[o]) : 0.f;
+      sm.g[t][j] = in ? w[o] : 0.f;
+      gd.dY[t][j] = in ? dy[o] : 0.f;
+    }
+    __syncthreads();
+    c7_cumsum<N, half_t>(tid, sm);
+    __syncthreads();
+    c7_scale<N, half_t>(tid, C7_THREADS, sm);
+    __syncthreads();
+    c7_products<N>(warp, sm);
+    __syncthreads();
+    c7_solve<N, half_t>(tid, sm);
+    __syncthreads();
+    c7b_from_outputs<N, half_t>(tid, C7_THREADS, sm, gd);
+    __syncthreads();
+    c7b_solve<N, half_t>(tid, sm, gd);
+    __syncthreads();
+    c7b_pairs<N, half_t>(tid, C7_THREADS, sm, gd);
+    __syncthreads();
+    c7b_state_and_operands<N, half_t>(tid, C7_THREADS, sm, gd);
+    __syncthreads();
+    c7b_elementwise<N, half_t>(tid, C7_THREADS, sm, gd, &gd.raw[0][0][0], &gd.raw[1][0][0], &gd.raw[2][0][0],
+                               &gd.raw[3][0][0], &gd.raw[0][0][0], &gd.raw[1][0][0], &gd.raw[2][0][0],
+                               &gd.raw[3][0][0], &sm.X[0][0], &sm.Yq[0][0], &gd.dU[0][0]);
+    __syncthreads();
+    c7b_decay<N, half_t>(tid, gd, &sm.X[0][0], &sm.Yq[0][0], &gd.dU[0][0], &gd.Z[0][0]);
+    __syncthreads();
+    for (int idx = tid; idx < len * N; idx += C7_THREADS) {
+      const int t = idx / N, j = idx % N;
+      const long o = ((long)(b * T_ + c0 + t) * H + h) * N + j;
+      dr[o] = gd.raw[0][t][j];
+      da[o] = gd.raw[1][t][j];
+      db[o] = gd.raw[2][t][j];
+      dk[o] = gd.raw[3][t][j];
+      dv[o] = gd.dV[t][j];
+      dw[o] = gd.Z[t][j];
+    }
+  }
+  __syncthreads();
+  for (int idx = tid; idx < N * N; idx += C7_THREADS) ds0[so + idx] = gd.dS[idx / N][idx % N];
+}
+
 }  // namespace
 
 #ifndef RWKV_HOST_THREADS  // the launcher: CUDA only
 
 cudaError_t wkv7_chunk_forward(int dtype, int B, int T, int H, int N, const void* r, const float* w, const void* k,
                                const void* v, const void* a, const void* b, const float* s0, void* y, float* sT,
-                               cudaStream_t stream) {
+                               float* ck, cudaStream_t stream) {
   int dev = 0, major = 0;
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
@@ -206,7 +298,7 @@ cudaError_t wkv7_chunk_forward(int dtype, int B, int T, int H, int N, const void
       cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
       kern<<<B * H, C7_THREADS, bytes, stream>>>(T, H, (const scalar_t*)r, w, (const scalar_t*)k,
                                                  (const scalar_t*)v, (const scalar_t*)a, (const scalar_t*)b, s0,
-                                                 (scalar_t*)y, sT);
+                                                 (scalar_t*)y, sT, ck);
       break;
     }
     case 64: {
@@ -216,7 +308,39 @@ cudaError_t wkv7_chunk_forward(int dtype, int B, int T, int H, int N, const void
       cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
       kern<<<B * H, C7_THREADS, bytes, stream>>>(T, H, (const scalar_t*)r, w, (const scalar_t*)k,
                                                  (const scalar_t*)v, (const scalar_t*)a, (const scalar_t*)b, s0,
-                                                 (scalar_t*)y, sT);
+                                                 (scalar_t*)y, sT, ck);
+      break;
+    }
+    default:
+      return cudaErrorInvalidValue;
+  })
+  return cudaGetLastError();
+}
+
+
+cudaError_t wkv7_chunk_backward(int dtype, int B, int T, int H, int N, const void* r, const float* w, const void* k,
+                                const void* v, const void* a, const void* b, const float* ck, const float* dy,
+                                const float* dsT, float* dr, float* dw, float* dk, float* dv, float* da, float* db,
+                                float* ds0, cudaStream_t stream) {
+  RWKV_DISPATCH_DTYPE(dtype, switch (N) {
+    case 32: {
+      constexpr int NN = 32;
+      auto kern = wkv7_chunk_bwd_kernel<scalar_t, NN>;
+      const int bytes = sizeof(Smem7Bwd<NN>);
+      cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+      kern<<<B * H, C7_THREADS, bytes, stream>>>(T, H, (const scalar_t*)r, w, (const scalar_t*)k,
+                                                 (const scalar_t*)v, (const scalar_t*)a, (const scalar_t*)b, ck, dy,
+                                                 dsT, dr, dw, dk, dv, da, db, ds0);
+      break;
+    }
+    case 64: {
+      constexpr int NN = 64;
+      auto kern = wkv7_chunk_bwd_kernel<scalar_t, NN>;
+      const int bytes = sizeof(Smem7Bwd<NN>);
+      cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+      kern<<<B * H, C7_THREADS, bytes, stream>>>(T, H, (const scalar_t*)r, w, (const scalar_t*)k,
+                                                 (const scalar_t*)v, (const scalar_t*)a, (const scalar_t*)b, ck, dy,
+                                                 dsT, dr, dw, dk, dv, da, db, ds0);
       break;
     }
     default:

@@ -48,10 +48,16 @@ cudaError_t wkv7_backward(int dtype, int B, int T, int H, int N, const void* r, 
 
 namespace rwkv_zoo_cuda {
 
-// wkv7 chunked forward on tensor cores (sm_80+; cudaErrorNotSupported below): head sizes 32 and 64, no
-// backward. Assumes v7's decay bound, w >= -exp(-0.5) (see wkv7_chunk.cuh).
+// wkv7 chunked forward on tensor cores (sm_80+; cudaErrorNotSupported below), head sizes 32 and 64.
+// Assumes v7's decay bound, w >= -exp(-0.5) (see wkv7_chunk.cuh). With ck non-null it stores the state
+// entering every 16-step chunk there ([B, H, ceil(T / 16), K, V]) for the backward.
 cudaError_t wkv7_chunk_forward(int dtype, int B, int T, int H, int N, const void* r, const float* w, const void* k,
                                const void* v, const void* a, const void* b, const float* s0, void* y, float* sT,
-                               cudaStream_t stream);
+                               float* ck, cudaStream_t stream);
+// Its backward (wkv7_chunk_bwd.cuh): gradients fp32, dw per token; needs up to ~150 KiB of shared memory.
+cudaError_t wkv7_chunk_backward(int dtype, int B, int T, int H, int N, const void* r, const float* w, const void* k,
+                                const void* v, const void* a, const void* b, const float* ck, const float* dy,
+                                const float* dsT, float* dr, float* dw, float* dk, float* dv, float* da, float* db,
+                                float* ds0, cudaStream_t stream);
 
 }  // namespace rwkv_zoo_cuda
