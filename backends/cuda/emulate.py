@@ -87,10 +87,15 @@ def library() -> ctypes.CDLL:
 
 
 @functools.cache
-def threaded_library() -> ctypes.CDLL:
-    """Build and load the real kernels compiled for the CPU, a thread per CUDA thread (C++20, pthreads)."""
-    return _build("rwkv_zoo_cuda_host_threads", "kernels_host.cpp", THREADED_SOURCES,
-                  ["-O1", "-std=c++20", "-pthread", "-DRWKV_HOST_THREADS"])
+def threaded_library(chunk_bwd_tc: bool = False) -> ctypes.CDLL:
+    """Build and load the real kernels compiled for the CPU, a thread per CUDA thread (C++20, pthreads).
+
+    ``chunk_bwd_tc`` builds the wkv7 chunk backward as ``RWKV_C7_BWD_TC=1`` does on a GPU (its products
+    with tf32-rounded operands), the variant ``RWKV_ZOO_CUDA_CHUNK_BWD_TC=1`` selects.
+    """
+    tc = int(chunk_bwd_tc)
+    return _build(f"rwkv_zoo_cuda_host_threads_tc{tc}", "kernels_host.cpp", THREADED_SOURCES,
+                  ["-O1", "-std=c++20", "-pthread", "-DRWKV_HOST_THREADS", f"-DRWKV_C7_BWD_TC={tc}"])
 
 
 class _Args:
@@ -125,8 +130,9 @@ _L = ctypes.c_long
 class Emulator:
     """The extension's interface (see ``binding.cpp``) on CPU tensors, run by a CPU library."""
 
-    def __init__(self, lib=library) -> None:
+    def __init__(self, lib=library, chunk_bwd=threaded_library) -> None:
         self._lib = lib
+        self._chunk_bwd = chunk_bwd
 
     def wkv4_fwd(self, w, u, k, v, a0, b0, p0, y, aT, bT, pT, sa, sb, sp, save: bool) -> None:
         B, T, C = k.shape
@@ -174,7 +180,7 @@ class Emulator:
         x = _Args()
         args = ([x.inp(t) for t in (r, w, k, v, a, b, ck, dy, dsT)]
                 + [x.out(t) for t in (dr, dw, dk, dv, da, db, ds0)])
-        x.finish(threaded_library().emu_wkv7_chunk_bwd(B, T, H, N, *args), "wkv7 chunk kernel")
+        x.finish(self._chunk_bwd().emu_wkv7_chunk_bwd(B, T, H, N, *args), "wkv7 chunk kernel")
 
     def wkv7_bwd(self, r, w, k, v, a, b, sa, ck, sT, dy, dsT, dr, dw, dk, dv, da, db, ds0) -> None:
         B, T, H, N = r.shape

@@ -8,7 +8,9 @@ of a distributed job starting together) from compiling into the same directory a
 waits and then loads what the first built.
 
 Environment: ``RWKV_ZOO_CUDA_CACHE`` (the cache directory; default ``<torch extensions dir>/rwkv_zoo``),
-``RWKV_ZOO_CUDA_VERBOSE=1`` (show the compiler's output), ``TORCH_CUDA_ARCH_LIST`` (as torch reads it:
+``RWKV_ZOO_CUDA_VERBOSE=1`` (show the compiler's output), ``RWKV_ZOO_CUDA_CHUNK_BWD_TC=1`` (run the
+wkv7 chunk backward's block products on tensor cores, tf32; off by default until a GPU run has checked
+it against the default fp32 CUDA-core path), ``TORCH_CUDA_ARCH_LIST`` (as torch reads it:
 the architectures to build for; by default the visible GPUs').
 """
 
@@ -31,6 +33,17 @@ BINDING = "binding.cpp"
 # Exact expf (no --use_fast_math): the recurrent kernels promise fp32-reference accuracy, and the
 # exponentials are one per element per step, not the bottleneck.
 NVCC_FLAGS = ("-O3", "-std=c++17", "--expt-relaxed-constexpr")
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def nvcc_flags() -> list[str]:
+    flags = list(NVCC_FLAGS)
+    if _flag("RWKV_ZOO_CUDA_CHUNK_BWD_TC"):
+        flags.append("-DRWKV_C7_BWD_TC=1")
+    return flags
 
 
 def cache_dir() -> Path:
@@ -66,6 +79,7 @@ def source_hash() -> str:
         h.update(name.encode())
         h.update((CSRC / name).read_bytes())
     h.update(f"{torch.__version__}|{torch.version.cuda}|{os.environ.get('TORCH_CUDA_ARCH_LIST', '')}".encode())
+    h.update(" ".join(nvcc_flags()).encode())
     return h.hexdigest()[:16]
 
 
@@ -77,7 +91,7 @@ def extension():
     name = f"rwkv_zoo_cuda_{source_hash()}"
     build = cache_dir() / name
     build.mkdir(parents=True, exist_ok=True)
-    verbose = os.environ.get("RWKV_ZOO_CUDA_VERBOSE", "").strip().lower() in ("1", "true", "yes", "on")
+    verbose = _flag("RWKV_ZOO_CUDA_VERBOSE")
     with file_lock(cache_dir() / f"{name}.lock"):
         if verbose:
             print(f"rwkv_zoo: building/loading the CUDA kernels in {build}", file=sys.stderr)
@@ -86,7 +100,7 @@ def extension():
             sources=[str(CSRC / BINDING), *(str(CSRC / s) for s in KERNEL_SOURCES)],
             extra_include_paths=[str(CSRC)],
             extra_cflags=["-O3", "-std=c++17"],
-            extra_cuda_cflags=list(NVCC_FLAGS),
+            extra_cuda_cflags=nvcc_flags(),
             build_directory=str(build),
             verbose=verbose,
         )

@@ -59,9 +59,11 @@ def _nvcc() -> str | None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(_nvcc() is None, reason="nvcc is not installed (CUDA toolkit)")
-@pytest.mark.parametrize("source", sorted(p.name for p in CSRC.glob("*.cu")))
+@pytest.mark.parametrize("source", [*sorted(p.name for p in CSRC.glob("*.cu")), "wkv7_chunk.cu:tc"])
 def test_kernel_file_compiles_with_nvcc(source, tmp_path):
-    cmd = [_nvcc(), "-c", "-O3", "-std=c++17", "--expt-relaxed-constexpr", "-Werror", "all-warnings",
+    source, _, variant = source.partition(":")
+    extra = ["-DRWKV_C7_BWD_TC=1"] if variant == "tc" else []  # the opt-in tensor-core chunk backward
+    cmd = [_nvcc(), "-c", "-O3", "-std=c++17", "--expt-relaxed-constexpr", "-Werror", "all-warnings", *extra,
            "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
            "-I", str(CSRC), str(CSRC / source), "-o", str(tmp_path / "k.o")]
     start = time.perf_counter()
@@ -256,13 +258,18 @@ def test_emulated_chunk_algorithm_error(N):
 
 
 @needs_cxx
-@pytest.mark.parametrize("N", [32, 64])
-def test_chunk_backward_gradients(N):
+@pytest.mark.parametrize(("N", "tc"), [(32, False), (64, False), (64, True)])
+def test_chunk_backward_gradients(N, tc, monkeypatch):
     # The chunked backward (csrc/wkv7_chunk_bwd.cuh, run verbatim by the threaded host build) against the
     # fp64 reference on fp32 inputs: every gradient, the initial state's included, within the rounding
     # the forward's fp16/tf32 products leave (~5e-4), across a partial last chunk.
-    from rwkv_zoo.backends.cuda import recurrent
+    # tc: the products on tensor cores (RWKV_ZOO_CUDA_CHUNK_BWD_TC=1), modelled with tf32 rounding.
+    import functools
 
+    from rwkv_zoo.backends.cuda import _ops, emulate, recurrent
+
+    bwd = functools.partial(emulate.threaded_library, tc)
+    monkeypatch.setattr(_ops, "EMULATOR", emulate.Emulator(emulate.library, bwd))
     gen = torch.Generator().manual_seed(3)
     x = make_inputs("wkv7", 2, 37, 2, N, generator=gen)
     plain = evaluate(ref.wkv7_recurrent, "wkv7", x, None, grad=False)

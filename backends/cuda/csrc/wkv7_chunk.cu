@@ -7,6 +7,8 @@
 // Under RWKV_HOST_THREADS (kernels_host.cpp) the two tensor-core phases are replaced by loops with the
 // same work split (lane 0 of each warp does the warp's tiles) and the same operand rounding, so the
 // rest of the kernel (staging, padding, phases, barriers, output) runs on a CPU.
+#include <type_traits>
+
 #ifndef RWKV_HOST_THREADS
 #include <mma.h>
 #endif
@@ -194,6 +196,44 @@ __global__ void __launch_bounds__(C7_THREADS) wkv7_chunk_fwd_kernel(
 }
 
 
+// The chunk backward's block products, C[M][Nn] (+)= A B with row- or column-major operands (lda, ldb
+// their leading dimensions, ldc = Nn's row stride N). Built with RWKV_C7_BWD_TC=1 they run on tensor
+// cores (tf32 m16n16k8, one 16x16 output tile per warp at a time); by default, and always in the CPU
+// builds, on CUDA cores (c7_gemm; with RWKV_C7_BWD_TC=1 the CPU build rounds operands to tf32 too).
+#ifndef RWKV_C7_BWD_TC
+#define RWKV_C7_BWD_TC 0
+#endif
+template <bool AROW, bool BROW>
+__device__ void c7_bwd_gemm(int tid, int M, int Nn, int K, const float* A, int lda, const float* B, int ldb, float* C,
+                            int ldc, bool accumulate) {
+#if RWKV_C7_BWD_TC && defined(RWKV_C7_TC)
+  using LA = typename std::conditional<AROW, wmma::row_major, wmma::col_major>::type;
+  using LB = typename std::conditional<BROW, wmma::row_major, wmma::col_major>::type;
+  const int warp = tid / 32;
+  for (int q = warp; q < (M / 16) * (Nn / 16); q += C7_THREADS / 32) {
+    const int mt = q / (Nn / 16), nt = q % (Nn / 16);
+    wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc;
+    if (accumulate)
+      wmma::load_matrix_sync(acc, C + 16 * mt * ldc + 16 * nt, ldc, wmma::mem_row_major);
+    else
+      wmma::fill_fragment(acc, 0.f);
+    for (int kk = 0; kk < K / 8; ++kk) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, LA> fa;
+      wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, LB> fb;
+      wmma::load_matrix_sync(fa, AROW ? A + 16 * mt * lda + 8 * kk : A + 16 * mt + 8 * kk * lda, lda);
+      wmma::load_matrix_sync(fb, BROW ? B + 8 * kk * ldb + 16 * nt : B + 8 * kk + 16 * nt * ldb, ldb);
+      for (int e = 0; e < fa.num_elements; ++e) fa.x[e] = wmma::__float_to_tf32(fa.x[e]);
+      for (int e = 0; e < fb.num_elements; ++e) fb.x[e] = wmma::__float_to_tf32(fb.x[e]);
+      wmma::mma_sync(acc, fa, fb, acc);
+    }
+    wmma::store_matrix_sync(C + 16 * mt * ldc + 16 * nt, acc, ldc, wmma::mem_row_major);
+  }
+#else
+  c7_gemm(tid, C7_THREADS, M, Nn, K, A, AROW ? lda : 1, AROW ? 1 : lda, B, BROW ? ldb : 1, BROW ? 1 : ldb, C, ldc,
+          accumulate, RWKV_C7_BWD_TC != 0);
+#endif
+}
+
 // The chunked backward (wkv7_chunk_bwd.cuh): per chunk in reverse, recompute the forward's phases 1-4
 // from the checkpointed state, then the backward phases. Scratch reuse: X <- dG of the previous step's
 // G, Yq <- dG of the middle step, dU <- dG of the last step, Z <- dw.
@@ -250,13 +290,22 @@ __global__ void __launch_bounds__(C7_THREADS) wkv7_chunk_bwd_kernel(
     __syncthreads();
     c7_solve<N, half_t>(tid, sm);
     __syncthreads();
+    c7_bwd_gemm<true, true>(tid, C7_L, N, N, &sm.bend[0][0], N, &gd.dS[0][0], N, &gd.dU[0][0], N, false);
+    c7_bwd_gemm<true, true>(tid, C7_L, N, N, &sm.kend[0][0], N, &gd.dS[0][0], N, &gd.dV[0][0], N, false);
+    c7_bwd_gemm<true, false>(tid, C7_L, N, N, &sm.U[0][0], N, &gd.dS[0][0], N, &gd.d0[1][0][0], N, false);
+    c7_bwd_gemm<true, false>(tid, C7_L, N, N, &sm.v[0][0], N, &gd.dS[0][0], N, &gd.d0[3][0][0], N, false);
     c7b_from_outputs<N, half_t>(tid, C7_THREADS, sm, gd);
     __syncthreads();
     c7b_solve<N, half_t>(tid, sm, gd);
     __syncthreads();
     c7b_pairs<N, half_t>(tid, C7_THREADS, sm, gd);
+    c7_bwd_gemm<true, false>(tid, C7_L, N, N, &gd.Z[0][0], N, &sm.S[0][0], N, &gd.d0[0][0][0], N, false);
+    c7_bwd_gemm<true, false>(tid, C7_L, N, N, &gd.dY[0][0], N, &sm.S[0][0], N, &gd.d0[2][0][0], N, false);
     __syncthreads();
     c7b_state_and_operands<N, half_t>(tid, C7_THREADS, sm, gd);
+    __syncthreads();
+    c7_bwd_gemm<false, true>(tid, N, N, C7_L, &sm.a0[0][0], N, &gd.Z[0][0], N, &gd.dS[0][0], N, true);
+    c7_bwd_gemm<false, true>(tid, N, N, C7_L, &sm.r0[0][0], N, &gd.dY[0][0], N, &gd.dS[0][0], N, true);
     __syncthreads();
     c7b_elementwise<N, half_t>(tid, C7_THREADS, sm, gd, &gd.raw[0][0][0], &gd.raw[1][0][0], &gd.raw[2][0][0],
                                &gd.raw[3][0][0], &gd.raw[0][0][0], &gd.raw[1][0][0], &gd.raw[2][0][0],

@@ -30,26 +30,30 @@ struct Chunk7Grad {
   float dgL[N];
 };
 
-// C[m][n] (+)= sum_k A(m, k) B(k, n) over a block: A(m, k) = A[m * sam + k * sak], B likewise.
-template <typename TA, typename TB>
-RWKV_HD void c7_gemm(int tid, int nthr, int M, int Nn, int K, const TA* A, int sam, int sak, const TB* B, int sbk,
-                     int sbn, float* C, int ldc, bool accumulate) {
+// C[m][n] (+)= sum_k A(m, k) B(k, n) over a block: A(m, k) = A[m * sam + k * sak], B likewise; with
+// tf32, the operands rounded as the tensor cores round them (the CPU model of the wmma path).
+RWKV_HD void c7_gemm(int tid, int nthr, int M, int Nn, int K, const float* A, int sam, int sak, const float* B,
+                     int sbk, int sbn, float* C, int ldc, bool accumulate, bool tf32 = false) {
   for (int idx = tid; idx < M * Nn; idx += nthr) {
     const int m = idx / Nn, n = idx % Nn;
     float acc = accumulate ? C[m * ldc + n] : 0.f;
-    for (int k = 0; k < K; ++k) acc += (float)A[m * sam + k * sak] * (float)B[k * sbk + n * sbn];
+    for (int k = 0; k < K; ++k) {
+      const float x = A[m * sam + k * sak], y = B[k * sbk + n * sbn];
+      acc += tf32 ? c7_round_tf32(x) * c7_round_tf32(y) : x * y;
+    }
     C[m * ldc + n] = acc;
   }
 }
 
-// Phase B1: dU, dV from the state gradient and from Y; dBend, dKend; the dY pairwise gradients; dgL.
+// The block products (the kernel runs them, on CUDA cores or tensor cores, in the phase named):
+//   B1: dU = Bend dS, dV = Kend dS, dBend = U dS^T, dKend = V dS^T     ([L, N] = [L, N] [N, N])
+//   B3: dA0 = Z S^T, dR0 = dY S^T                                      ([L, N] = [L, N] [N, N])
+//   B4b (after B4a): dS += A0^T Z + R0^T dY                            ([N, N] = [N, L] [L, N])
+
+// Phase B1 (besides its products): the dY pairwise gradients and dgL.
 template <int N, typename Half>
 RWKV_HD void c7b_from_outputs(int tid, int nthr, Chunk7Smem<N, Half>& sm, Chunk7Grad<N>& gd) {
   constexpr int L = C7_L;
-  c7_gemm(tid, nthr, L, N, N, &sm.bend[0][0], N, 1, &gd.dS[0][0], N, 1, &gd.dU[0][0], N, false);  // Bend dS
-  c7_gemm(tid, nthr, L, N, N, &sm.kend[0][0], N, 1, &gd.dS[0][0], N, 1, &gd.dV[0][0], N, false);  // Kend dS
-  c7_gemm(tid, nthr, L, N, N, &sm.U[0][0], N, 1, &gd.dS[0][0], 1, N, &gd.d0[1][0][0], N, false);  // U dS^T
-  c7_gemm(tid, nthr, L, N, N, &sm.v[0][0], N, 1, &gd.dS[0][0], 1, N, &gd.d0[3][0][0], N, false);  // V dS^T
   for (int idx = tid; idx < L * L; idx += nthr) {
     const int t = idx / L, s = idx % L;
     float pu = 0.f, pv = 0.f;
@@ -95,7 +99,7 @@ RWKV_HD void c7b_solve(int tid, Chunk7Smem<N, Half>& sm, Chunk7Grad<N>& gd) {
   }
 }
 
-// Phase B3: the solve's pairwise gradients, dA0 and dR0 (both read S before phase B4 changes dS only).
+// Phase B3 (besides its products): the solve's pairwise gradients.
 template <int N, typename Half>
 RWKV_HD void c7b_pairs(int tid, int nthr, Chunk7Smem<N, Half>& sm, Chunk7Grad<N>& gd) {
   constexpr int L = C7_L;
@@ -110,20 +114,14 @@ RWKV_HD void c7b_pairs(int tid, int nthr, Chunk7Smem<N, Half>& sm, Chunk7Grad<N>
     gd.dP[0][t][s] = pu;
     gd.dP[1][t][s] = pv;
   }
-  c7_gemm(tid, nthr, L, N, N, &gd.Z[0][0], N, 1, &sm.S[0][0], 1, N, &gd.d0[0][0][0], N, false);   // Z S^T
-  c7_gemm(tid, nthr, L, N, N, &gd.dY[0][0], N, 1, &sm.S[0][0], 1, N, &gd.d0[2][0][0], N, false);  // dY S^T
 }
 
-// Phase B4: the state gradient entering the chunk, and the gradients of the fp16 operands.
+// Phase B4a: the state gradient's decay over the chunk (B4b adds the products), and the gradients of
+// the fp16 operands.
 template <int N, typename Half>
 RWKV_HD void c7b_state_and_operands(int tid, int nthr, Chunk7Smem<N, Half>& sm, Chunk7Grad<N>& gd) {
   constexpr int L = C7_L;
-  for (int idx = tid; idx < N * N; idx += nthr) {
-    const int j = idx / N, i = idx % N;
-    float acc = sm.gL[j] * gd.dS[j][i];
-    for (int t = 0; t < L; ++t) acc += sm.a0[t][j] * gd.Z[t][i] + sm.r0[t][j] * gd.dY[t][i];
-    gd.dS[j][i] = acc;
-  }
+  for (int idx = tid; idx < N * N; idx += nthr) gd.dS[idx / N][idx % N] *= sm.gL[idx / N];
   for (int idx = tid; idx < L * N; idx += nthr) {
     const int t = idx / N, j = idx % N;
     float daq = 0.f, drq = 0.f, dbq = 0.f, dkq = 0.f;
