@@ -123,6 +123,19 @@ def test_binding_parses_against_this_torch(tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
 
 
+def test_loader_flags_and_cache(monkeypatch, tmp_path):
+    from rwkv_zoo.backends.cuda import loader
+
+    monkeypatch.setenv("RWKV_ZOO_CUDA_CACHE", str(tmp_path))
+    assert loader.cache_dir() == tmp_path
+    monkeypatch.delenv("RWKV_ZOO_CUDA_CHUNK_BWD_TC", raising=False)
+    plain = loader.source_hash()
+    assert "-DRWKV_C7_BWD_TC=1" not in loader.nvcc_flags() and "--use_fast_math" not in loader.nvcc_flags()
+    monkeypatch.setenv("RWKV_ZOO_CUDA_CHUNK_BWD_TC", "1")
+    assert "-DRWKV_C7_BWD_TC=1" in loader.nvcc_flags()
+    assert loader.source_hash() != plain  # a different build, never a stale library
+
+
 def test_kernel_sources_have_no_torch_headers():
     # CI compiles each .cu with plain nvcc: only the binding may include torch.
     for path in [*CSRC.glob("*.cu"), *CSRC.glob("*.cuh"), *CSRC.glob("*.h")]:
@@ -148,7 +161,7 @@ needs_cxx = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++
 
 
 @needs_cxx
-@pytest.mark.parametrize("N", [32, 64])
+@pytest.mark.parametrize("N", [32])  # N = 64: the threaded test below runs the real kernels at 64
 def test_emulated_kernels_conform_fp32(N):
     with _emulated():
         report = check_backend("cuda-emulated", dtypes=(torch.float32,), Ts=(1, 15, 16, 17, 65), B=2, H=2, N=N)
@@ -207,8 +220,8 @@ def test_threaded_chunk_kernel_matches_its_emulation(N, monkeypatch):
 
 @needs_cxx
 @pytest.mark.parametrize(("op", "T", "scale"), [("wkv6", 100, 10.0), ("wkv6", 100, 0.1), ("wkv5", 100, 10.0),
-                                                 ("wkv7", 200, 1.0), ("wkv4", 200, 10.0)])
-@pytest.mark.parametrize("impl", ["emulator", "threaded"])
+                                                 ("wkv7", 100, 1.0), ("wkv4", 200, 10.0)])
+@pytest.mark.parametrize("impl", ["threaded"])
 def test_emulated_backward_strong_and_weak_decay(op, T, scale, impl, monkeypatch):
     # wkv5/6: the backward rebuilds S_{t-1} forward from 16-step checkpoints, never divides by the
     # decay, so a decay of exp(-30) per step costs no accuracy. wkv7 inverts its update between
