@@ -125,11 +125,20 @@ def _check(call) -> list[str]:
     return []
 
 
+# Shared memory per block of the chunk kernels' backward (sizeof(Smem7Bwd<N>) in wkv7_chunk.cu): it fits
+# A100 / H100 (163 / 227 KiB opt-in), not GPUs with ~100 KiB per block (sm_86, sm_89).
+CHUNK_BWD_SMEM = {32: 73984, 64: 156160}
+
+
 def _check_chunk(call) -> list[str]:
     if call.device == "cuda" and torch.cuda.is_available():
         cap = torch.cuda.get_device_capability()
         if cap < CHUNK_MIN_CAPABILITY:
             return [f"its tensor-core chunk kernel needs compute capability >= 8.0 (this GPU is {cap[0]}.{cap[1]})"]
+        need = CHUNK_BWD_SMEM.get(call.N)
+        have = getattr(torch.cuda.get_device_properties(), "shared_memory_per_block_optin", None)
+        if call.requires_grad and need and have is not None and have < need:
+            return [f"its chunk backward needs {need} bytes of shared memory per block, this GPU allows {have}"]
     return []
 
 

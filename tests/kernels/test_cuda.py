@@ -293,6 +293,18 @@ def test_chunk_backward_gradients(N, tc, monkeypatch):
     assert max(errors.values()) <= 2e-3, errors
 
 
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+def test_chunk_shared_memory_sizes_match_the_kernel(tmp_path):
+    # The capability check's byte counts are the kernel's shared-memory structs (fp16 is 2 bytes either way).
+    src = tmp_path / "sz.cpp"
+    src.write_text('#include "wkv7_chunk_bwd.cuh"\n#include <cstdio>\nusing namespace rwkv_zoo_cuda;\n'
+                   "template <int N> struct Bw { Chunk7Smem<N, _Float16> f; Chunk7Grad<N> g; };\n"
+                   'int main() { printf("%zu %zu", sizeof(Bw<32>), sizeof(Bw<64>)); }\n')
+    subprocess.run(["g++", "-std=c++17", "-I", str(CSRC), str(src), "-o", str(tmp_path / "sz")], check=True)
+    out = subprocess.run([str(tmp_path / "sz")], capture_output=True, text=True, check=True).stdout.split()
+    assert {32: int(out[0]), 64: int(out[1])} == cb.CHUNK_BWD_SMEM
+
+
 def test_fake_tensor_shapes():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -399,7 +411,15 @@ def test_capability_reasons_when_available(monkeypatch):
     call = KernelCall("wkv7", "chunk", "cuda", torch.bfloat16, 1, 100, 1, 64)
     assert any("compute capability >= 8.0 (this GPU is 7.5)" in r for r in b.reasons(call))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda *a: type("P", (), {"shared_memory_per_block_optin": 232448})())
     assert not b.reasons(call)
+    assert not b.reasons(KernelCall("wkv7", "chunk", "cuda", torch.bfloat16, 1, 100, 1, 64, True))
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda *a: type("P", (), {"shared_memory_per_block_optin": 101376})())
+    assert not b.reasons(call)  # the forward fits
+    assert any("shared memory" in r for r in b.reasons(KernelCall("wkv7", "chunk", "cuda", torch.bfloat16,
+                                                                    1, 100, 1, 64, True)))
     assert any("float32" in r for r in b.reasons(KernelCall("wkv7", "chunk", "cuda", torch.float32, 1, 100, 1, 64)))
 
 
