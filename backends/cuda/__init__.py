@@ -5,13 +5,15 @@ Kernels (``csrc/``, our own code; the per-thread arithmetic in ``wkv_math.cuh``)
   ``(a, b, p)`` in and out, no compile-time length limit; the forward saves the state entering each
   step when a gradient is needed and the backward walks back through it.
 - ``wkv5`` / ``wkv6`` recurrent: a block per (batch, head), a thread per value column, fp32 state in
-  registers; the backward is exact under any decay strength (two passes, no state storage, no
-  inversion of the decay) and gives every gradient, the initial state's included.
+  registers; the backward is exact under any decay strength: its own forward pass keeps the state
+  every 16 steps in a scratch buffer and each S_{t-1} is rebuilt forward from there (never dividing
+  by the decay); every gradient, the initial state's included. The forward stores nothing.
 - ``wkv7`` recurrent: the same layout; the backward rebuilds earlier states from checkpoints taken
   every 16 steps, inverting the update in between (accurate for v7's decay, >= 0.545 per step).
 - ``wkv7`` chunk: 16-step chunks; forward on tensor cores (fp16 pairwise products, tf32 products with
   the fp32 state; sm_80+), backward in fp32 on CUDA cores from the state the forward keeps at every
-  chunk start (``wkv7_chunk_bwd.cuh``; tensor cores there are future work). bf16/fp16 inputs, head
+  chunk start (``wkv7_chunk_bwd.cuh``; its block products on tensor cores, tf32, with
+  ``RWKV_ZOO_CUDA_CHUNK_BWD_TC=1`` until a GPU run has checked them). bf16/fp16 inputs, head
   sizes 32 and 64; error ~3e-4 relative from the operand rounding (5e-4 on gradients). It assumes
   v7's decay bound (w >= -exp(-0.5), as the model produces): far stronger decay would overflow its
   factored decays.
