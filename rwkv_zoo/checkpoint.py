@@ -226,6 +226,7 @@ def load(
     if version == "v7":
         _fill_unused_v7(model, tensors)
     _check_against(model, tensors, str(path))
+    # With weights= the file's dtype is kept here (mmap, no copy): prepare_inference converts per matrix.
     target_dtype = dtype or _model_dtype(tensors, str(path))
     target_device = torch.device(device) if device is not None else torch.device("cpu")
     converted = {k: v.to(device=target_device, dtype=target_dtype) for k, v in tensors.items()}
@@ -241,9 +242,7 @@ def load(
     if weights is not None:
         from rwkv_zoo.inference import prepare_inference
 
-        del converted, tensors, ckpt  # the fp32 copies go as each projection is replaced
-        if model.dtype != torch.float32:
-            model.float()
+        del converted, tensors, ckpt  # each projection is converted and its source dropped in turn
         prepare_inference(model, weights)
     return model.eval()
 

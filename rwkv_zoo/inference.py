@@ -100,6 +100,9 @@ class InferenceLinear(nn.Module):
 def prepare_inference(model: nn.Module, weights: str = "fp32") -> nn.Module:
     """Turn ``model`` (in place) into an inference model with ``weights`` in fp32, bf16 or int8.
 
+    The model may be in any float dtype (a bf16 checkpoint loaded as is): each projection is
+    converted on its own, and the remaining parameters become fp32 (activations and state are fp32).
+
     Every ``nn.Linear`` of the blocks and the head becomes an ``InferenceLinear``; the small LoRA
     matrices, mixes, norms and the embedding (a row lookup) stay fp32. Parameters stop requiring
     gradients. The model keeps its call signature and state, so ``generate``, ``score`` and the CLI
@@ -107,8 +110,6 @@ def prepare_inference(model: nn.Module, weights: str = "fp32") -> nn.Module:
     """
     if weights not in WEIGHT_DTYPES:
         raise ValueError(f"weights must be one of {', '.join(WEIGHT_DTYPES)}, got {weights!r}")
-    if model.dtype != torch.float32:
-        raise ValueError(f"prepare_inference needs an fp32 model (activations stay fp32), got {model.dtype}")
     if any(p.is_meta for p in model.parameters()):
         raise ValueError("prepare_inference needs real weights, not a model on the meta device")
     targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, (nn.Linear, InferenceLinear))]
@@ -119,8 +120,12 @@ def prepare_inference(model: nn.Module, weights: str = "fp32") -> nn.Module:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, InferenceLinear(weight, weights))
+    # The rest (embedding, mixes, norms, LoRA) becomes fp32 after the projections were replaced, so a
+    # bf16 checkpoint is widened one matrix at a time instead of all at once (peak memory).
     for p in model.parameters():
         p.requires_grad_(False)
+        if p.dtype != torch.float32:
+            p.data = p.data.float()
     invalidate(model)
     model.inference_weights = weights
     model.eval()

@@ -151,8 +151,8 @@ def test_prepared_model_refuses_save_and_load_option(tmp_path):
         rwkv_zoo.save(q, tmp_path / "again.pth")
     with pytest.raises(ValueError, match="weights must be one of"):
         prepare_inference(model, "int4")
-    with pytest.raises(ValueError, match="fp32 model"):
-        prepare_inference(_model("v6-tiny").to(torch.bfloat16), "int8")
+    bf = prepare_inference(_model("v6-tiny").to(torch.bfloat16), "int8")  # a bf16 model is widened
+    assert bf.dtype == torch.float32 and bf.head.kind == "int8"
     tok = torch.tensor([[5, 6, 7]])
     with torch.no_grad():
         a, _ = model(tok)
@@ -251,7 +251,8 @@ def test_decode_memory_is_flat():
 def test_bench_cli_runs_and_compares_with_the_package(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "rwkv_zoo", "bench", "v4-tiny", "--weights", "fp32,int8", "--batch", "1,3",
-           "--prefill", "32", "--decode", "4", "--threads", "1", "--repeat", "2", "--compare-official", "--kl", "--json", str(out)]
+           "--prefill", "32", "--decode", "4", "--threads", "1", "--repeat", "2", "--compare-official", "--kl",
+           "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = proc.stdout
