@@ -1,17 +1,20 @@
-"""GPU check and benchmark of the ``triton`` backend, one command (well under 10 minutes on an H100):
+"""GPU check and benchmark of the ``triton`` and ``cuda`` backends, one command (well under 10 minutes on an H100):
 
-    python tests/gpu/bench_kernels.py            # correctness, then timings; prints one table
-    python tests/gpu/bench_kernels.py --quick    # S-small only (a smoke run)
+    python tests/gpu/bench_kernels.py                      # correctness, then timings; prints one table
+    python tests/gpu/bench_kernels.py --quick              # S-small only (a smoke run)
+    python tests/gpu/bench_kernels.py --skip-correctness --cuda-chunk-bwd-tc   # the tensor-core chunk backward
 
-1. Correctness on the GPU: ``rwkv_zoo.testing.check_backend("triton", device="cuda")`` (fp32 and bf16,
-   every op and mode the backend has, N=64, lengths across the 64-token boundary; y, final state and
-   every gradient against the fp64 reference recurrence), then the triton kernels against the
-   ``reference`` backend's chunk kernels (fp32, on the GPU) at the S-small shape.
+1. Correctness on the GPU: ``rwkv_zoo.testing.check_backend(name, device="cuda")`` for ``triton`` and
+   ``cuda`` (fp32 and bf16, every op and mode the backend has, N=64, lengths across the 64-token
+   boundary; y, final state and every gradient against the fp64 reference recurrence), then their
+   kernels against the ``reference`` backend's chunk kernels (fp32, on the GPU) at the S-small shape.
+   The cuda backend compiles on its first call (minutes; set ``RWKV_ZOO_CUDA_CACHE`` to keep the build
+   and ``TORCH_CUDA_ARCH_LIST=9.0`` on an H100); that happens here, outside the timings.
 2. Timings (``triton.testing.do_bench``, median ms, CUDA events) of fwd and fwd+bwd at S-std
-   (B=8, T=4096, H=64, N=64, bf16) and S-small (B=8, T=1024, H=8, N=64) of the triton chunk (wkv5-7)
-   and recurrent (all ops) kernels, side by side with the
-   ``reference`` backend and with flash-linear-attention's ``chunk_rwkv6`` / ``chunk_rwkv7`` (through
-   rwkv_zoo's ``fla`` backend) when fla is importable. wkv4 runs with C = H * N channels.
+   (B=8, T=4096, H=64, N=64, bf16; the wkv7 recurrent kernels and triton chunk also in fp32), S-small
+   (B=8, T=1024, H=8, N=64) and Decode-B (B=256, T=1, forward with state) of the triton, cuda, fla
+   and reference kernels in one table; fla (``chunk_rwkv6`` / ``chunk_rwkv7`` through rwkv_zoo's
+   ``fla`` backend) when importable. wkv4 runs with C = H * N channels.
    A cell is "n/a" where dispatch refuses the call, with the reason listed under the table (e.g. a
    backend that lacks the op, mode or head size).
 
@@ -22,13 +25,16 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-SHAPES = {"S-std": (8, 4096, 64, 64), "S-small": (8, 1024, 8, 64)}
+SHAPES = {"S-std": (8, 4096, 64, 64), "S-small": (8, 1024, 8, 64), "Decode-B": (256, 1, 64, 64)}
+FORWARD_ONLY = {"Decode-B"}  # batched decode: one step with state, no gradients
+BACKENDS_CHECKED = ("triton", "cuda")  # conformance on the GPU for each that is available
 # (op, backend, mode): the rows of the timing table.
 RUNS = [
     ("wkv6", "triton", "chunk"),
@@ -43,7 +49,14 @@ RUNS = [
     ("wkv5", "triton", "recurrent"),
     ("wkv4", "triton", "recurrent"),
     ("wkv4", "reference", "chunk"),
+    ("wkv7", "cuda", "chunk"),
+    ("wkv7", "cuda", "recurrent"),
+    ("wkv6", "cuda", "recurrent"),
+    ("wkv5", "cuda", "recurrent"),
+    ("wkv4", "cuda", "recurrent"),
 ]
+# fp32 rows at S-std: the official fp32-state wkv7 kernel's anchor is 17 ms fwd+bwd (PERF.md).
+FP32_RUNS = [("wkv7", "cuda", "recurrent"), ("wkv7", "triton", "recurrent"), ("wkv7", "triton", "chunk")]
 
 
 def make_args(op: str, B: int, T: int, H: int, N: int, dtype: torch.dtype, device: str, seed: int = 0) -> list:
@@ -140,26 +153,35 @@ def bench(op, backend, mode, args, grad: bool) -> float:
 
 
 def correctness(quick: bool) -> list[str]:
-    """The conformance suite on the GPU, then triton vs reference chunk at S-small; returns failure lines."""
+    """The conformance suite on the GPU per backend, then each vs reference chunk at S-small; failure lines."""
+    from rwkv_zoo import dispatch
     from rwkv_zoo.testing import check_backend, rel_err
 
     failures = []
-    t0 = time.time()
-    report = check_backend("triton", dtypes=(torch.float32, torch.bfloat16), Ts=(1, 15, 64, 65, 130),
-                           device="cuda", B=2, H=2, N=64, raise_on_fail=False)
-    print(report.summary())
-    print(f"(conformance: {time.time() - t0:.1f} s)")
-    failures += [f"conformance {r.op} {r.mode} {r.dtype} T={r.T}: {r.message}" for r in report.failures]
+    checked = [n for n in BACKENDS_CHECKED if n in dispatch.get_backends()
+               and dispatch.get_backends()[n].unavailable_reason() is None]
+    for name in checked:
+        t0 = time.time()
+        report = check_backend(name, dtypes=(torch.float32, torch.bfloat16), Ts=(1, 15, 64, 65, 130),
+                               device="cuda", B=2, H=2, N=64, raise_on_fail=False)
+        print(report.summary())
+        print(f"({name} conformance, including any first-use compilation: {time.time() - t0:.1f} s)")
+        failures += [f"{name} conformance {r.op} {r.mode} {r.dtype} T={r.T}: {r.message}" for r in report.failures]
 
     B, T, H, N = SHAPES["S-small"]
     if quick:
         T = 256
-    print(f"\ntriton vs reference chunk (fp32, GPU) at B={B} T={T} H={H} N={N}:")
-    for op, tmode in (("wkv4", "recurrent"), ("wkv5", "recurrent"), ("wkv5", "chunk"), ("wkv6", "recurrent"),
-                      ("wkv6", "chunk"), ("wkv7", "recurrent"), ("wkv7", "chunk")):
+    print(f"\nGPU backends vs reference chunk (fp32, GPU) at B={B} T={T} H={H} N={N}:")
+    pairs = [("triton", op, m) for op, m in (("wkv4", "recurrent"), ("wkv5", "recurrent"), ("wkv5", "chunk"),
+                                            ("wkv6", "recurrent"), ("wkv6", "chunk"), ("wkv7", "recurrent"),
+                                            ("wkv7", "chunk"))]
+    pairs += [("cuda", op, "recurrent") for op in ("wkv4", "wkv5", "wkv6", "wkv7")]
+    for tb, op, tmode in pairs:
+        if tb not in checked:
+            continue
         args = make_args(op, B, T, H, N, torch.float32, "cuda", seed=1)
         outs = []
-        for backend, mode in (("triton", tmode), ("reference", "chunk")):
+        for backend, mode in ((tb, tmode), ("reference", "chunk")):
             leaves = _leaves(args, True)
             y, s = _call(op, backend, mode, leaves)
             states = s if isinstance(s, tuple) else (s,)
@@ -170,9 +192,9 @@ def correctness(quick: bool) -> list[str]:
             outs.append([y, *states] + [x.grad for x in _flat(leaves)])
         errs = [rel_err(a, b) for a, b in zip(*outs, strict=True)]
         worst = max(errs)
-        print(f"  {op} triton/{tmode}: worst relative difference over y, state and every gradient {worst:.2e}")
+        print(f"  {op} {tb}/{tmode}: worst relative difference over y, state and every gradient {worst:.2e}")
         if not worst <= 1e-4:
-            failures.append(f"{op} triton/{tmode} vs reference chunk at S-small: {worst:.2e}")
+            failures.append(f"{op} {tb}/{tmode} vs reference chunk at S-small: {worst:.2e}")
     return failures
 
 
@@ -182,13 +204,19 @@ def timings(quick: bool) -> None:
     for shape, (B, T, H, N) in SHAPES.items():
         if quick and shape != "S-small":
             continue
-        for op in dict.fromkeys(r[0] for r in RUNS):
-            args = make_args(op, B, T, H, N, torch.bfloat16, "cuda")
-            for op_, backend, mode in RUNS:
-                if op_ != op:
+        runs = [(*r, torch.bfloat16) for r in RUNS]
+        if shape == "S-std":
+            runs += [(*r, torch.float32) for r in FP32_RUNS]
+        for op, dtype in dict.fromkeys((r[0], r[3]) for r in runs):
+            args = make_args(op, B, T, H, N, dtype, "cuda")
+            for op_, backend, mode, dt in runs:
+                if (op_, dt) != (op, dtype):
                     continue
                 cells = []
                 for grad in (False, True):
+                    if grad and shape in FORWARD_ONLY:
+                        cells.append("-")
+                        continue
                     why = refusal(op, backend, mode, args, grad)
                     if why:
                         cells.append("n/a")
@@ -200,7 +228,7 @@ def timings(quick: bool) -> None:
                         cells.append("error")
                         notes.append(f"{shape} {op} {backend}/{mode}: {type(exc).__name__}: {exc}"[:300])
                     torch.cuda.empty_cache()
-                rows.append((shape, op, f"{backend}/{mode}", *cells))
+                rows.append((shape, op, f"{backend}/{mode}" + ("" if dtype == torch.bfloat16 else " fp32"), *cells))
                 print(f"  {rows[-1]}", flush=True)
             del args
             torch.cuda.empty_cache()
@@ -223,7 +251,11 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="S-small only, shorter correctness run")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     p.add_argument("--skip-correctness", action="store_true")
+    p.add_argument("--cuda-chunk-bwd-tc", action="store_true",
+                   help="time the cuda wkv7 chunk backward on tensor cores (RWKV_ZOO_CUDA_CHUNK_BWD_TC=1)")
     a = p.parse_args(argv)
+    if a.cuda_chunk_bwd_tc:
+        os.environ["RWKV_ZOO_CUDA_CHUNK_BWD_TC"] = "1"  # read when the extension is built, before any kernel
     plan = [f"{s} {shape}" for s, shape in SHAPES.items()] + [f"{o} {b}/{m}" for o, b, m in RUNS]
     if a.dry_run or not torch.cuda.is_available():
         if not a.dry_run:
