@@ -116,7 +116,7 @@ def ours(spec: str, weights: str, batches: list[int], prefill: int, decode: int,
     return out
 
 
-def official(path: str, version: str, weights: str, prefill: int, decode: int, threads: int) -> dict:
+def official(path: str, version: str, vocab: int, weights: str, prefill: int, decode: int, threads: int) -> dict:
     """BlinkDL's ``rwkv`` package (strategy ``cpu fp32`` / ``cpu bf16``, JIT on), batch 1."""
     os.environ.setdefault("RWKV_JIT_ON", "1")
     if version == "v7":
@@ -127,7 +127,6 @@ def official(path: str, version: str, weights: str, prefill: int, decode: int, t
     t0 = time.perf_counter()
     model = RWKV(model=path.removesuffix(".pth"), strategy=f"cpu {weights}")
     out: dict = {"impl": "rwkv package", "weights": weights, "load_s": time.perf_counter() - t0}
-    vocab = model.w["emb.weight"].shape[0]
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         if prefill:
@@ -258,7 +257,7 @@ def _report(args, spec: str, weights: list[str], batches: list[int]) -> int:
     jobs = [("ours", {"spec": spec, "weights": w, "batches": batches, "long_steps": args.long, **common})
             for w in weights]
     if args.compare_official:
-        jobs += [("official", {"path": spec, "version": meta.version, "weights": w, **common})
+        jobs += [("official", {"path": spec, "version": meta.version, "vocab": c.vocab_size, "weights": w, **common})
                  for w in ("fp32", "bf16") if w in weights or w == "fp32"]
     # Round-robin repeats: on a shared machine load drifts over minutes, so every configuration gets
     # samples from every period, and each number is the median over repeats.
