@@ -30,6 +30,16 @@ from rwkv_zoo import cpu_kernels, ops
 from rwkv_zoo.state import LayerState, RWKVState
 
 WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
+CPU = "cpu"  # marker: dispatch chose the cpu backend, whose C++ kernels the step calls directly
+
+
+def _cpu_wkv():
+    """The cpu backend's module when its kernels are built, else None."""
+    from rwkv_zoo.backends import cpu
+
+    return cpu if cpu.unavailable_reason() is None else None
+
+
 # Backends whose recurrent kernel computes exactly the step's inline recurrence (the same formulas).
 INLINE_BACKENDS = ("reference", "cpu")
 GEMV_MAX_ROWS = 16  # above this, a GEMM on fp32 weights wins over streaming the stored weights per row tile
@@ -258,7 +268,10 @@ class DecodeStep:
                 continue
             sel = ops._select(layer.op, m.mode or "recurrent", device.type, dtype, B, 1, layer.H, layer.N,
                               False, has_state, m.backend)
-            out[layer.op] = None if sel.backend in INLINE_BACKENDS and sel.mode == "recurrent" else sel
+            if sel.backend == "cpu" and _cpu_wkv() is not None:
+                out[layer.op] = CPU  # its C++ kernel, called directly: one call instead of ~10 tensor ops
+            else:
+                out[layer.op] = None if sel.backend in INLINE_BACKENDS and sel.mode == "recurrent" else sel
         return out
 
     @torch.no_grad()
@@ -298,17 +311,20 @@ class DecodeStep:
             k = layer.k(torch.lerp(xx, x, layer.mk))
             v = layer.v(torch.lerp(xx, x, layer.mv))
             r = torch.sigmoid(layer.r(torch.lerp(xx, x, layer.mr)))
+            if wkv is None and (kernel is None or kernel is CPU):
+                wkv = ops.zero_state4(B, x.shape[1], x.device)
             if kernel is None:
-                if wkv is None:
-                    wkv = ops.zero_state4(B, x.shape[1], x.device)
                 y, a, b, p = _wkv4_step(*wkv, layer.w, layer.u, k, v)
                 wkv = (a, b, p)
+            elif kernel is CPU:
+                y, wkv = _cpu_wkv().wkv4(layer.w, layer.u, k[:, None], v[:, None], wkv)
+                y = y[:, 0]
             else:
                 y, wkv = ops.wkv4(layer.w, layer.u, k[:, None], v[:, None], wkv, mode=kernel.mode,
                                   backend=kernel.backend)
                 y = y[:, 0]
             return layer.o(r * y), wkv
-        if wkv is None and kernel is None:
+        if wkv is None and (kernel is None or kernel is CPU):
             wkv = x.new_zeros(B, H, N, N)
         if kind == "v5":
             r = layer.r(torch.lerp(xx, x, layer.mr))
@@ -333,6 +349,11 @@ class DecodeStep:
 
     @staticmethod
     def _wkv56(sel, r, k, v, decay, logw, u, S, B, H, N, op: str):
+        if sel is CPU:
+            r4, k4, v4 = (t.view(B, 1, H, N) for t in (r, k, v))
+            fn = _cpu_wkv().wkv6 if op == "wkv6" else _cpu_wkv().wkv5
+            y, S = fn(r4, k4, v4, logw.view(B, 1, H, N) if op == "wkv6" else logw, u.view(H, N), S)
+            return y.view(B, H * N), S
         if sel is not None:
             r4, k4, v4 = (t.view(B, 1, H, N) for t in (r, k, v))
             w = logw.view(B, 1, H, N) if op == "wkv6" else logw
@@ -363,7 +384,10 @@ class DecodeStep:
         else:
             v = torch.lerp(v, ctx["v_first"], torch.sigmoid(layer.v0 + (mixed[3] @ layer.v1) @ layer.v2))
         rh, kh, vh, ah = r.view(B, H, N), k.view(B, H, N), v.view(B, H, N), a.view(B, H, N)
-        if kernel is not None:
+        if kernel is CPU:
+            y, S = _cpu_wkv().wkv7(*(t.view(B, 1, H, N) for t in (rh, logw, kh, vh, -kk, kk * ah)), S)
+            y = y.view(B, C)
+        elif kernel is not None:
             args = [t.view(B, 1, H, N) for t in (rh, logw, kh, vh, -kk, kk * ah)]
             y, S = ops.wkv7(*args, S, mode=kernel.mode, backend=kernel.backend)
             y = y.view(B, C)
