@@ -132,10 +132,12 @@ def prepare_inference(model: nn.Module, weights: str = "fp32") -> nn.Module:
         setattr(parent, attr, InferenceLinear(weight, weights))
     # The rest (embedding, mixes, norms, LoRA) becomes fp32 after the projections were replaced, so a
     # bf16 checkpoint is widened one matrix at a time instead of all at once (peak memory).
+    # Fresh copies also let go of a memory-mapped checkpoint: otherwise the embedding's pages enter the
+    # RSS one new token at a time and decode memory creeps up (measured +12.7 % over 10,000 tokens at
+    # v4-169M, all of it the embedding's file pages).
     for p in model.parameters():
         p.requires_grad_(False)
-        if p.dtype != torch.float32:
-            p.data = p.data.float()
+        p.data = p.data.to(torch.float32, copy=True)
     invalidate(model)
     model.inference_weights = weights
     model.eval()
