@@ -34,14 +34,12 @@ CPU = "cpu"  # marker: dispatch chose the cpu backend, whose C++ kernels the ste
 
 
 def _cpu_wkv():
-    """The cpu backend's module when its kernels are built, else None."""
+    """The cpu backend's module (imported here, not at the top: the backends load as plugins)."""
     from rwkv_zoo.backends import cpu
 
-    return cpu if cpu.unavailable_reason() is None else None
+    return cpu
 
 
-# Backends whose recurrent kernel computes exactly the step's inline recurrence (the same formulas).
-INLINE_BACKENDS = ("reference", "cpu")
 GEMV_MAX_ROWS = 16  # above this, a GEMM on fp32 weights wins over streaming the stored weights per row tile
 
 __all__ = ["DecodeStep", "InferenceLinear", "prepare_inference", "quantize_int8"]
@@ -270,10 +268,12 @@ class DecodeStep:
                 continue
             sel = ops._select(layer.op, m.mode or "recurrent", device.type, dtype, B, 1, layer.H, layer.N,
                               False, has_state, m.backend)
-            if sel.backend == "cpu" and _cpu_wkv() is not None:
-                out[layer.op] = CPU  # its C++ kernel, called directly: one call instead of ~10 tensor ops
+            # Dispatch only chooses cpu where its kernels are built; they are called directly (one call
+            # instead of ~10 tensor ops). reference's recurrence is the step's own inline maths.
+            if sel.backend == "cpu":
+                out[layer.op] = CPU
             else:
-                out[layer.op] = None if sel.backend in INLINE_BACKENDS and sel.mode == "recurrent" else sel
+                out[layer.op] = None if sel.backend == "reference" and sel.mode == "recurrent" else sel
         return out
 
     @torch.no_grad()
