@@ -6,9 +6,9 @@ maths as the version files, written for one token on ``[B, C]`` tensors: mixes a
 stacks, constants such as ``exp(-exp(time_decay))`` computed once per weight version, the one-step
 WKV recurrence inline, and no module-call or dispatch overhead per layer. It is checked against the
 module path to fp32 rounding for every version and hybrids (tests/generation/test_inference.py).
-Dispatch still decides: the step asks for the ``recurrent`` kernel once per call, and runs its own
-one-step recurrence only when dispatch chose ``reference`` or ``cpu`` (the same formulas); any other
-backend's kernel runs through the op front-end for each layer's WKV.
+Dispatch still decides: the step asks for the ``recurrent`` kernel once per call and runs its own
+one-step recurrence when dispatch chose ``reference`` (the same formulas), the ``cpu`` backend's C++
+kernel directly when it chose ``cpu``, and any other backend's kernel through the op front-end.
 
 ``prepare_inference(model, weights=...)`` replaces every ``nn.Linear`` of the blocks and the head by
 an ``InferenceLinear`` holding the weight in fp32, bf16 or int8 (symmetric, one fp32 scale per output
