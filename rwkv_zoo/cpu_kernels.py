@@ -37,6 +37,7 @@ BASE_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c+
 LIBRARIES = {
     "cpu_gemv": ("cpu_gemv.cpp", (), 2),
     "cpu_wkv": ("cpu_wkv.cpp", ("-ffast-math",), 1),
+    "cpu_decode": ("cpu_decode.cpp", ("-ffast-math",), 1),
 }
 
 _P, _I, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -73,7 +74,9 @@ def _build(cxx: str, name: str) -> Path:
     source, extra, _ = LIBRARIES[name]
     src_path = CSRC / source
     flags = (*BASE_FLAGS, *extra)
-    tag = hashlib.sha256(src_path.read_bytes() + " ".join((cxx, *flags)).encode()).hexdigest()[:16]
+    # The headers count too: cpu_gemv.cpp and cpu_decode.cpp share the tile kernels of cpu_tiles.h.
+    text = src_path.read_bytes() + b"".join(h.read_bytes() for h in sorted(CSRC.glob("*.h")))
+    tag = hashlib.sha256(text + " ".join((cxx, *flags)).encode()).hexdigest()[:16]
     out_dir = cache_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     lib = out_dir / f"{name}-{tag}.so"
@@ -135,6 +138,38 @@ def load_wkv() -> tuple[ctypes.CDLL | None, str | None]:
     lib.rz_wkv7.argtypes = [_P] * 9 + [_I, _I, _I, _I, _INT]
     for fn in (lib.rz_wkv4, lib.rz_wkv6, lib.rz_wkv7):
         fn.restype = None
+    return lib, None
+
+
+class Lin(ctypes.Structure):
+    """One packed matrix for ``rz_decode`` (csrc/cpu_decode.cpp's ``Lin``; every field 8 bytes)."""
+
+    _fields_ = [("w", _P), ("scale", _P), ("kind", _I), ("N", _I), ("K", _I)]
+
+
+class LayerP(ctypes.Structure):
+    """One layer's parameters for ``rz_decode`` (csrc/cpu_decode.cpp's ``LayerP``, same field order)."""
+
+    _fields_ = [
+        ("att_kind", _I), ("ffn_kind", _I), ("H", _I), ("N", _I), ("halve", _I),
+        ("ln0_eps", ctypes.c_double), ("ln1_eps", ctypes.c_double), ("ln2_eps", ctypes.c_double),
+        ("lnx_eps", ctypes.c_double),
+        *((name, _P) for name in ("ln0_w", "ln0_b", "ln1_w", "ln1_b", "ln2_w", "ln2_b", "lnx_w", "lnx_b")),
+        ("mix", _P), ("w", _P), ("u", _P), ("a0", _P), ("v0", _P), ("k_k", _P), ("k_a", _P), ("r_k", _P),
+        ("r", Lin), ("k", Lin), ("v", Lin), ("o", Lin), ("g", Lin), ("l1", Lin * 5), ("l2", Lin * 5),
+        ("fk", Lin), ("fv", Lin), ("fr", Lin), ("f_mk", _P), ("f_mr", _P),
+    ]
+
+
+@functools.lru_cache(maxsize=1)
+def load_decode() -> tuple[ctypes.CDLL | None, str | None]:
+    """The whole-step decode library (``csrc/cpu_decode.cpp``) and None, or None and why it cannot load."""
+    lib, why = _open("cpu_decode", "rz_decode_abi_version")
+    if lib is None:
+        return None, why
+    lib.rz_decode.argtypes = [ctypes.POINTER(LayerP), _I, _I, _I, _P, _P, _P, _P, _P, ctypes.c_double,
+                              ctypes.POINTER(Lin), _P, ctypes.c_float, _INT]
+    lib.rz_decode.restype = None
     return lib, None
 
 

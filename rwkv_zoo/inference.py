@@ -20,6 +20,7 @@ without native bf16 computes bf16 GEMMs slowly. Activations and the state stay f
 
 from __future__ import annotations
 
+import ctypes
 from typing import Any
 
 import torch
@@ -250,6 +251,8 @@ class DecodeStep:
         self.ln_out = model.ln_out
         self.tensors = [*model.parameters(), *model.buffers()]
         self.key = self.fingerprint()
+        self._fused: FusedDecode | bool | None = False  # False: not tried yet
+        self.fused_why_not: str | None = None
 
     def fingerprint(self) -> tuple:
         # In-place updates (an optimizer step, set_rescale, load_state_dict's copy) bump tensor versions;
@@ -257,6 +260,15 @@ class DecodeStep:
         # module tree instead would cost ~2 ms per token; modules swapped out (prepare_inference,
         # load_state_dict(assign=True)) drop the cached step through invalidate().
         return tuple((t.data_ptr(), t._version) for t in self.tensors)
+
+    def fused(self) -> FusedDecode | None:
+        """The one-call C++ step, built on first use (None where it does not apply)."""
+        if self._fused is False:
+            if getattr(self.model, "fused_decode", True):
+                self._fused, self.fused_why_not = FusedDecode.build(self.model, self.layers)
+            else:
+                self._fused, self.fused_why_not = None, "model.fused_decode is False"
+        return self._fused
 
     def _kernels(self, B: int, has_state: bool, device, dtype) -> dict[str, Any]:
         """Per op: None to run the inline reference recurrence, else dispatch's ``Selection`` (its kernel
@@ -281,6 +293,10 @@ class DecodeStep:
         model = self.model
         B, C = x.shape
         kernels = self._kernels(B, not fresh, x.device, x.dtype)
+        if B <= GEMV_MAX_ROWS and all(k is CPU for k in kernels.values()):
+            fused = self.fused()
+            if fused is not None:
+                return fused(x, state, fresh)
         ctx: dict[str, Tensor] = {}
         new_layers = []
         every = model.rescale_every
@@ -402,6 +418,152 @@ class DecodeStep:
         y = _group_norm(y, H, layer.ln_x)
         y = y + ((rh * kh * layer.r_k).sum(-1, keepdim=True) * vh).view(B, C)
         return layer.o(y * g), S
+
+
+class FusedDecode:
+    """The whole decode step in one C++ call (``csrc/cpu_decode.cpp``): every layer, the final norm and
+    the head, in one OpenMP parallel region, for up to ``GEMV_MAX_ROWS`` sequences.
+
+    Used by ``DecodeStep`` when dispatch chose the ``cpu`` backend for every layer and the model was
+    prepared (``prepare_inference``: projections packed), so the C++ step is the cpu backend's kernel
+    plus the same maths as the Python step around it. ``FusedDecode.build`` says why not for what it
+    does not cover (the step then runs in Python).
+    """
+
+    def __init__(self, model: nn.Module, layers: list[_Layer], lib):
+        from rwkv_zoo.ops import V4_P_INIT
+
+        self.lib = lib
+        self.keep: list[Tensor] = []  # the tensors the structures point into
+        self.C = model.config.n_embd
+        self.L = len(layers)
+        self.params = (cpu_kernels.LayerP * self.L)()
+        every = model.rescale_every
+        for i, (block, layer) in enumerate(zip(model.blocks, layers, strict=True)):
+            self._fill(self.params[i], block, layer, bool(every and (i + 1) % every == 0))
+        self.kinds = [layer.att_kind for layer in layers]
+        self.shapes = [(layer.H, layer.N) for layer in layers]
+        self.ln_out = (self._ptr(model.ln_out.weight), self._ptr(model.ln_out.bias), float(model.ln_out.eps))
+        self.head = self._lin(model.head)
+        self.vocab = model.head.out_features
+        self.p_init = float(V4_P_INIT)
+
+    @classmethod
+    def build(cls, model: nn.Module, layers: list[_Layer]) -> tuple[FusedDecode | None, str | None]:
+        """The fused step and None, or None and why it does not apply to this model."""
+        lib, why = cpu_kernels.load_decode()
+        if lib is None:
+            return None, why
+        mods = [m for name, m in model.named_modules() if isinstance(m, (nn.Linear, InferenceLinear))]
+        if not all(isinstance(m, InferenceLinear) and m.packed for m in mods):
+            return None, "the projections are not packed (prepare_inference was not run)"
+        for block, layer in zip(model.blocks, layers, strict=True):
+            att = block.att
+            names = ("time_maa_w1", "time_decay_w1", "w1", "a1", "v1", "g1")
+            loras = [getattr(att, n) for n in names if hasattr(att, n)]
+            if any(m.shape[-1] % 8 for m in loras) or layer.N > 256 or model.config.n_embd != layer.H * layer.N:
+                return None, "a LoRA width is not a multiple of 8, or the head size is above 256"
+        if model.config.n_embd % 8:
+            return None, "the model width is not a multiple of 8"
+        return cls(model, layers, lib), None
+
+    # -- building the structures ------------------------------------------------------------------
+    def _ptr(self, t: Tensor | None) -> int | None:
+        if t is None:
+            return None
+        t = t.detach().float().contiguous()
+        self.keep.append(t)
+        return t.data_ptr()
+
+    def _rows(self, rows: list[Tensor]) -> int:
+        return self._ptr(torch.stack([r.detach().reshape(-1).float() for r in rows]))
+
+    def _lin(self, mod: InferenceLinear) -> cpu_kernels.Lin:
+        self.keep.append(mod.qweight)
+        kind = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}[mod.qweight.dtype]
+        scale = None
+        if mod.scale is not None:
+            self.keep.append(mod.scale)
+            scale = mod.scale.data_ptr()
+        return cpu_kernels.Lin(mod.qweight.data_ptr(), scale, kind, mod.qweight.shape[0] * cpu_kernels.TILE_ROWS,
+                               mod.in_features)
+
+    def _lora(self, weight: Tensor) -> cpu_kernels.Lin:
+        """A LoRA matrix used as ``x @ weight`` ([in, out]): packed fp32 as [out, in]."""
+        packed = cpu_kernels.pack(weight.detach().float().t().contiguous())
+        self.keep.append(packed)
+        return cpu_kernels.Lin(packed.data_ptr(), None, 0, packed.shape[0] * cpu_kernels.TILE_ROWS, weight.shape[0])
+
+    def _fill(self, P, block: nn.Module, layer: _Layer, halve: bool) -> None:
+        att, ffn = block.att, block.ffn
+        P.att_kind, P.ffn_kind = int(layer.att_kind[1]), int(layer.ffn_kind[1])
+        P.H, P.N, P.halve = layer.H, layer.N, int(halve)
+        if block.ln0 is not None:
+            P.ln0_w, P.ln0_b, P.ln0_eps = self._ptr(block.ln0.weight), self._ptr(block.ln0.bias), block.ln0.eps
+        P.ln1_w, P.ln1_b, P.ln1_eps = self._ptr(block.ln1.weight), self._ptr(block.ln1.bias), block.ln1.eps
+        P.ln2_w, P.ln2_b, P.ln2_eps = self._ptr(block.ln2.weight), self._ptr(block.ln2.bias), block.ln2.eps
+        if layer.att_kind != "v4":
+            P.lnx_w, P.lnx_b, P.lnx_eps = self._ptr(att.ln_x.weight), self._ptr(att.ln_x.bias), att.ln_x.eps
+        P.r, P.k, P.v, P.o = (self._lin(m) for m in (att.receptance, att.key, att.value, att.output))
+        kind = layer.att_kind
+        if kind == "v4":
+            P.mix = self._rows([att.time_mix_k, att.time_mix_v, att.time_mix_r])
+            P.w, P.u = self._ptr(layer.w), self._ptr(layer.u)
+        elif kind == "v5":
+            P.mix = self._rows([att.time_mix_k, att.time_mix_v, att.time_mix_r, att.time_mix_g])
+            P.w, P.u, P.g = self._ptr(layer.logw), self._ptr(att.time_faaaa), self._lin(att.gate)
+        elif kind == "v6":
+            P.mix = self._rows([att.time_maa_x] + [getattr(att, f"time_maa_{c}") for c in "wkvrg"])
+            P.w, P.u, P.g = self._ptr(layer.decay0), self._ptr(att.time_faaaa), self._lin(att.gate)
+            P.l1[0], P.l1[1], P.l1[2] = (self._lora(m) for m in (att.time_maa_w1, att.time_decay_w1,
+                                                                 att.time_decay_w2))
+            for m in range(5):
+                P.l2[m] = self._lora(att.time_maa_w2[m])
+        else:
+            P.mix = self._rows([getattr(att, f"x_{c}") for c in "rwkvag"])
+            P.w, P.a0, P.v0 = self._ptr(att.w0), self._ptr(att.a0), self._ptr(att.v0)
+            P.k_k, P.k_a, P.r_k = self._ptr(att.k_k), self._ptr(att.k_a), self._ptr(att.r_k)
+            for j, c in enumerate("wavg"):
+                P.l1[j], P.l2[j] = self._lora(getattr(att, f"{c}1")), self._lora(getattr(att, f"{c}2"))
+        P.f_mk = self._ptr(layer.f_mk)
+        P.fk, P.fv = self._lin(ffn.key), self._lin(ffn.value)
+        if layer.ffn_kind != "v7":
+            P.f_mr, P.fr = self._ptr(layer.f_mr), self._lin(ffn.receptance)
+
+    # -- the step ---------------------------------------------------------------------------------
+    def __call__(self, x: Tensor, state: RWKVState, fresh: bool) -> tuple[Tensor, list[LayerState]]:
+        B, C = x.shape
+        x = x.float().contiguous().clone()  # the kernel overwrites it
+        sizes = []
+        for kind, (H, N) in zip(self.kinds, self.shapes, strict=True):
+            sizes += [B * C, B * C] + ([B * C] * 3 if kind == "v4" else [B * H * N * N])
+        out = torch.empty(sum(sizes), dtype=torch.float32).split(sizes)
+        ins: list[Tensor | None] = []
+        new_layers = []
+        j = 0
+        for kind, (H, N), ls in zip(self.kinds, self.shapes, state.layers, strict=True):
+            att, ffn = out[j].view(B, C), out[j + 1].view(B, C)
+            ins += [ls.att_shift.float().contiguous(), ls.ffn_shift.float().contiguous()]
+            if kind == "v4":
+                a, b, p = (t.view(B, C) for t in out[j + 2 : j + 5])
+                ins += [None] * 3 if fresh else [t.float().contiguous() for t in ls.wkv]
+                new_layers.append(LayerState(att, ffn, (a, b, p)))
+                j += 5
+            else:
+                ins += [None if fresh else ls.wkv.float().contiguous(), None, None]
+                new_layers.append(LayerState(att, ffn, out[j + 2].view(B, H, N, N)))
+                j += 3
+        out_ptrs = []
+        for ls in new_layers:
+            wkv = list(ls.wkv) if isinstance(ls.wkv, tuple) else [ls.wkv, None, None]
+            out_ptrs += [ls.att_shift, ls.ffn_shift, *wkv]
+        P5 = ctypes.c_void_p * (5 * self.L)
+        in_arr = P5(*(None if t is None else t.data_ptr() for t in ins))
+        out_arr = P5(*(None if t is None else t.data_ptr() for t in out_ptrs))
+        logits = torch.empty(B, self.head.N, dtype=torch.float32)
+        self.lib.rz_decode(self.params, self.L, B, C, x.data_ptr(), in_arr, out_arr, *self.ln_out,
+                           ctypes.byref(self.head), logits.data_ptr(), self.p_init, torch.get_num_threads())
+        return (logits if self.vocab == self.head.N else logits[:, : self.vocab]), new_layers
 
 
 def decode_step(model: nn.Module) -> DecodeStep:

@@ -141,6 +141,60 @@ def test_prepared_weights(name):
         assert kl < (1e-6 if weights == "fp32" else 2e-2)
 
 
+def _fused_vs_python(model, B, steps=4, seed=0):
+    """Decode ``steps`` tokens for B sequences with the one-call C++ step and with the Python step."""
+    g = torch.Generator().manual_seed(seed)
+    V = model.config.vocab_size
+    prompt, toks = torch.randint(0, V, (B, 3), generator=g), torch.randint(0, V, (B, steps), generator=g)
+    out = {}
+    for fused in (True, False):
+        model.fused_decode = fused
+        inference.invalidate(model)
+        with torch.no_grad():
+            _, state = model(prompt)
+        first, _ = _decode(model, toks[:, :2], None, fast=True)  # from the empty state
+        logits, state = _decode(model, toks, state, fast=True)
+        out[fused] = (first, logits, state, inference.decode_step(model).fused())
+    model.fused_decode = True
+    return out[True], out[False]
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="needs the CPU kernels (a C++ compiler, AVX2)")
+@pytest.mark.parametrize("weights", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("name", [*MODELS, "hybrid"])
+def test_fused_decode_equals_python_step(name, weights):
+    if name == "hybrid":  # every time-mix and channel-mix in one model; vocab 250 pads the head's tiles
+        model = _model("v6", layers="v7,v6,v5,v4,v7", n_layer=5, n_embd=64, vocab_size=250, head_size=16)
+    else:
+        model = _model(name)
+    prepare_inference(model, weights)
+    for B in (1, 3, inference.GEMV_MAX_ROWS):
+        (f0, f, fs, fused), (p0, p, ps, none) = _fused_vs_python(model, B)
+        assert isinstance(fused, inference.FusedDecode) and none is None
+        assert _rel(f0, p0) < 1e-5 and _rel(f, p) < 1e-5 and _state_err(fs, ps) < 1e-5, B
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="needs the CPU kernels (a C++ compiler, AVX2)")
+def test_fused_decode_rescale_batch_limit_and_coverage():
+    model = _model("v4", n_layer=4, n_embd=64, vocab_size=101)
+    model.set_rescale(2)  # x halves after every second layer, the weights were divided to match
+    prepare_inference(model, "fp32")
+    (_, f, fs, fused), (_, p, ps, _) = _fused_vs_python(model, 2)
+    assert fused is not None and _rel(f, p) < 1e-5 and _state_err(fs, ps) < 1e-5
+    # more rows than the GEMV kernels take, or an unprepared model: the Python step, same results
+    big = prepare_inference(_model("v7-tiny"), "fp32")
+    state = big.zero_state(inference.GEMV_MAX_ROWS + 1)
+    with torch.no_grad():
+        out, _ = big(torch.ones(inference.GEMV_MAX_ROWS + 1, 1, dtype=torch.long), state)
+        one, _ = big(torch.ones(1, 1, dtype=torch.long), big.zero_state(1))
+    assert _rel(out[:1], one) < 1e-5
+    plain = _model("v7-tiny")
+    with torch.no_grad():
+        plain(torch.tensor([[1]]))
+    step = inference.decode_step(plain)
+    assert step.fused() is None and "prepare_inference" in step.fused_why_not
+
+
 def test_prepared_model_refuses_save_and_load_option(tmp_path):
     model = _model("v6-tiny")
     path = tmp_path / "m.pth"

@@ -1,0 +1,485 @@
+// One whole decode step (every layer, the final norm and the head) for B <= 16 tokens, in one call and
+// one OpenMP parallel region.
+//
+// Why: a decode step on a CPU is bound by reading the weights, but run as ~40 tensor ops and ~10 GEMV
+// calls per layer it pays two costs that are not memory: Python/dispatcher overhead per op, and
+// waking the second OpenMP thread for every GEMV (measured: with OMP_WAIT_POLICY=active the GEMVs
+// alone ran 30-40 % faster, i.e. the wake-ups were a third of their time). Here the threads start once
+// per token and meet at barriers; matrices that read the same input (r, k, v and the first LoRA
+// halves) share one work-sharing loop, so a layer has a handful of barriers and no idle thread.
+//
+// The maths is rwkv_zoo/inference.py's DecodeStep (itself checked against the model's modules), for
+// every version's time-mix and channel-mix so hybrids work: v4 (stable running-max WKV), v5/v6
+// (matrix state, per-channel decay, bonus u), v7 (delta-rule state with kk/a, v_first). Activations
+// and state are fp32; weights are fp32/bf16/int8 packed in the tile layout of cpu_tiles.h. The
+// LoRA matrices are packed fp32 as well (transposed to [out, in] by the caller).
+// Built with -ffast-math so the exp/tanh/sigmoid loops vectorize; every input is finite.
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <vector>
+
+#include "cpu_tiles.h"
+
+namespace {
+
+// All fields are 8 bytes wide so the ctypes mirror in rwkv_zoo/cpu_kernels.py has no padding to get wrong.
+struct Lin {
+    const void* w;       // packed [N / 4, K / 8, 4, 8]; null: absent
+    const float* scale;  // int8 only: [N] per output row
+    int64_t kind;        // 0 fp32, 1 bf16, 2 int8
+    int64_t N;           // output rows (a multiple of 4: packed rows)
+    int64_t K;           // input width (a multiple of 8)
+};
+
+struct LayerP {
+    int64_t att_kind, ffn_kind;  // 4, 5, 6, 7
+    int64_t H, N, halve;         // halve: x /= 2 after this layer (rescale_every)
+    double ln0_eps, ln1_eps, ln2_eps, lnx_eps;
+    const float *ln0_w, *ln0_b, *ln1_w, *ln1_b, *ln2_w, *ln2_b, *lnx_w, *lnx_b;
+    // Token-shift mixes, rows of [C]. v4/v5: k, v, r, g, applied as xx + m * (x - xx); v6: maa_x, then
+    // w, k, v, r, g, as x + (xx - x) * (m + LoRA); v7: r, w, k, v, a, g, as x + (xx - x) * m.
+    const float* mix;
+    const float* w;        // v4: -exp(time_decay) [C]; v5: log decay [H * N]; v6: decay0 [C]; v7: w0 [C]
+    const float* u;        // v4: time_first [C]; v5/v6: time_faaaa [H * N]
+    const float *a0, *v0, *k_k, *k_a, *r_k;  // v7
+    Lin r, k, v, o, g;     // g: v5/v6 gate
+    // LoRA matrices as [out, in]. v6: l1[0] maa_w1 (out 5 D), l2[0..4] maa_w2 per mix, l1[1] time_decay_w1,
+    // l1[2] time_decay_w2. v7: l1[0..3] w1, a1, v1, g1 and l2[0..3] w2, a2, v2, g2.
+    Lin l1[5], l2[5];
+    Lin fk, fv, fr;        // channel mix; fr absent for v7
+    const float *f_mk, *f_mr;
+};
+
+inline float sigmoidf(float x) { return 1.f / (1.f + expf(-x)); }
+
+// y = LayerNorm(x) over C, for one row.
+inline void layer_norm(const float* x, const float* w, const float* b, double eps, int64_t C, float* y) {
+    float mean = 0.f;
+#pragma omp simd reduction(+ : mean)
+    for (int64_t i = 0; i < C; ++i) mean += x[i];
+    mean /= C;
+    float var = 0.f;
+#pragma omp simd reduction(+ : var)
+    for (int64_t i = 0; i < C; ++i) var += (x[i] - mean) * (x[i] - mean);
+    const float rstd = 1.f / sqrtf(var / C + (float)eps);
+#pragma omp simd
+    for (int64_t i = 0; i < C; ++i) y[i] = (x[i] - mean) * rstd * w[i] + b[i];
+}
+
+struct Job {
+    const Lin* lin;
+    const float* x;
+    int64_t ldx;
+    float* y;
+    int64_t ldy;
+};
+
+template <typename WT>
+inline void run_tile(const Job& j, int64_t t, int64_t B) {
+    const Lin& L = *j.lin;
+    const WT* p = static_cast<const WT*>(L.w) + t * 4 * L.K;
+    rz::tile_rows(j.x, B, j.ldx, p, L.K, L.scale ? L.scale + 4 * t : nullptr, j.y + 4 * t, j.ldy);
+}
+
+// Several independent GEMVs in one work-sharing loop (called inside the parallel region; ends with
+// the loop's barrier). Tiles are handed out in dynamic chunks: on a shared machine one thread can lose
+// its core for a while, and the other then takes over its share.
+void gemvs(const Job* jobs, int n, int64_t B) {
+    int64_t start[8], total = 0;
+    for (int i = 0; i < n; ++i) start[i] = total, total += jobs[i].lin->N / 4;
+#pragma omp for schedule(dynamic, 8)
+    for (int64_t t = 0; t < total; ++t) {
+        int i = n - 1;
+        while (start[i] > t) --i;
+        const Job& j = jobs[i];
+        const int64_t lt = t - start[i];
+        switch (j.lin->kind) {
+            case 0: run_tile<float>(j, lt, B); break;
+            case 1: run_tile<uint16_t>(j, lt, B); break;
+            default: run_tile<int8_t>(j, lt, B); break;
+        }
+    }
+}
+
+struct Scratch {
+    int64_t B, C, F, D;
+    std::vector<float> xa, xf, mixed, r, k, v, g, w, a, y, h, lo, ff, vfirst, kk;
+    Scratch(int64_t B_, int64_t C_, int64_t F_, int64_t D_) : B(B_), C(C_), F(F_), D(D_) {
+        for (auto* vec : {&xa, &xf, &r, &k, &v, &g, &w, &a, &y, &vfirst, &kk}) vec->assign(B * C, 0.f);
+        mixed.assign(6 * B * C, 0.f);
+        lo.assign(5 * B * C, 0.f);
+        h.assign(B * D, 0.f);
+        ff.assign(B * F, 0.f);
+    }
+};
+
+// GroupNorm over heads for one row: y [H * N] normalized per head, then the per-channel affine.
+inline void group_norm(float* y, int64_t H, int64_t N, const float* w, const float* b, double eps) {
+    for (int64_t h = 0; h < H; ++h) {
+        float* yh = y + h * N;
+        float mean = 0.f;
+#pragma omp simd reduction(+ : mean)
+        for (int64_t i = 0; i < N; ++i) mean += yh[i];
+        mean /= N;
+        float var = 0.f;
+#pragma omp simd reduction(+ : var)
+        for (int64_t i = 0; i < N; ++i) var += (yh[i] - mean) * (yh[i] - mean);
+        const float rstd = 1.f / sqrtf(var / N + (float)eps);
+#pragma omp simd
+        for (int64_t i = 0; i < N; ++i) yh[i] = (yh[i] - mean) * rstd * w[h * N + i] + b[h * N + i];
+    }
+}
+
+// One head's one-step matrix-state update. S0 may be null (a fresh sequence: zeros).
+// v5/v6 (a == null): y = r^T (S + diag(u) k v^T), S' = diag(e^w) S + k v^T.
+// v7: S' = diag(e^w) S + b (a^T S) + k v^T, y = S'^T r.
+inline void wkv_head(const float* S0, float* S1, const float* r, const float* k, const float* v, const float* logw,
+                     const float* u, const float* a, const float* bb, float* y, int64_t N) {
+    float sa[256], acc[256];
+    for (int64_t j = 0; j < N; ++j) sa[j] = 0.f, acc[j] = 0.f;
+    if (a && S0) {
+        for (int64_t i = 0; i < N; ++i) {
+            const float ai = a[i];
+            const float* row = S0 + i * N;
+#pragma omp simd
+            for (int64_t j = 0; j < N; ++j) sa[j] += ai * row[j];
+        }
+    }
+    for (int64_t i = 0; i < N; ++i) {
+        const float di = expf(logw[i]), ki = k[i], ri = r[i];
+        float* out = S1 + i * N;
+        if (a) {
+            const float bi = bb[i];
+            if (S0) {
+                const float* row = S0 + i * N;
+#pragma omp simd
+                for (int64_t j = 0; j < N; ++j) {
+                    const float s = row[j] * di + bi * sa[j] + ki * v[j];
+                    out[j] = s;
+                    acc[j] += ri * s;
+                }
+            } else {
+#pragma omp simd
+                for (int64_t j = 0; j < N; ++j) {
+                    const float s = ki * v[j];
+                    out[j] = s;
+                    acc[j] += ri * s;
+                }
+            }
+        } else {
+            const float uki = u[i] * ki;
+            if (S0) {
+                const float* row = S0 + i * N;
+#pragma omp simd
+                for (int64_t j = 0; j < N; ++j) {
+                    acc[j] += ri * (row[j] + uki * v[j]);
+                    out[j] = row[j] * di + ki * v[j];
+                }
+            } else {
+#pragma omp simd
+                for (int64_t j = 0; j < N; ++j) {
+                    acc[j] += ri * uki * v[j];
+                    out[j] = ki * v[j];
+                }
+            }
+        }
+    }
+    memcpy(y, acc, N * sizeof(float));
+}
+
+// out = xx + m * (x - xx); swapping x and xx gives v7's x + m * (xx - x).
+inline void mix_row(const float* x, const float* xx, const float* m, int64_t C, float* out) {
+#pragma omp simd
+    for (int64_t i = 0; i < C; ++i) out[i] = xx[i] + m[i] * (x[i] - xx[i]);
+}
+
+void time_mix(const LayerP& P, Scratch& s, const float* xx, float* const* st_in, float* const* st_out, bool& have_vfirst,
+              float p_init) {
+    const int64_t B = s.B, C = s.C, H = P.H, N = P.N;
+    const float* x = s.xa.data();
+    float* mixed = s.mixed.data();
+    if (P.att_kind == 4) {
+#pragma omp for
+        for (int64_t b = 0; b < B; ++b)
+            for (int m = 0; m < 3; ++m) mix_row(x + b * C, xx + b * C, P.mix + m * C, C, mixed + (m * B + b) * C);
+        const Job jobs[3] = {{&P.k, mixed, C, s.k.data(), C},
+                             {&P.v, mixed + B * C, C, s.v.data(), C},
+                             {&P.r, mixed + 2 * B * C, C, s.r.data(), C}};
+        gemvs(jobs, 3, B);
+        const float *a0 = st_in[2], *b0 = st_in[3], *p0 = st_in[4];
+        float *a1 = st_out[2], *b1 = st_out[3], *p1 = st_out[4];
+#pragma omp for
+        for (int64_t b = 0; b < B; ++b) {
+            const int64_t o = b * C;
+            const float *kt = s.k.data() + o, *vt = s.v.data() + o, *rt = s.r.data() + o;
+            float* yt = s.y.data() + o;
+#pragma omp simd
+            for (int64_t i = 0; i < C; ++i) {
+                const float A = a0 ? a0[o + i] : 0.f, Bs = b0 ? b0[o + i] : 0.f, p = p0 ? p0[o + i] : p_init;
+                const float kk = kt[i], vv = vt[i];
+                const float ww = P.u[i] + kk;
+                const float q = p > ww ? p : ww;
+                const float e1 = expf(p - q), e2 = expf(ww - q);
+                yt[i] = sigmoidf(rt[i]) * (e1 * A + e2 * vv) / (e1 * Bs + e2);
+                const float pw = p + P.w[i];
+                const float q2 = pw > kk ? pw : kk;
+                const float f1 = expf(pw - q2), f2 = expf(kk - q2);
+                a1[o + i] = f1 * A + f2 * vv;
+                b1[o + i] = f1 * Bs + f2;
+                p1[o + i] = q2;
+            }
+        }
+        const Job out = {&P.o, s.y.data(), C, s.g.data(), C};  // g reused as the output buffer
+        gemvs(&out, 1, B);
+        return;
+    }
+    const float* S0 = st_in[2];
+    float* S1 = st_out[2];
+    const float* logw = nullptr;  // [B, C] per token (v6/v7) or [H * N] (v5)
+    if (P.att_kind == 5) {
+#pragma omp for
+        for (int64_t b = 0; b < B; ++b)
+            for (int m = 0; m < 4; ++m) mix_row(x + b * C, xx + b * C, P.mix + m * C, C, mixed + (m * B + b) * C);
+        const Job jobs[4] = {{&P.k, mixed, C, s.k.data(), C},
+                             {&P.v, mixed + B * C, C, s.v.data(), C},
+                             {&P.r, mixed + 2 * B * C, C, s.r.data(), C},
+                             {&P.g, mixed + 3 * B * C, C, s.g.data(), C}};
+        gemvs(jobs, 4, B);
+    } else if (P.att_kind == 6) {
+        const int64_t D5 = P.l1[0].N;  // 5 * D
+        const int64_t D = D5 / 5;
+        // xxx = x + (xx - x) * maa_x, then h = tanh(xxx @ maa_w1)
+#pragma omp for
+        for (int64_t b = 0; b < B; ++b) {
+            const float *xb = x + b * C, *xxb = xx + b * C;
+            float* o = mixed + b * C;
+#pragma omp simd
+            for (int64_t i = 0; i < C; ++i) o[i] = xb[i] + (xxb[i] - xb[i]) * P.mix[i];
+        }
+        const Job j1 = {&P.l1[0], mixed, C, s.h.data(), D5};
+        gemvs(&j1, 1, B);
+#pragma omp for
+        for (int64_t i = 0; i < B * D5; ++i) s.h[i] = tanhf(s.h[i]);
+        Job j2[5];
+        for (int m = 0; m < 5; ++m) j2[m] = {&P.l2[m], s.h.data() + m * D, D5, s.lo.data() + m * B * C, C};
+        gemvs(j2, 5, B);
+        // mixed[m] = x + (xx - x) * (maa[m] + lora[m]), m = w, k, v, r, g
+#pragma omp for
+        for (int64_t mb = 0; mb < 5 * B; ++mb) {
+            const int64_t m = mb / B, b = mb % B;
+            const float *xb = x + b * C, *xxb = xx + b * C, *mm = P.mix + (m + 1) * C;
+            const float* lo = s.lo.data() + mb * C;
+            float* o = mixed + mb * C;
+#pragma omp simd
+            for (int64_t i = 0; i < C; ++i) o[i] = xb[i] + (xxb[i] - xb[i]) * (mm[i] + lo[i]);
+        }
+        const int64_t Dw = P.l1[1].N;
+        const Job jobs[5] = {{&P.k, mixed + B * C, C, s.k.data(), C},
+                             {&P.v, mixed + 2 * B * C, C, s.v.data(), C},
+                             {&P.r, mixed + 3 * B * C, C, s.r.data(), C},
+                             {&P.g, mixed + 4 * B * C, C, s.g.data(), C},
+                             {&P.l1[1], mixed, C, s.h.data(), Dw}};
+        gemvs(jobs, 5, B);
+#pragma omp for
+        for (int64_t i = 0; i < B * Dw; ++i) s.h[i] = tanhf(s.h[i]);
+        const Job jd = {&P.l1[2], s.h.data(), Dw, s.w.data(), C};
+        gemvs(&jd, 1, B);
+#pragma omp for
+        for (int64_t i = 0; i < B * C; ++i) s.w[i] = -expf(P.w[i % C] + s.w[i]);
+        logw = s.w.data();
+    } else {  // v7
+#pragma omp for
+        for (int64_t b = 0; b < B; ++b)
+            for (int m = 0; m < 6; ++m) mix_row(xx + b * C, x + b * C, P.mix + m * C, C, mixed + (m * B + b) * C);
+        // r, k, v and the first LoRA halves (w, a, v, g) all read the mixes: one loop.
+        const int64_t Dw = P.l1[0].N, Da = P.l1[1].N, Dv = P.l1[2].N, Dg = P.l1[3].N;
+        float* hw = s.h.data();
+        float* ha = hw + B * Dw;
+        float* hv = ha + B * Da;
+        float* hg = hv + B * Dv;
+        Job jobs[7] = {{&P.r, mixed, C, s.r.data(), C},
+                       {&P.k, mixed + 2 * B * C, C, s.k.data(), C},
+                       {&P.v, mixed + 3 * B * C, C, s.v.data(), C},
+                       {&P.l1[0], mixed + B * C, C, hw, Dw},
+                       {&P.l1[1], mixed + 4 * B * C, C, ha, Da},
+                       {&P.l1[3], mixed + 5 * B * C, C, hg, Dg},
+                       {&P.l1[2], mixed + 3 * B * C, C, hv, Dv}};
+        gemvs(jobs, have_vfirst ? 7 : 6, B);
+#pragma omp for
+        for (int64_t i = 0; i < B * Dw; ++i) hw[i] = tanhf(hw[i]);
+#pragma omp for
+        for (int64_t i = 0; i < B * Dg; ++i) hg[i] = sigmoidf(hg[i]);
+        float* lo_w = s.lo.data();
+        float* lo_a = lo_w + B * C;
+        float* lo_v = lo_a + B * C;
+        Job j2[4] = {{&P.l2[0], hw, Dw, lo_w, C}, {&P.l2[1], ha, Da, lo_a, C}, {&P.l2[3], hg, Dg, s.g.data(), C},
+                     {&P.l2[2], hv, Dv, lo_v, C}};
+        gemvs(j2, have_vfirst ? 4 : 3, B);
+        const float DECAY_SCALE = 0.60653065971263342f;  // exp(-0.5), as rwkv_zoo/versions/v7.py
+#pragma omp for
+        for (int64_t bh = 0; bh < B * H; ++bh) {
+            const int64_t b = bh / H, h = bh % H, o = b * C + h * N;
+            float *kt = s.k.data() + o, *vt = s.v.data() + o, *wt = s.w.data() + o, *at = s.a.data() + o;
+            float* kkt = s.kk.data() + o;
+            const float* kk_w = P.k_k + h * N;
+            const float* ka = P.k_a + h * N;
+            float nrm = 0.f;
+            for (int64_t i = 0; i < N; ++i) {
+                const int64_t c = h * N + i;
+                wt[i] = -DECAY_SCALE * sigmoidf(P.w[c] + lo_w[o + i]);
+                at[i] = sigmoidf(P.a0[c] + lo_a[o + i]);
+                kkt[i] = kt[i] * kk_w[i];
+                nrm += kkt[i] * kkt[i];
+            }
+            const float inv = 1.f / fmaxf(sqrtf(nrm), 1e-12f);
+            for (int64_t i = 0; i < N; ++i) {
+                kkt[i] *= inv;
+                kt[i] = kt[i] * (1.f + (at[i] - 1.f) * ka[i]);
+            }
+            float* vf = s.vfirst.data() + o;
+            if (!have_vfirst) {
+                memcpy(vf, vt, N * sizeof(float));
+            } else {
+                for (int64_t i = 0; i < N; ++i) {
+                    const float t = sigmoidf(P.v0[h * N + i] + lo_v[o + i]);
+                    vt[i] = vt[i] + (vf[i] - vt[i]) * t;
+                }
+            }
+        }
+        have_vfirst = true;
+        logw = s.w.data();
+    }
+    // The WKV step, one task per (batch row, head).
+#pragma omp for
+    for (int64_t bh = 0; bh < B * H; ++bh) {
+        const int64_t b = bh / H, h = bh % H, o = b * C + h * N;
+        const float* S0h = S0 ? S0 + bh * N * N : nullptr;
+        float* S1h = S1 + bh * N * N;
+        float* yt = s.y.data() + o;
+        const float* lw = P.att_kind == 5 ? P.w + h * N : logw + o;
+        if (P.att_kind == 7) {
+            float na[256], nb[256];
+            const float *kkt = s.kk.data() + o, *at = s.a.data() + o;
+            for (int64_t i = 0; i < N; ++i) na[i] = -kkt[i], nb[i] = kkt[i] * at[i];
+            wkv_head(S0h, S1h, s.r.data() + o, s.k.data() + o, s.v.data() + o, lw, nullptr, na, nb, yt, N);
+        } else {
+            wkv_head(S0h, S1h, s.r.data() + o, s.k.data() + o, s.v.data() + o, lw, P.u + h * N, nullptr, nullptr, yt,
+                     N);
+        }
+    }
+    // GroupNorm, then the gate (v5/v6: silu(g); v7: + the r k bonus, times g).
+#pragma omp for
+    for (int64_t b = 0; b < B; ++b) {
+        float* yb = s.y.data() + b * C;
+        group_norm(yb, H, N, P.lnx_w, P.lnx_b, P.lnx_eps);
+        const float* gb = s.g.data() + b * C;
+        if (P.att_kind == 7) {
+            const float *rb = s.r.data() + b * C, *kb = s.k.data() + b * C, *vb = s.v.data() + b * C;
+            for (int64_t h = 0; h < H; ++h) {
+                float dot = 0.f;
+                for (int64_t i = 0; i < N; ++i) dot += rb[h * N + i] * kb[h * N + i] * P.r_k[h * N + i];
+                for (int64_t i = 0; i < N; ++i) yb[h * N + i] = (yb[h * N + i] + dot * vb[h * N + i]) * gb[h * N + i];
+            }
+        } else {
+#pragma omp simd
+            for (int64_t i = 0; i < C; ++i) yb[i] *= gb[i] * sigmoidf(gb[i]);
+        }
+    }
+    const Job out = {&P.o, s.y.data(), C, s.g.data(), C};  // the gate is spent: its buffer takes the output
+    gemvs(&out, 1, B);
+}
+
+void channel_mix(const LayerP& P, Scratch& s, const float* xx) {
+    const int64_t B = s.B, C = s.C, F = P.fk.N;
+    const float* x = s.xf.data();
+    float* mixed = s.mixed.data();
+    const bool rec = P.ffn_kind != 7;
+#pragma omp for
+    for (int64_t b = 0; b < B; ++b) {
+        mix_row(x + b * C, xx + b * C, P.f_mk, C, mixed + b * C);
+        if (rec) mix_row(x + b * C, xx + b * C, P.f_mr, C, mixed + (B + b) * C);
+    }
+    const Job jobs[2] = {{&P.fk, mixed, C, s.ff.data(), F}, {&P.fr, mixed + B * C, C, s.r.data(), C}};
+    gemvs(jobs, rec ? 2 : 1, B);
+#pragma omp for
+    for (int64_t i = 0; i < B * F; ++i) {
+        const float t = s.ff[i] > 0.f ? s.ff[i] : 0.f;
+        s.ff[i] = t * t;
+    }
+    const Job jv = {&P.fv, s.ff.data(), F, s.v.data(), C};
+    gemvs(&jv, 1, B);
+}
+
+}  // namespace
+
+extern "C" {
+
+int rz_decode_abi_version() { return 1; }
+
+// x [B, C]: the token embeddings (overwritten). Per layer l, st_in[5 l + j] / st_out[5 l + j] for
+// j = 0 att shift [B, C], 1 ffn shift [B, C], 2 the WKV state [B, H, N, N] or v4's a, then 3 b, 4 p
+// (v4, [B, C]). st_in's WKV pointers are null for a fresh sequence. logits [B, head.N].
+void rz_decode(const LayerP* layers, int64_t L, int64_t B, int64_t C, float* x, float* const* st_in,
+               float* const* st_out, const float* lnout_w, const float* lnout_b, double lnout_eps, const Lin* head,
+               float* logits, float p_init, int nthreads) {
+    int64_t F = 0, D = 0;
+    for (int64_t l = 0; l < L; ++l) {
+        const LayerP& P = layers[l];
+        F = P.fk.N > F ? P.fk.N : F;
+        int64_t d = 0;
+        for (int i = 0; i < 5; ++i) d += P.l1[i].w ? P.l1[i].N : 0;
+        D = d > D ? d : D;
+    }
+    Scratch s(B, C, F, D);
+#pragma omp parallel num_threads(nthreads)
+    {
+        bool have_vfirst = false;  // private copies agree: every thread walks the same layers
+        for (int64_t l = 0; l < L; ++l) {
+            const LayerP& P = layers[l];
+            float* const* in = st_in + 5 * l;
+            float* const* out = st_out + 5 * l;
+#pragma omp for
+            for (int64_t b = 0; b < B; ++b) {
+                float* xb = x + b * C;
+                if (P.ln0_w) layer_norm(xb, P.ln0_w, P.ln0_b, P.ln0_eps, C, xb);
+                layer_norm(xb, P.ln1_w, P.ln1_b, P.ln1_eps, C, s.xa.data() + b * C);
+                memcpy(out[0] + b * C, s.xa.data() + b * C, C * sizeof(float));
+            }
+            time_mix(P, s, in[0], in, out, have_vfirst, p_init);
+#pragma omp for
+            for (int64_t b = 0; b < B; ++b) {
+                float* xb = x + b * C;
+                const float* ob = s.g.data() + b * C;
+#pragma omp simd
+                for (int64_t i = 0; i < C; ++i) xb[i] += ob[i];
+                layer_norm(xb, P.ln2_w, P.ln2_b, P.ln2_eps, C, s.xf.data() + b * C);
+                memcpy(out[1] + b * C, s.xf.data() + b * C, C * sizeof(float));
+            }
+            channel_mix(P, s, in[1]);
+#pragma omp for
+            for (int64_t b = 0; b < B; ++b) {
+                float* xb = x + b * C;
+                const float* vb = s.v.data() + b * C;
+                if (P.ffn_kind == 7) {
+#pragma omp simd
+                    for (int64_t i = 0; i < C; ++i) xb[i] += vb[i];
+                } else {
+                    const float* rb = s.r.data() + b * C;
+#pragma omp simd
+                    for (int64_t i = 0; i < C; ++i) xb[i] += sigmoidf(rb[i]) * vb[i];
+                }
+                if (P.halve)
+                    for (int64_t i = 0; i < C; ++i) xb[i] *= 0.5f;
+            }
+        }
+#pragma omp for
+        for (int64_t b = 0; b < B; ++b) layer_norm(x + b * C, lnout_w, lnout_b, lnout_eps, C, s.xa.data() + b * C);
+        const Job jh = {head, s.xa.data(), C, logits, head->N};
+        gemvs(&jh, 1, B);
+    }
+}
+
+}  // extern "C"
