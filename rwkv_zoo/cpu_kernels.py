@@ -37,7 +37,7 @@ BASE_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c+
 LIBRARIES = {
     "cpu_gemv": ("cpu_gemv.cpp", (), 2),
     "cpu_wkv": ("cpu_wkv.cpp", ("-ffast-math",), 1),
-    "cpu_decode": ("cpu_decode.cpp", ("-ffast-math",), 1),
+    "cpu_decode": ("cpu_decode.cpp", ("-ffast-math",), 2),
 }
 
 _P, _I, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -167,8 +167,8 @@ def load_decode() -> tuple[ctypes.CDLL | None, str | None]:
     lib, why = _open("cpu_decode", "rz_decode_abi_version")
     if lib is None:
         return None, why
-    lib.rz_decode.argtypes = [ctypes.POINTER(LayerP), _I, _I, _I, _P, _P, _P, _P, _P, ctypes.c_double,
-                              ctypes.POINTER(Lin), _P, ctypes.c_float, _INT]
+    lib.rz_decode.argtypes = [ctypes.POINTER(LayerP), _I, _I, _I, _I, _P, _P, _P, _P, _P, ctypes.c_double,
+                              ctypes.POINTER(Lin), _I, _P, ctypes.c_float, _INT]
     lib.rz_decode.restype = None
     return lib, None
 

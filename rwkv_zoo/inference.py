@@ -7,15 +7,19 @@ stacks, constants such as ``exp(-exp(time_decay))`` computed once per weight ver
 WKV recurrence inline, and no module-call or dispatch overhead per layer. It is checked against the
 module path to fp32 rounding for every version and hybrids (tests/generation/test_inference.py).
 Dispatch still decides: the step asks for the ``recurrent`` kernel once per call and runs its own
-one-step recurrence when dispatch chose ``reference`` (the same formulas), the ``cpu`` backend's C++
-kernel directly when it chose ``cpu``, and any other backend's kernel through the op front-end.
+one-step recurrence when dispatch chose ``reference`` (the same formulas), and any other backend's
+kernel through the op front-end. When it chose ``cpu`` and the model is prepared (below), the whole
+step (every layer, the final norm and the head) runs in one C++ call, ``FusedDecode``
+(``csrc/cpu_decode.cpp``): one OpenMP region per token instead of ~40 tensor ops and ~10 thread
+wake-ups per layer. Prompts ([B, T > 1], no gradients) of a prepared model take the same C++ step
+when dispatch picks ``cpu`` for them.
 
 ``prepare_inference(model, weights=...)`` replaces every ``nn.Linear`` of the blocks and the head by
 an ``InferenceLinear`` holding the weight in fp32, bf16 or int8 (symmetric, one fp32 scale per output
-channel: ``W[n, :] ~= scale[n] * q[n, :]``). A few rows of input (decode, up to ``GEMV_MAX_ROWS``) go
-through ``rwkv_zoo.cpu_kernels`` (weights streamed and widened in registers, fp32 accumulation);
-more rows (prefill) multiply with the weight widened to fp32, one matrix at a time, because a CPU
-without native bf16 computes bf16 GEMMs slowly. Activations and the state stay fp32 throughout.
+channel: ``W[n, :] ~= scale[n] * q[n, :]``), packed in the tile layout of ``rwkv_zoo.cpu_kernels``,
+whose kernels multiply any number of rows with it (weights streamed once per block of rows and
+widened in registers, fp32 accumulation; as fast as torch's fp32 GEMM here, and bf16/int8 need no
+widened copy). Activations and the state stay fp32 throughout.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ def _cpu_wkv():
     return cpu
 
 
-GEMV_MAX_ROWS = 16  # above this, a GEMM on fp32 weights wins over streaming the stored weights per row tile
+PREFILL_CHUNK = 512  # tokens per fused C++ call: bounds its scratch (~60 MiB at C = 768) in long prefills
 
 __all__ = ["DecodeStep", "InferenceLinear", "prepare_inference", "quantize_int8"]
 
@@ -91,7 +95,6 @@ class InferenceLinear(nn.Module):
         rows = x.numel() // self.in_features
         if (
             self.packed
-            and rows <= GEMV_MAX_ROWS
             and x.dtype == torch.float32
             and x.device.type == "cpu"
             and not (torch.is_grad_enabled() and x.requires_grad)
@@ -261,6 +264,18 @@ class DecodeStep:
         # load_state_dict(assign=True)) drop the cached step through invalidate().
         return tuple((t.data_ptr(), t._version) for t in self.tensors)
 
+    @torch.no_grad()
+    def prefill(self, x: Tensor, state: RWKVState, fresh: bool, keep: int):
+        """``x`` [B, T, C] through the fused C++ step when dispatch chose cpu for every layer and the model
+        is prepared: (logits [B, keep, V], layers); else None (the caller runs the modules)."""
+        B, T, _ = x.shape
+        if x.dtype != torch.float32 or x.device.type != "cpu":
+            return None
+        if not all(k is CPU for k in self._kernels(B, not fresh, x.device, x.dtype, T).values()):
+            return None
+        fused = self.fused()
+        return None if fused is None else fused(x, state, fresh, keep or T)
+
     def fused(self) -> FusedDecode | None:
         """The one-call C++ step, built on first use (None where it does not apply)."""
         if self._fused is False:
@@ -270,16 +285,17 @@ class DecodeStep:
                 self._fused, self.fused_why_not = None, "model.fused_decode is False"
         return self._fused
 
-    def _kernels(self, B: int, has_state: bool, device, dtype) -> dict[str, Any]:
+    def _kernels(self, B: int, has_state: bool, device, dtype, T: int = 1) -> dict[str, Any]:
         """Per op: None to run the inline reference recurrence, else dispatch's ``Selection`` (its kernel
         then runs through the op front-end, which checks what the kernel returns)."""
         out: dict[str, Any] = {}
         m = self.model
+        mode = (m.mode or "recurrent") if T == 1 else m.mode
         for layer in self.layers:
             if layer.op in out:
                 continue
-            sel = ops._select(layer.op, m.mode or "recurrent", device.type, dtype, B, 1, layer.H, layer.N,
-                              False, has_state, m.backend)
+            sel = ops._select(layer.op, mode, device.type, dtype, B, T, layer.H, layer.N, False, has_state,
+                              m.backend)
             # Dispatch only chooses cpu where its kernels are built; they are called directly (one call
             # instead of ~10 tensor ops). reference's recurrence is the step's own inline maths.
             if sel.backend == "cpu":
@@ -293,10 +309,11 @@ class DecodeStep:
         model = self.model
         B, C = x.shape
         kernels = self._kernels(B, not fresh, x.device, x.dtype)
-        if B <= GEMV_MAX_ROWS and all(k is CPU for k in kernels.values()):
+        if all(k is CPU for k in kernels.values()):
             fused = self.fused()
             if fused is not None:
-                return fused(x, state, fresh)
+                logits, layers = fused(x[:, None], state, fresh, 1)
+                return logits[:, 0], layers
         ctx: dict[str, Tensor] = {}
         new_layers = []
         every = model.rescale_every
@@ -422,7 +439,8 @@ class DecodeStep:
 
 class FusedDecode:
     """The whole decode step in one C++ call (``csrc/cpu_decode.cpp``): every layer, the final norm and
-    the head, in one OpenMP parallel region, for up to ``GEMV_MAX_ROWS`` sequences.
+    the head, in one OpenMP parallel region, for B sequences of T tokens (decode: T = 1; prefill:
+    ``RWKV.forward`` sends whole prompts here, which then need no module calls either).
 
     Used by ``DecodeStep`` when dispatch chose the ``cpu`` backend for every layer and the model was
     prepared (``prepare_inference``: projections packed), so the C++ step is the cpu backend's kernel
@@ -531,9 +549,26 @@ class FusedDecode:
             P.f_mr, P.fr = self._ptr(layer.f_mr), self._lin(ffn.receptance)
 
     # -- the step ---------------------------------------------------------------------------------
-    def __call__(self, x: Tensor, state: RWKVState, fresh: bool) -> tuple[Tensor, list[LayerState]]:
-        B, C = x.shape
-        x = x.float().contiguous().clone()  # the kernel overwrites it
+    def __call__(self, x: Tensor, state: RWKVState, fresh: bool, keep: int) -> tuple[Tensor, list[LayerState]]:
+        """``x`` [B, T, C] embeddings -> (logits [B, keep, V] of the last ``keep`` tokens, new layer states).
+
+        Long inputs run in chunks of ``PREFILL_CHUNK`` tokens (the state carried between them), which
+        bounds the scratch memory; the results do not depend on the chunking."""
+        T = x.shape[1]
+        x = x.float()
+        outs = []
+        layers = state.layers
+        for t0 in range(0, T, PREFILL_CHUNK):
+            t1 = min(T, t0 + PREFILL_CHUNK)
+            k = max(0, min(t1 - t0, keep - (T - t1)))  # positions of this chunk among the last `keep`
+            logits, layers = self._run(x[:, t0:t1], layers, fresh and t0 == 0, k)
+            if k:
+                outs.append(logits)
+        return (outs[0] if len(outs) == 1 else torch.cat(outs, 1)), layers
+
+    def _run(self, x: Tensor, layers: list[LayerState], fresh: bool, keep: int):
+        B, T, C = x.shape
+        x = x.contiguous().clone()  # the kernel overwrites it
         sizes = []
         for kind, (H, N) in zip(self.kinds, self.shapes, strict=True):
             sizes += [B * C, B * C] + ([B * C] * 3 if kind == "v4" else [B * H * N * N])
@@ -541,7 +576,7 @@ class FusedDecode:
         ins: list[Tensor | None] = []
         new_layers = []
         j = 0
-        for kind, (H, N), ls in zip(self.kinds, self.shapes, state.layers, strict=True):
+        for kind, (H, N), ls in zip(self.kinds, self.shapes, layers, strict=True):
             att, ffn = out[j].view(B, C), out[j + 1].view(B, C)
             ins += [ls.att_shift.float().contiguous(), ls.ffn_shift.float().contiguous()]
             if kind == "v4":
@@ -560,10 +595,10 @@ class FusedDecode:
         P5 = ctypes.c_void_p * (5 * self.L)
         in_arr = P5(*(None if t is None else t.data_ptr() for t in ins))
         out_arr = P5(*(None if t is None else t.data_ptr() for t in out_ptrs))
-        logits = torch.empty(B, self.head.N, dtype=torch.float32)
-        self.lib.rz_decode(self.params, self.L, B, C, x.data_ptr(), in_arr, out_arr, *self.ln_out,
-                           ctypes.byref(self.head), logits.data_ptr(), self.p_init, torch.get_num_threads())
-        return (logits if self.vocab == self.head.N else logits[:, : self.vocab]), new_layers
+        logits = torch.empty(B, keep, self.head.N, dtype=torch.float32)
+        self.lib.rz_decode(self.params, self.L, B, T, C, x.data_ptr(), in_arr, out_arr, *self.ln_out,
+                           ctypes.byref(self.head), keep, logits.data_ptr(), self.p_init, torch.get_num_threads())
+        return (logits if self.vocab == self.head.N else logits[..., : self.vocab]), new_layers
 
 
 def decode_step(model: nn.Module) -> DecodeStep:
@@ -590,3 +625,16 @@ def can_fast_decode(model: nn.Module, T: int) -> bool:
         and not torch.compiler.is_compiling()
     )
 
+
+
+def can_fast_prefill(model: nn.Module, T: int) -> bool:
+    """Whether ``tokens [B, T > 1]`` may take the fused C++ step (``DecodeStep.prefill`` then still asks
+    dispatch, and needs a prepared model)."""
+    return (
+        T > 1
+        and getattr(model, "fast_decode", True)
+        and getattr(model, "inference_weights", None) is not None
+        and not torch.is_grad_enabled()
+        and model.dtype == torch.float32
+        and not torch.compiler.is_compiling()
+    )

@@ -251,6 +251,11 @@ class RWKV(nn.Module):
             fresh = state.layers[0].wkv is None
             logits, layers = inference.decode_step(self)(x[:, 0], state, fresh)
             return logits[:, None], RWKVState(layers, state.identity)
+        if inference.can_fast_prefill(self, tokens.shape[1]):
+            # A prepared model on the cpu backend: the whole prompt in the fused C++ step
+            out = inference.decode_step(self).prefill(x, state, state.layers[0].wkv is None, logits_to_keep)
+            if out is not None:
+                return out[0], RWKVState(out[1], state.identity)
         ctx: dict[str, Any] = {"backend": self.backend, "mode": self.mode}
         new_layers = []
         every = self.rescale_every

@@ -19,7 +19,8 @@
 #include <stdint.h>
 #include <string.h>
 
-#include <vector>
+#include <initializer_list>
+#include <memory>
 
 #include "cpu_tiles.h"
 
@@ -104,17 +105,38 @@ void gemvs(const Job* jobs, int n, int64_t B) {
     }
 }
 
+// An uninitialized float buffer (every element is written before it is read; zeroing a prefill's
+// buffers would cost a pass over them).
+struct Buf {
+    std::unique_ptr<float[]> p;
+    void resize(int64_t n) { p.reset(new float[n]); }
+    float* data() { return p.get(); }
+    float& operator[](int64_t i) { return p[i]; }
+};
+
+// Per-row buffers for M = nseq * T token rows ([nseq, T, C] flattened).
 struct Scratch {
-    int64_t B, C, F, D;
-    std::vector<float> xa, xf, mixed, r, k, v, g, w, a, y, h, lo, ff, vfirst, kk;
-    Scratch(int64_t B_, int64_t C_, int64_t F_, int64_t D_) : B(B_), C(C_), F(F_), D(D_) {
-        for (auto* vec : {&xa, &xf, &r, &k, &v, &g, &w, &a, &y, &vfirst, &kk}) vec->assign(B * C, 0.f);
-        mixed.assign(6 * B * C, 0.f);
-        lo.assign(5 * B * C, 0.f);
-        h.assign(B * D, 0.f);
-        ff.assign(B * F, 0.f);
+    int64_t nseq, T, M, C;
+    Buf xa, xf, xx, mixed, r, k, v, g, w, a, y, h, lo, ff, vfirst, kk;
+    Scratch(int64_t nseq_, int64_t T_, int64_t C_, int64_t F, int64_t D) : nseq(nseq_), T(T_), M(nseq_ * T_), C(C_) {
+        for (auto* vec : {&xa, &xf, &xx, &r, &k, &v, &g, &w, &a, &y, &vfirst, &kk}) vec->resize(M * C);
+        mixed.resize(6 * M * C);
+        lo.resize(5 * M * C);
+        h.resize(M * D);
+        ff.resize(M * F);
     }
 };
+
+// xx[b, t] = src[b, t - 1], and the carried shift for t = 0; the last token's row becomes the next shift.
+void shift_rows(Scratch& s, const float* src, const float* carried, float* xx, float* next) {
+    const int64_t C = s.C, T = s.T;
+#pragma omp for
+    for (int64_t m = 0; m < s.M; ++m) {
+        const int64_t b = m / T, t = m % T;
+        memcpy(xx + m * C, t ? src + (m - 1) * C : carried + b * C, C * sizeof(float));
+        if (t == T - 1) memcpy(next + b * C, src + m * C, C * sizeof(float));
+    }
+}
 
 // GroupNorm over heads for one row: y [H * N] normalized per head, then the per-channel affine.
 inline void group_norm(float* y, int64_t H, int64_t N, const float* w, const float* b, double eps) {
@@ -198,7 +220,7 @@ inline void mix_row(const float* x, const float* xx, const float* m, int64_t C, 
 
 void time_mix(const LayerP& P, Scratch& s, const float* xx, float* const* st_in, float* const* st_out, bool& have_vfirst,
               float p_init) {
-    const int64_t B = s.B, C = s.C, H = P.H, N = P.N;
+    const int64_t B = s.M, C = s.C, H = P.H, N = P.N;  // B: rows (tokens), s.nseq * s.T
     const float* x = s.xa.data();
     float* mixed = s.mixed.data();
     if (P.att_kind == 4) {
@@ -211,25 +233,38 @@ void time_mix(const LayerP& P, Scratch& s, const float* xx, float* const* st_in,
         gemvs(jobs, 3, B);
         const float *a0 = st_in[2], *b0 = st_in[3], *p0 = st_in[4];
         float *a1 = st_out[2], *b1 = st_out[3], *p1 = st_out[4];
+        // One task per (sequence, block of 64 channels); the state lives in the output arrays.
+        const int64_t nblk = (C + 63) / 64;
 #pragma omp for
-        for (int64_t b = 0; b < B; ++b) {
-            const int64_t o = b * C;
-            const float *kt = s.k.data() + o, *vt = s.v.data() + o, *rt = s.r.data() + o;
-            float* yt = s.y.data() + o;
+        for (int64_t task = 0; task < s.nseq * nblk; ++task) {
+            const int64_t b = task / nblk, c0 = (task % nblk) * 64, n = C - c0 < 64 ? C - c0 : 64;
+            const int64_t so = b * C + c0;
+            float *A = a1 + so, *Bs = b1 + so, *Pm = p1 + so;
+            for (int64_t i = 0; i < n; ++i) {
+                A[i] = a0 ? a0[so + i] : 0.f;
+                Bs[i] = b0 ? b0[so + i] : 0.f;
+                Pm[i] = p0 ? p0[so + i] : p_init;
+            }
+            const float *uc = P.u + c0, *wc = P.w + c0;
+            for (int64_t t = 0; t < s.T; ++t) {
+                const int64_t o = (b * s.T + t) * C + c0;
+                const float *kt = s.k.data() + o, *vt = s.v.data() + o, *rt = s.r.data() + o;
+                float* yt = s.y.data() + o;
 #pragma omp simd
-            for (int64_t i = 0; i < C; ++i) {
-                const float A = a0 ? a0[o + i] : 0.f, Bs = b0 ? b0[o + i] : 0.f, p = p0 ? p0[o + i] : p_init;
-                const float kk = kt[i], vv = vt[i];
-                const float ww = P.u[i] + kk;
-                const float q = p > ww ? p : ww;
-                const float e1 = expf(p - q), e2 = expf(ww - q);
-                yt[i] = sigmoidf(rt[i]) * (e1 * A + e2 * vv) / (e1 * Bs + e2);
-                const float pw = p + P.w[i];
-                const float q2 = pw > kk ? pw : kk;
-                const float f1 = expf(pw - q2), f2 = expf(kk - q2);
-                a1[o + i] = f1 * A + f2 * vv;
-                b1[o + i] = f1 * Bs + f2;
-                p1[o + i] = q2;
+                for (int64_t i = 0; i < n; ++i) {
+                    const float a = A[i], bs = Bs[i], p = Pm[i];
+                    const float kk = kt[i], vv = vt[i];
+                    const float ww = uc[i] + kk;
+                    const float q = p > ww ? p : ww;
+                    const float e1 = expf(p - q), e2 = expf(ww - q);
+                    yt[i] = sigmoidf(rt[i]) * (e1 * a + e2 * vv) / (e1 * bs + e2);
+                    const float pw = p + wc[i];
+                    const float q2 = pw > kk ? pw : kk;
+                    const float f1 = expf(pw - q2), f2 = expf(kk - q2);
+                    A[i] = f1 * a + f2 * vv;
+                    Bs[i] = f1 * bs + f2;
+                    Pm[i] = q2;
+                }
             }
         }
         const Job out = {&P.o, s.y.data(), C, s.g.data(), C};  // g reused as the output buffer
@@ -352,22 +387,26 @@ void time_mix(const LayerP& P, Scratch& s, const float* xx, float* const* st_in,
         have_vfirst = true;
         logw = s.w.data();
     }
-    // The WKV step, one task per (batch row, head).
+    // The WKV recurrence, one task per (sequence, head) walking its tokens; the head's state (16 KiB at
+    // N = 64) is updated in place in the output state and stays in L1.
 #pragma omp for
-    for (int64_t bh = 0; bh < B * H; ++bh) {
-        const int64_t b = bh / H, h = bh % H, o = b * C + h * N;
-        const float* S0h = S0 ? S0 + bh * N * N : nullptr;
+    for (int64_t bh = 0; bh < s.nseq * H; ++bh) {
+        const int64_t b = bh / H, h = bh % H;
         float* S1h = S1 + bh * N * N;
-        float* yt = s.y.data() + o;
-        const float* lw = P.att_kind == 5 ? P.w + h * N : logw + o;
-        if (P.att_kind == 7) {
-            float na[256], nb[256];
-            const float *kkt = s.kk.data() + o, *at = s.a.data() + o;
-            for (int64_t i = 0; i < N; ++i) na[i] = -kkt[i], nb[i] = kkt[i] * at[i];
-            wkv_head(S0h, S1h, s.r.data() + o, s.k.data() + o, s.v.data() + o, lw, nullptr, na, nb, yt, N);
-        } else {
-            wkv_head(S0h, S1h, s.r.data() + o, s.k.data() + o, s.v.data() + o, lw, P.u + h * N, nullptr, nullptr, yt,
-                     N);
+        for (int64_t t = 0; t < s.T; ++t) {
+            const int64_t o = (b * s.T + t) * C + h * N;
+            const float* Sh = t ? S1h : (S0 ? S0 + bh * N * N : nullptr);
+            float* yt = s.y.data() + o;
+            const float* lw = P.att_kind == 5 ? P.w + h * N : logw + o;
+            if (P.att_kind == 7) {
+                float na[256], nb[256];
+                const float *kkt = s.kk.data() + o, *at = s.a.data() + o;
+                for (int64_t i = 0; i < N; ++i) na[i] = -kkt[i], nb[i] = kkt[i] * at[i];
+                wkv_head(Sh, S1h, s.r.data() + o, s.k.data() + o, s.v.data() + o, lw, nullptr, na, nb, yt, N);
+            } else {
+                wkv_head(Sh, S1h, s.r.data() + o, s.k.data() + o, s.v.data() + o, lw, P.u + h * N, nullptr, nullptr,
+                         yt, N);
+            }
         }
     }
     // GroupNorm, then the gate (v5/v6: silu(g); v7: + the r k bonus, times g).
@@ -393,7 +432,7 @@ void time_mix(const LayerP& P, Scratch& s, const float* xx, float* const* st_in,
 }
 
 void channel_mix(const LayerP& P, Scratch& s, const float* xx) {
-    const int64_t B = s.B, C = s.C, F = P.fk.N;
+    const int64_t B = s.M, C = s.C, F = P.fk.N;  // B: rows (tokens)
     const float* x = s.xf.data();
     float* mixed = s.mixed.data();
     const bool rec = P.ffn_kind != 7;
@@ -417,14 +456,15 @@ void channel_mix(const LayerP& P, Scratch& s, const float* xx) {
 
 extern "C" {
 
-int rz_decode_abi_version() { return 1; }
+int rz_decode_abi_version() { return 2; }
 
-// x [B, C]: the token embeddings (overwritten). Per layer l, st_in[5 l + j] / st_out[5 l + j] for
+// x [B, T, C]: the token embeddings (overwritten). Per layer l, st_in[5 l + j] / st_out[5 l + j] for
 // j = 0 att shift [B, C], 1 ffn shift [B, C], 2 the WKV state [B, H, N, N] or v4's a, then 3 b, 4 p
-// (v4, [B, C]). st_in's WKV pointers are null for a fresh sequence. logits [B, head.N].
-void rz_decode(const LayerP* layers, int64_t L, int64_t B, int64_t C, float* x, float* const* st_in,
+// (v4, [B, C]). st_in's WKV pointers are null for a fresh sequence. logits [B, keep, head.N] for the
+// last `keep` tokens of each sequence (keep = 0: no head).
+void rz_decode(const LayerP* layers, int64_t L, int64_t B, int64_t T, int64_t C, float* x, float* const* st_in,
                float* const* st_out, const float* lnout_w, const float* lnout_b, double lnout_eps, const Lin* head,
-               float* logits, float p_init, int nthreads) {
+               int64_t keep, float* logits, float p_init, int nthreads) {
     int64_t F = 0, D = 0;
     for (int64_t l = 0; l < L; ++l) {
         const LayerP& P = layers[l];
@@ -433,7 +473,8 @@ void rz_decode(const LayerP* layers, int64_t L, int64_t B, int64_t C, float* x, 
         for (int i = 0; i < 5; ++i) d += P.l1[i].w ? P.l1[i].N : 0;
         D = d > D ? d : D;
     }
-    Scratch s(B, C, F, D);
+    Scratch s(B, T, C, F, D);
+    const int64_t M = B * T;
 #pragma omp parallel num_threads(nthreads)
     {
         bool have_vfirst = false;  // private copies agree: every thread walks the same layers
@@ -442,43 +483,48 @@ void rz_decode(const LayerP* layers, int64_t L, int64_t B, int64_t C, float* x, 
             float* const* in = st_in + 5 * l;
             float* const* out = st_out + 5 * l;
 #pragma omp for
-            for (int64_t b = 0; b < B; ++b) {
-                float* xb = x + b * C;
-                if (P.ln0_w) layer_norm(xb, P.ln0_w, P.ln0_b, P.ln0_eps, C, xb);
-                layer_norm(xb, P.ln1_w, P.ln1_b, P.ln1_eps, C, s.xa.data() + b * C);
-                memcpy(out[0] + b * C, s.xa.data() + b * C, C * sizeof(float));
+            for (int64_t m = 0; m < M; ++m) {
+                float* xm = x + m * C;
+                if (P.ln0_w) layer_norm(xm, P.ln0_w, P.ln0_b, P.ln0_eps, C, xm);
+                layer_norm(xm, P.ln1_w, P.ln1_b, P.ln1_eps, C, s.xa.data() + m * C);
             }
-            time_mix(P, s, in[0], in, out, have_vfirst, p_init);
+            shift_rows(s, s.xa.data(), in[0], s.xx.data(), out[0]);
+            time_mix(P, s, s.xx.data(), in, out, have_vfirst, p_init);
 #pragma omp for
-            for (int64_t b = 0; b < B; ++b) {
-                float* xb = x + b * C;
-                const float* ob = s.g.data() + b * C;
+            for (int64_t m = 0; m < M; ++m) {
+                float* xm = x + m * C;
+                const float* om = s.g.data() + m * C;
 #pragma omp simd
-                for (int64_t i = 0; i < C; ++i) xb[i] += ob[i];
-                layer_norm(xb, P.ln2_w, P.ln2_b, P.ln2_eps, C, s.xf.data() + b * C);
-                memcpy(out[1] + b * C, s.xf.data() + b * C, C * sizeof(float));
+                for (int64_t i = 0; i < C; ++i) xm[i] += om[i];
+                layer_norm(xm, P.ln2_w, P.ln2_b, P.ln2_eps, C, s.xf.data() + m * C);
             }
-            channel_mix(P, s, in[1]);
+            shift_rows(s, s.xf.data(), in[1], s.xx.data(), out[1]);
+            channel_mix(P, s, s.xx.data());
 #pragma omp for
-            for (int64_t b = 0; b < B; ++b) {
-                float* xb = x + b * C;
-                const float* vb = s.v.data() + b * C;
+            for (int64_t m = 0; m < M; ++m) {
+                float* xm = x + m * C;
+                const float* vm = s.v.data() + m * C;
                 if (P.ffn_kind == 7) {
 #pragma omp simd
-                    for (int64_t i = 0; i < C; ++i) xb[i] += vb[i];
+                    for (int64_t i = 0; i < C; ++i) xm[i] += vm[i];
                 } else {
-                    const float* rb = s.r.data() + b * C;
+                    const float* rm = s.r.data() + m * C;
 #pragma omp simd
-                    for (int64_t i = 0; i < C; ++i) xb[i] += sigmoidf(rb[i]) * vb[i];
+                    for (int64_t i = 0; i < C; ++i) xm[i] += sigmoidf(rm[i]) * vm[i];
                 }
                 if (P.halve)
-                    for (int64_t i = 0; i < C; ++i) xb[i] *= 0.5f;
+                    for (int64_t i = 0; i < C; ++i) xm[i] *= 0.5f;
             }
         }
+        if (keep > 0) {
 #pragma omp for
-        for (int64_t b = 0; b < B; ++b) layer_norm(x + b * C, lnout_w, lnout_b, lnout_eps, C, s.xa.data() + b * C);
-        const Job jh = {head, s.xa.data(), C, logits, head->N};
-        gemvs(&jh, 1, B);
+            for (int64_t j = 0; j < B * keep; ++j) {
+                const int64_t b = j / keep, t = T - keep + j % keep;
+                layer_norm(x + (b * T + t) * C, lnout_w, lnout_b, lnout_eps, C, s.xa.data() + j * C);
+            }
+            const Job jh = {head, s.xa.data(), C, logits, head->N};
+            gemvs(&jh, 1, B * keep);
+        }
     }
 }
 

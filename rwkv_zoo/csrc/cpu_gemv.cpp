@@ -20,13 +20,21 @@ template <typename WT>
 void gemv(const float* x, int64_t B, int64_t K, int64_t ldx, const WT* W, const float* scale, int64_t N, float* y,
           int64_t ldy, int nthreads) {
     const int64_t tiles = N / 4;
-    // Dynamic chunks of tiles: on a shared machine one thread can lose its core for a time slice, and
-    // a static split would make the other wait for it at the end.
-#pragma omp parallel for schedule(dynamic, 16) num_threads(nthreads)
-    for (int64_t t = 0; t < tiles; ++t) {
-        const WT* p = W + t * 4 * K;
-        const float* s = scale ? scale + 4 * t : nullptr;
-        rz::tile_rows(x, B, ldx, p, K, s, y + 4 * t, ldy);
+    // Many rows (prefill): blocks of rows whose inputs fit in L2 (~192 KiB), each multiplied with every
+    // tile, so a tile's weights are read from memory once per block and the inputs stay cached.
+    int64_t rb = (192 * 1024 / 4) / K;
+    rb = rb < 3 ? 3 : rb - rb % 3;
+#pragma omp parallel num_threads(nthreads)
+    for (int64_t b0 = 0; b0 < B; b0 += rb) {
+        const int64_t nb = B - b0 < rb ? B - b0 : rb;
+        // Dynamic chunks of tiles: on a shared machine one thread can lose its core for a time slice,
+        // and a static split would make the other wait for it at the end.
+#pragma omp for schedule(dynamic, 16)
+        for (int64_t t = 0; t < tiles; ++t) {
+            const WT* p = W + t * 4 * K;
+            const float* s = scale ? scale + 4 * t : nullptr;
+            rz::tile_rows(x + b0 * ldx, nb, ldx, p, K, s, y + b0 * ldy + 4 * t, ldy);
+        }
     }
 }
 

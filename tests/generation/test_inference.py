@@ -168,7 +168,7 @@ def test_fused_decode_equals_python_step(name, weights):
     else:
         model = _model(name)
     prepare_inference(model, weights)
-    for B in (1, 3, inference.GEMV_MAX_ROWS):
+    for B in (1, 3, 17):
         (f0, f, fs, fused), (p0, p, ps, none) = _fused_vs_python(model, B)
         assert isinstance(fused, inference.FusedDecode) and none is None
         assert _rel(f0, p0) < 1e-5 and _rel(f, p) < 1e-5 and _state_err(fs, ps) < 1e-5, B
@@ -181,18 +181,36 @@ def test_fused_decode_rescale_batch_limit_and_coverage():
     prepare_inference(model, "fp32")
     (_, f, fs, fused), (_, p, ps, _) = _fused_vs_python(model, 2)
     assert fused is not None and _rel(f, p) < 1e-5 and _state_err(fs, ps) < 1e-5
-    # more rows than the GEMV kernels take, or an unprepared model: the Python step, same results
-    big = prepare_inference(_model("v7-tiny"), "fp32")
-    state = big.zero_state(inference.GEMV_MAX_ROWS + 1)
-    with torch.no_grad():
-        out, _ = big(torch.ones(inference.GEMV_MAX_ROWS + 1, 1, dtype=torch.long), state)
-        one, _ = big(torch.ones(1, 1, dtype=torch.long), big.zero_state(1))
-    assert _rel(out[:1], one) < 1e-5
+    # an unprepared model, or fused_decode off: the Python step
     plain = _model("v7-tiny")
     with torch.no_grad():
         plain(torch.tensor([[1]]))
     step = inference.decode_step(plain)
     assert step.fused() is None and "prepare_inference" in step.fused_why_not
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="needs the CPU kernels (a C++ compiler, AVX2)")
+@pytest.mark.parametrize("name", [*MODELS, "hybrid"])
+def test_fused_prefill_equals_module_path(name, monkeypatch):
+    def make():
+        if name == "hybrid":
+            return _model("v6", layers="v7,v6,v5,v4,v7", n_layer=5, n_embd=64, vocab_size=250, head_size=16)
+        return _model(name)
+
+    ref, model = make(), prepare_inference(make(), "fp32")
+    monkeypatch.setattr(inference, "PREFILL_CHUNK", 7)  # 19 tokens: chunks of 7, 7, 5 with the state between
+    g = torch.Generator().manual_seed(3)
+    V = ref.config.vocab_size
+    toks = torch.randint(0, V, (3, 30), generator=g)
+    with torch.no_grad():
+        for keep in (0, 1, 9):
+            want, ws = ref(toks[:, :19], logits_to_keep=keep)
+            got, gs = model(toks[:, :19], logits_to_keep=keep)
+            assert got.shape == want.shape and _rel(got, want) < 1e-5 and _state_err(gs, ws) < 1e-5, keep
+        want2, ws2 = ref(toks[:, 19:], ws)  # continuing from a state
+        got2, gs2 = model(toks[:, 19:], gs)
+    assert inference.decode_step(model).fused() is not None
+    assert _rel(got2, want2) < 1e-5 and _state_err(gs2, ws2) < 1e-5
 
 
 def test_prepared_model_refuses_save_and_load_option(tmp_path):
@@ -320,3 +338,27 @@ def test_bench_cli_runs_and_compares_with_the_package(tmp_path):
     assert set(ours["decode"]) == {"1", "3"} and ours["prefill_s"] > 0 and ours["peak_rss"] > 0
     assert all(r["repeats"] == 2 for r in data["rows"])
     assert 0 <= data["kl"]["int8"]["decode"] < 0.05
+
+
+def test_fused_paths_follow_dispatch():
+    """A prepared model whose wkv7 dispatch gives to another backend runs that backend's kernel in
+    prefill and decode (the fused C++ step is the cpu backend's, used only when cpu was chosen)."""
+    calls = []
+    from rwkv_zoo.backends.reference.recurrent import wkv7_recurrent
+
+    def counting(*args):
+        calls.append(args[0].shape[1])
+        return wkv7_recurrent(*args)
+
+    class Plugin:
+        @rwkv_zoo.hookimpl
+        def rwkv_zoo_register_backends(self, register):
+            kernels = [rwkv_zoo.Kernel("wkv7", mode, counting) for mode in ("recurrent", "chunk")]
+            register(rwkv_zoo.Backend("counting", kernels, priority=50))
+
+    model = prepare_inference(_model("v7-tiny"), "fp32")
+    L = model.config.n_layer
+    with registered_plugin(Plugin(), "counting-plugin"), torch.no_grad():
+        _, state = model(torch.tensor([[1, 2, 3, 4, 5]]))
+        model(torch.tensor([[6]]), state)
+    assert calls == [5] * L + [1] * L
