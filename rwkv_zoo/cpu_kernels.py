@@ -35,9 +35,9 @@ BASE_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c+
 # name -> (source, extra flags, ABI version). The WKV loops need -ffast-math so expf vectorizes (libmvec);
 # the GEMV kernels do not use it, so their sums keep IEEE semantics.
 LIBRARIES = {
-    "cpu_gemv": ("cpu_gemv.cpp", (), 2),
+    "cpu_gemv": ("cpu_gemv.cpp", (), 3),
     "cpu_wkv": ("cpu_wkv.cpp", ("-ffast-math",), 1),
-    "cpu_decode": ("cpu_decode.cpp", ("-ffast-math",), 2),
+    "cpu_decode": ("cpu_decode.cpp", ("-ffast-math",), 3),
 }
 
 _P, _I, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -182,27 +182,42 @@ def available() -> bool:
     return _load()[0] is not None
 
 
-TILE_ROWS, TILE_K = 4, 8  # the packed layout of csrc/cpu_gemv.cpp: [N / 4, K / 8, 4, 8]
+TILE_ROWS, TILE_K = 4, 8  # the packed layout of csrc/cpu_tiles.h: [N / 4, K / 8, 4, 8] (bf16: K / 16 and 16)
+
+
+def tile_k(dtype: torch.dtype) -> int:
+    """Input columns per tile row: 16 for bf16 (one 256-bit load), else 8."""
+    return 2 * TILE_K if dtype == torch.bfloat16 else TILE_K
 
 
 def packable(weight: Tensor) -> bool:
-    return weight.dim() == 2 and weight.shape[1] % TILE_K == 0
+    return weight.dim() == 2 and weight.shape[1] % tile_k(weight.dtype) == 0
 
 
 def pack(weight: Tensor) -> Tensor:
-    """[N, K] -> the kernels' tile layout [N' / 4, K / 8, 4, 8] (N' = N rounded up to 4, zero rows added)."""
+    """[N, K] -> the kernels' tile layout [N' / 4, K / L, 4, L] (N' = N rounded up to 4, zero rows added).
+
+    L = 8, except bf16: L = 16, stored interleaved (w0, w8, w1, w9, ..., w7, w15) so that the low halves
+    of a 256-bit load's 32-bit lanes are columns 0-7 and the high halves 8-15: the kernel widens each
+    half to fp32 with one shift or mask instead of a two-step conversion."""
     N, K = weight.shape
+    L = tile_k(weight.dtype)
     pad = -N % TILE_ROWS
     if pad:
         weight = torch.cat([weight, weight.new_zeros(pad, K)])
     n4 = (N + pad) // TILE_ROWS
-    return weight.reshape(n4, TILE_ROWS, K // TILE_K, TILE_K).transpose(1, 2).contiguous()
+    if L == 16:
+        weight = weight.reshape(N + pad, K // 16, 2, 8).transpose(2, 3)
+    return weight.reshape(n4, TILE_ROWS, K // L, L).transpose(1, 2).contiguous()
 
 
 def unpack(packed: Tensor, N: int) -> Tensor:
     """The inverse of ``pack``: [N, K] in the packed tensor's dtype (a new tensor)."""
     n4, kb, rows, lanes = packed.shape
-    return packed.transpose(1, 2).reshape(n4 * rows, kb * lanes)[:N]
+    w = packed.transpose(1, 2).reshape(n4 * rows, kb, lanes)
+    if lanes == 16:
+        w = w.reshape(n4 * rows, kb, 8, 2).transpose(2, 3)
+    return w.reshape(n4 * rows, kb * lanes)[:N]
 
 
 def gemv(x: Tensor, packed: Tensor, N: int, scale: Tensor | None = None) -> Tensor:

@@ -62,7 +62,7 @@ class InferenceLinear(nn.Module):
     """A bias-free linear layer for inference with its weight stored in fp32, bf16 or int8.
 
     The weight is kept in the CPU kernels' tile layout (``cpu_kernels.pack``) when its input width
-    is a multiple of 8 (every RWKV projection), else as [out, in].
+    is a multiple of 8, 16 for bf16 (every RWKV projection), else as [out, in].
     """
 
     def __init__(self, weight: Tensor, kind: str = "fp32"):

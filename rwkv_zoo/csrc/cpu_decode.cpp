@@ -28,11 +28,11 @@ namespace {
 
 // All fields are 8 bytes wide so the ctypes mirror in rwkv_zoo/cpu_kernels.py has no padding to get wrong.
 struct Lin {
-    const void* w;       // packed [N / 4, K / 8, 4, 8]; null: absent
+    const void* w;       // packed (rwkv_zoo.cpu_kernels.pack); null: absent
     const float* scale;  // int8 only: [N] per output row
     int64_t kind;        // 0 fp32, 1 bf16, 2 int8
     int64_t N;           // output rows (a multiple of 4: packed rows)
-    int64_t K;           // input width (a multiple of 8)
+    int64_t K;           // input width (a multiple of 8; bf16: of 16)
 };
 
 struct LayerP {
@@ -456,7 +456,7 @@ void channel_mix(const LayerP& P, Scratch& s, const float* xx) {
 
 extern "C" {
 
-int rz_decode_abi_version() { return 2; }
+int rz_decode_abi_version() { return 3; }
 
 // x [B, T, C]: the token embeddings (overwritten). Per layer l, st_in[5 l + j] / st_out[5 l + j] for
 // j = 0 att shift [B, C], 1 ffn shift [B, C], 2 the WKV state [B, H, N, N] or v4's a, then 3 b, 4 p

@@ -8,8 +8,8 @@
 // row of x while they sit in L1, accumulating in fp32. AVX2 + FMA; compiled at first use
 // (rwkv_zoo/cpu_kernels.py), called through ctypes, no torch headers.
 //
-// Layout: weights are packed in tiles of 4 output rows, [N / 4, K / 8, 4, 8] (N padded to a multiple
-// of 4 with zero rows, K a multiple of 8): a tile is one contiguous run that the kernel reads strictly
+// Layout: weights are packed in tiles of 4 output rows, [N / 4, K / 8, 4, 8] (bf16: [N / 4, K / 16, 4,
+// 16], interleaved, see cpu_tiles.h; N padded to a multiple of 4 with zero rows): a tile is one contiguous run that the kernel reads strictly
 // in order, which the hardware prefetcher follows much better than four interleaved row streams
 // (int8: 1.6x faster on one core here). rwkv_zoo.inference packs them once when a model is prepared.
 #include "cpu_tiles.h"
@@ -42,9 +42,9 @@ void gemv(const float* x, int64_t B, int64_t K, int64_t ldx, const WT* W, const 
 
 extern "C" {
 
-int rz_abi_version() { return 2; }
+int rz_abi_version() { return 3; }
 
-// x [B, K] (row stride ldx), W packed [N / 4, K / 8, 4, 8], y [B, N] (row stride ldy); N % 4 == 0, K % 8 == 0.
+// x [B, K] (row stride ldx), W packed as rwkv_zoo.cpu_kernels.pack does, y [B, N] (row stride ldy); N % 4 == 0.
 void rz_gemv_f32(const float* x, int64_t B, int64_t K, int64_t ldx, const float* W, int64_t N, float* y, int64_t ldy,
                  int nthreads) {
     gemv(x, B, K, ldx, W, nullptr, N, y, ldy, nthreads);

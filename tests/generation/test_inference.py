@@ -244,23 +244,39 @@ needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason=f"{cpu_ke
 
 
 @needs_kernels
-@pytest.mark.parametrize("M", [1, 2, 3, 5, 16])
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 16, 300])  # 300 rows: two row blocks of the prefill loop
 def test_gemv_kernels_match_linear(M):
     g = torch.Generator().manual_seed(M)
-    N, K = 37, 200  # N is padded to whole 4-row tiles; K is a multiple of 8 but not of 16
-    x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g)
-    for kind, ref_w, tol in (("fp32", w, 1e-4), ("bf16", w.bfloat16().float(), 1e-4), ("int8", None, 1e-4)):
+    N = 37  # padded to whole 4-row tiles
+    # K: a multiple of 8 (fp32/int8 tiles) but not of 16; bf16 tiles take 16 columns per step
+    cases = (("fp32", 200, (10, 25, 4, 8)), ("bf16", 208, (10, 13, 4, 16)), ("int8", 200, (10, 25, 4, 8)))
+    for kind, K, shape in cases:
+        x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g)
         lin = InferenceLinear(w, kind)
-        assert lin.packed and lin.qweight.shape == (10, 25, 4, 8)
-        if ref_w is None:
+        assert lin.packed and lin.qweight.shape == shape
+        if kind == "int8":
             q, s = inference.quantize_int8(w)
             ref_w = q.float() * s[:, None]
+        else:
+            ref_w = w.bfloat16().float() if kind == "bf16" else w
+        tol = 1e-4
         torch.testing.assert_close(lin.dequantized(), ref_w)  # unpack inverts pack
         torch.testing.assert_close(lin(x), F.linear(x, ref_w), rtol=tol, atol=tol)
         # a strided input (rows of a wider buffer), as the decode step passes views, and a 3-D one
         wide = torch.randn(M, K + 13, generator=g)[:, :K]
         torch.testing.assert_close(lin(wide), F.linear(wide, ref_w), rtol=tol, atol=tol)
         torch.testing.assert_close(lin(x[:, None]), F.linear(x[:, None], ref_w), rtol=tol, atol=tol)
+    assert not InferenceLinear(torch.randn(4, 200), "bf16").packed  # bf16 needs K % 16 == 0
+
+
+def test_kernels_build_where_they_can():
+    """Where nothing rules them out (x86-64 with AVX2, a compiler, not disabled), every library must
+    build and load: the callers fall back to PyTorch silently, so only this test sees a broken source."""
+    if cpu_kernels._static_reason() is not None:
+        pytest.skip(cpu_kernels._static_reason())
+    for load in (cpu_kernels._load, cpu_kernels.load_wkv, cpu_kernels.load_decode):
+        lib, why = load()
+        assert lib is not None, why
 
 
 def test_unpackable_width_uses_torch():
