@@ -244,7 +244,7 @@ needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason=f"{cpu_ke
 
 
 @needs_kernels
-@pytest.mark.parametrize("M", [1, 2, 3, 5, 16, 300])  # 300 rows: two row blocks of the prefill loop
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 16, 3000])  # 3000 rows: two row blocks of the prefill loop
 def test_gemv_kernels_match_linear(M):
     g = torch.Generator().manual_seed(M)
     N = 37  # padded to whole 4-row tiles
