@@ -112,6 +112,10 @@ def ours(spec: str, weights: str, batches: list[int], prefill: int, decode: int,
                 if i in (100, long_steps):
                     rss[str(i)] = _rss_now()
             out["rss_after"] = rss
+    from rwkv_zoo.inference import decode_step
+
+    step = decode_step(model)
+    out["step"] = "fused C++ step" if step.fused() is not None else f"Python step ({step.fused_why_not})"
     out["peak_rss"] = _peak_rss()
     return out
 
@@ -320,6 +324,9 @@ def _print_table(rows, mach, batches, kls, args) -> None:
             n0, n1 = sorted(a, key=int)
             print(f"{'':<14} RSS after {n0} decode steps {_fmt_bytes(a[n0])}, after {n1}: {_fmt_bytes(a[n1])} "
                   f"({100 * (a[n1] / a[n0] - 1):+.2f}%)")
+    for r in rows:
+        if r.get("step"):
+            print(f"rwkv_zoo {r['weights']}: {r['step']}")
     for w, v in kls.items():
         print(f"mean KL(fp32 || {w}) of next-token distributions: prefill {v['prefill']:.2e}, "
               f"decode {v['decode']:.2e}")

@@ -479,8 +479,10 @@ class FusedDecode:
             att = block.att
             names = ("time_maa_w1", "time_decay_w1", "w1", "a1", "v1", "g1")
             loras = [getattr(att, n) for n in names if hasattr(att, n)]
-            if any(m.shape[-1] % 8 for m in loras) or layer.N > 256 or model.config.n_embd != layer.H * layer.N:
-                return None, "a LoRA width is not a multiple of 8, or the head size is above 256"
+            if any(m.shape[-1] % 8 for m in loras):
+                return None, "a LoRA width is not a multiple of 8"
+            if layer.att_kind != "v4" and (layer.N > 256 or model.config.n_embd != layer.H * layer.N):
+                return None, f"head size {layer.N}: the fused step takes heads of up to 256 channels"
         if model.config.n_embd % 8:
             return None, "the model width is not a multiple of 8"
         return cls(model, layers, lib), None

@@ -181,6 +181,10 @@ def test_fused_decode_rescale_batch_limit_and_coverage():
     prepare_inference(model, "fp32")
     (_, f, fs, fused), (_, p, ps, _) = _fused_vs_python(model, 2)
     assert fused is not None and _rel(f, p) < 1e-5 and _state_err(fs, ps) < 1e-5
+    # v4's "head" is the whole width: any width goes (the 256-channel limit is for matrix-state heads)
+    wide = prepare_inference(_model("v4", n_layer=1, n_embd=320, vocab_size=64), "int8")
+    (_, f, fs, fused), (_, p, ps, _) = _fused_vs_python(wide, 2)
+    assert fused is not None and _rel(f, p) < 1e-5 and _state_err(fs, ps) < 1e-5
     # an unprepared model, or fused_decode off: the Python step
     plain = _model("v7-tiny")
     with torch.no_grad():
