@@ -20,6 +20,8 @@ class Explanation:
     selections: list[tuple[list[int], Selection]]
     # Plugins that could have offered backends but are not loaded: blocked or failed (one sentence each).
     not_loaded: list[str] = field(default_factory=list)
+    # How the model runs this call without gradients around the kernels (None: not asked, e.g. training).
+    execution: str | None = None
 
     def __str__(self) -> str:
         lines = [f"{self.model_name}: input [B={self.batch_size}, T={self.T}]"]
@@ -28,6 +30,8 @@ class Explanation:
             lines.append(f"{span} ({len(layers)}):")
             lines.extend("  " + line for line in sel.explain().splitlines())
         lines.extend(f"not considered: {why}" for why in self.not_loaded)
+        if self.execution:
+            lines.append(f"runs as: {self.execution}")
         return "\n".join(lines)
 
     @property
@@ -72,5 +76,28 @@ def explain(
         groups.setdefault(key, []).append(i)
         sels[key] = sel
     name = f"{model.version}-{model.size_name}" if getattr(model, "size_name", None) else model.version
-    return Explanation(name, batch_size, T, [(layers, sels[k]) for k, layers in groups.items()],
-                       pluginmanager.not_loaded())
+    selections = [(layers, sels[k]) for k, layers in groups.items()]
+    execution = None if requires_grad else _execution(model, T, selections, device, dtype)
+    return Explanation(name, batch_size, T, selections, pluginmanager.not_loaded(), execution)
+
+
+def _execution(model, T: int, selections, device, dtype) -> str | None:
+    """What runs around the kernels in inference (no gradients): the fused C++ step, the Python decode
+    step, or the modules (``rwkv_zoo.inference``)."""
+    from rwkv_zoo import inference
+
+    if model.device.type == "meta":
+        return None
+    on_cpu = (device or model.device.type) == "cpu" and (dtype or model.dtype) == torch.float32
+    fast = getattr(model, "fast_decode", True) and model.dtype == torch.float32
+    prepared = getattr(model, "inference_weights", None) is not None
+    if on_cpu and fast and (T == 1 or prepared) and all(sel.backend == "cpu" for _, sel in selections):
+        step = inference.decode_step(model)
+        if step.fused() is not None:
+            return "the fused C++ step (rwkv_zoo/csrc/cpu_decode.cpp): every layer and the head in one call"
+        if T > 1:
+            return f"the modules, layer by layer (no fused step: {step.fused_why_not})"
+        return f"the Python decode step (rwkv_zoo.inference.DecodeStep; no fused step: {step.fused_why_not})"
+    if T == 1 and fast:
+        return "the Python decode step (rwkv_zoo.inference.DecodeStep), calling the chosen kernels"
+    return "the modules, layer by layer"

@@ -382,3 +382,17 @@ def test_fused_paths_follow_dispatch():
         _, state = model(torch.tensor([[1, 2, 3, 4, 5]]))
         model(torch.tensor([[6]]), state)
     assert calls == [5] * L + [1] * L
+
+
+def test_explain_says_how_inference_runs():
+    model = _model("v7-tiny")
+    assert "Python decode step" in rwkv_zoo.explain(model, (1, 1)).execution
+    assert rwkv_zoo.explain(model, (1, 50)).execution == "the modules, layer by layer"
+    assert rwkv_zoo.explain(model, (1, 50), requires_grad=True).execution is None
+    prepare_inference(model, "int8")
+    text = str(rwkv_zoo.explain(model, (2, 1)))
+    if cpu_kernels.available():
+        assert "runs as: the fused C++ step" in text
+        assert "fused C++ step" in rwkv_zoo.explain(model, (2, 50)).execution
+    model.backend = "reference"  # dispatch no longer picks cpu: no fused step
+    assert "Python decode step" in rwkv_zoo.explain(model, (2, 1)).execution
