@@ -25,6 +25,7 @@ widened copy). Activations and the state stay fp32 throughout.
 from __future__ import annotations
 
 import ctypes
+import math
 from typing import Any
 
 import torch
@@ -257,12 +258,13 @@ class DecodeStep:
         self._fused: FusedDecode | bool | None = False  # False: not tried yet
         self.fused_why_not: str | None = None
 
-    def fingerprint(self) -> tuple:
-        # In-place updates (an optimizer step, set_rescale, load_state_dict's copy) bump tensor versions;
-        # model.to() changes data pointers: either rebuilds the step's cached constants. Walking the
-        # module tree instead would cost ~2 ms per token; modules swapped out (prepare_inference,
-        # load_state_dict(assign=True)) drop the cached step through invalidate().
-        return tuple((t.data_ptr(), t._version) for t in self.tensors)
+    def fingerprint(self) -> int:
+        # In-place updates (an optimizer step, set_rescale, load_state_dict's copy) bump tensor versions,
+        # which only grow: their sum changes when any does, and the step's cached constants are rebuilt.
+        # (A per-token check: data pointers too cost 0.2 ms per token at 12 layers.) What moves or
+        # replaces tensors drops the cached step through invalidate(): model.to() / .float() (RWKV._apply),
+        # prepare_inference, load_state_dict(assign=True).
+        return sum(t._version for t in self.tensors)
 
     @torch.no_grad()
     def prefill(self, x: Tensor, state: RWKVState, fresh: bool, keep: int):
@@ -568,32 +570,48 @@ class FusedDecode:
                 outs.append(logits)
         return (outs[0] if len(outs) == 1 else torch.cat(outs, 1)), layers
 
+    def _new_state(self, B: int):
+        """Uninitialized tensors for the new state: the shifts, the v4 (a, b, p) and the matrix states,
+        each group cut from one buffer with one call (per-piece views cost ~3 us each in Python). Matrix
+        states above 8 MB in all get a buffer per layer: a v7-0.1B state at batch 16 is 38 MB, above
+        glibc's largest mmap threshold, so one buffer would be mapped and zeroed afresh every step
+        (measured: ~10 % of the step); per-layer buffers are reused from the heap."""
+        C, L = self.C, self.L
+        shifts = torch.empty(2 * L, B, C).unbind(0)
+        n4 = self.kinds.count("v4")
+        v4 = torch.empty(3 * n4, B, C).unbind(0) if n4 else ()
+        mats = [(B, H, N, N) for kind, (H, N) in zip(self.kinds, self.shapes, strict=True) if kind != "v4"]
+        if mats and len(set(mats)) == 1 and len(mats) * math.prod(mats[0]) * 4 <= 8 << 20:
+            wkv = torch.empty(len(mats), *mats[0]).unbind(0)
+        else:
+            wkv = [torch.empty(shape) for shape in mats]
+        return shifts, iter(v4), iter(wkv)
+
     def _run(self, x: Tensor, layers: list[LayerState], fresh: bool, keep: int):
         B, T, C = x.shape
         x = x.contiguous().clone()  # the kernel overwrites it
+        shifts, v4, wkv = self._new_state(B)
         ins: list[Tensor | None] = []
         new_layers = []
-        for kind, (H, N), ls in zip(self.kinds, self.shapes, layers, strict=True):
-            # One buffer per layer, not one for the model: at batch 16 a v7-0.1B state is 38 MB, above
-            # glibc's largest mmap threshold, so one buffer would be mapped and zeroed afresh every step
-            # (measured: page faults were ~10 % of the step); per-layer buffers are reused from the heap.
-            ins += [ls.att_shift.float().contiguous(), ls.ffn_shift.float().contiguous()]
+        for i, (kind, ls) in enumerate(zip(self.kinds, layers, strict=True)):
+            ins += (ls.att_shift, ls.ffn_shift)
             if kind == "v4":
-                att, ffn, a, b, p = torch.empty(5, B, C).unbind(0)
-                ins += [None] * 3 if fresh else [t.float().contiguous() for t in ls.wkv]
-                new_layers.append(LayerState(att, ffn, (a, b, p)))
+                ins += (None, None, None) if fresh else ls.wkv
+                new_layers.append(LayerState(shifts[2 * i], shifts[2 * i + 1], (next(v4), next(v4), next(v4))))
             else:
-                buf = torch.empty(B * (2 * C + H * N * N))
-                att, ffn = buf[: B * C].view(B, C), buf[B * C : 2 * B * C].view(B, C)
-                ins += [None if fresh else ls.wkv.float().contiguous(), None, None]
-                new_layers.append(LayerState(att, ffn, buf[2 * B * C :].view(B, H, N, N)))
+                ins += (None if fresh else ls.wkv, None, None)
+                new_layers.append(LayerState(shifts[2 * i], shifts[2 * i + 1], next(wkv)))
+        # States from another source (a bf16 model's shifts, a transposed view) are made fp32 contiguous;
+        # ours already are. `keep_alive` holds the converted copies until the call returns.
+        keep_alive = [t if t is None or (t.dtype == torch.float32 and t.is_contiguous()) else t.float().contiguous()
+                      for t in ins]
         out_ptrs = []
-        for ls in new_layers:
-            wkv = list(ls.wkv) if isinstance(ls.wkv, tuple) else [ls.wkv, None, None]
-            out_ptrs += [ls.att_shift, ls.ffn_shift, *wkv]
+        for kind, ls in zip(self.kinds, new_layers, strict=True):
+            out_ptrs += (ls.att_shift, ls.ffn_shift, *ls.wkv) if kind == "v4" else (ls.att_shift, ls.ffn_shift, ls.wkv,
+                                                                                    None, None)
         P5 = ctypes.c_void_p * (5 * self.L)
-        in_arr = P5(*(None if t is None else t.data_ptr() for t in ins))
-        out_arr = P5(*(None if t is None else t.data_ptr() for t in out_ptrs))
+        in_arr = P5(*[None if t is None else t.data_ptr() for t in keep_alive])
+        out_arr = P5(*[None if t is None else t.data_ptr() for t in out_ptrs])
         logits = torch.empty(B, keep, self.head.N, dtype=torch.float32)
         self.lib.rz_decode(self.params, self.L, B, T, C, x.data_ptr(), in_arr, out_arr, *self.ln_out,
                            ctypes.byref(self.head), keep, logits.data_ptr(), self.p_init, torch.get_num_threads())

@@ -185,6 +185,12 @@ class RWKV(nn.Module):
         self.fast_decode: bool = True
         self.register_load_state_dict_post_hook(inference.invalidate)
 
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .float() / .cuda() move or convert every tensor: the cached decode step points at the
+        # old ones.
+        inference.invalidate(self)
+        return super()._apply(fn, *args, **kwargs)
+
     # -- identity and state ------------------------------------------------------------------------
     @property
     def identity(self) -> ModelIdentity:

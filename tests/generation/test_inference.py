@@ -78,6 +78,16 @@ def test_fast_decode_follows_weight_updates_and_rescale():
     assert _rel(fast, slow) < 1e-5
 
 
+def test_fast_decode_follows_dtype_round_trips():
+    model = prepare_inference(_model("v6-tiny"), "fp32")
+    tok = torch.tensor([[3]])
+    with torch.no_grad():
+        before, _ = model(tok)  # caches the step (and its pointers into the fp32 tensors)
+        model.double().float()  # every tensor replaced
+        after, _ = model(tok)
+    assert _rel(after, before) < 1e-6
+
+
 def test_fast_decode_follows_load_state_dict_with_assign():
     model, other = _model("v7-tiny", seed=1), _model("v7-tiny", seed=2)
     tok = torch.tensor([[3]])
