@@ -253,7 +253,8 @@ class DecodeStep:
         self.layers = [_Layer(b) for b in model.blocks]
         self.head = _lin(model.head)
         self.ln_out = model.ln_out
-        self.tensors = [*model.parameters(), *model.buffers()]
+        # Tensors made under torch.inference_mode() have no version counter (and cannot be tracked).
+        self.tensors = [t for t in (*model.parameters(), *model.buffers()) if not t.is_inference()]
         self.key = self.fingerprint()
         self._fused: FusedDecode | bool | None = False  # False: not tried yet
         self.fused_why_not: str | None = None

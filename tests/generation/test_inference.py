@@ -88,6 +88,19 @@ def test_fast_decode_follows_dtype_round_trips():
     assert _rel(after, before) < 1e-6
 
 
+def test_fast_paths_under_inference_mode():
+    """A model built and prepared under torch.inference_mode() (its tensors have no version counter)."""
+    ref = _model("v7-tiny")
+    with torch.inference_mode():
+        model = prepare_inference(_model("v7-tiny"), "fp32")
+        got, state = model(torch.tensor([[1, 2, 3]]))
+        got2, _ = model(torch.tensor([[4]]), state)
+    with torch.no_grad():
+        want, ref_state = ref(torch.tensor([[1, 2, 3]]))
+        want2, _ = ref(torch.tensor([[4]]), ref_state)
+    assert _rel(got, want) < 1e-5 and _rel(got2, want2) < 1e-5
+
+
 def test_fast_decode_follows_load_state_dict_with_assign():
     model, other = _model("v7-tiny", seed=1), _model("v7-tiny", seed=2)
     tok = torch.tensor([[3]])
