@@ -1,11 +1,12 @@
-// One whole decode step (every layer, the final norm and the head) for B <= 16 tokens, in one call and
-// one OpenMP parallel region.
+// One whole model step (every layer, the final norm and the head) in one call and one OpenMP parallel
+// region: decode (B sequences, T = 1) and prefill (B sequences of T tokens; the WKV recurrences walk
+// the tokens, everything else works on the B * T rows at once).
 //
 // Why: a decode step on a CPU is bound by reading the weights, but run as ~40 tensor ops and ~10 GEMV
 // calls per layer it pays two costs that are not memory: Python/dispatcher overhead per op, and
 // waking the second OpenMP thread for every GEMV (measured: with OMP_WAIT_POLICY=active the GEMVs
 // alone ran 30-40 % faster, i.e. the wake-ups were a third of their time). Here the threads start once
-// per token and meet at barriers; matrices that read the same input (r, k, v and the first LoRA
+// per call and meet at barriers; matrices that read the same input (r, k, v and the first LoRA
 // halves) share one work-sharing loop, so a layer has a handful of barriers and no idle thread.
 //
 // The maths is rwkv_zoo/inference.py's DecodeStep (itself checked against the model's modules), for
