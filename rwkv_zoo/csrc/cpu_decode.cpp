@@ -139,21 +139,9 @@ void shift_rows(Scratch& s, const float* src, const float* carried, float* xx, f
     }
 }
 
-// GroupNorm over heads for one row: y [H * N] normalized per head, then the per-channel affine.
+// GroupNorm over heads for one row (in place): each head's N channels normalized like a LayerNorm.
 inline void group_norm(float* y, int64_t H, int64_t N, const float* w, const float* b, double eps) {
-    for (int64_t h = 0; h < H; ++h) {
-        float* yh = y + h * N;
-        float mean = 0.f;
-#pragma omp simd reduction(+ : mean)
-        for (int64_t i = 0; i < N; ++i) mean += yh[i];
-        mean /= N;
-        float var = 0.f;
-#pragma omp simd reduction(+ : var)
-        for (int64_t i = 0; i < N; ++i) var += (yh[i] - mean) * (yh[i] - mean);
-        const float rstd = 1.f / sqrtf(var / N + (float)eps);
-#pragma omp simd
-        for (int64_t i = 0; i < N; ++i) yh[i] = (yh[i] - mean) * rstd * w[h * N + i] + b[h * N + i];
-    }
+    for (int64_t h = 0; h < H; ++h) layer_norm(y + h * N, w + h * N, b + h * N, eps, N, y + h * N);
 }
 
 // One head's one-step matrix-state update. S0 may be null (a fresh sequence: zeros).
