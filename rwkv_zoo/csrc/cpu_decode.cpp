@@ -207,19 +207,28 @@ inline void mix_row(const float* x, const float* xx, const float* m, int64_t C, 
     for (int64_t i = 0; i < C; ++i) out[i] = xx[i] + m[i] * (x[i] - xx[i]);
 }
 
+// v4/v5: the first n of the k, v, r, g mixes (xx + m * (x - xx)) and their projections into s.k, s.v,
+// s.r, s.g.
+void mix_kvrg(const LayerP& P, Scratch& s, const float* x, const float* xx, int n) {
+    const int64_t B = s.M, C = s.C;
+    float* mixed = s.mixed.data();
+#pragma omp for
+    for (int64_t b = 0; b < B; ++b)
+        for (int m = 0; m < n; ++m) mix_row(x + b * C, xx + b * C, P.mix + m * C, C, mixed + (m * B + b) * C);
+    const Lin* lins[4] = {&P.k, &P.v, &P.r, &P.g};
+    float* outs[4] = {s.k.data(), s.v.data(), s.r.data(), s.g.data()};
+    Job jobs[4];
+    for (int m = 0; m < n; ++m) jobs[m] = {lins[m], mixed + m * B * C, C, outs[m], C};
+    gemvs(jobs, n, B);
+}
+
 void time_mix(const LayerP& P, Scratch& s, const float* xx, float* const* st_in, float* const* st_out, bool& have_vfirst,
               float p_init) {
     const int64_t B = s.M, C = s.C, H = P.H, N = P.N;  // B: rows (tokens), s.nseq * s.T
     const float* x = s.xa.data();
     float* mixed = s.mixed.data();
     if (P.att_kind == 4) {
-#pragma omp for
-        for (int64_t b = 0; b < B; ++b)
-            for (int m = 0; m < 3; ++m) mix_row(x + b * C, xx + b * C, P.mix + m * C, C, mixed + (m * B + b) * C);
-        const Job jobs[3] = {{&P.k, mixed, C, s.k.data(), C},
-                             {&P.v, mixed + B * C, C, s.v.data(), C},
-                             {&P.r, mixed + 2 * B * C, C, s.r.data(), C}};
-        gemvs(jobs, 3, B);
+        mix_kvrg(P, s, x, xx, 3);
         const float *a0 = st_in[2], *b0 = st_in[3], *p0 = st_in[4];
         float *a1 = st_out[2], *b1 = st_out[3], *p1 = st_out[4];
         // One task per (sequence, block of 64 channels); the state lives in the output arrays.
@@ -264,14 +273,7 @@ void time_mix(const LayerP& P, Scratch& s, const float* xx, float* const* st_in,
     float* S1 = st_out[2];
     const float* logw = nullptr;  // [B, C] per token (v6/v7) or [H * N] (v5)
     if (P.att_kind == 5) {
-#pragma omp for
-        for (int64_t b = 0; b < B; ++b)
-            for (int m = 0; m < 4; ++m) mix_row(x + b * C, xx + b * C, P.mix + m * C, C, mixed + (m * B + b) * C);
-        const Job jobs[4] = {{&P.k, mixed, C, s.k.data(), C},
-                             {&P.v, mixed + B * C, C, s.v.data(), C},
-                             {&P.r, mixed + 2 * B * C, C, s.r.data(), C},
-                             {&P.g, mixed + 3 * B * C, C, s.g.data(), C}};
-        gemvs(jobs, 4, B);
+        mix_kvrg(P, s, x, xx, 4);
     } else if (P.att_kind == 6) {
         const int64_t D5 = P.l1[0].N;  // 5 * D
         const int64_t D = D5 / 5;
