@@ -1,0 +1,65 @@
+"""The triton backend's kernels compiled for real GPUs, on a machine without one (``triton/aot.py``).
+
+The interpreter tests (``test_triton*.py``) check the arithmetic; only Triton's compiler checks what a
+GPU needs (types, layouts, ``tl.dot`` rules, shared memory per block). Here every kernel launch the
+autograd wrappers make for training at the standard head size (N=64, bf16: the no-grad forwards differ
+only in the SAVE flag) is compiled for sm_80, whose 163 KiB of shared memory per block is the tightest
+of the data-centre GPUs, in a subprocess without ``TRITON_INTERPRET`` (these test modules set it), and
+must compile and fit. The command prints each kernel's registers, spills and shared memory.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed (the optional extra rwkv-zoo[triton])")
+
+from rwkv_zoo.backends.triton import aot
+
+pytestmark = pytest.mark.kernel
+
+KERNELS = ("wkv4_fwd_kernel", "wkv4_bwd_kernel", "wkv6_fwd_kernel", "wkv6_bwd_kernel", "wkv7_fwd_kernel",
+           "wkv7_bwd_kernel", "wkv6_chunk_fwd_kernel", "wkv6_chunk_bwd_kernel", "wkv7_chunk_fwd_kernel",
+           "wkv7_chunk_bwd_kernel")
+
+
+def test_launches_are_those_the_wrappers_make():
+    # Runs the wrappers on meta tensors: the launches come from the code that runs on a GPU.
+    got = aot.launches("wkv7", "chunk", torch.bfloat16, 64, H=3, B=2, T=40)
+    assert [x.kernel for x in got] == ["wkv7_chunk_fwd_kernel", "wkv7_chunk_fwd_kernel", "wkv7_chunk_bwd_kernel"]
+    assert [dict(x.constexprs)["SAVE"] for x in got[:2]] == [False, True]  # no-grad, then training
+    assert all(x.grid == (6,) and dict(x.constexprs)["N"] == 64 for x in got)
+    sig = dict(got[2].signature)
+    assert sig["r_ptr"] == "*bf16" and sig["w_ptr"] == "*fp32" and sig["dr_ptr"] == "*fp32" and sig["T"] == "i32"
+    wkv5 = aot.launches("wkv5", "chunk", torch.float32, 128, backward=False)
+    assert [x.kernel for x in wkv5] == ["wkv6_chunk_fwd_kernel"]  # wkv5 runs the wkv6 kernel
+    assert wkv5[0].grid[1] == 128 // dict(wkv5[0].constexprs)["BV"]  # a head split over programs
+    with pytest.raises(ValueError, match="no wkv7 bogus kernel"):
+        aot.launches("wkv7", "bogus", torch.float32)
+
+
+def test_problems_name_what_does_not_fit():
+    fits = aot.Resources(registers=255, local_bytes=0, shared_bytes=160 * 1024, threads=256)
+    assert aot.problems(fits, 80) == []
+    big = aot.Resources(registers=255, local_bytes=0, shared_bytes=170 * 1024, threads=256)
+    assert "shared memory" in aot.problems(big, 80)[0] and aot.problems(big, 90) == []
+    wide = aot.Resources(registers=255, local_bytes=0, shared_bytes=0, threads=512)
+    assert "registers" in aot.problems(wide, 90)[0]
+
+
+@pytest.mark.slow
+def test_every_training_kernel_compiles_and_fits_sm80():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 is its default
+    cmd = [sys.executable, "-m", "rwkv_zoo.backends.triton.aot", "--archs", "80", "--dtypes", "bf16",
+           "--head-sizes", "64", "--training-only", "--jobs", "2"]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
+    assert run.returncode == 0, run.stdout + run.stderr[-4000:]
+    rows = [line for line in run.stdout.splitlines() if "_kernel(" in line]
+    assert {line.split()[2].split("(")[0] for line in rows} == set(KERNELS), run.stdout
+    assert "all" in run.stdout.splitlines()[-1] and "FAILED" not in run.stdout, run.stdout
