@@ -19,6 +19,9 @@
    backend that lacks the op, mode or head size).
 
 Without a CUDA GPU it prints what it would run and exits 0 (``--dry-run`` does the same anywhere).
+``--smoke`` runs the whole script on the CPU instead, in Triton's interpreter at a tiny shape with a
+wall-clock timer: no number it prints means anything, but every step (conformance, the comparisons,
+refusals, the table) runs, so a GPU session's minutes are not spent on a bug in this script (CI runs it).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ import torch
 import torch.nn.functional as F
 
 SHAPES = {"S-std": (8, 4096, 64, 64), "S-small": (8, 1024, 8, 64), "Decode-B": (256, 1, 64, 64)}
+SMOKE_SHAPES = {"tiny": (1, 20, 1, 16), "Decode-B": (2, 1, 1, 16)}  # --smoke: the CPU, the interpreter
+DEVICE = "cuda"  # "cpu" with --smoke
 FORWARD_ONLY = {"Decode-B"}  # batched decode: one step with state, no gradients
 BACKENDS_CHECKED = ("triton", "cuda")  # conformance on the GPU for each that is available
 # (op, backend, mode): the rows of the timing table.
@@ -132,8 +137,6 @@ def refusal(op, backend, mode, args, grad: bool) -> str | None:
 
 def bench(op, backend, mode, args, grad: bool) -> float:
     """Median ms of one forward (``grad``: forward + backward of a sum over y and the final state)."""
-    from triton.testing import do_bench
-
     leaves = _leaves(args, grad)
     if not grad:
         def fn():
@@ -149,10 +152,19 @@ def bench(op, backend, mode, args, grad: bool) -> float:
             states = s if isinstance(s, tuple) else (s,)
             loss = y.float().sum() + sum(t.sum() for t in states)
             loss.backward()
+    if DEVICE == "cpu":  # --smoke: a plain timer (do_bench needs CUDA)
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+        return sorted(times)[1]
+    from triton.testing import do_bench
+
     return do_bench(fn, warmup=50, rep=300, return_mode="median")
 
 
-def correctness(quick: bool) -> list[str]:
+def correctness(quick: bool, smoke: bool = False) -> list[str]:
     """The conformance suite on the GPU per backend, then each vs reference chunk at S-small; failure lines."""
     from rwkv_zoo import dispatch
     from rwkv_zoo.testing import check_backend, rel_err
@@ -162,14 +174,17 @@ def correctness(quick: bool) -> list[str]:
                and dispatch.get_backends()[n].unavailable_reason() is None]
     for name in checked:
         t0 = time.time()
-        report = check_backend(name, dtypes=(torch.float32, torch.bfloat16), Ts=(1, 15, 64, 65, 130),
-                               device="cuda", B=2, H=2, N=64, raise_on_fail=False)
+        if smoke:
+            kw = dict(dtypes=(torch.float32,), Ts=(1, 17), B=1, H=1, N=16)
+        else:
+            kw = dict(dtypes=(torch.float32, torch.bfloat16), Ts=(1, 15, 64, 65, 130), B=2, H=2, N=64)
+        report = check_backend(name, device=DEVICE, raise_on_fail=False, **kw)
         print(report.summary())
         print(f"({name} conformance, including any first-use compilation: {time.time() - t0:.1f} s)")
         failures += [f"{name} conformance {r.op} {r.mode} {r.dtype} T={r.T}: {r.message}" for r in report.failures]
 
-    B, T, H, N = SHAPES["S-small"]
-    if quick:
+    B, T, H, N = SMOKE_SHAPES["tiny"] if smoke else SHAPES["S-small"]
+    if quick and not smoke:
         T = 256
     print(f"\nGPU backends vs reference chunk (fp32, GPU) at B={B} T={T} H={H} N={N}:")
     pairs = [("triton", op, m) for op, m in (("wkv4", "recurrent"), ("wkv5", "recurrent"), ("wkv5", "chunk"),
@@ -179,14 +194,14 @@ def correctness(quick: bool) -> list[str]:
     for tb, op, tmode in pairs:
         if tb not in checked:
             continue
-        args = make_args(op, B, T, H, N, torch.float32, "cuda", seed=1)
+        args = make_args(op, B, T, H, N, torch.float32, DEVICE, seed=1)
         outs = []
         for backend, mode in ((tb, tmode), ("reference", "chunk")):
             leaves = _leaves(args, True)
             y, s = _call(op, backend, mode, leaves)
             states = s if isinstance(s, tuple) else (s,)
-            g = torch.Generator(device="cuda").manual_seed(2)
-            up = [torch.randn(t.shape, generator=g, device="cuda") for t in (y, *states)]
+            g = torch.Generator(device=DEVICE).manual_seed(2)
+            up = [torch.randn(t.shape, generator=g, device=DEVICE) for t in (y, *states)]
             loss = sum((t * u).sum() for t, u in zip((y, *states), up, strict=True))
             loss.backward()
             outs.append([y, *states] + [x.grad for x in _flat(leaves)])
@@ -198,17 +213,17 @@ def correctness(quick: bool) -> list[str]:
     return failures
 
 
-def timings(quick: bool) -> None:
+def timings(quick: bool, smoke: bool = False) -> None:
     rows = [("shape", "op", "backend/mode", "fwd ms", "fwd+bwd ms")]
     notes = []
-    for shape, (B, T, H, N) in SHAPES.items():
-        if quick and shape != "S-small":
+    for shape, (B, T, H, N) in (SMOKE_SHAPES if smoke else SHAPES).items():
+        if quick and shape != "S-small" and not smoke:
             continue
         runs = [(*r, torch.bfloat16) for r in RUNS]
         if shape == "S-std":
             runs += [(*r, torch.float32) for r in FP32_RUNS]
         for op, dtype in dict.fromkeys((r[0], r[3]) for r in runs):
-            args = make_args(op, B, T, H, N, dtype, "cuda")
+            args = make_args(op, B, T, H, N, dtype, DEVICE)
             for op_, backend, mode, dt in runs:
                 if (op_, dt) != (op, dtype):
                     continue
@@ -227,11 +242,13 @@ def timings(quick: bool) -> None:
                     except Exception as exc:  # report and go on: one table at the end
                         cells.append("error")
                         notes.append(f"{shape} {op} {backend}/{mode}: {type(exc).__name__}: {exc}"[:300])
-                    torch.cuda.empty_cache()
+                    if DEVICE == "cuda":
+                        torch.cuda.empty_cache()
                 rows.append((shape, op, f"{backend}/{mode}" + ("" if dtype == torch.bfloat16 else " fp32"), *cells))
                 print(f"  {rows[-1]}", flush=True)
             del args
-            torch.cuda.empty_cache()
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()
     print_table(rows)
     for n in dict.fromkeys(notes):
         print(f"  - {n}")
@@ -251,13 +268,19 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="S-small only, shorter correctness run")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     p.add_argument("--skip-correctness", action="store_true")
+    p.add_argument("--smoke", action="store_true",
+                   help="run every step on the CPU in Triton's interpreter at a tiny shape (checks the script)")
     p.add_argument("--cuda-chunk-bwd-tc", action="store_true",
                    help="time the cuda wkv7 chunk backward on tensor cores (RWKV_ZOO_CUDA_CHUNK_BWD_TC=1)")
     a = p.parse_args(argv)
     if a.cuda_chunk_bwd_tc:
         os.environ["RWKV_ZOO_CUDA_CHUNK_BWD_TC"] = "1"  # read when the extension is built, before any kernel
+    global DEVICE
+    if a.smoke:
+        DEVICE = "cpu"
+        os.environ["TRITON_INTERPRET"] = "1"  # before the first kernel is imported
     plan = [f"{s} {shape}" for s, shape in SHAPES.items()] + [f"{o} {b}/{m}" for o, b, m in RUNS]
-    if a.dry_run or not torch.cuda.is_available():
+    if a.dry_run or not (a.smoke or torch.cuda.is_available()):
         if not a.dry_run:
             print("no CUDA GPU: nothing to run.")
         print("plan (B, T, H, N):\n  " + "\n  ".join(plan))
@@ -265,14 +288,15 @@ def main(argv=None) -> int:
     import rwkv_zoo
     from rwkv_zoo import dispatch
 
-    print(f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}; rwkv_zoo {rwkv_zoo.__version__}")
+    where = "CPU (--smoke: Triton's interpreter)" if a.smoke else torch.cuda.get_device_name()
+    print(f"GPU: {where}; torch {torch.__version__}; rwkv_zoo {rwkv_zoo.__version__}")
     import triton
 
     print(f"triton {triton.__version__}")
     for name, b in sorted(dispatch.get_backends().items()):
         print(f"  backend {name}: {b.unavailable_reason() or 'available'}")
-    failures = [] if a.skip_correctness else correctness(a.quick)
-    timings(a.quick)
+    failures = [] if a.skip_correctness else correctness(a.quick, a.smoke)
+    timings(a.quick, a.smoke)
     if failures:
         print("\nCORRECTNESS FAILURES:\n  " + "\n  ".join(failures))
         return 1
