@@ -32,8 +32,9 @@ kernels); -10 without one, so the interpreter only runs when asked for (``backen
 
 Capabilities: head sizes 16, 32, 64, 128 (powers of two; the recurrent kernels hold a head's whole
 state in one program's registers; chunk wkv5/6 split a head over programs and also take 256, see
-``chunk.BLOCKS``; chunk wkv7 takes 16-64, see ``chunk7``); fp32, bf16 and fp16 inputs (``w``, ``u`` may be fp32 alongside), fp32 state;
-``y`` in the input dtype. Accuracy (fp32) is that of the literal recurrence: ~1e-7 relative to fp64.
+``chunk.BLOCKS``; chunk wkv7 takes 16-64, see ``chunk7``); fp32, bf16 and fp16 inputs (``w``, ``u``
+may be fp32 alongside), fp32 state; ``y`` in the input dtype. Accuracy (fp32) is that of the literal
+recurrence: ~1e-7 relative to fp64.
 
 ``aot.py`` compiles every launch for a chosen GPU generation without a GPU and reports registers,
 spills and shared memory (``python -m rwkv_zoo.backends.triton.aot``); CI runs it for sm_80.
