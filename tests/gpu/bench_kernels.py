@@ -3,6 +3,7 @@
     python tests/gpu/bench_kernels.py                      # correctness, then timings; prints one table
     python tests/gpu/bench_kernels.py --quick              # S-small only (a smoke run)
     python tests/gpu/bench_kernels.py --skip-correctness --cuda-chunk-bwd-tc   # the tensor-core chunk backward
+    python tests/gpu/bench_kernels.py --skip-correctness --quick --sweep        # + other triton launch settings
 
 1. Correctness on the GPU: ``rwkv_zoo.testing.check_backend(name, device="cuda")`` for ``triton`` and
    ``cuda`` (fp32 and bf16, every op and mode the backend has, N=64, lengths across the 64-token
@@ -27,6 +28,7 @@ refusals, the table) runs, so a GPU session's minutes are not spent on a bug in 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -254,6 +256,59 @@ def timings(quick: bool, smoke: bool = False) -> None:
         print(f"  - {n}")
 
 
+def _variants():
+    """(op, mode, label, patches) for ``--sweep``: launch settings of the triton kernels to time against
+    the defaults at N=64, each a list of (module, attribute, value) to patch while it runs."""
+    from rwkv_zoo.backends.triton import chunk, chunk7, recurrent
+
+    out = []
+    for bl in (chunk.BLOCKS[64], chunk.Blocks(16, 32, 4, 8), chunk.Blocks(16, 32, 8, 8), chunk.Blocks(16, 16, 4, 8),
+               chunk.Blocks(16, 64, 4, 4), chunk.Blocks(32, 64, 8, 8), chunk.Blocks(16, 64, 8, 16)):
+        label = f"bk={bl.bk} bv={bl.bv} warps={bl.fwd_warps}/{bl.bwd_warps}"
+        out.append(("wkv6", "chunk", label, [(chunk, "BLOCKS", {**chunk.BLOCKS, 64: bl})]))
+    for bk, warps in ((chunk7.BK, chunk7._warps(64)), (16, 4), (16, 16), (8, 8), (32, 8)):
+        out.append(("wkv7", "chunk", f"bk={bk} warps={warps}",
+                    [(chunk7, "BK", bk), (chunk7, "_warps", lambda N, w=warps: w)]))
+    for fw, bw in ((recurrent._warps(64, False), recurrent._warps(64, True)), (8, 8), (4, 4), (8, 16)):
+        for op in ("wkv6", "wkv7"):
+            out.append((op, "recurrent", f"warps={fw}/{bw}",
+                        [(recurrent, "_warps", lambda N, backward, f=fw, b=bw: b if backward else f)]))
+    return out
+
+
+def sweep(smoke: bool = False) -> None:
+    """Times each launch variant of the triton kernels (the first of each kernel is the default) at S-std,
+    bf16, and checks its y against the default's: the data to pick the defaults on a new GPU."""
+    from unittest import mock
+
+    from rwkv_zoo.testing import rel_err
+
+    B, T, H, N = (1, 20, 1, 64) if smoke else SHAPES["S-std"]
+    print(f"\nLaunch-setting sweep of the triton kernels at B={B} T={T} H={H} N={N} bf16 (first row: the default):")
+    rows = [("op", "mode", "variant", "fwd ms", "fwd+bwd ms", "y vs default")]
+    args, default_y = {}, {}
+    for op, mode, label, patches in _variants():
+        if op not in args:
+            args[op] = make_args(op, B, T, H, N, torch.bfloat16, DEVICE)
+        with contextlib.ExitStack() as stack:
+            for mod, name, value in patches:
+                stack.enter_context(mock.patch.object(mod, name, value))
+            try:
+                with torch.no_grad():
+                    y = _call(op, "triton", mode, _leaves(args[op], False))[0].float()
+                key = (op, mode)
+                diff = "-" if key not in default_y else f"{rel_err(y, default_y[key]):.1e}"
+                default_y.setdefault(key, y)
+                cells = [f"{bench(op, 'triton', mode, args[op], g):.3f}" for g in (False, True)]
+            except Exception as exc:  # one bad setting must not end the sweep
+                cells, diff = ["error", "error"], f"{type(exc).__name__}: {exc}"[:120]
+        rows.append((op, mode, label, *cells, diff))
+        print(f"  {rows[-1]}", flush=True)
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+    print_table(rows)
+
+
 def print_table(rows) -> None:
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     print()
@@ -268,6 +323,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="S-small only, shorter correctness run")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     p.add_argument("--skip-correctness", action="store_true")
+    p.add_argument("--sweep", action="store_true",
+                   help="after the timings, time other launch settings of the triton kernels (S-std, bf16)")
     p.add_argument("--smoke", action="store_true",
                    help="run every step on the CPU in Triton's interpreter at a tiny shape (checks the script)")
     p.add_argument("--cuda-chunk-bwd-tc", action="store_true",
@@ -297,6 +354,8 @@ def main(argv=None) -> int:
         print(f"  backend {name}: {b.unavailable_reason() or 'available'}")
     failures = [] if a.skip_correctness else correctness(a.quick, a.smoke)
     timings(a.quick, a.smoke)
+    if a.sweep:
+        sweep(a.smoke)
     if failures:
         print("\nCORRECTNESS FAILURES:\n  " + "\n  ".join(failures))
         return 1

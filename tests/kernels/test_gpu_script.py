@@ -1,8 +1,9 @@
 """The prepared GPU script (``tests/gpu/bench_kernels.py``) runs end to end, on the CPU.
 
 A GPU session gets minutes, not hours: a bug in the script must show here, not there. ``--smoke`` runs
-every step (conformance, the comparisons against ``reference``, refusals with their reasons, the table)
-in Triton's interpreter at a tiny shape; its timings mean nothing and are not checked.
+every step (conformance, the comparisons against ``reference``, refusals with their reasons, the table,
+the launch-setting sweep) in Triton's interpreter at a tiny shape; its timings mean nothing and are not
+checked.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def test_dry_run_prints_the_plan():
 
 
 def test_smoke_runs_every_step():
-    run = _run("--smoke")
+    run = _run("--smoke", "--sweep")
     out = run.stdout
     assert run.returncode == 0, out + run.stderr[-3000:]
     assert "conformance of backend 'triton'" in out and "CORRECTNESS FAILURES" not in out
@@ -46,3 +47,5 @@ def test_smoke_runs_every_step():
     assert all(float(r[3]) > 0 for r in triton_rows)
     assert all(r[3] == "n/a" for r in table if r[2].startswith("cuda/"))  # refused, with the reason below
     assert re.search(r"^  - tiny wkv7 cuda/recurrent fwd: \S", out, re.M), out  # the refusal says why
+    sweep = [line.split() for line in out.splitlines() if re.match(r"wkv\d\s+(chunk|recurrent)\s+\S+=", line)]
+    assert len(sweep) >= 10 and all(re.fullmatch(r"[0-9.]+", r[-3]) for r in sweep), out  # timed, no error
