@@ -32,7 +32,7 @@ kernels); -10 without one, so the interpreter only runs when asked for (``backen
 
 Capabilities: head sizes 16, 32, 64, 128 (powers of two; the recurrent kernels hold a head's whole
 state in one program's registers; chunk wkv5/6 split a head over programs and also take 256, see
-``chunk.BLOCKS``; chunk wkv7 takes 16-64, see ``chunk7``); fp32, bf16 and fp16 inputs (``w``, ``u``
+``chunk.BLOCKS``; chunk wkv7 takes 16-128, see ``chunk7``); fp32, bf16 and fp16 inputs (``w``, ``u``
 may be fp32 alongside), fp32 state; ``y`` in the input dtype. Accuracy (fp32) is that of the literal
 recurrence: ~1e-7 relative to fp64.
 
@@ -57,7 +57,7 @@ from .chunk7 import wkv7_chunk
 from .recurrent import wkv4_recurrent, wkv5_recurrent, wkv6_recurrent, wkv7_recurrent
 
 HEAD_SIZES = (16, 32, 64, 128)
-CHUNK_HEAD_SIZES = (16, 32, 64)  # the chunk kernels also hold [L, L, K] tiles of pairwise decays
+CHUNK7_HEAD_SIZES = (16, 32, 64, 128)  # N=128 in blocks of 16 value columns (chunk7.MAX_BV)
 # chunk wkv5/6 split heads above 64 over programs and decay tiles over key blocks (chunk.blocks)
 CHUNK6_HEAD_SIZES = (16, 32, 64, 128, 256)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -111,7 +111,7 @@ def make_backend() -> Backend:
         Kernel("wkv7", "recurrent", wkv7_recurrent, head_sizes=HEAD_SIZES, **common),
         Kernel("wkv5", "chunk", wkv5_chunk, head_sizes=CHUNK6_HEAD_SIZES, **common),
         Kernel("wkv6", "chunk", wkv6_chunk, head_sizes=CHUNK6_HEAD_SIZES, **common),
-        Kernel("wkv7", "chunk", wkv7_chunk, head_sizes=CHUNK_HEAD_SIZES, **common),
+        Kernel("wkv7", "chunk", wkv7_chunk, head_sizes=CHUNK7_HEAD_SIZES, **common),
     ]
     return Backend(
         name="triton",

@@ -119,35 +119,41 @@ def _unit_lower_inverse(A, il, L: tl.constexpr):
 @triton.jit
 def wkv7_chunk_fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, y_ptr, sT_ptr, sc_ptr, T,
                           H: tl.constexpr, N: tl.constexpr, L: tl.constexpr, BK: tl.constexpr,
-                          SAVE: tl.constexpr):
-    # With SAVE, the state entering every chunk goes to sc_ptr ([B, H, n_chunks, K, V]) for the backward.
+                          BV: tl.constexpr, SAVE: tl.constexpr):
+    # One program per (batch, head, block of BV value columns): columns are independent (U, y and the
+    # state's columns need only their own columns of v and of the state), while every program builds
+    # the key-side [L, L] products and the solve. With SAVE, the state entering every chunk goes to
+    # sc_ptr ([B, H, n_chunks, K, V]) for the backward.
     pid = tl.program_id(0).to(tl.int64)
+    pv = tl.program_id(1)
     bb = pid // H
     h = pid % H
     ik = tl.arange(0, N)
+    iv = pv * BV + tl.arange(0, BV)
     il = tl.arange(0, L)
-    sidx = ik[:, None] * N + ik[None, :]
-    Z = tl.load(s0_ptr + pid * N * N + sidx)
+    sidx = ik[:, None] * N + iv[None, :]
+    Z = tl.load(s0_ptr + pid * N * N + sidx)  # [K, BV]
     nc = (T + L - 1) // L
     for c in range(nc):
         tt = c * L + il
         mt = (tt < T)[:, None]
         rows = ((bb * T + tt) * H + h)[:, None] * N
         ptrs = rows + ik[None, :]
+        vptrs = rows + iv[None, :]
         if SAVE:
             tl.store(sc_ptr + (pid * nc + c) * N * N + sidx, Z)
         A_b, A_k, R_b, R_k = _pair_sums(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, rows, tt, T, il, mt, H * N, N, L, BK)
         X = _unit_lower_inverse(A_b, il, L)
         g_exc, g_inc, tail, last = _spans(w_ptr, ptrs, tt, T, il, H * N, L)
-        vc = _load_chunk(v_ptr, ptrs, mt)
+        vc = _load_chunk(v_ptr, vptrs, mt)
         ac = _load_chunk(a_ptr, ptrs, mt)
         rhs = (tl.dot(ac * tl.exp(g_exc), Z, input_precision="ieee")
                + tl.dot(A_k, vc, input_precision="ieee"))
-        U = tl.dot(X, rhs, input_precision="ieee")  # u_t for every token of the chunk, [L, V]
+        U = tl.dot(X, rhs, input_precision="ieee")  # u_t for every token of the chunk, [L, BV]
         rc = _load_chunk(r_ptr, ptrs, mt)
         yc = (tl.dot(rc * tl.exp(g_inc), Z, input_precision="ieee") + tl.dot(R_b, U, input_precision="ieee")
               + tl.dot(R_k, vc, input_precision="ieee"))
-        tl.store(y_ptr + ptrs, yc.to(y_ptr.dtype.element_ty), mask=mt)
+        tl.store(y_ptr + vptrs, yc.to(y_ptr.dtype.element_ty), mask=mt)
         et = tl.exp(tail)
         bc = _load_chunk(b_ptr, ptrs, mt)
         kc = _load_chunk(k_ptr, ptrs, mt)
@@ -159,7 +165,8 @@ def wkv7_chunk_fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, y_pt
 @triton.jit
 def wkv7_chunk_bwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, sc_ptr, dy_ptr, dsT_ptr,
                           dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr, ds0_ptr, T,
-                          H: tl.constexpr, N: tl.constexpr, L: tl.constexpr, BK: tl.constexpr):
+                          H: tl.constexpr, N: tl.constexpr, L: tl.constexpr, BK: tl.constexpr,
+                          BV: tl.constexpr):
     # Reverse mode of wkv7_chunk_fwd_kernel, chunks in reverse order; dZ = dL/d(state leaving the chunk).
     # Through U = X rhs with X = (I - A_b)^{-1}: d rhs = X^T dU and dA_b = (d rhs) U^T (strictly lower).
     # The decay gradient goes through each span sum: w_m is in Es[t, s] for s < m < t, in Ei[t, s] for
@@ -167,12 +174,24 @@ def wkv7_chunk_bwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, sc_ptr, dy_p
     # Per chunk: (1) the [L, L] pairwise sums, by key blocks; (2) every [L, N] and [N, N] product, whose
     # parts of dr, dw, dk, da, db go to the (fp32) output rows; (3) by key blocks again, the parts that
     # go through the [L, L, BK] decay tiles, added to what (2) stored for the block's columns.
+    # One program per (batch, head, block of BV value columns), as in the forward: dv and the state
+    # gradient's columns are the block's own; the key-side gradients (dr, dw, dk, da, db) are linear in
+    # sums over value columns (dA_b, dR_b, d_er, ...), so each program writes its block's share of them
+    # to its own slice of those buffers ([NV, B, T, H, K]) and the wrapper adds the shares.
     pid = tl.program_id(0).to(tl.int64)
+    pv = tl.program_id(1)
+    share = pv * tl.num_programs(0).to(tl.int64) * T * N
+    dr_ptr += share
+    dw_ptr += share
+    dk_ptr += share
+    da_ptr += share
+    db_ptr += share
     bb = pid // H
     h = pid % H
     ik = tl.arange(0, N)
+    iv = pv * BV + tl.arange(0, BV)
     il = tl.arange(0, L)
-    sidx = ik[:, None] * N + ik[None, :]
+    sidx = ik[:, None] * N + iv[None, :]
     strict = il[:, None] > il[None, :]  # (t, s): s < t
     incl = il[:, None] >= il[None, :]
     # Row shifts inside a chunk: (up @ x)[t] = x[t+1], (down @ x)[t] = x[t-1], 0 past the edges.
@@ -186,12 +205,13 @@ def wkv7_chunk_bwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, sc_ptr, dy_p
         mt = (tt < T)[:, None]
         rows = ((bb * T + tt) * H + h)[:, None] * N
         ptrs = rows + ik[None, :]
+        vptrs = rows + iv[None, :]
         # (1), (2): recompute the forward's chunk quantities, then everything outside the decay tiles.
         A_b, A_k, R_b, R_k = _pair_sums(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, rows, tt, T, il, mt, H * N, N, L, BK)
         X = _unit_lower_inverse(A_b, il, L)
         g_exc, g_inc, tail, last = _spans(w_ptr, ptrs, tt, T, il, H * N, L)
         Z = tl.load(sc_ptr + (pid * nc + c) * N * N + sidx)
-        vc = _load_chunk(v_ptr, ptrs, mt)
+        vc = _load_chunk(v_ptr, vptrs, mt)
         e_exc = tl.exp(g_exc)
         Wc = _load_chunk(a_ptr, ptrs, mt) * e_exc
         rhs = tl.dot(Wc, Z, input_precision="ieee") + tl.dot(A_k, vc, input_precision="ieee")
@@ -202,7 +222,7 @@ def wkv7_chunk_bwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, sc_ptr, dy_p
         bt = _load_chunk(b_ptr, ptrs, mt) * et
         kt = _load_chunk(k_ptr, ptrs, mt) * et
         el = tl.exp(last)
-        dyc = _load_chunk(dy_ptr, ptrs, mt)
+        dyc = _load_chunk(dy_ptr, vptrs, mt)
 
         # y = er Z + R_b U + R_k V;  Z' = el Z + bt^T U + kt^T V.
         d_er = tl.dot(dyc, tl.trans(Z), input_precision="ieee")
@@ -227,7 +247,7 @@ def wkv7_chunk_bwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, sc_ptr, dy_p
         dtail = d_bt * bt + d_kt * kt
         dw += tl.associative_scan(tl.dot(down, dtail, input_precision="ieee"), 0, _add)
         dw += (d_el * el)[None, :]
-        tl.store(dv_ptr + ptrs, dv, mask=mt)
+        tl.store(dv_ptr + vptrs, dv, mask=mt)
         tl.store(dw_ptr + ptrs, dw, mask=mt)
         tl.store(da_ptr + ptrs, dWc * e_exc, mask=mt)
         tl.store(dr_ptr + ptrs, d_er * e_inc, mask=mt)

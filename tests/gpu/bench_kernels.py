@@ -266,9 +266,10 @@ def _variants():
                chunk.Blocks(16, 64, 4, 4), chunk.Blocks(32, 64, 8, 8), chunk.Blocks(16, 64, 8, 16)):
         label = f"bk={bl.bk} bv={bl.bv} warps={bl.fwd_warps}/{bl.bwd_warps}"
         out.append(("wkv6", "chunk", label, [(chunk, "BLOCKS", {**chunk.BLOCKS, 64: bl})]))
-    for bk, warps in ((chunk7.BK, chunk7._warps(64)), (16, 4), (16, 16), (8, 8), (32, 8)):
-        out.append(("wkv7", "chunk", f"bk={bk} warps={warps}",
-                    [(chunk7, "BK", bk), (chunk7, "_warps", lambda N, w=warps: w)]))
+    for bk, bv, warps in ((chunk7.BK, chunk7.BV, chunk7._warps(64)), (16, 64, 4), (16, 64, 16), (8, 64, 8),
+                          (32, 64, 8), (16, 32, 8), (16, 16, 8), (16, 16, 4)):
+        out.append(("wkv7", "chunk", f"bk={bk} bv={bv or 'auto'} warps={warps}",
+                    [(chunk7, "BK", bk), (chunk7, "BV", bv), (chunk7, "_warps", lambda N, w=warps: w)]))
     for fw, bw in ((recurrent._warps(64, False), recurrent._warps(64, True)), (8, 8), (4, 4), (8, 16)):
         for op in ("wkv6", "wkv7"):
             out.append((op, "recurrent", f"warps={fw}/{bw}",

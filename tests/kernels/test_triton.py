@@ -187,13 +187,12 @@ def test_capability_reasons(monkeypatch):
 
 
 def test_chunk_falls_back_and_says_so():
-    # The chunk kernels hold [L, L, K] decay tiles, so head size 128 runs recurrent, and dispatch says why.
-    call = KernelCall("wkv7", "chunk", "cpu", torch.float32, 1, 100, 1, 128)
-    sel = dispatch.select(call, "triton")
-    assert sel.mode == "recurrent" and sel.backend == "triton"
-    assert "no usable chunk kernel" in sel.mode_reason and "head size" in sel.mode_reason
+    # wkv7 chunk takes head sizes up to 128 (in blocks of value columns); 256 fits neither wkv7 kernel,
+    # and an explicit choice of triton says so instead of running elsewhere.
+    sel = dispatch.select(KernelCall("wkv7", "chunk", "cpu", torch.float32, 1, 100, 1, 128, True), "triton")
+    assert sel.mode == "chunk" and sel.backend == "triton"
     with pytest.raises(BackendError, match="head size"):
-        dispatch.select(call, "triton", mode_fixed=True)
+        dispatch.select(KernelCall("wkv7", "chunk", "cpu", torch.float32, 1, 100, 1, 256), "triton")
     # wkv5/6 have chunk kernels with a backward and no length limit, for head sizes up to 256 (split
     # over programs and key blocks); 256 has no recurrent kernel, so short calls run chunked and say why.
     for op in ("wkv5", "wkv6"):

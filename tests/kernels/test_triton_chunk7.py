@@ -105,3 +105,41 @@ def test_wkv7_chunk_every_output_element_is_written(monkeypatch):
     got = evaluate(wkv7_chunk, "wkv7", [x.float() for x in inputs], {n: t.float() for n, t in upstream.items()})
     for n in NAMES:
         assert torch.isfinite(got[n]).all(), n
+
+
+@pytest.mark.parametrize("N, bv, dtype", [(32, 16, torch.float32), (64, 16, torch.float32), (32, 16, torch.bfloat16)])
+def test_wkv7_chunk_value_columns_split_over_programs(N, bv, dtype, monkeypatch):
+    # chunk7.BV splits a head's value columns over programs; the backward then sums each block's share
+    # of the key-side gradients. The same gates as the whole-head kernel, decay x10 included.
+    from rwkv_zoo.backends.triton import chunk7
+
+    monkeypatch.setattr(chunk7, "BV", bv)
+    errs = _errors(*_case(2, 37, 1, N, 10.0, seed=N), dtype)
+    if dtype == torch.float32:
+        assert max(errs.values()) <= 1e-5, errs
+    else:
+        assert max(errs["y"], errs["state"]) <= 5e-3, errs
+        assert max(v for n, v in errs.items() if n.startswith("d")) <= 8e-3, errs
+
+
+def test_wkv7_chunk_head_size_128():
+    # N=128 runs in blocks of 16 value columns (chunk7.MAX_BV): eight programs per head.
+    errs = _errors(*_case(1, 20, 1, 128, 1.0, seed=7), torch.float32)
+    assert max(errs.values()) <= 1e-5, errs
+
+
+def test_wkv7_chunk_value_split_rule(monkeypatch):
+    # Heads are split over programs only while every program still gets an SM of its own.
+    from types import SimpleNamespace
+
+    from rwkv_zoo.backends.triton import chunk7
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(multi_processor_count=132))
+    gpu = torch.device("cuda")
+    assert chunk7._bv(64, 8 * 64, gpu) == 64  # S-std: 512 programs already fill 132 SMs
+    assert chunk7._bv(64, 8 * 8, gpu) == 32  # S-small: 64 programs -> 128
+    assert chunk7._bv(64, 16, gpu) == 16  # never below 16 columns (tl.dot's smallest tile)
+    assert chunk7._bv(128, 8, gpu) == 16  # N=128 always in blocks of 16 (MAX_BV)
+    assert chunk7._bv(64, 2, torch.device("cpu")) == 64  # the interpreter: whole heads
+    monkeypatch.setattr(chunk7, "BV", 32)
+    assert chunk7._bv(64, 8 * 64, gpu) == 32 and chunk7._bv(16, 1, gpu) == 16  # an explicit choice wins
