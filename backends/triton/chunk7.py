@@ -47,14 +47,20 @@ def _bv(N: int, programs: int, device: torch.device) -> int:
     """
     if BV is not None:
         return min(BV, N)
-    widest = MAX_BV[N]
+    return one_wave_columns(MAX_BV[N], programs * (N // MAX_BV[N]), device)
+
+
+def one_wave_columns(widest: int, programs: int, device: torch.device) -> int:
+    """Value columns per program: ``widest`` halved (down to 16, tl.dot's smallest tile) while the
+    programs, ``programs`` at ``widest``, would still run in one wave of one program per SM of
+    ``device`` (no split off a GPU)."""
     if device.type != "cuda":
         return widest
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    split = 1
-    while widest // (split * 2) >= 16 and programs * (N // widest) * split * 2 <= sms:
-        split *= 2
-    return widest // split
+    bv = widest
+    while bv // 2 >= 16 and programs * (widest // (bv // 2)) <= sms:
+        bv //= 2
+    return bv
 
 
 def _k7():

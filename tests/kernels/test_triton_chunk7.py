@@ -141,5 +141,7 @@ def test_wkv7_chunk_value_split_rule(monkeypatch):
     assert chunk7._bv(64, 16, gpu) == 16  # never below 16 columns (tl.dot's smallest tile)
     assert chunk7._bv(128, 8, gpu) == 16  # N=128 always in blocks of 16 (MAX_BV)
     assert chunk7._bv(64, 2, torch.device("cpu")) == 64  # the interpreter: whole heads
+    # The same rule splits the wkv6 chunk forward's value blocks (chunk.py), from its own widest block.
+    assert chunk7.one_wave_columns(64, 33, gpu) == 16 and chunk7.one_wave_columns(64, 67, gpu) == 64
     monkeypatch.setattr(chunk7, "BV", 32)
     assert chunk7._bv(64, 8 * 64, gpu) == 32 and chunk7._bv(16, 1, gpu) == 16  # an explicit choice wins
