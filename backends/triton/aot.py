@@ -27,7 +27,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from contextlib import ExitStack
 from unittest import mock
 
@@ -225,13 +225,6 @@ def problems(res: Resources, arch: int) -> list[str]:
     if res.registers * res.threads > 65536:
         out.append(f"needs {res.registers} registers x {res.threads} threads, an SM has 65536")
     return out
-
-
-def unique(items: Iterable[Launch]) -> list[Launch]:
-    seen: dict[tuple, Launch] = {}
-    for x in items:
-        seen.setdefault((x.kernel, x.module, x.signature, x.constexprs, x.num_warps, x.num_stages), x)
-    return list(seen.values())
 
 
 def all_launches(dtypes: Sequence[torch.dtype], head_sizes: Sequence[int], ops: Sequence[str] | None = None,
