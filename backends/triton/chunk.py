@@ -20,8 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .chunk7 import one_wave_columns
-from .recurrent import _grad_in, _k
+from .recurrent import _grad_in, _k, one_wave_columns
 
 CHUNK = 16  # tokens per chunk (the smallest tile tl.dot takes)
 
@@ -79,7 +78,7 @@ class _WKV6Chunk(torch.autograd.Function):
         sc = (torch.empty(B, H, nc, N, N, device=r.device, dtype=torch.float32) if save
               else torch.empty(1, device=r.device, dtype=torch.float32))
         bl = blocks(N)
-        # Narrower value blocks while the programs still fit one per SM (see chunk7.one_wave_columns).
+        # Narrower value blocks while the programs still fit one per SM (see recurrent.one_wave_columns).
         bv = one_wave_columns(bl.bv, B * H * (N // bl.bv), r.device)
         _k().wkv6_chunk_fwd_kernel[(B * H, N // bv)](r, k, v, w, u, s0, y, sT, sc, T, H=H, N=N, L=CHUNK,
                                                      BK=bl.bk, BV=bv, SAVE=save, num_warps=bl.fwd_warps)

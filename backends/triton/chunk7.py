@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .recurrent import _c, _grad_in
+from .recurrent import _c, _grad_in, one_wave_columns
 
 CHUNK = 16  # tokens per chunk: the smallest tile tl.dot takes, and [L, L, BK] decay tiles stay small
 BK = 16  # channels per [L, L, BK] decay tile (4096 fp32: 16 registers a thread with 8 warps)
@@ -48,19 +48,6 @@ def _bv(N: int, programs: int, device: torch.device) -> int:
     if BV is not None:
         return min(BV, N)
     return one_wave_columns(MAX_BV[N], programs * (N // MAX_BV[N]), device)
-
-
-def one_wave_columns(widest: int, programs: int, device: torch.device) -> int:
-    """Value columns per program: ``widest`` halved (down to 16, tl.dot's smallest tile) while the
-    programs, ``programs`` at ``widest``, would still run in one wave of one program per SM of
-    ``device`` (no split off a GPU)."""
-    if device.type != "cuda":
-        return widest
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    bv = widest
-    while bv // 2 >= 16 and programs * (widest // (bv // 2)) <= sms:
-        bv //= 2
-    return bv
 
 
 def _k7():

@@ -49,6 +49,19 @@ def _grad_in(g: Tensor | None, like: Tensor) -> Tensor:
     return torch.zeros_like(like) if g is None else _c(g)
 
 
+def one_wave_columns(widest: int, programs: int, device: torch.device) -> int:
+    """Value columns per program: ``widest`` halved (down to 16, tl.dot's smallest tile) while the
+    programs, ``programs`` at ``widest``, would still run in one wave of one program per SM of
+    ``device`` (no split off a GPU)."""
+    if device.type != "cuda":
+        return widest
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    bv = widest
+    while bv // 2 >= 16 and programs * (widest // (bv // 2)) <= sms:
+        bv //= 2
+    return bv
+
+
 def _checkpoints(B: int, H: int, T: int, N: int, device, save: bool) -> Tensor:
     """The forward's checkpoint buffer: the state entering every CKPT-th step, [B, H, ceil(T / CKPT), K, V]."""
     shape = (B, H, -(-T // CKPT), N, N) if save else (1,)
