@@ -24,32 +24,46 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 from torch import nn
 
 from rwkv_zoo.hookspecs import hookimpl
 from rwkv_zoo.model import RWKV, Block, RWKVConfig, official_param_groups
-from rwkv_zoo.registry import SizePreset, VersionSpec
+from rwkv_zoo.registry import SizePreset, VersionSpec, get_version, get_versions
 from rwkv_zoo.state import ModelIdentity
-from rwkv_zoo.versions import v4, v5, v6, v7
 
 NAME = "hybrid"
-COMPONENTS = {
-    "v4": (v4.V4Config, v4.V4TimeMix, v4.V4ChannelMix),
-    "v5": (v5.V5Config, v5.V5TimeMix, v5.V5ChannelMix),
-    "v6": (v6.V6Config, v6.V6TimeMix, v6.V6ChannelMix),
-    "v7": (v7.V7Config, v7.V7TimeMix, v7.V7ChannelMix),
-}
-VERSION_OPTIONS = ("dim_mix_lora", "dim_decay_lora", "dim_w_lora", "dim_a_lora", "dim_v_lora", "dim_g_lora")
 DIMS = ("n_layer", "n_embd", "vocab_size", "head_size", "dim_ffn")
+
+
+def components() -> dict[str, tuple[type, type, type]]:
+    """``{version: (config class, time-mix class, channel-mix class)}`` for every registered version that
+    declares a ``block_cls`` (the built-ins and any third party's), this plugin's own excepted."""
+    out = {}
+    for name, spec in get_versions().items():
+        if name != NAME and spec.block_cls is not None:
+            out[name] = (spec.config_cls, spec.block_cls.time_mix_cls, spec.block_cls.channel_mix_cls)
+    return out
+
+
+def component_options() -> list[str]:
+    """The options of every component version (LoRA dims, ...), which a hybrid config passes through."""
+    names: list[str] = []
+    for cfg_cls, _, _ in components().values():
+        names += [f.name for f in fields(cfg_cls) if f.name not in DIMS and f.name not in names]
+    return names
 
 
 def _check_version(v: str, what: str) -> str:
     v = str(v).strip()
-    if v not in COMPONENTS:
-        raise ValueError(f"hybrid: {what} {v!r} is not a version with blocks; use one of {', '.join(COMPONENTS)}")
+    comps = components()
+    if v not in comps:
+        folded = {k.lower(): k for k in comps}
+        v = folded.get(v.lower(), v)  # names are case-insensitive
+    if v not in comps:
+        raise ValueError(f"hybrid: {what} {v!r} is not a version with blocks; use one of {', '.join(comps)}")
     return v
 
 
@@ -63,25 +77,37 @@ def parse_layers(layers: str | Sequence[str]) -> list[tuple[str, str]]:
     return plan
 
 
-@dataclass
+@dataclass(init=False)
 class HybridConfig(RWKVConfig):
-    """Shared dimensions, the per-layer plan, and the options of every component version."""
+    """Shared dimensions, the per-layer plan, and the options of the component versions (``options``)."""
 
     base: str = "v7"
     time_mix: str | None = None
     channel_mix: str | None = None
     layers: str | None = None
-    dim_mix_lora: int | None = None
-    dim_decay_lora: int | None = None
-    dim_w_lora: int | None = None
-    dim_a_lora: int | None = None
-    dim_v_lora: int | None = None
-    dim_g_lora: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
 
     version: ClassVar[str] = NAME
 
+    def __init__(self, n_layer: int, n_embd: int, vocab_size: int, head_size: int = 64, dim_ffn: int | None = None,
+                 base: str = "v7", time_mix: str | None = None, channel_mix: str | None = None,
+                 layers: str | Sequence[str] | None = None, options: dict[str, Any] | None = None, **more: Any):
+        self.n_layer, self.n_embd, self.vocab_size, self.head_size, self.dim_ffn = (
+            n_layer, n_embd, vocab_size, head_size, dim_ffn)
+        self.base, self.time_mix, self.channel_mix, self.layers = base, time_mix, channel_mix, layers
+        self.options = {**(options or {}), **{k: v for k, v in more.items() if v is not None}}
+        self.__post_init__()
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)] + component_options()
+
     def __post_init__(self) -> None:
-        _check_version(self.base, "base")
+        self.base = _check_version(self.base, "base")
+        unknown = sorted(set(self.options) - set(component_options()))
+        if unknown:
+            raise ValueError(f"hybrid: unknown option(s) {', '.join(unknown)}; options of the component versions: "
+                             f"{', '.join(component_options()) or 'none'}")
         if self.layers is not None:
             if self.time_mix is not None or self.channel_mix is not None:
                 raise ValueError("hybrid: give either layers= or time_mix=/channel_mix=, not both "
@@ -97,7 +123,8 @@ class HybridConfig(RWKVConfig):
             cm = _check_version(self.channel_mix or self.base, "channel_mix")
             self.plan = [(tm, cm)] * self.n_layer
         # Instance attribute: heads only matter when some time-mix has heads (v5-v7).
-        self.has_heads = any(tm != "v4" for tm, _ in self.plan)
+        comps = components()
+        self.has_heads = any(comps[tm][0].has_heads for tm, _ in self.plan)
         super().__post_init__()
 
     def default_dim_ffn(self) -> int:
@@ -107,12 +134,15 @@ class HybridConfig(RWKVConfig):
 
     def component(self, version: str, **override: Any) -> RWKVConfig:
         """The config of one component version: the shared dimensions plus that version's options."""
-        cls = COMPONENTS[version][0]
+        cls = components()[version][0]
         names = {f.name for f in fields(cls)}
         kwargs = {k: getattr(self, k) for k in DIMS if k in names}
-        kwargs.update({k: getattr(self, k) for k in VERSION_OPTIONS if k in names and getattr(self, k) is not None})
+        kwargs.update({k: v for k, v in self.options.items() if k in names})
         kwargs.update(override)
         return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def describe(self) -> str:
         """The plan as it would be written in ``layers=``: ``v5/v4,v5/v4``."""
@@ -122,7 +152,8 @@ class HybridConfig(RWKVConfig):
 @functools.cache
 def block_class(tm: str, cm: str) -> type[Block]:
     """A ``Block`` with the time-mix of version ``tm`` and the channel-mix of version ``cm``."""
-    time_mix, channel_mix = COMPONENTS[tm][1], COMPONENTS[cm][2]
+    comps = components()
+    time_mix, channel_mix = comps[tm][1], comps[cm][2]
 
     def make_time_mix(config: HybridConfig, layer_id: int) -> nn.Module:
         return time_mix(config.component(tm), layer_id)
@@ -153,12 +184,6 @@ class HybridModel(RWKV):
         return ModelIdentity(f"{NAME}[{self.config.describe()}]", ident.n_layer, ident.n_embd, ident.n_head,
                              ident.head_size)
 
-    def unused_parameters(self) -> list[str]:
-        for i, (tm, _) in enumerate(self.config.plan):
-            if tm == "v7":  # the first v7 layer makes v_first and never lerps toward it
-                return [f"blocks.{i}.att.{n}" for n in ("v0", "v1", "v2")]
-        return []
-
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, layers={self.config.describe()}"
 
@@ -174,8 +199,8 @@ def _shared_sizes() -> tuple[SizePreset, ...]:
     """Every preset name of v4-v7 whose shape agrees across the versions that have it, with the union
     of their options; aliases that mean different shapes in different versions are dropped."""
     by_name: dict[str, list[tuple[str, SizePreset]]] = {}
-    for version, module in (("v4", v4), ("v5", v5), ("v6", v6), ("v7", v7)):
-        for p in module.SIZES:
+    for version in components():
+        for p in get_version(version).sizes:
             by_name.setdefault(p.name, []).append((version, p))
     shape_of_label: dict[str, set] = {}
     for name, entries in by_name.items():
@@ -200,12 +225,40 @@ def _shared_sizes() -> tuple[SizePreset, ...]:
     return tuple(out)
 
 
+class _LazySizes(tuple):
+    """The shared presets, computed when first asked (the component versions may register after this
+    plugin), and again whenever the set of versions changed."""
+
+    def __new__(cls):
+        return super().__new__(cls)
+
+    def _current(self) -> tuple[SizePreset, ...]:
+        return _shared_sizes_cached(tuple(sorted(components())))
+
+    def __iter__(self):
+        return iter(self._current())
+
+    def __len__(self) -> int:
+        return len(self._current())
+
+    def __getitem__(self, i):
+        return self._current()[i]
+
+    def __bool__(self) -> bool:
+        return True
+
+
+@functools.lru_cache(maxsize=8)
+def _shared_sizes_cached(_versions: tuple[str, ...]) -> tuple[SizePreset, ...]:
+    return _shared_sizes()
+
+
 SPEC = VersionSpec(
     name=NAME,
     title="Hybrid (time-mix and channel-mix of any version, per layer)",
     config_cls=HybridConfig,
     model_factory=lambda cfg: HybridModel(cfg, hybrid_block, version=NAME),
-    sizes=_shared_sizes(),
+    sizes=_LazySizes(),
     param_groups=param_groups,
     default_vocab=65536,
     description="cross-version ablations: build('v6', time_mix='v5', channel_mix='v4') or layers='v7,v7,v6,v6'",

@@ -28,7 +28,6 @@ from torch import Tensor
 
 from rwkv_zoo import pluginmanager
 
-SUPPORTED = "RWKV-4, RWKV-5.2 (Eagle), RWKV-6.0 (Finch) and RWKV-7 x070 (Goose)"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -107,13 +106,13 @@ def detect_format(path: str | os.PathLike) -> CheckpointFormat:
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
-def infer_model(shapes: Mapping[str, tuple[int, ...]]) -> tuple[str, dict[str, Any]]:
-    """``(version, build kwargs)`` from official keys and their shapes (SPEC.md §3.2, 4.2, 5.2, 6.2)."""
+def _common_dims(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+    """n_layer, n_embd, vocab_size and dim_ffn: what every version's checkpoint shows the same way."""
     keys = list(shapes)
     if "emb.weight" not in shapes or "head.weight" not in shapes:
         found = ", ".join(keys[:6]) + (" ..." if len(keys) > 6 else "")
         raise CheckpointError(
-            f"not an RWKV language model: no emb.weight/head.weight among the keys ({found}); supported: {SUPPORTED}"
+            f"not an RWKV language model: no emb.weight/head.weight among the keys ({found}); supported: {supported()}"
         )
     V, C = shapes["emb.weight"]
     layers = {int(m.group(1)) for k in keys if (m := _BLOCK.match(k))}
@@ -122,44 +121,72 @@ def infer_model(shapes: Mapping[str, tuple[int, ...]]) -> tuple[str, dict[str, A
     L = max(layers) + 1
     if sorted(layers) != list(range(L)):
         raise CheckpointError(f"blocks are not numbered 0..{L - 1}: missing {sorted(set(range(L)) - layers)}")
-    has = lambda frag: any(frag in k for k in keys)  # noqa: E731
     F = shapes.get("blocks.0.ffn.key.weight", (None,))[0]
-    kw: dict[str, Any] = {"n_layer": L, "n_embd": C, "vocab_size": V, "dim_ffn": F}
-    prerelease = [f for f in (".att.time_aaaaa", ".att.time_misc_", ".att.xx_", ".att.ww_", ".att.aa_w") if has(f)]
-    if prerelease:
-        raise CheckpointError(
-            f"pre-release RWKV-7 naming ({', '.join(f.removeprefix('.att.') + '*' for f in prerelease)}): only the "
-            f"final x070 names (x_r, w0, r_k, ...) are supported; rename the keys first"
-        )
-    if has("att.r_k") or has("att.w0") or has("att.x_r"):
-        _, N = shapes["blocks.0.att.r_k"]
-        layer = 1 if L > 1 else 0  # layer 0 may lack v1 (Nov-2024 files)
-        v1 = shapes.get(f"blocks.{layer}.att.v1") or shapes.get("blocks.0.att.v1")
-        kw.update(head_size=N, dim_w_lora=shapes["blocks.0.att.w1"][1], dim_a_lora=shapes["blocks.0.att.a1"][1],
-                  dim_g_lora=shapes["blocks.0.att.g1"][1])
-        if v1 is not None:
-            kw["dim_v_lora"] = v1[1]
-        return "v7", kw
-    if has("time_maa"):
-        _, N = shapes["blocks.0.att.time_faaaa"]
-        kw.update(head_size=N, dim_mix_lora=shapes["blocks.0.att.time_maa_w1"][1] // 5,
-                  dim_decay_lora=shapes["blocks.0.att.time_decay_w1"][1])
-        return "v6", kw
-    if has("ln_x"):
-        decay = shapes.get("blocks.0.att.time_decay", ())
-        if len(decay) == 2 and decay[1] > 1:
-            kw["head_size"] = decay[1]
-            if has("att.time_first"):
-                raise CheckpointError("v5.2-shaped decay with a v5.0 time_first bonus: unknown variant")
-            return "v5", kw
-        variant = "v5.1" if has("gate.weight") else "v5.0"
-        raise CheckpointError(
-            f"this is an {variant} checkpoint (one decay per head: time_decay shape {tuple(decay)}); "
-            f"only v5.2 (time_decay of shape (H, N)) is supported. Supported: {SUPPORTED}"
-        )
-    if has("att.time_first") and has("att.time_decay"):
-        return "v4", kw
-    raise CheckpointError(f"keys and shapes match no known RWKV version; supported: {SUPPORTED}")
+    return {"n_layer": L, "n_embd": C, "vocab_size": V, "dim_ffn": F}
+
+
+def supported() -> str:
+    from rwkv_zoo.registry import get_versions
+
+    return ", ".join(f"{s.name} ({s.title})" for s in get_versions().values() if s.detect is not None)
+
+
+def candidates(shapes: Mapping[str, tuple[int, ...]]) -> tuple[list[tuple[str, dict[str, Any]]], list[str]]:
+    """Every registered version whose ``detect`` claims these keys, as ``(version, build kwargs)``, and
+    the refusals that detectors raised for near misses (a v5.0 file, pre-release v7 names)."""
+    from rwkv_zoo.registry import get_versions
+
+    common = _common_dims(shapes)
+    found, refusals = [], []
+    for spec in get_versions().values():
+        if spec.detect is None:
+            continue
+        try:
+            kw = spec.detect(shapes)
+        except CheckpointError as e:
+            refusals.append(str(e))
+            continue
+        if kw is not None:
+            found.append((spec.name, {**common, **kw}))
+    return found, refusals
+
+
+def infer_model(shapes: Mapping[str, tuple[int, ...]]) -> tuple[str, dict[str, Any]]:
+    """``(version, build kwargs)`` from official keys and their shapes.
+
+    Each version's ``detect`` is asked; when several claim a file (a DeepEmbed v7 file also has every
+    v7 key), the one whose model has exactly the file's keys wins (built on the meta device: no
+    memory). Keys a version's ``fix_checkpoint`` would add (v7's optional layer-0 v0/v1/v2) count as
+    present.
+    """
+    from rwkv_zoo.registry import build, get_version
+
+    found, refusals = candidates(shapes)
+    if not found:
+        if refusals:
+            raise CheckpointError(refusals[0] + f". Supported: {supported()}")
+        raise CheckpointError(f"keys and shapes match no known RWKV version; supported: {supported()}")
+    if len(found) == 1 and not refusals:
+        return found[0]
+    scored = []
+    for version, kw in found:
+        try:
+            model = build(version, device="meta", init=False, **kw)
+        except (ValueError, TypeError) as e:
+            scored.append((10**9, version, kw, str(e)))
+            continue
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        fix = get_version(version).fix_checkpoint
+        optional = set(model.unused_parameters()) if fix is not None else set()
+        present = set(shapes) | (optional & set(expected))
+        mismatch = len(present ^ set(expected)) + sum(
+            1 for k in set(shapes) & set(expected) if tuple(shapes[k]) != expected[k])
+        scored.append((mismatch, version, kw, ""))
+    scored.sort(key=lambda t: t[0])
+    best = scored[0]
+    if best[0] and refusals:
+        raise CheckpointError(refusals[0] + f". Supported: {supported()}")
+    return best[1], best[2]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -209,7 +236,7 @@ def load(
     ``emb.weight``). Official state-tuning keys (``blocks.N.att.time_state``) become
     ``model.initial_state``, which the model starts from when called with ``state=None``.
     """
-    from rwkv_zoo.registry import build
+    from rwkv_zoo.registry import build, get_version
 
     fmt = get_formats()[format] if format else detect_format(path)
     ckpt = fmt.read(Path(path), mmap=mmap)
@@ -223,8 +250,9 @@ def load(
     else:
         version, kwargs = infer_model({k: tuple(v.shape) for k, v in tensors.items()})
     model = build(version, device="meta", init=False, backend=backend, **kwargs)
-    if version == "v7":
-        _fill_unused_v7(model, tensors)
+    fix = get_version(version).fix_checkpoint
+    if fix is not None:
+        fix(tensors, model)
     _check_against(model, tensors, str(path))
     # With weights= the file's dtype is kept here (mmap, no copy): prepare_inference converts per matrix.
     target_dtype = dtype or _model_dtype(tensors, str(path))
@@ -245,14 +273,6 @@ def load(
         del converted, tensors, ckpt  # each projection is converted and its source dropped in turn
         prepare_inference(model, weights)
     return model.eval()
-
-
-def _fill_unused_v7(model, tensors: dict[str, Tensor]) -> None:
-    # Nov-2024 x070 files lack layer 0's v0/v1/v2, which no layer 0 uses (SPEC §6.1): add zeros.
-    ref = tensors["emb.weight"]
-    for name, p in model.state_dict().items():
-        if name in model.unused_parameters() and name not in tensors:
-            tensors[name] = torch.zeros(p.shape, dtype=ref.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rwkv_zoo import inference
+from rwkv_zoo.protocols import ChannelMix, Context, TimeMix
 from rwkv_zoo.state import LayerState, ModelIdentity, RWKVState, Wkv
 
 GROUPNORM_EPS = 64e-5  # SPEC §9.1: GN(y/8, 1e-5) of training == GN(y, 64e-5) on the raw WKV output
@@ -123,8 +124,8 @@ class Block(nn.Module):
     order of official checkpoints.
     """
 
-    time_mix_cls: ClassVar[type[nn.Module]]
-    channel_mix_cls: ClassVar[type[nn.Module]]
+    time_mix_cls: ClassVar[type[TimeMix]]
+    channel_mix_cls: ClassVar[type[ChannelMix]]
 
     def __init__(self, config: RWKVConfig, layer_id: int):
         super().__init__()
@@ -136,12 +137,12 @@ class Block(nn.Module):
         self.att = self.time_mix_cls(config, layer_id)
         self.ffn = self.channel_mix_cls(config, layer_id)
 
-    def forward(self, x: Tensor, state: LayerState, ctx: dict[str, Any]) -> tuple[Tensor, LayerState]:
+    def forward(self, x: Tensor, state: LayerState, ctx: Context) -> tuple[Tensor, LayerState]:
         if self.ln0 is not None:
             x = self.ln0(x)
         out, att_shift, wkv = self.att(self.ln1(x), state.att_shift, state.wkv, ctx)
         x = x + out
-        out, ffn_shift = self.ffn(self.ln2(x), state.ffn_shift)
+        out, ffn_shift = self.ffn(self.ln2(x), state.ffn_shift, ctx)
         return x + out, LayerState(att_shift, ffn_shift, wkv)
 
     @torch.no_grad()
@@ -262,7 +263,7 @@ class RWKV(nn.Module):
             out = inference.decode_step(self).prefill(x, state, state.layers[0].wkv is None, logits_to_keep)
             if out is not None:
                 return out[0], RWKVState(out[1], state.identity)
-        ctx: dict[str, Any] = {"backend": self.backend, "mode": self.mode}
+        ctx = Context(tokens, self.backend, self.mode)
         new_layers = []
         every = self.rescale_every
         for i, (block, layer_state) in enumerate(zip(self.blocks, state.layers, strict=True)):
@@ -326,7 +327,14 @@ class RWKV(nn.Module):
         return self
 
     def unused_parameters(self) -> list[str]:
-        """Official keys that this version keeps for checkpoint compatibility but never uses."""
+        """Official keys that this version keeps for checkpoint compatibility but never uses.
+
+        A time-mix class lists in ``first_layer_unused`` the parameters that the first layer using it
+        never reads (v7: layer 0's ``v0``/``v1``/``v2``, since that layer *makes* ``v_first``)."""
+        for i, block in enumerate(self.blocks):
+            names = getattr(block.att, "first_layer_unused", ())
+            if names:
+                return [f"blocks.{i}.att.{n}" for n in names]
         return []
 
     def num_parameters(self) -> int:

@@ -10,7 +10,7 @@ case-insensitively; shapes no other version shares carry a prefix (``pile-14B`` 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,18 +47,52 @@ class SizePreset:
 
 @dataclass
 class VersionSpec:
-    """Everything ``build`` needs to make a model of one version."""
+    """Everything the core knows about one version, declared by the version's own file.
+
+    - ``config_cls``: a ``RWKVConfig`` subclass (its fields are the build options);
+    - ``block_cls``: the version's ``Block`` (its ``time_mix_cls`` and ``channel_mix_cls`` are what a
+      hybrid takes from this version); ``model_factory`` defaults to ``RWKV(config, block_cls)``;
+    - ``sizes``: presets with release aliases; ``param_groups``: the official optimizer groups (default:
+      weight decay on matrices, no learning-rate multipliers);
+    - ``detect(shapes) -> build kwargs | None``: recognise an official checkpoint from its keys and
+      shapes (it may raise ``CheckpointError`` for a near miss it can name, e.g. a v5.0 file);
+      ``fix_checkpoint(tensors, model)``: fix-ups before loading (timm's ``checkpoint_filter_fn``);
+    - ``relative_cost``: training cost per token relative to v4 at equal size (schedules long ablation
+      runs first).
+    """
 
     name: str
     title: str
     config_cls: type
-    model_factory: Callable[[Any], nn.Module]
-    sizes: Sequence[SizePreset]
-    param_groups: Callable[..., list[dict[str, Any]]]
+    model_factory: Callable[[Any], nn.Module] | None = None
+    sizes: Sequence[SizePreset] = ()
+    param_groups: Callable[..., list[dict[str, Any]]] | None = None
+    block_cls: type | None = None
     default_vocab: int = 65536
     wkv_op: str = ""
     description: str = ""
+    detect: Callable[[Mapping[str, tuple[int, ...]]], dict[str, Any] | None] | None = None
+    fix_checkpoint: Callable[[dict[str, Any], nn.Module], None] | None = None
+    relative_cost: float = 2.0
     provider: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if self.param_groups is None:
+            from rwkv_zoo.model import official_param_groups
+
+            self.param_groups = official_param_groups  # weight decay on matrices, no LR multipliers
+        if self.model_factory is None:
+            if self.block_cls is None:
+                raise ValueError(f"version {self.name!r}: give block_cls= or model_factory=")
+            from rwkv_zoo.model import RWKV
+
+            block_cls = self.block_cls
+            self.model_factory = lambda cfg: RWKV(cfg, block_cls)
+
+    def make_model(self, config: Any) -> nn.Module:
+        model = self.model_factory(config)
+        model.version = self.name  # the registered name, not a parent config's class attribute
+        return model
 
     def preset(self, size: str) -> SizePreset:
         key = str(size).strip().lower()
@@ -108,26 +142,36 @@ def list_models(pattern: str | None = None, *, released_only: bool = False) -> l
     return names
 
 
-def get_version(name: str) -> VersionSpec:
+def _lookup(name: str) -> VersionSpec | None:
+    """A version by name, case-insensitively (``"V7"`` is ``"v7"``)."""
     versions = get_versions()
-    if name not in versions:
-        known = ", ".join(sorted(versions)) or "none (did every version plugin fail? see rwkv-zoo plugins)"
+    if name in versions:
+        return versions[name]
+    folded = {k.lower(): v for k, v in versions.items()}
+    return folded.get(name.lower())
+
+
+def get_version(name: str) -> VersionSpec:
+    spec = _lookup(str(name).strip())
+    if spec is None:
+        known = ", ".join(sorted(get_versions())) or "none (did every version plugin fail? see rwkv-zoo plugins)"
         raise ValueError(f"unknown version {name!r}; versions: {known}")
-    return versions[name]
+    return spec
 
 
 def resolve(name_or_version: str, size: str | None = None) -> tuple[VersionSpec, str | None]:
-    """Split ``"v6-1.5B"`` into its version and size; ``("v6", "1.5B")`` passes through."""
-    versions = get_versions()
+    """Split ``"v6-1.5B"`` into its version and size; ``("v6", "1.5B")`` passes through. Case-insensitive."""
     name = str(name_or_version).strip()
-    if name in versions:
-        return versions[name], size
-    if "-" in name:
-        head, tail = name.split("-", 1)
-        if head in versions:
+    spec = _lookup(name)
+    if spec is not None:
+        return spec, size
+    # The longest registered version name that prefixes "<version>-<size>" (a version name may hold "-").
+    for i in [i for i, ch in enumerate(name) if ch == "-"][::-1]:
+        spec = _lookup(name[:i])
+        if spec is not None:
             if size is not None:
                 raise ValueError(f"{name!r} already names a size; do not also pass size={size!r}")
-            return versions[head], tail
+            return spec, name[i + 1:]
     get_version(name)  # raises with the list
     raise AssertionError("unreachable")
 
@@ -209,7 +253,7 @@ def build(
     if init and target.type != "meta":
         # Allocate once and initialise once: torch's default init would be overwritten anyway.
         with torch.device("meta"):
-            model = spec.model_factory(config)
+            model = spec.make_model(config)
         model.to_empty(device=target)
         with torch.no_grad():
             for p in model.parameters():
@@ -217,7 +261,7 @@ def build(
         model.init_weights()
     else:
         with target:
-            model = spec.model_factory(config)
+            model = spec.make_model(config)
     if dtype is not None:
         model.to(dtype=dtype)
     model.backend = backend

@@ -129,9 +129,9 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Recompute each block in backward instead of keeping its activations (non-reentrant checkpoint).
 
-    Keys and modules are unchanged (the block's ``forward`` is wrapped on the instance). Entries a block
-    adds to the shared ``ctx`` (v7's ``v_first``) are taken from the first run, and the recomputation
-    sees ``ctx`` as it was when the block first ran.
+    Keys and modules are unchanged (the block's ``forward`` is wrapped on the instance). What a block
+    adds to the shared ``Context`` (v7's ``v_first``, ``carry`` entries) is taken from the run, and
+    the recomputation sees a copy of the context as it was when the block first ran.
     """
     from torch.utils.checkpoint import checkpoint
 
@@ -141,18 +141,17 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
         inner = block.forward
 
         def forward(x, state, ctx, _inner=inner):
-            before = dict(ctx)
-            added: dict[str, Any] = {}
+            before = ctx.copy()
+            ran: list = []
 
             def run(x, state):
-                local = dict(before)
+                local = before.copy()
                 out = _inner(x, state, local)
-                added.clear()
-                added.update({k: v for k, v in local.items() if k not in before})
+                ran[:] = [local]
                 return out
 
             out = checkpoint(run, x, state, use_reentrant=False)
-            ctx.update(added)
+            ctx.absorb(ran[0])
             return out
 
         block.forward = forward

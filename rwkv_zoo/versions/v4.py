@@ -31,6 +31,7 @@ from rwkv_zoo.model import (
     orthogonal_,
     token_shift,
 )
+from rwkv_zoo.protocols import Context
 from rwkv_zoo.registry import SizePreset, VersionSpec
 
 PILE_VOCAB = 50277
@@ -69,7 +70,7 @@ class V4TimeMix(nn.Module):
     def zero_wkv(self, batch_size: int, device) -> tuple[Tensor, Tensor, Tensor]:
         return ops.zero_state4(batch_size, self.time_decay.shape[0], device)
 
-    def forward(self, x: Tensor, shift: Tensor, wkv, ctx) -> tuple[Tensor, Tensor, tuple]:
+    def forward(self, x: Tensor, shift: Tensor, wkv, ctx: Context) -> tuple[Tensor, Tensor, tuple]:
         xx, new_shift = token_shift(x, shift)  # [B, T, C]
         xk = x * self.time_mix_k + xx * (1 - self.time_mix_k)
         xv = x * self.time_mix_v + xx * (1 - self.time_mix_v)
@@ -77,7 +78,7 @@ class V4TimeMix(nn.Module):
         k, v = self.key(xk), self.value(xv)
         r = torch.sigmoid(self.receptance(xr))
         w = -torch.exp(self.time_decay.float())  # per-step log-decay, always negative
-        y, wkv = ops.wkv4(w, self.time_first.float(), k, v, wkv, mode=ctx["mode"], backend=ctx["backend"])
+        y, wkv = ops.wkv4(w, self.time_first.float(), k, v, wkv, mode=ctx.mode, backend=ctx.backend)
         return self.output(r * y.to(r.dtype)), new_shift, wkv
 
     @torch.no_grad()
@@ -110,7 +111,7 @@ class V4ChannelMix(nn.Module):
         self.receptance = nn.Linear(C, C, bias=False)
         self.value = nn.Linear(F, C, bias=False)
 
-    def forward(self, x: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, shift: Tensor, ctx: Context) -> tuple[Tensor, Tensor]:
         xx, new_shift = token_shift(x, shift)
         xk = x * self.time_mix_k + xx * (1 - self.time_mix_k)
         xr = x * self.time_mix_r + xx * (1 - self.time_mix_r)
@@ -172,10 +173,18 @@ SIZES = (
     _pile("pile-1.5B", 24, 2048, "1.515B", ("1B5", "pile-1B5")),
     _pile("pile-3B", 32, 2560, "2.985B"),
     _pile("pile-7B", 32, 4096, "7.39B"),
-    _pile("pile-14B", 40, 5120, "14.15B"),  # no bare "14B": that label means 61 x 4096 elsewhere
+    _pile("pile-14B", 40, 5120, "14.15B", ("14B",)),  # RWKV-4's "14B" release; 61 x 4096 in v6/v7
     SizePreset("tiny", 2, 64, 256, released=False, note="for tests"),
     SizePreset("small", 4, 128, 1024, released=False, note="for tests and demos"),
 )
+
+def detect(shapes) -> dict | None:
+    """Official RWKV-4 keys: ``att.time_first`` and ``att.time_decay`` of shape (C,), no GroupNorm."""
+    decay = shapes.get("blocks.0.att.time_decay")
+    if "blocks.0.att.time_first" in shapes and decay is not None and len(decay) == 1:
+        return {}
+    return None
+
 
 SPEC = VersionSpec(
     name="v4",
@@ -186,6 +195,9 @@ SPEC = VersionSpec(
     param_groups=param_groups,
     default_vocab=PILE_VOCAB,
     wkv_op="wkv4",
+    block_cls=V4Block,
+    detect=detect,
+    relative_cost=1.0,
     description="per-channel WKV with time-decay and current-token bonus (2023)",
 )
 

@@ -22,7 +22,6 @@ from rwkv_zoo import ops
 from rwkv_zoo.hookspecs import hookimpl
 from rwkv_zoo.model import (
     GROUPNORM_EPS,
-    RWKV,
     Block,
     RWKVConfig,
     channel_ramp,
@@ -33,6 +32,7 @@ from rwkv_zoo.model import (
     orthogonal_,
     token_shift,
 )
+from rwkv_zoo.protocols import Context
 from rwkv_zoo.registry import SizePreset, VersionSpec
 from rwkv_zoo.versions.v4 import V4ChannelMix
 
@@ -84,7 +84,7 @@ class V5TimeMix(nn.Module):
         H, N = self.time_decay.shape
         return torch.zeros(batch_size, H, N, N, device=device, dtype=torch.float32)
 
-    def forward(self, x: Tensor, shift: Tensor, wkv: Tensor, ctx) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, x: Tensor, shift: Tensor, wkv: Tensor, ctx: Context) -> tuple[Tensor, Tensor, Tensor]:
         B, T, _ = x.shape
         H, N = self.time_decay.shape
         xx, new_shift = token_shift(x, shift)
@@ -97,7 +97,7 @@ class V5TimeMix(nn.Module):
         v = self.value(xv).view(B, T, H, N)
         g = F.silu(self.gate(xg))
         w = -torch.exp(self.time_decay.float())  # [H, N] log of exp(-exp(d))
-        y, wkv = ops.wkv5(r, k, v, w, self.time_faaaa.float(), wkv, mode=ctx["mode"], backend=ctx["backend"])
+        y, wkv = ops.wkv5(r, k, v, w, self.time_faaaa.float(), wkv, mode=ctx.mode, backend=ctx.backend)
         y = head_group_norm(y, self.ln_x).to(x.dtype)
         return self.output(y * g), new_shift, wkv
 
@@ -155,15 +155,36 @@ SIZES = (
     SizePreset("small", 4, 128, 1024, options=(("head_size", 32),), released=False, note="for tests and demos"),
 )
 
+def detect(shapes) -> dict | None:
+    """RWKV-5.2: ``att.ln_x`` and ``att.time_decay`` of shape (H, N); v5.0/5.1 are named and refused."""
+    later = ("blocks.0.att.time_maa_x", "blocks.0.att.r_k", "blocks.0.att.x_r")  # v6 and v7 have ln_x too
+    if "blocks.0.att.ln_x.weight" not in shapes or any(k in shapes for k in later):
+        return None
+    from rwkv_zoo.checkpoint import CheckpointError
+
+    decay = shapes.get("blocks.0.att.time_decay", ())
+    if len(decay) == 2 and decay[1] > 1:
+        if "blocks.0.att.time_first" in shapes:
+            raise CheckpointError("v5.2-shaped decay with a v5.0 time_first bonus: unknown variant")
+        return {"head_size": decay[1]}
+    variant = "v5.1" if "blocks.0.att.gate.weight" in shapes else "v5.0"
+    raise CheckpointError(
+        f"this is an {variant} checkpoint (one decay per head: time_decay shape {tuple(decay)}); "
+        "only v5.2 (time_decay of shape (H, N)) is supported"
+    )
+
+
 SPEC = VersionSpec(
     name="v5",
     title="RWKV-5.2 Eagle",
     config_cls=V5Config,
-    model_factory=lambda cfg: RWKV(cfg, V5Block),
     sizes=SIZES,
     param_groups=param_groups,
     default_vocab=WORLD_VOCAB,
     wkv_op="wkv5",
+    block_cls=V5Block,
+    detect=detect,
+    relative_cost=1.2,
     description="multi-head matrix state, per-channel static decay, silu gate (2023)",
 )
 

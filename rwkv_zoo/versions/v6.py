@@ -25,7 +25,6 @@ from rwkv_zoo import ops
 from rwkv_zoo.hookspecs import hookimpl
 from rwkv_zoo.model import (
     GROUPNORM_EPS,
-    RWKV,
     Block,
     RWKVConfig,
     channel_ramp,
@@ -36,6 +35,7 @@ from rwkv_zoo.model import (
     orthogonal_,
     token_shift,
 )
+from rwkv_zoo.protocols import Context
 from rwkv_zoo.registry import SizePreset, VersionSpec
 from rwkv_zoo.versions.v5 import decay_init, faaaa_init
 
@@ -93,7 +93,7 @@ class V6TimeMix(nn.Module):
         H, N = self.time_faaaa.shape
         return torch.zeros(batch_size, H, N, N, device=device, dtype=torch.float32)
 
-    def forward(self, x: Tensor, shift: Tensor, wkv: Tensor, ctx) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, x: Tensor, shift: Tensor, wkv: Tensor, ctx: Context) -> tuple[Tensor, Tensor, Tensor]:
         B, T, _ = x.shape
         H, N = self.time_faaaa.shape
         xx, new_shift = token_shift(x, shift)
@@ -112,7 +112,7 @@ class V6TimeMix(nn.Module):
         g = F.silu(self.gate(xg))
         ww = self.time_decay.float() + (torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2).float()
         w = -torch.exp(ww).view(B, T, H, N)  # log of exp(-exp(ww)), fp32
-        y, wkv = ops.wkv6(r, k, v, w, self.time_faaaa.float(), wkv, mode=ctx["mode"], backend=ctx["backend"])
+        y, wkv = ops.wkv6(r, k, v, w, self.time_faaaa.float(), wkv, mode=ctx.mode, backend=ctx.backend)
         y = head_group_norm(y, self.ln_x).to(x.dtype)
         return self.output(y * g), new_shift, wkv
 
@@ -156,7 +156,7 @@ class V6ChannelMix(nn.Module):
         self.receptance = nn.Linear(C, C, bias=False)
         self.value = nn.Linear(F_, C, bias=False)
 
-    def forward(self, x: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, shift: Tensor, ctx: Context) -> tuple[Tensor, Tensor]:
         xx, new_shift = token_shift(x, shift)
         dx = xx - x
         xk = x + dx * self.time_maa_k
@@ -205,15 +205,26 @@ SIZES = (
                released=False, note="for tests and demos"),
 )
 
+def detect(shapes) -> dict | None:
+    """RWKV-6.0: the ddlerp LoRA ``att.time_maa_w1`` and per-head ``att.time_faaaa``."""
+    try:
+        _, N = shapes["blocks.0.att.time_faaaa"]
+        return {"head_size": N, "dim_mix_lora": shapes["blocks.0.att.time_maa_w1"][1] // 5,
+                "dim_decay_lora": shapes["blocks.0.att.time_decay_w1"][1]}
+    except (KeyError, ValueError, IndexError):
+        return None
+
+
 SPEC = VersionSpec(
     name="v6",
     title="RWKV-6.0 Finch",
     config_cls=V6Config,
-    model_factory=lambda cfg: RWKV(cfg, V6Block),
     sizes=SIZES,
     param_groups=param_groups,
     default_vocab=WORLD_VOCAB,
     wkv_op="wkv6",
+    block_cls=V6Block,
+    detect=detect,
     description="data-dependent token shift and decay (2024)",
 )
 

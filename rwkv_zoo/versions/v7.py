@@ -30,7 +30,6 @@ from rwkv_zoo import ops
 from rwkv_zoo.hookspecs import hookimpl
 from rwkv_zoo.model import (
     GROUPNORM_EPS,
-    RWKV,
     Block,
     RWKVConfig,
     channel_ramp,
@@ -40,6 +39,7 @@ from rwkv_zoo.model import (
     orthogonal_,
     token_shift,
 )
+from rwkv_zoo.protocols import Context
 from rwkv_zoo.registry import SizePreset, VersionSpec
 
 WORLD_VOCAB = 65536
@@ -76,6 +76,7 @@ class V7Config(RWKVConfig):
 
 class V7TimeMix(nn.Module):
     wkv_op = "wkv7"
+    first_layer_unused = ("v0", "v1", "v2")  # the first v7 layer makes v_first and never lerps toward it
 
     def __init__(self, config: V7Config, layer_id: int):
         super().__init__()
@@ -109,7 +110,7 @@ class V7TimeMix(nn.Module):
         H, N = self.r_k.shape
         return torch.zeros(batch_size, H, N, N, device=device, dtype=torch.float32)
 
-    def forward(self, x: Tensor, shift: Tensor, wkv: Tensor, ctx) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, x: Tensor, shift: Tensor, wkv: Tensor, ctx: Context) -> tuple[Tensor, Tensor, Tensor]:
         B, T, C = x.shape
         H, N = self.r_k.shape
         xx, new_shift = token_shift(x, shift)
@@ -123,14 +124,14 @@ class V7TimeMix(nn.Module):
         g = torch.sigmoid(xg @ self.g1) @ self.g2
         kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0, eps=1e-12)
         k = k * (1 + (a - 1) * self.k_a).to(k.dtype)  # .to: under autocast a is fp32 and k bf16
-        if "v_first" not in ctx:  # the first v7 layer: its value is what later layers lerp toward
-            ctx["v_first"] = v
+        if ctx.v_first is None:  # the first v7 layer: its value is what later layers lerp toward
+            ctx.v_first = v
         else:
-            v = v + (ctx["v_first"] - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2).to(v.dtype)
+            v = v + (ctx.v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2).to(v.dtype)
         rh, kh, vh = r.view(B, T, H, N), k.view(B, T, H, N), v.view(B, T, H, N)
         ah = a.view(B, T, H, N)
         y, wkv = ops.wkv7(rh, logw.view(B, T, H, N), kh, vh, -kk, kk * ah, wkv,
-                          mode=ctx["mode"], backend=ctx["backend"])
+                          mode=ctx.mode, backend=ctx.backend)
         y = head_group_norm(y, self.ln_x).to(x.dtype)
         bonus = (rh * kh * self.r_k).sum(-1, keepdim=True) * vh  # [B, T, H, N]
         y = y + bonus.reshape(B, T, C)
@@ -180,7 +181,7 @@ class V7ChannelMix(nn.Module):
         self.key = nn.Linear(C, F_, bias=False)
         self.value = nn.Linear(F_, C, bias=False)
 
-    def forward(self, x: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, shift: Tensor, ctx: Context) -> tuple[Tensor, Tensor]:
         xx, new_shift = token_shift(x, shift)
         k = torch.relu(self.key(x + (xx - x) * self.x_k)).square()
         return self.value(k), new_shift
@@ -197,11 +198,6 @@ class V7ChannelMix(nn.Module):
 class V7Block(Block):
     time_mix_cls = V7TimeMix
     channel_mix_cls = V7ChannelMix
-
-
-class V7Model(RWKV):
-    def unused_parameters(self) -> list[str]:
-        return [f"blocks.0.att.{n}" for n in ("v0", "v1", "v2")]
 
 
 def param_groups(model: nn.Module, weight_decay: float = 0.0) -> list[dict]:
@@ -232,15 +228,51 @@ SIZES = (
     _preset("small", 1024, 4, 128, (16, 16, 16, 32), "", released=False, note="for tests and demos",
             head_size=32),
 )
+_PRERELEASE = (".att.time_aaaaa", ".att.time_misc_", ".att.xx_", ".att.ww_", ".att.aa_w")
+
+
+def detect(shapes) -> dict | None:
+    """x070 final names: ``att.r_k`` (H, N) and the LoRA pairs w1/a1/v1/g1; pre-release names refused."""
+    prerelease = sorted({f for f in _PRERELEASE for k in shapes if f in k})
+    if prerelease:
+        from rwkv_zoo.checkpoint import CheckpointError
+
+        raise CheckpointError(
+            f"pre-release RWKV-7 naming ({', '.join(f.removeprefix('.att.') + '*' for f in prerelease)}): only the "
+            f"final x070 names (x_r, w0, r_k, ...) are supported; rename the keys first"
+        )
+    try:
+        _, N = shapes["blocks.0.att.r_k"]
+        kw = {"head_size": N, "dim_w_lora": shapes["blocks.0.att.w1"][1], "dim_a_lora": shapes["blocks.0.att.a1"][1],
+              "dim_g_lora": shapes["blocks.0.att.g1"][1]}
+    except (KeyError, ValueError, IndexError):
+        return None
+    v1 = shapes.get("blocks.1.att.v1") or shapes.get("blocks.0.att.v1")  # layer 0 may lack v1 (Nov-2024 files)
+    if v1 is not None:
+        kw["dim_v_lora"] = v1[1]
+    return kw
+
+
+def fill_unused(tensors: dict, model: nn.Module) -> None:
+    """Nov-2024 x070 files lack layer 0's v0/v1/v2, which no layer 0 uses (SPEC §6.1): add zeros."""
+    ref = tensors["emb.weight"]
+    for name, p in model.state_dict().items():
+        if name in model.unused_parameters() and name not in tensors:
+            tensors[name] = torch.zeros(p.shape, dtype=ref.dtype)
+
+
 SPEC = VersionSpec(
     name="v7",
     title="RWKV-7 Goose (x070)",
     config_cls=V7Config,
-    model_factory=lambda cfg: V7Model(cfg, V7Block),
     sizes=SIZES,
     param_groups=param_groups,
     default_vocab=WORLD_VOCAB,
     wkv_op="wkv7",
+    block_cls=V7Block,
+    detect=detect,
+    fix_checkpoint=fill_unused,
+    relative_cost=4.0,
     description="generalized delta rule, diagonal-plus-low-rank transition, value residual (2025)",
 )
 

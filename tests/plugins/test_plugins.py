@@ -88,7 +88,7 @@ def test_model_built_hook_sees_every_build():
 
     with rwkv_zoo.plugin(Watcher(), name="watcher"):
         rwkv_zoo.build("v7-1.5B", device="meta")
-    assert seen == [("v7", "1.5B", "V7Model")]
+    assert seen == [("v7", "1.5B", "RWKV")]
 
 
 def test_versions_can_come_from_a_plugin():
