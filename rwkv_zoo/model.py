@@ -253,7 +253,8 @@ class RWKV(nn.Module):
             if not isinstance(state, RWKVState):
                 raise TypeError(f"state must be an RWKVState (or None), got {type(state).__name__}")
             state.check(self, B)
-        x = self.emb(tokens.to(self.device).long())
+        tokens = tokens.to(self.device).long()
+        x = self.emb(tokens)
         if inference.can_fast_decode(self, tokens.shape[1]):
             fresh = state.layers[0].wkv is None
             logits, layers = inference.decode_step(self)(x[:, 0], state, fresh)
