@@ -83,6 +83,8 @@ class Backend:
     description: str = ""
     availability: Callable[[], str | None] | None = None
     provider: str = field(default="", compare=False)  # the plugin that registered it (set on registration)
+    # Whole-model inference steps (rwkv_zoo.fused.FusedStep), chosen by rwkv_zoo.fused.select.
+    steps: list[Any] = field(default_factory=list)
 
     def unavailable_reason(self) -> str | None:
         """A sentence saying why this backend cannot run at all here, or None when it can."""

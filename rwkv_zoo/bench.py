@@ -78,7 +78,8 @@ def ours(spec: str, weights: str, batches: list[int], prefill: int, decode: int,
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    model = prepare_inference(load_model(spec), weights)
+    # "default": the model as rwkv_zoo.load gives it (fp32 parameters, the fused step built on first use)
+    model = load_model(spec) if weights == "default" else prepare_inference(load_model(spec), weights)
     out: dict = {"impl": "rwkv_zoo", "weights": weights, "load_s": time.perf_counter() - t0}
     V = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
@@ -112,10 +113,9 @@ def ours(spec: str, weights: str, batches: list[int], prefill: int, decode: int,
                 if i in (100, long_steps):
                     rss[str(i)] = _rss_now()
             out["rss_after"] = rss
-    from rwkv_zoo.inference import decode_step
+    from rwkv_zoo import fused
 
-    step = decode_step(model)
-    out["step"] = "fused C++ step" if step.fused() is not None else f"Python step ({step.fused_why_not})"
+    out["step"] = fused.select(model, fused.StepCall("cpu", model.dtype, 1, 1)).describe()
     out["peak_rss"] = _peak_rss()
     return out
 
@@ -224,8 +224,8 @@ def run(args) -> int:
     weights = [w.strip() for w in args.weights.split(",") if w.strip()]
     batches = sorted({int(b) for b in args.batch.split(",")})
     for w in weights:
-        if w not in ("fp32", "bf16", "int8"):
-            raise UsageError(f"--weights takes fp32, bf16, int8; got {w!r}")
+        if w not in ("default", "fp32", "bf16", "int8"):
+            raise UsageError(f"--weights takes default, fp32, bf16, int8; got {w!r}")
     if any(b < 1 for b in batches) or args.prefill < 0 or args.decode < 1 or args.repeat < 1:
         raise UsageError("--batch values, --decode and --repeat must be >= 1, --prefill >= 0")
     spec, tmp = args.model, None
@@ -248,7 +248,7 @@ def run(args) -> int:
 
 def _report(args, spec: str, weights: list[str], batches: list[int]) -> int:
     import rwkv_zoo
-    from rwkv_zoo import cpu_kernels
+    from rwkv_zoo.backends.cpu import kernels as cpu_kernels
 
     meta = rwkv_zoo.load(spec) if os.path.exists(spec) else rwkv_zoo.build(spec, device="meta")  # mmap: cheap
     c = meta.config
@@ -337,7 +337,8 @@ def _print_table(rows, mach, batches, kls, args) -> None:
 def add_parsers(sub) -> None:
     p = sub.add_parser("bench", help="decode/prefill tok/s and peak RSS; --compare-official runs the rwkv package too")
     p.add_argument("model", help="checkpoint file, or a model name (random weights, e.g. v4-pile-169M)")
-    p.add_argument("--weights", default="fp32", help="comma list of fp32, bf16, int8 (default fp32)")
+    p.add_argument("--weights", default="default",
+                   help="comma list of default (the model as loaded), fp32, bf16, int8 (prepare_inference)")
     p.add_argument("--batch", default="1", help="comma list of decode batch sizes (default 1)")
     p.add_argument("--prefill", type=int, default=512, help="prefill length (0 skips it)")
     p.add_argument("--decode", type=int, default=64, help="decode steps timed per batch size")

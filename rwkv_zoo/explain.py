@@ -77,27 +77,15 @@ def explain(
         sels[key] = sel
     name = f"{model.version}-{model.size_name}" if getattr(model, "size_name", None) else model.version
     selections = [(layers, sels[k]) for k, layers in groups.items()]
-    execution = None if requires_grad else _execution(model, T, selections, device, dtype)
+    execution = None if requires_grad else _execution(model, batch_size, T, device, dtype)
     return Explanation(name, batch_size, T, selections, pluginmanager.not_loaded(), execution)
 
 
-def _execution(model, T: int, selections, device, dtype) -> str | None:
-    """What runs around the kernels in inference (no gradients): the fused C++ step, the Python decode
-    step, or the modules (``rwkv_zoo.inference``)."""
-    from rwkv_zoo import inference
+def _execution(model, batch_size: int, T: int, device, dtype) -> str | None:
+    """What runs the model body without gradients: a backend's fused step, or the modules (and why)."""
+    from rwkv_zoo import fused
 
     if model.device.type == "meta":
         return None
-    on_cpu = (device or model.device.type) == "cpu" and (dtype or model.dtype) == torch.float32
-    fast = getattr(model, "fast_decode", True) and model.dtype == torch.float32
-    prepared = getattr(model, "inference_weights", None) is not None
-    if on_cpu and fast and (T == 1 or prepared) and all(sel.backend == "cpu" for _, sel in selections):
-        step = inference.decode_step(model)
-        if step.fused() is not None:
-            return "the fused C++ step (rwkv_zoo/csrc/cpu_decode.cpp): every layer and the head in one call"
-        if T > 1:
-            return f"the modules, layer by layer (no fused step: {step.fused_why_not})"
-        return f"the Python decode step (rwkv_zoo.inference.DecodeStep; no fused step: {step.fused_why_not})"
-    if T == 1 and fast:
-        return "the Python decode step (rwkv_zoo.inference.DecodeStep), calling the chosen kernels"
-    return "the modules, layer by layer"
+    call = fused.StepCall(device or model.device.type, dtype or model.dtype, batch_size, T)
+    return fused.select(model, call).describe()

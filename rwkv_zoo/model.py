@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rwkv_zoo import inference
+from rwkv_zoo import fused
 from rwkv_zoo.protocols import ChannelMix, Context, TimeMix
 from rwkv_zoo.state import LayerState, ModelIdentity, RWKVState, Wkv
 
@@ -181,15 +181,15 @@ class RWKV(nn.Module):
         self.initial_state: RWKVState | None = None
         # fp16 inference transform (SPEC §8): see set_rescale(). 0 = off.
         self.rescale_every: int = 0
-        # T = 1 without gradients runs rwkv_zoo.inference.DecodeStep (same maths, less overhead); it
-        # caches tensors, so a load_state_dict (assign=True replaces them) drops it.
-        self.fast_decode: bool = True
-        self.register_load_state_dict_post_hook(inference.invalidate)
+        # Without gradients a backend's fused whole-model step may run the body (rwkv_zoo.fused): the
+        # default, same maths; False always runs the modules. What a step built from the weights is
+        # cached per weight version; moving or replacing tensors drops it.
+        self.fused_step: bool = True
+        self.register_load_state_dict_post_hook(fused.invalidate)
 
     def _apply(self, fn, *args, **kwargs):
-        # .to() / .float() / .cuda() move or convert every tensor: the cached decode step points at the
-        # old ones.
-        inference.invalidate(self)
+        # .to() / .float() / .cuda() move or convert every tensor: a built fused step points at the old ones.
+        fused.invalidate(self)
         return super()._apply(fn, *args, **kwargs)
 
     # -- identity and state ------------------------------------------------------------------------
@@ -255,15 +255,12 @@ class RWKV(nn.Module):
             state.check(self, B)
         tokens = tokens.to(self.device).long()
         x = self.emb(tokens)
-        if inference.can_fast_decode(self, tokens.shape[1]):
-            fresh = state.layers[0].wkv is None
-            logits, layers = inference.decode_step(self)(x[:, 0], state, fresh)
-            return logits[:, None], RWKVState(layers, state.identity)
-        if inference.can_fast_prefill(self, tokens.shape[1]):
-            # A prepared model on the cpu backend: the whole prompt in the fused C++ step
-            out = inference.decode_step(self).prefill(x, state, state.layers[0].wkv is None, logits_to_keep)
-            if out is not None:
-                return out[0], RWKVState(out[1], state.identity)
+        if fused.applies(self):
+            sel = fused.select(self, fused.StepCall(x.device.type, self.dtype, B, tokens.shape[1]))
+            if sel.backend is not None:
+                run = fused.runner(self, sel)
+                logits, layers = run(x, state, state.layers[0].wkv is None, logits_to_keep or tokens.shape[1])
+                return logits, RWKVState(layers, state.identity)
         ctx = Context(tokens, self.backend, self.mode)
         new_layers = []
         every = self.rescale_every

@@ -1,6 +1,6 @@
 """The ``cpu`` backend: forward-only WKV recurrences in C++ for inference on the CPU (prefill and decode).
 
-Kernels (``rwkv_zoo/csrc/cpu_wkv.cpp``, built at first use by ``rwkv_zoo.cpu_kernels`` with the system
+Kernels (``csrc/cpu_wkv.cpp``, built at first use by ``rwkv_zoo.backends.cpu.kernels`` with the system
 compiler, called through ``ctypes``): the literal recurrence of each op, one OpenMP task per (batch,
 head), the fp32 [K, V] state of a head in L1 while it walks t, loops vectorized by the compiler. It
 serves both modes: on a CPU at inference sizes the sequential recurrence does much less work than the
@@ -12,6 +12,9 @@ Capabilities: CPU tensors, fp32 inputs, any T, B, H and head size; no backward (
 is false, so dispatch gives training calls to a backend with gradients and says why). Priority 2: above
 ``reference`` for the calls it can run. Unavailable (with the reason) where the kernels cannot be
 built: not x86-64 with AVX2, no C++ compiler, or ``RWKV_ZOO_CPU_KERNELS=0``.
+
+It also provides a fused step (``fused.py``): every layer, the final norm and the head of a v4-v7
+model in one C++ call, which ``rwkv_zoo.fused`` chooses for inference without gradients.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rwkv_zoo import cpu_kernels
 from rwkv_zoo.backend import Backend, Kernel
+from rwkv_zoo.backends.cpu import kernels as cpu_kernels
 from rwkv_zoo.hookspecs import hookimpl
 
 PRIORITY = 2
@@ -77,6 +80,8 @@ def wkv7(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state
 
 
 def make_backend() -> Backend:
+    from rwkv_zoo.backends.cpu import fused
+
     common = dict(devices=("cpu",), dtypes=(torch.float32,), supports_backward=False)
     fns = {"wkv4": wkv4, "wkv5": wkv5, "wkv6": wkv6, "wkv7": wkv7}
     kernels = [Kernel(op, mode, fn, **common) for op, fn in fns.items() for mode in ("recurrent", "chunk")]
@@ -84,8 +89,10 @@ def make_backend() -> Backend:
         name="cpu",
         kernels=kernels,
         priority=PRIORITY,
-        description="C++ WKV recurrences for CPU inference (forward only, fp32; built on first use)",
+        description="C++ WKV recurrences and a fused whole-model step for CPU inference (forward only, fp32; "
+        "built on first use)",
         availability=unavailable_reason,
+        steps=[fused.STEP],
     )
 
 

@@ -78,8 +78,15 @@ num_values = 32
 seq_len = 32
 """
 
-# Rough cost of a step relative to v4 (reference CPU kernels, tiny shapes), to start long runs first.
-_COST = {"v4": 1.0, "v5": 1.2, "v6": 2.0, "v7": 4.0}
+def _cost(version: str) -> float:
+    """A version's declared training cost per token relative to v4 (``VersionSpec.relative_cost``), to
+    start long runs first; 2.0 for a name that is not a registered version."""
+    from rwkv_zoo.registry import get_version
+
+    try:
+        return get_version(version.strip()).relative_cost
+    except ValueError:
+        return 2.0
 
 
 @dataclass
@@ -176,12 +183,17 @@ def run_specs(cfg: AblateConfig) -> list[dict[str, Any]]:
                 runs.append({"model": model.label, "task": task.label, "seed": seed, "train": train})
 
     def cost(run):
-        name = run["train"]["model"].split("-")[0]
+        from rwkv_zoo.registry import resolve
+
         opts = run["train"]["model_options"]
+        try:
+            name = resolve(run["train"]["model"])[0].name
+        except ValueError:
+            name = run["train"]["model"]
         if "layers" in opts:
             parts = [e.split("/")[0] for e in str(opts["layers"]).split(",")]
-            return sum(_COST.get(p.strip(), 2.0) for p in parts) / len(parts)
-        return _COST.get(opts.get("time_mix", name), 2.0)
+            return sum(_cost(p) for p in parts) / len(parts)
+        return _cost(opts.get("time_mix", name))
 
     runs.sort(key=cost, reverse=True)
     for i, r in enumerate(runs):

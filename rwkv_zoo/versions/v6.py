@@ -225,6 +225,7 @@ SPEC = VersionSpec(
     wkv_op="wkv6",
     block_cls=V6Block,
     detect=detect,
+    relative_cost=2.0,
     description="data-dependent token shift and decay (2024)",
 )
 

@@ -1,6 +1,7 @@
-"""Inference fast paths: the one-token ``DecodeStep`` equals the module path, ``prepare_inference`` weights
-(fp32 exact, bf16 / int8 close), the CPU GEMV kernels against ``F.linear``, their fallback, flat decode
-memory, and ``rwkv-zoo bench``."""
+"""Inference: the cpu backend's fused whole-model step equals the modules (decode and prefill, every
+version, hybrids, fp32/bf16/int8 weights), is on by default and follows weight changes, is chosen per
+exact module class (a subclass runs its own maths), ``prepare_inference`` weights, the CPU GEMV kernels
+against ``F.linear``, their fallback, flat decode memory, and ``rwkv-zoo bench``."""
 
 from __future__ import annotations
 
@@ -13,15 +14,19 @@ import torch
 import torch.nn.functional as F
 
 import rwkv_zoo
-from rwkv_zoo import cpu_kernels, inference
+from rwkv_zoo import fused, inference
+from rwkv_zoo.backends.cpu import fused as cpu_fused
+from rwkv_zoo.backends.cpu import kernels as cpu_kernels
 from rwkv_zoo.checkpoint import CheckpointError
 from rwkv_zoo.inference import InferenceLinear, prepare_inference
-from rwkv_zoo.testing import registered_plugin
 
 MODELS = ["v4-tiny", "v5-tiny", "v6-tiny", "v7-tiny"]
+needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason=f"{cpu_kernels.unavailable_reason()}")
 
 
 def _model(name, seed=1, **kw):
+    if name == "hybrid":  # every time-mix and channel-mix in one model; vocab 250 pads the head's tiles
+        return _model("v6", seed, layers="v7,v6,v5,v4,v7", n_layer=5, n_embd=64, vocab_size=250, head_size=16)
     return rwkv_zoo.randomize_(rwkv_zoo.build(name, **kw), seed=seed).eval()
 
 
@@ -29,15 +34,15 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
-def _decode(model, tokens, state, fast: bool):
-    """Feed tokens [B, T] one at a time; returns the stacked logits [B, T, V] and the final state."""
-    model.fast_decode = fast
+def _decode(model, tokens, state, fused_step: bool):
+    """Feed tokens [B, T] one at a time without gradients; the stacked logits [B, T, V] and the final state."""
+    model.fused_step = fused_step
     out = []
     with torch.no_grad():
         for t in range(tokens.shape[1]):
             lo, state = model(tokens[:, t : t + 1], state)
             out.append(lo)
-    model.fast_decode = True
+    model.fused_step = True
     return torch.cat(out, 1), state
 
 
@@ -46,73 +51,127 @@ def _state_err(s1, s2):
                for a, b in zip(l1.tensors(), l2.tensors(), strict=True) if b.norm() > 0)
 
 
+def _ran_fused(model, B=1, T=1) -> bool:
+    return fused.select(model, fused.StepCall("cpu", model.dtype, B, T)).backend == "cpu"
+
+
+@needs_kernels
+@pytest.mark.parametrize("weights", [None, "fp32", "bf16", "int8"])
 @pytest.mark.parametrize("name", [*MODELS, "hybrid"])
-def test_fast_decode_equals_module_path(name):
-    if name == "hybrid":
-        model = _model("v6", layers="v7,v6,v5,v4", n_layer=4, n_embd=64, vocab_size=256, head_size=16)
-    else:
-        model = _model(name)
+def test_fused_decode_equals_the_modules(name, weights):
+    """Token by token from a prefilled state and from the empty state, B = 1, 3 and 17 (odd tile counts)."""
+    model = _model(name)
+    if weights:
+        prepare_inference(model, weights)
+    assert _ran_fused(model), fused.select(model, fused.StepCall("cpu", model.dtype, 1, 1)).reason
     g = torch.Generator().manual_seed(0)
     V = model.config.vocab_size
-    prompt, steps = torch.randint(0, V, (3, 5), generator=g), torch.randint(0, V, (3, 6), generator=g)
+    for B in (1, 3, 17):
+        prompt, steps = torch.randint(0, V, (B, 5), generator=g), torch.randint(0, V, (B, 4), generator=g)
+        model.fused_step = False
+        with torch.no_grad():
+            _, state = model(prompt)
+        model.fused_step = True
+        slow, s_slow = _decode(model, steps, state, fused_step=False)
+        fast, s_fast = _decode(model, steps, state, fused_step=True)
+        assert _rel(fast, slow) < 1e-5 and _state_err(s_fast, s_slow) < 1e-5, B
+        slow0, _ = _decode(model, steps[:, :2], None, fused_step=False)
+        fast0, _ = _decode(model, steps[:, :2], None, fused_step=True)
+        assert _rel(fast0, slow0) < 1e-5, B
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", [*MODELS, "hybrid"])
+def test_fused_prefill_equals_the_modules(name, monkeypatch):
+    model = _model(name)
+    monkeypatch.setattr(cpu_fused, "PREFILL_CHUNK", 7)  # 19 tokens: chunks of 7, 7, 5 with the state between
+    g = torch.Generator().manual_seed(3)
+    toks = torch.randint(0, model.config.vocab_size, (3, 30), generator=g)
+
+    def run(on, *args, **kw):
+        model.fused_step = on
+        with torch.no_grad():
+            return model(*args, **kw)
+
+    for keep in (0, 1, 9):
+        want, ws = run(False, toks[:, :19], logits_to_keep=keep)
+        got, gs = run(True, toks[:, :19], logits_to_keep=keep)
+        assert got.shape == want.shape and _rel(got, want) < 1e-5 and _state_err(gs, ws) < 1e-5, keep
+    want2, ws2 = run(False, toks[:, 19:], ws)  # continuing from a state
+    got2, gs2 = run(True, toks[:, 19:], gs)
+    assert _rel(got2, want2) < 1e-5 and _state_err(gs2, ws2) < 1e-5
+    assert _ran_fused(model, 3, 19)
+
+
+@needs_kernels
+def test_fused_step_is_the_default_and_leaves_the_model_as_it_was(tmp_path):
+    model = _model("v6-tiny")
+    params = {n: p for n, p in model.named_parameters()}
+    before = {n: p.detach().clone() for n, p in params.items()}
     with torch.no_grad():
-        _, state = model(prompt)
-    slow, s_slow = _decode(model, steps, state, fast=False)
-    fast, s_fast = _decode(model, steps, state, fast=True)
-    assert _rel(fast, slow) < 1e-5 and _state_err(s_fast, s_slow) < 1e-5
-    # from the empty state (the kernels see no state), and the model's tuned initial state
-    slow0, _ = _decode(model, steps[:, :2], None, fast=False)
-    fast0, _ = _decode(model, steps[:, :2], None, fast=True)
-    assert _rel(fast0, slow0) < 1e-5
+        model(torch.tensor([[1, 2, 3]]))
+    assert _ran_fused(model) and "_fused_runner" in model.__dict__
+    # parameters are the same objects with the same values; state_dict and save see the plain model
+    assert all(p is params[n] and torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert all(isinstance(m, torch.nn.Linear) for n, m in model.named_modules() if n.endswith(".key"))
+    rwkv_zoo.save(model, tmp_path / "m.safetensors")
+    assert set(rwkv_zoo.load(tmp_path / "m.safetensors").state_dict()) == set(model.state_dict())
+    # training still works and the next inference call sees the new weights
+    model.train()
+    logits, _ = model(torch.tensor([[1, 2, 3]]))
+    logits.float().pow(2).mean().backward()
+    torch.optim.SGD(model.parameters(), lr=1.0).step()
+    model.eval()
+    slow, _ = _decode(model, torch.tensor([[4, 5]]), None, fused_step=False)
+    fast, _ = _decode(model, torch.tensor([[4, 5]]), None, fused_step=True)
+    untrained, _ = _decode(_model("v6-tiny"), torch.tensor([[4, 5]]), None, fused_step=False)
+    assert _rel(fast, slow) < 1e-5 and _rel(slow, untrained) > 1e-3
 
 
-def test_fast_decode_follows_weight_updates_and_rescale():
+@needs_kernels
+def test_fused_step_follows_weight_updates_rescale_and_dtype_round_trips():
     model = _model("v5-tiny")
     tok = torch.tensor([[3]])
     with torch.no_grad():
         model(tok)  # builds and caches the step
-        model.blocks[0].att.time_decay.add_(0.5)  # in place: the cached constants must be rebuilt
+        model.blocks[0].att.time_decay.add_(0.5)  # in place: the packed copies must be rebuilt
         model.set_rescale(1)
-    slow, _ = _decode(model, tok, None, fast=False)
-    fast, _ = _decode(model, tok, None, fast=True)
+    slow, _ = _decode(model, tok, None, fused_step=False)
+    fast, _ = _decode(model, tok, None, fused_step=True)
     assert _rel(fast, slow) < 1e-5
-
-
-def test_fast_decode_follows_dtype_round_trips():
-    model = prepare_inference(_model("v6-tiny"), "fp32")
-    tok = torch.tensor([[3]])
     with torch.no_grad():
-        before, _ = model(tok)  # caches the step (and its pointers into the fp32 tensors)
-        model.double().float()  # every tensor replaced
+        before, _ = model(tok)
+        model.double().float()  # every tensor replaced: the step's pointers must not be used
         after, _ = model(tok)
     assert _rel(after, before) < 1e-6
 
 
-def test_fast_paths_under_inference_mode():
-    """A model built and prepared under torch.inference_mode() (its tensors have no version counter)."""
+@needs_kernels
+def test_fused_step_under_inference_mode_and_load_state_dict_with_assign():
     ref = _model("v7-tiny")
-    with torch.inference_mode():
+    with torch.inference_mode():  # tensors without version counters
         model = prepare_inference(_model("v7-tiny"), "fp32")
         got, state = model(torch.tensor([[1, 2, 3]]))
         got2, _ = model(torch.tensor([[4]]), state)
+    ref.fused_step = False
     with torch.no_grad():
         want, ref_state = ref(torch.tensor([[1, 2, 3]]))
         want2, _ = ref(torch.tensor([[4]]), ref_state)
     assert _rel(got, want) < 1e-5 and _rel(got2, want2) < 1e-5
-
-
-def test_fast_decode_follows_load_state_dict_with_assign():
     model, other = _model("v7-tiny", seed=1), _model("v7-tiny", seed=2)
-    tok = torch.tensor([[3]])
     with torch.no_grad():
-        model(tok)  # caches the step with seed-1 tensors
+        model(torch.tensor([[3]]))  # caches the step with seed-1 tensors
         model.load_state_dict(other.state_dict(), assign=True)  # new Parameter objects
-        ours, _ = model(tok)
-        ref, _ = other(tok)
-    assert _rel(ours, ref) < 1e-6
+        ours, _ = model(torch.tensor([[3]]))
+        other.fused_step = False
+        theirs, _ = other(torch.tensor([[3]]))
+    assert _rel(ours, theirs) < 1e-6
 
 
-def test_fast_decode_uses_the_backend_dispatch_chose():
+@needs_kernels
+def test_fused_step_follows_explicit_backend_choices_and_gradients():
+    model = _model("v7-tiny")
+    steps = torch.tensor([[1, 2, 3]])
     calls = []
     from rwkv_zoo.backends.reference.recurrent import wkv7_recurrent
 
@@ -125,119 +184,89 @@ def test_fast_decode_uses_the_backend_dispatch_chose():
         def rwkv_zoo_register_backends(self, register):
             register(rwkv_zoo.Backend("counting", [rwkv_zoo.Kernel("wkv7", "recurrent", counting)], priority=50))
 
-    model = _model("v7-tiny")
-    steps = torch.tensor([[1, 2, 3]])
-    ref, _ = _decode(model, steps, None, fast=False)
-    with registered_plugin(Plugin(), "counting-plugin"):
-        out, _ = _decode(model, steps, None, fast=True)
-    assert len(calls) == 3 * model.config.n_layer and all(s[1] == 1 for s in calls)
-    assert _rel(out, ref) < 1e-5
-
-
-def test_gradients_and_other_dtypes_take_the_module_path():
-    model = _model("v7-tiny")
-    logits, _ = model(torch.tensor([[1]]))  # grad enabled: the module path, differentiable
+    ref, _ = _decode(model, steps, None, fused_step=False)
+    with rwkv_zoo.plugin(Plugin(), name="counting-plugin"):
+        # the highest-priority backend has no fused step, but the cpu backend's step still fits: a step
+        # replaces the whole body, so it is chosen among the backends that have one
+        out, _ = _decode(model, steps, None, fused_step=True)
+        assert not calls and _rel(out, ref) < 1e-5
+        with rwkv_zoo.use_backend("counting"):  # an explicit choice: its kernels, layer by layer
+            out, _ = _decode(model, steps, None, fused_step=True)
+            assert "no fused step" in rwkv_zoo.explain(model, steps[:, :1]).execution
+    assert len(calls) == 3 * model.config.n_layer and _rel(out, ref) < 1e-5
+    logits, _ = model(torch.tensor([[1]]))  # grad enabled: the modules, differentiable
     logits.sum().backward()
     assert model.head.weight.grad is not None
-    assert not inference.can_fast_decode(model.to(torch.float64), 1)
+    assert not _ran_fused(model.to(torch.float64))
+
+
+@needs_kernels
+def test_a_subclass_that_changes_the_maths_never_inherits_the_fused_step():
+    from rwkv_zoo.versions.v6 import V6TimeMix
+
+    class Halved(V6TimeMix):
+        def forward(self, x, shift, wkv, ctx):
+            out, shift, wkv = super().forward(x, shift, wkv, ctx)
+            return out / 2, shift, wkv
+
+    model = _model("v6-tiny")
+    for b in model.blocks:
+        b.att.__class__ = Halved
+    sel = fused.select(model, fused.StepCall("cpu", torch.float32, 1, 1))
+    assert sel.backend is None and "Halved" in sel.reason
+    assert "Halved" in rwkv_zoo.explain(model, torch.tensor([[1]])).execution
+    toks = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full, _ = model(toks)
+    steps, _ = _decode(model, toks, None, fused_step=True)
+    assert _rel(steps, full) < 1e-5
+
+
+@needs_kernels
+def test_fused_step_coverage_rescale_and_wide_v4():
+    model = _model("v4", n_layer=4, n_embd=64, vocab_size=101)
+    model.set_rescale(2)  # x halves after every second layer, the weights were divided to match
+    toks = torch.randint(0, 101, (2, 6), generator=torch.Generator().manual_seed(1))
+    slow, s_slow = _decode(model, toks, None, fused_step=False)
+    fast, s_fast = _decode(model, toks, None, fused_step=True)
+    assert _ran_fused(model) and _rel(fast, slow) < 1e-5 and _state_err(s_fast, s_slow) < 1e-5
+    # v4's "head" is the whole width: any width goes (the 256-channel limit is for matrix-state heads)
+    wide = prepare_inference(_model("v4", n_layer=1, n_embd=320, vocab_size=64), "int8")
+    slow, _ = _decode(wide, toks % 64, None, fused_step=False)
+    fast, _ = _decode(wide, toks % 64, None, fused_step=True)
+    assert _ran_fused(wide) and _rel(fast, slow) < 1e-5
+    # what the step does not cover runs the modules, and says why
+    odd = _model("v7", n_layer=1, n_embd=64, vocab_size=64, head_size=16, dim_w_lora=12)
+    sel = fused.select(odd, fused.StepCall("cpu", torch.float32, 1, 1))
+    assert sel.backend is None and "LoRA width" in sel.reason
+    off = _model("v7-tiny")
+    off.fused_step = False
+    assert "fused_step is False" in rwkv_zoo.explain(off, torch.tensor([[1]])).execution
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_prepared_weights(name):
     ref_model = _model(name)
+    ref_model.fused_step = False
     g = torch.Generator().manual_seed(2)
     V = ref_model.config.vocab_size
     prompt, steps = torch.randint(0, V, (2, 20), generator=g), torch.randint(0, V, (2, 4), generator=g)
     with torch.no_grad():
         ref_full, state = ref_model(prompt)
-    ref_steps, _ = _decode(ref_model, steps, state, fast=False)
+    ref_steps, _ = _decode(ref_model, steps, state, fused_step=False)
     for weights, tol in (("fp32", 1e-5), ("bf16", 2e-2), ("int8", 5e-2)):
         model = prepare_inference(_model(name), weights)
         assert all(not p.requires_grad for p in model.parameters())
         assert isinstance(model.head, InferenceLinear) and model.head.kind == weights
-        with torch.no_grad():
-            full, _ = model(prompt)  # 40 rows: the widened-weight GEMM path
-        out, _ = _decode(model, steps, state, fast=True)  # 2 rows: the GEMV kernels
-        assert _rel(full, ref_full) < tol and _rel(out, ref_steps) < tol, weights
-        kl = F.kl_div(torch.log_softmax(out, -1), torch.log_softmax(ref_steps, -1), log_target=True,
-                      reduction="none").sum(-1).mean()
-        assert kl < (1e-6 if weights == "fp32" else 2e-2)
-
-
-def _fused_vs_python(model, B, steps=4, seed=0):
-    """Decode ``steps`` tokens for B sequences with the one-call C++ step and with the Python step."""
-    g = torch.Generator().manual_seed(seed)
-    V = model.config.vocab_size
-    prompt, toks = torch.randint(0, V, (B, 3), generator=g), torch.randint(0, V, (B, steps), generator=g)
-    out = {}
-    for fused in (True, False):
-        model.fused_decode = fused
-        inference.invalidate(model)
-        with torch.no_grad():
-            _, state = model(prompt)
-        first, _ = _decode(model, toks[:, :2], None, fast=True)  # from the empty state
-        logits, state = _decode(model, toks, state, fast=True)
-        out[fused] = (first, logits, state, inference.decode_step(model).fused())
-    model.fused_decode = True
-    return out[True], out[False]
-
-
-@pytest.mark.skipif(not cpu_kernels.available(), reason="needs the CPU kernels (a C++ compiler, AVX2)")
-@pytest.mark.parametrize("weights", ["fp32", "bf16", "int8"])
-@pytest.mark.parametrize("name", [*MODELS, "hybrid"])
-def test_fused_decode_equals_python_step(name, weights):
-    if name == "hybrid":  # every time-mix and channel-mix in one model; vocab 250 pads the head's tiles
-        model = _model("v6", layers="v7,v6,v5,v4,v7", n_layer=5, n_embd=64, vocab_size=250, head_size=16)
-    else:
-        model = _model(name)
-    prepare_inference(model, weights)
-    for B in (1, 3, 17):
-        (f0, f, fs, fused), (p0, p, ps, none) = _fused_vs_python(model, B)
-        assert isinstance(fused, inference.FusedDecode) and none is None
-        assert _rel(f0, p0) < 1e-5 and _rel(f, p) < 1e-5 and _state_err(fs, ps) < 1e-5, B
-
-
-@pytest.mark.skipif(not cpu_kernels.available(), reason="needs the CPU kernels (a C++ compiler, AVX2)")
-def test_fused_decode_rescale_batch_limit_and_coverage():
-    model = _model("v4", n_layer=4, n_embd=64, vocab_size=101)
-    model.set_rescale(2)  # x halves after every second layer, the weights were divided to match
-    prepare_inference(model, "fp32")
-    (_, f, fs, fused), (_, p, ps, _) = _fused_vs_python(model, 2)
-    assert fused is not None and _rel(f, p) < 1e-5 and _state_err(fs, ps) < 1e-5
-    # v4's "head" is the whole width: any width goes (the 256-channel limit is for matrix-state heads)
-    wide = prepare_inference(_model("v4", n_layer=1, n_embd=320, vocab_size=64), "int8")
-    (_, f, fs, fused), (_, p, ps, _) = _fused_vs_python(wide, 2)
-    assert fused is not None and _rel(f, p) < 1e-5 and _state_err(fs, ps) < 1e-5
-    # an unprepared model, or fused_decode off: the Python step
-    plain = _model("v7-tiny")
-    with torch.no_grad():
-        plain(torch.tensor([[1]]))
-    step = inference.decode_step(plain)
-    assert step.fused() is None and "prepare_inference" in step.fused_why_not
-
-
-@pytest.mark.skipif(not cpu_kernels.available(), reason="needs the CPU kernels (a C++ compiler, AVX2)")
-@pytest.mark.parametrize("name", [*MODELS, "hybrid"])
-def test_fused_prefill_equals_module_path(name, monkeypatch):
-    def make():
-        if name == "hybrid":
-            return _model("v6", layers="v7,v6,v5,v4,v7", n_layer=5, n_embd=64, vocab_size=250, head_size=16)
-        return _model(name)
-
-    ref, model = make(), prepare_inference(make(), "fp32")
-    monkeypatch.setattr(inference, "PREFILL_CHUNK", 7)  # 19 tokens: chunks of 7, 7, 5 with the state between
-    g = torch.Generator().manual_seed(3)
-    V = ref.config.vocab_size
-    toks = torch.randint(0, V, (3, 30), generator=g)
-    with torch.no_grad():
-        for keep in (0, 1, 9):
-            want, ws = ref(toks[:, :19], logits_to_keep=keep)
-            got, gs = model(toks[:, :19], logits_to_keep=keep)
-            assert got.shape == want.shape and _rel(got, want) < 1e-5 and _state_err(gs, ws) < 1e-5, keep
-        want2, ws2 = ref(toks[:, 19:], ws)  # continuing from a state
-        got2, gs2 = model(toks[:, 19:], gs)
-    assert inference.decode_step(model).fused() is not None
-    assert _rel(got2, want2) < 1e-5 and _state_err(gs2, ws2) < 1e-5
+        for on in (False, True):  # the modules with the GEMV kernels, and the fused step
+            model.fused_step = on
+            with torch.no_grad():
+                full, _ = model(prompt)
+            out, _ = _decode(model, steps, state, fused_step=on)
+            assert _rel(full, ref_full) < tol and _rel(out, ref_steps) < tol, (weights, on)
+            kl = F.kl_div(torch.log_softmax(out, -1), torch.log_softmax(ref_steps, -1), log_target=True,
+                          reduction="none").sum(-1).mean()
+            assert kl < (1e-6 if weights == "fp32" else 2e-2)
 
 
 def test_prepared_model_refuses_save_and_load_option(tmp_path):
@@ -266,8 +295,6 @@ def test_quantize_int8_is_per_output_channel():
     assert (q.abs().amax(1) == 127).all()  # every row uses its full range
     assert ((q.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-6).all()
 
-
-needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason=f"{cpu_kernels.unavailable_reason()}")
 
 
 @needs_kernels
@@ -383,39 +410,13 @@ def test_bench_cli_runs_and_compares_with_the_package(tmp_path):
     assert 0 <= data["kl"]["int8"]["decode"] < 0.05
 
 
-def test_fused_paths_follow_dispatch():
-    """A prepared model whose wkv7 dispatch gives to another backend runs that backend's kernel in
-    prefill and decode (the fused C++ step is the cpu backend's, used only when cpu was chosen)."""
-    calls = []
-    from rwkv_zoo.backends.reference.recurrent import wkv7_recurrent
-
-    def counting(*args):
-        calls.append(args[0].shape[1])
-        return wkv7_recurrent(*args)
-
-    class Plugin:
-        @rwkv_zoo.hookimpl
-        def rwkv_zoo_register_backends(self, register):
-            kernels = [rwkv_zoo.Kernel("wkv7", mode, counting) for mode in ("recurrent", "chunk")]
-            register(rwkv_zoo.Backend("counting", kernels, priority=50))
-
-    model = prepare_inference(_model("v7-tiny"), "fp32")
-    L = model.config.n_layer
-    with registered_plugin(Plugin(), "counting-plugin"), torch.no_grad():
-        _, state = model(torch.tensor([[1, 2, 3, 4, 5]]))
-        model(torch.tensor([[6]]), state)
-    assert calls == [5] * L + [1] * L
-
-
 def test_explain_says_how_inference_runs():
     model = _model("v7-tiny")
-    assert "Python decode step" in rwkv_zoo.explain(model, (1, 1)).execution
-    assert rwkv_zoo.explain(model, (1, 50)).execution == "the modules, layer by layer"
     assert rwkv_zoo.explain(model, (1, 50), requires_grad=True).execution is None
-    prepare_inference(model, "int8")
     text = str(rwkv_zoo.explain(model, (2, 1)))
     if cpu_kernels.available():
-        assert "runs as: the fused C++ step" in text
-        assert "fused C++ step" in rwkv_zoo.explain(model, (2, 50)).execution
-    model.backend = "reference"  # dispatch no longer picks cpu: no fused step
-    assert "Python decode step" in rwkv_zoo.explain(model, (2, 1)).execution
+        assert "runs as: the cpu backend's fused step 'cpu-fused'" in text
+        assert "fused step" in rwkv_zoo.explain(model, (2, 50)).execution
+    model.backend = "reference"  # an explicit choice of a backend without a fused step: the modules
+    assert rwkv_zoo.explain(model, (2, 1)).execution.startswith("the modules, layer by layer")
+    assert "has no fused step" in rwkv_zoo.explain(model, (2, 1)).execution
