@@ -268,11 +268,22 @@ def demo_version(version: str, size: str, T: int, seed: int) -> tuple[list[list[
     return rows, title, ok_rec and ok_spl
 
 
+def _has_size(version: str, size: str) -> bool:
+    from rwkv_zoo.registry import get_version
+
+    try:
+        get_version(version).preset(size)
+    except ValueError:
+        return False
+    return True
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     import rwkv_zoo
 
-    versions = [v.strip() for v in args.versions.split(",") if v.strip()]
     known = rwkv_zoo.list_versions()
+    # Every registered version by default, so a version that a plugin adds is checked too.
+    versions = known if args.versions is None else [v.strip() for v in args.versions.split(",") if v.strip()]
     unknown = [v for v in versions if v not in known]
     if unknown or not versions:
         given = ", ".join(unknown) or "(none given)"
@@ -291,6 +302,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
               f"{args.threads} torch thread(s)\n"
               f"each run is compared with the parallel one: rel. error = ||a-b||/||b|| over all its logits "
               f"(PASS <= {DEMO_TOLERANCE:g}); worst token = the same per position")
+        skipped = [v for v in versions if not _has_size(v, args.size)]
+        for version in skipped:
+            print(f"\nskipped {version}: it has no {args.size!r} size preset")
+        versions = [v for v in versions if v not in skipped]
+        if not versions:
+            raise UsageError(f"no version to run: none of them has a {args.size!r} size preset")
         for version in versions:
             rows, title, ok = demo_version(version, args.size, args.T, args.seed)
             print(f"\n{title}")
@@ -337,7 +354,8 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("demo", help="check parallel = token-by-token = split-and-carry for every version")
-    p.add_argument("--versions", default="v4,v5,v6,v7", help="comma-separated versions (default v4,v5,v6,v7)")
+    p.add_argument("--versions", help="comma-separated versions (default: every registered version that has "
+                                      "the --size preset)")
     p.add_argument("--size", choices=("tiny", "small"), default="small", help="size preset (default small)")
     p.add_argument("--T", type=int, default=64, help="sequence length (default 64)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, tokens and the split point")

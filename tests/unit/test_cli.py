@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -283,6 +284,28 @@ def test_demo_fail_exits_nonzero(capsys, monkeypatch):
     assert rc == 1
     assert "FAIL" in out
     assert out.rstrip().splitlines()[-1].startswith("FAIL: v6")
+
+
+def test_demo_runs_every_registered_version_and_skips_those_without_the_size(capsys):
+    """No version list in the CLI: a plugin's version is demoed, or skipped with a reason."""
+    spec = rwkv_zoo.registry.get_version("v4")
+    sizeless = dataclasses.replace(spec, name="v4nosize", sizes=[p for p in spec.sizes if p.name != "tiny"])
+
+    class Versions:
+        @rwkv_zoo.hookimpl
+        def rwkv_zoo_register_versions(self, register):
+            register(sizeless)
+
+    with rwkv_zoo.plugin(Versions()):
+        rc, out, err = run(capsys, "demo", "--size", "tiny", "--T", "4")
+        assert rc == 0, out + err
+        assert "skipped v4nosize: it has no 'tiny' size preset" in out
+        ran = [v for v in rwkv_zoo.list_versions() if v != "v4nosize"]
+        assert out.rstrip().splitlines()[-1].startswith(f"PASS: {', '.join(ran)} (")
+        for v in ran:
+            assert f"{v}-tiny: " in out
+        rc, out, err = run(capsys, "demo", "--size", "tiny", "--versions", "v4nosize")
+        assert rc == 2 and "none of them has a 'tiny' size preset" in err
 
 
 @pytest.mark.parametrize(
