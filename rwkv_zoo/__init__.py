@@ -10,8 +10,7 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from rwkv_zoo._version import __version__
 from rwkv_zoo.backend import Backend, Kernel
 from rwkv_zoo.checkpoint import Checkpoint, CheckpointError, CheckpointFormat, list_formats, load, save
 from rwkv_zoo.dispatch import BackendError, Choice, KernelCall, Selection, list_backends, use_backend

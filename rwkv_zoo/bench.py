@@ -14,6 +14,9 @@ the package's ``forward`` returns); decode feeds the argmax token back for ``--d
 warm-up, at each ``--batch``. ``--kl`` adds the mean KL divergence of each weight format's next-token
 distribution from fp32 over a prompt and its continuation. Times are medians; ratios are only
 meaningful within one run (shared machines drift).
+
+This module measures and reports; ``rwkv_zoo.cli.bench`` turns the command's flags into ``report``'s
+arguments. ``python -m rwkv_zoo.bench KIND JSON`` is the worker entry point.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -34,6 +37,15 @@ RESULT = "RESULT "
 
 # ---------------------------------------------------------------------------------------------------
 # Measurements (run inside worker subprocesses)
+
+
+def load_model(spec: str):
+    """A checkpoint path, or a model name built with random weights (seed 0, as the CLI builds it)."""
+    import rwkv_zoo
+
+    if os.path.exists(spec):
+        return rwkv_zoo.load(spec)
+    return rwkv_zoo.randomize_(rwkv_zoo.build(spec), 0).eval()
 
 
 def _rss_now() -> int:
@@ -73,7 +85,6 @@ def _matrix_params(model) -> int:
 
 def ours(spec: str, weights: str, batches: list[int], prefill: int, decode: int, threads: int,
          long_steps: int = 0) -> dict:
-    from rwkv_zoo.cli_generate import load_model
     from rwkv_zoo.inference import prepare_inference
 
     torch.set_num_threads(threads)
@@ -155,7 +166,6 @@ def official(path: str, version: str, vocab: int, weights: str, prefill: int, de
 
 def kl(spec: str, weights: list[str], tokens: int, threads: int) -> dict:
     """Mean KL(fp32 || weights) of the next-token distributions over a prompt and its greedy continuation."""
-    from rwkv_zoo.cli_generate import load_model
     from rwkv_zoo.inference import prepare_inference
 
     torch.set_num_threads(threads)
@@ -201,7 +211,22 @@ def machine(C: int, F: int, threads: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------
-# The command
+# The report (``rwkv-zoo bench``, rwkv_zoo.cli.bench, parses the flags into BenchOptions)
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What ``report`` measures besides the model and weight formats; the fields are the CLI's flags."""
+
+    model: str  # as the user named it (the report's title)
+    threads: int
+    prefill: int = 512
+    decode: int = 64
+    long: int = 0
+    repeat: int = 1
+    compare_official: bool = False
+    kl: bool = False
+    json: str | None = None
 
 
 def _run_worker(kind: str, kwargs: dict, timeout: float) -> dict:
@@ -218,35 +243,12 @@ def _fmt_bytes(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
-def run(args) -> int:
-    from rwkv_zoo.cli import UsageError
+def report(args: BenchOptions, spec: str, weights: list[str], batches: list[int]) -> int:
+    """Measure the machine, run every configuration ``args.repeat`` times and print the table.
 
-    weights = [w.strip() for w in args.weights.split(",") if w.strip()]
-    batches = sorted({int(b) for b in args.batch.split(",")})
-    for w in weights:
-        if w not in ("default", "fp32", "bf16", "int8"):
-            raise UsageError(f"--weights takes default, fp32, bf16, int8; got {w!r}")
-    if any(b < 1 for b in batches) or args.prefill < 0 or args.decode < 1 or args.repeat < 1:
-        raise UsageError("--batch values, --decode and --repeat must be >= 1, --prefill >= 0")
-    spec, tmp = args.model, None
-    from rwkv_zoo.cli_generate import load_model
-
-    if args.compare_official and not os.path.exists(spec):
-        # Both implementations must read the same file: write the random model once.
-        import rwkv_zoo
-
-        tmp = tempfile.TemporaryDirectory(prefix="rwkv-zoo-bench-")
-        path = os.path.join(tmp.name, "model.pth")
-        rwkv_zoo.save(load_model(spec), path)
-        spec = path
-    try:
-        return _report(args, spec, weights, batches)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
-
-
-def _report(args, spec: str, weights: list[str], batches: list[int]) -> int:
+    ``spec`` is a checkpoint path or a model name; ``args.compare_official`` needs a path (the package
+    reads files only).
+    """
     import rwkv_zoo
     from rwkv_zoo.backends.cpu import kernels as cpu_kernels
 
@@ -332,25 +334,6 @@ def _print_table(rows, mach, batches, kls, args) -> None:
               f"decode {v['decode']:.2e}")
     print("(decode ms = median per step; tok/s = B / step time; x floor = step time / (weight bytes / read "
           "bandwidth); vs pkg = tokens/s over the package's batch-1 tokens/s)")
-
-
-def add_parsers(sub) -> None:
-    p = sub.add_parser("bench", help="decode/prefill tok/s and peak RSS; --compare-official runs the rwkv package too")
-    p.add_argument("model", help="checkpoint file, or a model name (random weights, e.g. v4-pile-169M)")
-    p.add_argument("--weights", default="default",
-                   help="comma list of default (the model as loaded), fp32, bf16, int8 (prepare_inference)")
-    p.add_argument("--batch", default="1", help="comma list of decode batch sizes (default 1)")
-    p.add_argument("--prefill", type=int, default=512, help="prefill length (0 skips it)")
-    p.add_argument("--decode", type=int, default=64, help="decode steps timed per batch size")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--compare-official", action="store_true", help="also run BlinkDL's rwkv package (cpu fp32/bf16)")
-    p.add_argument("--kl", action="store_true", help="mean logit KL of bf16/int8 weights against fp32")
-    p.add_argument("--long", type=int, default=0, metavar="N",
-                   help="decode N more steps at batch 1 and report RSS after 100 and after N")
-    p.add_argument("--repeat", type=int, default=1,
-                   help="run every configuration N times, round-robin, and report medians (noisy machines)")
-    p.add_argument("--json", help="also write the results to this file")
-    p.set_defaults(func=run)
 
 
 def _main() -> None:

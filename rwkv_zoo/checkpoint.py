@@ -16,9 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ import torch
 from torch import Tensor
 
 from rwkv_zoo import pluginmanager
+from rwkv_zoo.fileio import atomic_path
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -279,31 +278,6 @@ def load(
 # Saving
 
 
-@contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
-    """Yield a temporary path next to ``path``; on success rename it over ``path``, else delete it."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path)) or "."
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", suffix=suffix, dir=directory)
-    os.close(fd)
-    try:
-        yield tmp
-        if os.path.isfile(tmp):  # mkstemp makes 0600 files; a saved model gets the usual permissions
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.lexists(tmp):
-            if os.path.isdir(tmp):
-                import shutil
-
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                os.unlink(tmp)
-        raise
-
-
 def official_tensors(model, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
     """The model's weights under official keys, un-rescaled, detached and contiguous."""
     every = getattr(model, "rescale_every", 0)
@@ -317,7 +291,7 @@ def official_tensors(model, dtype: torch.dtype | None = None) -> dict[str, Tenso
 
 
 def model_metadata(model) -> dict[str, str]:
-    from rwkv_zoo import __version__
+    from rwkv_zoo._version import __version__
 
     return {
         "format": "rwkv_zoo",

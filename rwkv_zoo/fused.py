@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from rwkv_zoo import dispatch, pluginmanager
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -94,8 +96,6 @@ def _why_not_at_all(model: nn.Module) -> str | None:
 
 def select(model: nn.Module, call: StepCall) -> StepSelection:
     """Choose the fused step for ``call`` (or the modules), with the reasons. Cached per model."""
-    from rwkv_zoo import dispatch, pluginmanager
-
     explicit, source = dispatch._explicit(getattr(model, "backend", None))
     key = (call, explicit, getattr(model, "fused_step", True), getattr(model, "mode", None),
            pluginmanager.generation())
@@ -159,8 +159,6 @@ def _fingerprint(tensors: list[Tensor]) -> int:
 
 def runner(model: nn.Module, sel: StepSelection) -> Runner:
     """The built step for ``sel``, rebuilt when the weights changed since it was built."""
-    from rwkv_zoo import dispatch
-
     key = (sel.backend, sel.step)
     cached = model.__dict__.get("_fused_runner")
     if cached is not None and cached[0] == key and cached[2] == _fingerprint(cached[1]):

@@ -46,7 +46,6 @@ How a request becomes tokens (the choice that makes published RWKV numbers repro
 from __future__ import annotations
 
 import os
-import sys
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -334,34 +333,3 @@ def evaluate(model_or_path, tasks: str | Sequence, *, limit: int | float | None 
     simple_evaluate_kwargs.setdefault("bootstrap_iters", 0)  # stderr by bootstrap is slow; opt in
     return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, num_fewshot=num_fewshot,
                                    **simple_evaluate_kwargs)
-
-
-def run_cli(args) -> int:
-    """``rwkv-zoo lm-eval``: run the tasks, print lm_eval's table, optionally write the results JSON."""
-    import json
-
-    from lm_eval.utils import make_table
-
-    tasks = [t for t in args.tasks.split(",") if t]
-    kw: dict[str, Any] = {}
-    if args.include_path:
-        from lm_eval.tasks import TaskManager
-
-        kw["task_manager"] = TaskManager(include_path=args.include_path)
-    if args.bootstrap_iters is not None:
-        kw["bootstrap_iters"] = args.bootstrap_iters
-    limit = args.limit
-    if limit is not None and limit >= 1:
-        limit = int(limit)  # lm_eval reads a float as a fraction of each task's documents
-    results = evaluate(args.model, tasks, limit=limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size,
-                       tokenizer=args.tokenizer, device=args.device, dtype=args.dtype, backend=args.backend,
-                       chunk_len=args.chunk_len, prefix=args.prefix, log_samples=False, **kw)
-    if results is None:  # lm_eval returns None on non-zero ranks; there is one rank here
-        return 1
-    print(make_table(results))
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            json.dump({k: results[k] for k in ("results", "configs", "versions", "n-shot") if k in results}, f,
-                      indent=2, default=str)
-        print(f"results written to {args.output}", file=sys.stderr)
-    return 0

@@ -105,7 +105,7 @@ def load_plugins(*, autoload: bool | None = None) -> None:
         return
     _state.loaded = True
     disabled = _disabled_names()
-    from rwkv_zoo import __version__ as ours
+    from rwkv_zoo._version import __version__ as ours
 
     for modname in DEFAULT_PLUGINS:
         if modname in disabled:

@@ -207,11 +207,11 @@ class RWKVState:
         """Write the state as safetensors with the model identity in the metadata (atomically)."""
         from safetensors.torch import save_file
 
+        from rwkv_zoo.fileio import atomic_path
+
         path = os.fspath(path)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors().items()}
         meta = {"format": "rwkv_zoo.state", "identity": json.dumps(asdict(self.identity))}
-        from rwkv_zoo.checkpoint import atomic_path
-
         with atomic_path(path, ".safetensors") as tmp:
             save_file(tensors, tmp, metadata=meta)
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from rwkv_zoo.train.cli import main
+from rwkv_zoo.cli.train import main
 
 sys.exit(main())

@@ -282,7 +282,7 @@ def summarize(cfg: AblateConfig, results: list[dict[str, Any]]) -> list[dict[str
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    from rwkv_zoo.cli import human_count, table
+    from rwkv_zoo.formatting import human_count, table
 
     metric_keys: list[str] = []
     for r in rows:

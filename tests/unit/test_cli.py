@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -10,8 +11,9 @@ import pytest
 import torch
 
 import rwkv_zoo
-from rwkv_zoo import cli
+from rwkv_zoo import formatting
 from rwkv_zoo.backends import cpu as cpu_backend
+from rwkv_zoo.cli import info as cli_info
 from rwkv_zoo.cli import main
 
 # Inference calls on the CPU go to the C++ ``cpu`` backend where it builds (priority 2), else to reference.
@@ -57,7 +59,7 @@ def cuda_only_backend(name: str = "cudaonly", available: bool = True) -> rwkv_zo
 
 
 def test_table_aligns_columns():
-    text = cli.table(["a", "num", "c"], [["xx", 1, "end"], ["y", 123, None]], "<><")
+    text = formatting.table(["a", "num", "c"], [["xx", 1, "end"], ["y", 123, None]], "<><")
     lines = text.splitlines()
     assert lines[0] == "a   num  c"
     assert lines[1] == "--  ---  ---"
@@ -66,10 +68,10 @@ def test_table_aligns_columns():
 
 
 def test_human_count():
-    assert cli.human_count(1_527_668_736) == "1.528B"
-    assert cli.human_count(191_084_544) == "191.1M"
-    assert cli.human_count(1_599_873_024) == "1.600B"
-    assert cli.human_count(999) == "999"
+    assert formatting.human_count(1_527_668_736) == "1.528B"
+    assert formatting.human_count(191_084_544) == "191.1M"
+    assert formatting.human_count(1_599_873_024) == "1.600B"
+    assert formatting.human_count(999) == "999"
 
 
 def test_no_command_prints_help(capsys):
@@ -277,11 +279,33 @@ def test_demo_default_settings(capsys):
 
 
 def test_demo_fail_exits_nonzero(capsys, monkeypatch):
-    monkeypatch.setattr(cli, "DEMO_TOLERANCE", 0.0)
+    monkeypatch.setattr(cli_info, "DEMO_TOLERANCE", 0.0)
     rc, out, _ = run(capsys, "demo", "--size", "tiny", "--T", "8", "--versions", "v6")
     assert rc == 1
     assert "FAIL" in out
     assert out.rstrip().splitlines()[-1].startswith("FAIL: v6")
+
+
+def test_demo_runs_every_registered_version_and_skips_those_without_the_size(capsys):
+    """No version list in the CLI: a plugin's version is demoed, or skipped with a reason."""
+    spec = rwkv_zoo.registry.get_version("v4")
+    sizeless = dataclasses.replace(spec, name="v4nosize", sizes=[p for p in spec.sizes if p.name != "tiny"])
+
+    class Versions:
+        @rwkv_zoo.hookimpl
+        def rwkv_zoo_register_versions(self, register):
+            register(sizeless)
+
+    with rwkv_zoo.plugin(Versions()):
+        rc, out, err = run(capsys, "demo", "--size", "tiny", "--T", "4")
+        assert rc == 0, out + err
+        assert "skipped v4nosize: it has no 'tiny' size preset" in out
+        ran = [v for v in rwkv_zoo.list_versions() if v != "v4nosize"]
+        assert out.rstrip().splitlines()[-1].startswith(f"PASS: {', '.join(ran)} (")
+        for v in ran:
+            assert f"{v}-tiny: " in out
+        rc, out, err = run(capsys, "demo", "--size", "tiny", "--versions", "v4nosize")
+        assert rc == 2 and "none of them has a 'tiny' size preset" in err
 
 
 @pytest.mark.parametrize(
@@ -303,7 +327,7 @@ def test_rel_errors():
     b = torch.ones(1, 4, 3)
     a = b.clone()
     a[0, 2] += 0.3
-    whole, worst = cli.rel_errors(a, b)
+    whole, worst = cli_info.rel_errors(a, b)
     assert whole == pytest.approx((3 * 0.09) ** 0.5 / 12**0.5)
     assert worst == pytest.approx((3 * 0.09) ** 0.5 / 3**0.5)
 

@@ -1,64 +1,21 @@
-"""``rwkv-zoo generate``, ``rwkv-zoo chat`` and ``rwkv-zoo eval``: inference from the command line.
+"""``rwkv-zoo generate``, ``rwkv-zoo chat`` and ``rwkv-zoo eval`` (also ``score``): inference from the
+command line.
 
 MODEL is a checkpoint file (``rwkv_zoo.load``) or a model name such as ``v7-tiny`` (built with random
 weights, for trying the commands). The tokenizer defaults to World for 65,536-id models and to bytes
-for small test models; Pile models need ``--tokenizer 20B_tokenizer.json``.
+for small test models; Pile models need ``--tokenizer 20B_tokenizer.json``. ``--weights fp32|bf16|int8``
+prepares the model for inference with its projections in that format (``rwkv_zoo.load(path, weights=)``).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
-import torch
+from rwkv_zoo.cli._helpers import DTYPES, UsageError, add_weights_arg, load_model, pick_tokenizer
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CHAT_HELP = "commands: /reset (forget the conversation), /save-state PATH, /load-state PATH, /quit"
-
-
-def _usage(message: str) -> Exception:
-    from rwkv_zoo.cli import UsageError
-
-    return UsageError(message)
-
-
-def load_model(spec: str, *, dtype: str | None = None, device: str | None = None, seed: int = 0):
-    """A checkpoint path, or a model name built with random weights (said on stderr)."""
-    import rwkv_zoo
-
-    torch_dtype = DTYPES[dtype] if dtype else None
-    if os.path.exists(spec):
-        return rwkv_zoo.load(spec, dtype=torch_dtype, device=device)
-    try:
-        model = rwkv_zoo.build(spec, dtype=torch_dtype, device=device)
-    except ValueError as exc:
-        raise _usage(f"{spec!r} is neither a checkpoint file nor a model name: {exc}") from exc
-    print(f"note: {spec} has random weights (seed {seed}); give a checkpoint file for real text", file=sys.stderr)
-    return rwkv_zoo.randomize_(model, seed).eval()
-
-
-def pick_tokenizer(model, name: str | None):
-    from rwkv_zoo.tokenizers import WORLD_VOCAB_SIZE, TokenizerError, get_tokenizer
-
-    V = model.config.vocab_size
-    try:
-        if name:
-            tok = get_tokenizer(name)
-        elif V == WORLD_VOCAB_SIZE:
-            tok = get_tokenizer("world")
-        elif V >= 50277:
-            raise _usage(f"the model's vocabulary is {V} (Pile?): pass --tokenizer PATH/20B_tokenizer.json")
-        elif V >= 256:
-            tok = get_tokenizer("bytes")
-        else:
-            raise _usage(f"no tokenizer fits a vocabulary of {V}: pass --tokenizer")
-    except TokenizerError as exc:
-        raise _usage(str(exc)) from exc
-    if tok.vocab_size > V:
-        raise _usage(f"tokenizer {tok!r} has {tok.vocab_size} ids but the model's vocabulary is {V}")
-    return tok
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict:
@@ -79,7 +36,7 @@ def _generate(model, prompt, tokenizer, state, kwargs, stream: bool, out):
     try:
         res = generate(model, prompt, tokenizer=tokenizer, state=state, stream=stream, **kwargs)
     except ValueError as exc:
-        raise _usage(str(exc)) from exc
+        raise UsageError(str(exc)) from exc
     if not stream:
         return res
     for piece in res:
@@ -91,7 +48,7 @@ def _generate(model, prompt, tokenizer, state, kwargs, stream: bool, out):
 def cmd_generate(args: argparse.Namespace) -> int:
     from rwkv_zoo.state import RWKVState
 
-    model = load_model(args.model, dtype=args.dtype, device=args.device, seed=args.seed or 0)
+    model = load_model(args.model, dtype=args.dtype, device=args.device, seed=args.seed or 0, weights=args.weights)
     tokenizer = pick_tokenizer(model, args.tokenizer)
     prompt = args.prompt.encode().decode("unicode_escape") if args.escapes else args.prompt
     state = RWKVState.load(args.load_state, model) if args.load_state else None
@@ -113,7 +70,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     """One line of stdin per user turn: ``User: LINE\\n\\nAssistant:`` and a reply up to a blank line."""
     from rwkv_zoo.state import RWKVState, StateMismatchError
 
-    model = load_model(args.model, dtype=args.dtype, device=args.device, seed=args.seed or 0)
+    model = load_model(args.model, dtype=args.dtype, device=args.device, seed=args.seed or 0, weights=args.weights)
     tokenizer = pick_tokenizer(model, args.tokenizer)
     kwargs = _sampling_kwargs(args)
     kwargs["stop"] = [*kwargs["stop"], "\n\n"]
@@ -179,7 +136,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from rwkv_zoo.generation import score
 
-    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    model = load_model(args.model, dtype=args.dtype, device=args.device, weights=args.weights)
     tokenizer = pick_tokenizer(model, args.tokenizer)
     with open(args.text, encoding="utf-8") as f:
         text = f.read()
@@ -187,7 +144,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:
         res = score(model, text, tokenizer=tokenizer, bos=args.bos, chunk_len=args.chunk_len)
     except ValueError as exc:
-        raise _usage(str(exc)) from exc
+        raise UsageError(str(exc)) from exc
     dt = time.perf_counter() - t0
     bpb = f"{res.bits_per_byte:.4f}" if res.bits_per_byte is not None else "-"
     print(f"tokens scored   {res.n_tokens}")
@@ -204,6 +161,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a checkpoint file, or a model name such as v7-tiny (random weights)")
     p.add_argument("--tokenizer", help="world, bytes, a tokenizer .json (Pile: 20B_tokenizer.json) or a vocab .txt")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="weights and activations (default: the file's)")
+    add_weights_arg(p)
     p.add_argument("--device", help="cpu, cuda, ... (default cpu)")
     p.add_argument("--chunk-len", type=int, default=256, help="prefill chunk length in tokens (default 256)")
 
@@ -242,7 +200,9 @@ def add_parsers(sub) -> None:
     _sampling_args(p, 256)
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("eval", help="per-token log-likelihood of a text file: perplexity, bits per byte")
+    # `score` is the name rwkv_zoo.score and the README use for the same thing.
+    p = sub.add_parser("eval", aliases=["score"],
+                       help="per-token log-likelihood of a text file: perplexity, bits per byte")
     _model_args(p)
     p.add_argument("--text", required=True, help="a UTF-8 text file")
     p.add_argument("--bos", type=int, help="id put before the text so its first token is scored (World: 0)")

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from rwkv_zoo.cli._helpers import UsageError
 from rwkv_zoo.train._toml import tomllib
 from rwkv_zoo.train.trainer import TrainConfig
 
@@ -156,8 +157,6 @@ def _usage_errors(fn):
     """Config mistakes become the CLI's usage errors (one line on stderr, status 2)."""
 
     def run(args: argparse.Namespace) -> int:
-        from rwkv_zoo.cli import UsageError
-
         try:
             return fn(args)
         except ConfigError as exc:

@@ -7,9 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+from rwkv_zoo.cli._helpers import DTYPES
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TARGETS = {"official": "official-pth", "safetensors": "safetensors", "hf": "hf"}
 
 

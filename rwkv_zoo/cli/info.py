@@ -1,82 +1,21 @@
-"""The ``rwkv-zoo`` command line (also ``python -m rwkv_zoo``).
-
-Subcommands:
-
-- ``info``: versions of rwkv_zoo, Python and torch, CUDA, CPU threads, and what plugins report
-  through the ``rwkv_zoo_update_env_info`` hook;
-- ``models [PATTERN] [--released]``: every model name with its dimensions and parameter count
-  (counted on the meta device, so nothing is allocated);
-- ``backends``: every kernel backend, its provider plugin and distribution, its priority, whether it can
-  run here (or why not), its kernels;
-- ``plugins``: every plugin seen, where it came from (distribution and version), the hooks it implements,
-  and its error if it failed or whether it is blocked;
-- ``explain MODEL``: which kernel each layer would run for an input shape, and why (meta device);
-- ``demo``: builds every version at a small size and checks that the parallel, token-by-token and
-  split runs give the same logits;
-- ``train [CONFIG.toml]``: train a model (``rwkv_zoo.train``); ``ablate [CONFIG.toml]``: a grid of
-  versions/hybrids x tasks x seeds with matched budgets (default: v4-v7 tiny models on MQAR);
-- ``lm-eval MODEL --tasks T1,T2``: EleutherAI lm-evaluation-harness tasks through ``rwkv_zoo.harness``
-  (needs ``pip install lm_eval``).
-
-Errors the user can fix (an unknown model, a backend that cannot run the call) print one message to
-stderr and exit with status 2; ``demo`` exits with 1 when a check fails.
-"""
+"""``rwkv-zoo info``, ``models``, ``backends``, ``plugins``, ``explain`` and ``demo``: what is installed,
+what it would run, and whether the versions agree with themselves."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from rwkv_zoo.checkpoint import CheckpointError
-
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float64": torch.float64,
-}
+from rwkv_zoo.cli._helpers import FULL_DTYPES, UsageError, human_count, table
 
 DEMO_TOLERANCE = 1e-5
-
-
-class UsageError(Exception):
-    """A mistake on the command line: printed as one message, exit status 2."""
-
-
-# ---------------------------------------------------------------------------------------------------
-# Formatting helpers
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str = "") -> str:
-    """A plain aligned text table. ``align`` has one character per column: ``<`` (default) or ``>``."""
-    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in row] for row in rows]
-    ncol = len(headers)
-    widths = [max(len(r[i]) for r in cells) for i in range(ncol)]
-    align = align.ljust(ncol, "<")
-
-    def fmt(row: list[str]) -> str:
-        parts = [c.rjust(w) if a == ">" else c.ljust(w) for c, w, a in zip(row, widths, align, strict=True)]
-        return "  ".join(parts).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([fmt(cells[0]), rule, *(fmt(r) for r in cells[1:])])
-
-
-def human_count(n: int) -> str:
-    """4 significant figures with a K/M/B suffix, as release labels write parameter counts."""
-    for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n >= div:
-            return f"{n / div:#.4g}{suffix}"
-    return str(n)
 
 
 def _rate(tokens: int, seconds: float) -> str:
@@ -85,11 +24,6 @@ def _rate(tokens: int, seconds: float) -> str:
 
 def _verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
-
-
-def _error(prog: str, message: str) -> int:
-    print(f"{prog}: error: {message}", file=sys.stderr)
-    return 2
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -231,7 +165,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         # build(backend=) sets model.backend after checking that the name is registered.
         model = rwkv_zoo.build(args.model, device="meta", backend=args.backend)
         text = rwkv_zoo.explain(
-            model, (args.batch, args.T), device=args.device, dtype=DTYPES[args.dtype],
+            model, (args.batch, args.T), device=args.device, dtype=FULL_DTYPES[args.dtype],
             requires_grad=args.train, has_state=args.state,
         )
     except (ValueError, BackendError) as exc:  # unknown model/size/backend, or the backend cannot run it
@@ -334,11 +268,22 @@ def demo_version(version: str, size: str, T: int, seed: int) -> tuple[list[list[
     return rows, title, ok_rec and ok_spl
 
 
+def _has_size(version: str, size: str) -> bool:
+    from rwkv_zoo.registry import get_version
+
+    try:
+        get_version(version).preset(size)
+    except ValueError:
+        return False
+    return True
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     import rwkv_zoo
 
-    versions = [v.strip() for v in args.versions.split(",") if v.strip()]
     known = rwkv_zoo.list_versions()
+    # Every registered version by default, so a version that a plugin adds is checked too.
+    versions = known if args.versions is None else [v.strip() for v in args.versions.split(",") if v.strip()]
     unknown = [v for v in versions if v not in known]
     if unknown or not versions:
         given = ", ".join(unknown) or "(none given)"
@@ -357,6 +302,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
               f"{args.threads} torch thread(s)\n"
               f"each run is compared with the parallel one: rel. error = ||a-b||/||b|| over all its logits "
               f"(PASS <= {DEMO_TOLERANCE:g}); worst token = the same per position")
+        skipped = [v for v in versions if not _has_size(v, args.size)]
+        for version in skipped:
+            print(f"\nskipped {version}: it has no {args.size!r} size preset")
+        versions = [v for v in versions if v not in skipped]
+        if not versions:
+            raise UsageError(f"no version to run: none of them has a {args.size!r} size preset")
         for version in versions:
             rows, title, ok = demo_version(version, args.size, args.T, args.seed)
             print(f"\n{title}")
@@ -374,34 +325,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_lm_eval(args: argparse.Namespace) -> int:
-    import importlib.util
-
-    # lm_eval is optional and heavy: looked for only here, so the rest of the CLI never needs it.
-    if importlib.util.find_spec("lm_eval") is None:
-        raise UsageError("lm-eval needs EleutherAI's lm-evaluation-harness: pip install lm_eval")
-    from rwkv_zoo.harness import run_cli
-
-    try:
-        return run_cli(args)
-    except ValueError as exc:  # an unknown model or task, a tokenizer that does not fit
-        raise UsageError(str(exc)) from exc
-
-
-# ---------------------------------------------------------------------------------------------------
-# argument parsing
-
-
-def make_parser() -> argparse.ArgumentParser:
-    import rwkv_zoo
-
-    parser = argparse.ArgumentParser(
-        prog="rwkv-zoo",
-        description="Every RWKV generation behind one state interface, with pluggable WKV kernel backends.",
-    )
-    parser.add_argument("--version", action="version", version=f"rwkv-zoo {rwkv_zoo.__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
+def add_parsers(sub) -> None:
     p = sub.add_parser("info", help="versions, CUDA, threads and what plugins report about the environment")
     p.set_defaults(func=cmd_info)
 
@@ -420,7 +344,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a model name such as v6-1.5B or v7-tiny (see `rwkv-zoo models`)")
     p.add_argument("--T", type=int, default=1024, help="sequence length (default 1024)")
     p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+    p.add_argument("--dtype", choices=sorted(FULL_DTYPES), default="float32",
                    help="activation dtype (default float32)")
     p.add_argument("--device", default="cpu", help="device type to explain for: cpu, cuda, ... (default cpu)")
     p.add_argument("--backend", help="force a backend, as build(..., backend=NAME) does")
@@ -430,7 +354,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("demo", help="check parallel = token-by-token = split-and-carry for every version")
-    p.add_argument("--versions", default="v4,v5,v6,v7", help="comma-separated versions (default v4,v5,v6,v7)")
+    p.add_argument("--versions", help="comma-separated versions (default: every registered version that has "
+                                      "the --size preset)")
     p.add_argument("--size", choices=("tiny", "small"), default="small", help="size preset (default small)")
     p.add_argument("--T", type=int, default=64, help="sequence length (default 64)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, tokens and the split point")
@@ -438,63 +363,3 @@ def make_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads while the demo runs (default 1: these models are too small to "
                         "gain from more, and a busy machine makes extra OpenMP threads much slower)")
     p.set_defaults(func=cmd_demo)
-
-    p = sub.add_parser("lm-eval", help="lm-evaluation-harness tasks (LAMBADA, ...) on a model; needs lm_eval")
-    p.add_argument("model", help="a checkpoint file, or a model name such as v7-tiny (random weights)")
-    p.add_argument("--tasks", required=True, help="comma-separated lm_eval task names, e.g. lambada_openai")
-    p.add_argument("--limit", type=float, help="at most N documents per task (a fraction if < 1)")
-    p.add_argument("--num-fewshot", type=int, help="few-shot examples (default: the task's)")
-    p.add_argument("--batch-size", type=int, default=8, help="requests per forward pass (default 8)")
-    p.add_argument("--tokenizer", help="world, bytes, a tokenizer .json (Pile: 20B_tokenizer.json) or a vocab .txt")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="weights (default: the file's)")
-    p.add_argument("--device", help="cpu, cuda, ... (default cpu)")
-    p.add_argument("--backend", help="force a WKV kernel backend")
-    p.add_argument("--chunk-len", type=int, default=1024, help="prefill chunk length in tokens (default 1024)")
-    p.add_argument("--prefix", choices=("eod", "newline", "none"), default="eod",
-                   help="before every context: token 0 (default, as BlinkDL's LAMBADA check), '\\n' (as his "
-                        "lm_eval scripts) or nothing; see rwkv_zoo.harness")
-    p.add_argument("--include-path", help="a folder of extra task YAML files")
-    p.add_argument("--bootstrap-iters", type=int, help="stderr bootstrap iterations (default 0: none)")
-    p.add_argument("--output", metavar="FILE", help="also write the results as JSON")
-    p.set_defaults(func=cmd_lm_eval)
-
-    from rwkv_zoo.cli_checkpoint import add_parsers as add_checkpoint_parsers
-
-    add_checkpoint_parsers(sub)
-    from rwkv_zoo.cli_generate import add_parsers as add_generate_parsers
-
-    add_generate_parsers(sub)
-    from rwkv_zoo.bench import add_parsers as add_bench_parsers
-
-    add_bench_parsers(sub)
-    from rwkv_zoo.train.cli import add_parsers as add_train_parsers
-
-    add_train_parsers(sub)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
-    parser = make_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "func", None) is None:
-        parser.print_help()
-        return 2
-    prog = f"rwkv-zoo {args.command}"
-    try:
-        return int(args.func(args) or 0)
-    except UsageError as exc:
-        return _error(prog, str(exc))
-    except (CheckpointError, FileNotFoundError) as exc:  # a file the user named is missing or unusable
-        return _error(prog, str(exc))
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # `rwkv-zoo models | head`: stop quietly, and keep Python's exit flush quiet too
-        with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
