@@ -146,6 +146,16 @@ class OpSpec:
             raise ValueError(
                 f"op {self.name!r}: dimensions {sorted(needed | used - known)} appear in no argument's shape"
             )
+        # Worked out once: bind() runs on every op call (decode calls it per layer and token).
+        lead = self.lead
+        self._order = (lead, *(i for i in range(len(self.args)) if i != lead))
+        self._bases = tuple(tuple(self._base(d) for d in a.shape) for a in self.args)
+        self._inputs = tuple(i for i, a in enumerate(self.args) if a.dtype == "input")
+        seen: set[str] = set()
+        self._binds = {}  # per argument, in _order: does it fix a dimension no earlier one did?
+        for i in self._order:
+            self._binds[i] = not set(self._bases[i]) <= seen
+            seen.update(self._bases[i])
 
     # -------------------------------------------------------------------------------------------
     # Names and dimensions
@@ -197,13 +207,14 @@ class OpSpec:
                 f"got {len(args)}"
             )
         dims: dict[str, int] = {}
-        lead = self.lead
-        for i in (lead, *(j for j in range(len(self.args)) if j != lead)):
-            spec, t = self.args[i], args[i]
-            _check_float(spec.name, t)
-            bases = [self._base(d) for d in spec.shape]
-            if all(b in dims for b in bases):
-                _check_shape(spec.name, t, tuple(dims[b] for b in bases), _fmt(spec.shape))
+        for i in self._order:
+            spec, t, bases = self.args[i], args[i], self._bases[i]
+            if not isinstance(t, Tensor) or not t.is_floating_point():
+                _check_float(spec.name, t)
+            if not self._binds[i]:
+                expected = tuple(map(dims.__getitem__, bases))
+                if t.shape != expected:
+                    _check_shape(spec.name, t, expected, _fmt(spec.shape))
                 continue
             if t.dim() != len(spec.shape):
                 raise ValueError(f"{spec.name} must be {_fmt(spec.shape)}, got shape {list(t.shape)}")
@@ -215,8 +226,9 @@ class OpSpec:
                 dims[b] = int(n)
         if dims["T"] < 1:
             raise ValueError(f"{self.name} needs T >= 1")
-        inputs = [(a.name, t) for a, t in zip(self.args, args, strict=True) if a.dtype == "input"]
-        if len({t.dtype for _, t in inputs}) > 1:
+        dtype = args[self._inputs[0]].dtype
+        if any(args[i].dtype != dtype for i in self._inputs):
+            inputs = [(self.args[i].name, args[i]) for i in self._inputs]
             names, dtypes = ", ".join(n for n, _ in inputs), ", ".join(str(t.dtype) for _, t in inputs)
             raise TypeError(f"{names} must share a dtype, got {dtypes}")
         return dims
