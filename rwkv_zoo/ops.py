@@ -80,14 +80,18 @@ def _select_eagerly():
     return torch.compiler.disable(_select)
 
 
-@functools.cache
-def _get_op_eagerly():
-    return torch.compiler.disable(opspec.get_op)
+_get_op_eagerly: Any = None  # torch.compiler.disable(opspec.get_op), made on first compiled use
 
 
 def _spec(op: str) -> OpSpec:
-    # The registry is plugin state behind a generation check: looked up outside a compiled graph.
-    return _get_op_eagerly()(op) if torch.compiler.is_compiling() else opspec.get_op(op)
+    global _get_op_eagerly
+    if not torch.compiler.is_compiling():
+        return opspec.get_op(op)
+    # The registry is plugin state behind a generation check: looked up outside the compiled graph.
+    # A plain global rather than functools.cache, which dynamo warns about when it traces through it.
+    if _get_op_eagerly is None:
+        _get_op_eagerly = torch.compiler.disable(opspec.get_op)
+    return _get_op_eagerly(op)
 
 
 def _bad_output(sel: Selection, what: str) -> BackendError:
