@@ -19,6 +19,7 @@ from rwkv_zoo.generation import GenerationResult, PrefixCache, ScoreResult, gene
 from rwkv_zoo.hookspecs import hookimpl
 from rwkv_zoo.model import RWKV, RWKVConfig, randomize_
 from rwkv_zoo.ops import wkv4, wkv5, wkv6, wkv7
+from rwkv_zoo.opspec import OpArg, OpSpec, StatePart, get_op, list_ops
 from rwkv_zoo.pluginmanager import list_plugins, plugin, register_plugin, unregister_plugin
 from rwkv_zoo.registry import BuildSpec, SizePreset, VersionSpec, build, list_models, list_versions
 from rwkv_zoo.state import LayerState, ModelIdentity, RWKVState, StateMismatchError
@@ -45,6 +46,8 @@ __all__ = [
     "KernelCall",
     "LayerState",
     "ModelIdentity",
+    "OpArg",
+    "OpSpec",
     "PrefixCache",
     "RWKVConfig",
     "RWKVState",
@@ -52,15 +55,18 @@ __all__ = [
     "Selection",
     "SizePreset",
     "StateMismatchError",
+    "StatePart",
     "VersionSpec",
     "__version__",
     "build",
     "explain",
     "generate",
+    "get_op",
     "hookimpl",
     "list_backends",
     "list_formats",
     "list_models",
+    "list_ops",
     "list_plugins",
     "list_versions",
     "load",

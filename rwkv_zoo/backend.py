@@ -5,29 +5,75 @@ Each kernel declares its capabilities (devices, dtypes, head sizes, length limit
 and ``reasons(call)`` turns a ``KernelCall`` it cannot run into sentences. ``unavailable_reason()``
 says why the whole backend cannot run here (a package missing, no GPU, no compiler), or None.
 
-Kernel functions take the op's arguments exactly as the front-ends in ``rwkv_zoo.ops`` document them,
-with the state always given (zeros when the caller passed none), and return ``(y, final_state)``.
-They must support autograd through every input, the initial state included, when
+Kernel functions take the op's arguments exactly as its ``OpSpec`` (``rwkv_zoo.opspec``) declares them,
+with the state always given (the initial state when the caller passed none), and return
+``(y, final_state)``. They must support autograd through every input, the initial state included, when
 ``supports_backward`` is true.
+
+A kernel names its op by string and is not checked when it is made: a plugin may register an op and
+kernels for it in one module, in any order. Dispatch checks a backend's ops against the registered ones
+when it collects the backends (``Backend.check_ops``).
+
+Also here, because backends and policy plugins are written against them: ``KernelCall`` (what a kernel is
+asked to do), ``Choice`` (a policy's answer) and ``Selection`` (the outcome of dispatch).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from rwkv_zoo.dispatch import KernelCall
+from rwkv_zoo import opspec
 
-OPS: tuple[str, ...] = ("wkv4", "wkv5", "wkv6", "wkv7")
 MODES: tuple[str, ...] = ("recurrent", "chunk")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def _channelwise(op: str) -> bool:
+    spec = opspec.get_ops().get(op)
+    return spec is not None and spec.channelwise
+
+
+@dataclass(frozen=True)
+class KernelCall:
+    """What a kernel is asked to do; backends match their capabilities against it.
+
+    ``N`` is the head size; for a channelwise op (``OpSpec.channelwise``, wkv4) ``H = 1`` and ``N = C``
+    (one group of C channels).
+    """
+
+    op: str
+    mode: str
+    device: str
+    dtype: torch.dtype
+    B: int
+    T: int
+    H: int
+    N: int
+    requires_grad: bool = False
+    has_state: bool = False
+
+    def describe(self) -> str:
+        dt = _dtype_name(self.dtype)
+        shape = f"B={self.B} T={self.T} C={self.N}" if _channelwise(self.op) else (
+            f"B={self.B} T={self.T} H={self.H} N={self.N}"
+        )
+        extra = (", grad" if self.requires_grad else "") + (", with state" if self.has_state else "")
+        return f"{self.op} [{self.mode}] {self.device} {dt} {shape}{extra}"
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A policy plugin's answer: the backend it picks and why."""
+
+    backend: str
+    reason: str = ""
 
 
 @dataclass
@@ -47,8 +93,6 @@ class Kernel:
     check: Callable[[KernelCall], list[str]] | None = None
 
     def __post_init__(self) -> None:
-        if self.op not in OPS:
-            raise ValueError(f"unknown op {self.op!r}; ops are {', '.join(OPS)}")
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; modes are {', '.join(MODES)}")
 
@@ -59,7 +103,7 @@ class Kernel:
         if self.dtypes is not None and call.dtype not in self.dtypes:
             names = ", ".join(_dtype_name(d) for d in self.dtypes)
             out.append(f"takes {names} inputs, not {_dtype_name(call.dtype)}")
-        if self.head_sizes is not None and call.op != "wkv4" and call.N not in self.head_sizes:
+        if self.head_sizes is not None and not _channelwise(call.op) and call.N not in self.head_sizes:
             sizes = ", ".join(str(n) for n in self.head_sizes)
             out.append(f"needs head size N in {{{sizes}}}, got N={call.N}")
         if self.max_T is not None and self.max_T < call.T:
@@ -96,6 +140,16 @@ class Backend:
                 return k
         return None
 
+    def check_ops(self) -> None:
+        """Raise ``ValueError`` if a kernel is for an op that is not registered (checked at registration)."""
+        known = opspec.get_ops()
+        for k in self.kernels:
+            if k.op not in known:
+                raise ValueError(
+                    f"backend {self.name!r} has a {k.mode} kernel for unknown op {k.op!r}; registered ops: "
+                    f"{', '.join(known) or 'none'} (register the op with the rwkv_zoo_register_ops hook)"
+                )
+
     def ops(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
         for k in self.kernels:
@@ -114,3 +168,30 @@ class Backend:
                 return [f"has no {call.mode} kernel for {call.op} (has {', '.join(modes)})"]
             return [f"has no kernel for {call.op}"]
         return kernel.reasons(call)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The outcome of dispatch for one call: who runs it, who decided, who was rejected and why."""
+
+    call: KernelCall
+    backend: str
+    decided_by: str
+    reason: str
+    mode_reason: str
+    rejected: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    kernel: Kernel | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def mode(self) -> str:
+        return self.call.mode
+
+    def explain(self) -> str:
+        lines = [
+            f"{self.call.describe()}",
+            f"  -> {self.backend} ({self.decided_by}: {self.reason})",
+            f"  mode {self.mode}: {self.mode_reason}",
+        ]
+        for name, why in self.rejected:
+            lines.append(f"  not {name}: {'; '.join(why)}")
+        return "\n".join(lines)

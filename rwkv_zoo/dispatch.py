@@ -19,12 +19,25 @@ import contextlib
 import contextvars
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
-import torch
+from rwkv_zoo import opspec, pluginmanager
+from rwkv_zoo.backend import MODES, Backend, Choice, Kernel, KernelCall, Selection
 
-from rwkv_zoo import pluginmanager
-from rwkv_zoo.backend import MODES, OPS, Backend, Kernel
+# KernelCall, Choice and Selection live with the backend contract; imported from here by older code.
+__all__ = [
+    "RECURRENT_MAX_T",
+    "BackendError",
+    "Choice",
+    "Kernel",
+    "KernelCall",
+    "Selection",
+    "auto_mode",
+    "get_backends",
+    "list_backends",
+    "select",
+    "use_backend",
+]
 
 RECURRENT_MAX_T = 16
 
@@ -35,72 +48,10 @@ class BackendError(RuntimeError):
     """No backend can run a kernel call, or the one explicitly chosen cannot."""
 
 
-@dataclass(frozen=True)
-class KernelCall:
-    """What a kernel is asked to do; backends match their capabilities against it.
-
-    ``N`` is the head size for wkv5-wkv7; for wkv4 ``H = 1`` and ``N = C`` (one group of C channels).
-    """
-
-    op: str
-    mode: str
-    device: str
-    dtype: torch.dtype
-    B: int
-    T: int
-    H: int
-    N: int
-    requires_grad: bool = False
-    has_state: bool = False
-
-    def describe(self) -> str:
-        dt = str(self.dtype).removeprefix("torch.")
-        shape = f"B={self.B} T={self.T} C={self.N}" if self.op == "wkv4" else (
-            f"B={self.B} T={self.T} H={self.H} N={self.N}"
-        )
-        extra = (", grad" if self.requires_grad else "") + (", with state" if self.has_state else "")
-        return f"{self.op} [{self.mode}] {self.device} {dt} {shape}{extra}"
-
-
-@dataclass(frozen=True)
-class Choice:
-    """A policy plugin's answer: the backend it picks and why."""
-
-    backend: str
-    reason: str = ""
-
-
-@dataclass(frozen=True)
-class Selection:
-    """The outcome of dispatch for one call: who runs it, who decided, who was rejected and why."""
-
-    call: KernelCall
-    backend: str
-    decided_by: str
-    reason: str
-    mode_reason: str
-    rejected: tuple[tuple[str, tuple[str, ...]], ...] = ()
-    kernel: Kernel | None = field(default=None, compare=False, repr=False)
-
-    @property
-    def mode(self) -> str:
-        return self.call.mode
-
-    def explain(self) -> str:
-        lines = [
-            f"{self.call.describe()}",
-            f"  -> {self.backend} ({self.decided_by}: {self.reason})",
-            f"  mode {self.mode}: {self.mode_reason}",
-        ]
-        for name, why in self.rejected:
-            lines.append(f"  not {name}: {'; '.join(why)}")
-        return "\n".join(lines)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Backend registry (collected through the register_backends hook, cached per plugin generation)
 
-_backends = pluginmanager.NamedRegistry("rwkv_zoo_register_backends", Backend, "backend")
+_backends = pluginmanager.NamedRegistry("rwkv_zoo_register_backends", Backend, "backend", Backend.check_ops)
 _selection_cache: dict[tuple, Selection] = {}
 
 
@@ -175,16 +126,15 @@ def _format_all(rejected: dict[str, list[str]]) -> str:
 
 def select(call: KernelCall, backend: str | None = None, *, mode_fixed: bool = False) -> Selection:
     """Choose the backend for ``call`` (its ``mode`` is the preferred one unless ``mode_fixed``)."""
-    if call.op not in OPS:
-        raise ValueError(f"unknown op {call.op!r}; ops are {', '.join(OPS)}")
-    if call.mode not in MODES:
-        raise ValueError(f"unknown mode {call.mode!r}; modes are {', '.join(MODES)}")
     backends = get_backends()
     explicit, source = _explicit(backend)
     key = (call, explicit, source, mode_fixed, pluginmanager.generation())
     hit = _selection_cache.get(key)
     if hit is not None:
         return hit
+    opspec.get_op(call.op)  # an unknown op raises, listing the registered ones (never cached, so checked here)
+    if call.mode not in MODES:
+        raise ValueError(f"unknown mode {call.mode!r}; modes are {', '.join(MODES)}")
     sel = _select(call, backends, explicit, source, mode_fixed)
     _selection_cache[key] = sel
     return sel

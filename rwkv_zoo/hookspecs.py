@@ -1,4 +1,4 @@
-"""The plugin contract of rwkv_zoo: six hooks, each prefixed ``rwkv_zoo_``.
+"""The plugin contract of rwkv_zoo: seven hooks, each prefixed ``rwkv_zoo_``.
 
 A plugin is any module or object with functions marked ``@rwkv_zoo.hookimpl``. Built-in versions and
 backends are plugins too (see ``rwkv_zoo.pluginmanager.DEFAULT_PLUGINS``); third parties are found through
@@ -19,8 +19,8 @@ import pluggy
 if TYPE_CHECKING:
     import torch
 
-    from rwkv_zoo.backend import Backend
-    from rwkv_zoo.dispatch import Choice, KernelCall
+    from rwkv_zoo.backend import Backend, Choice, KernelCall
+    from rwkv_zoo.opspec import OpSpec
     from rwkv_zoo.registry import BuildSpec, VersionSpec
 
 hookspec = pluggy.HookspecMarker("rwkv_zoo")
@@ -33,6 +33,19 @@ def rwkv_zoo_register_versions(register: Callable[[VersionSpec], None]) -> None:
 
     The built-in ``v4`` … ``v7`` register through this hook like any third-party version or hybrid.
     Registering a name twice raises, naming both plugins.
+    """
+
+
+@hookspec
+def rwkv_zoo_register_ops(register: Callable[[OpSpec], None]) -> None:
+    """Register ops: call ``register(OpSpec(...))`` once per op (``rwkv_zoo.opspec``).
+
+    A spec declares the op's arguments (shape patterns, dtype rules), output, state layout, its literal
+    recurrence (the oracle) and optionally a chunked reference, a random-input generator and conformance
+    tolerances. The op can then be called through ``rwkv_zoo.ops.call(name, ...)``, the ``reference``
+    backend runs it, any backend may register kernels for it, and ``rwkv_zoo.testing`` checks them. The
+    built-in ``wkv4`` … ``wkv7`` register through this hook too. Registering a name twice raises,
+    naming both plugins.
     """
 
 

@@ -1,5 +1,9 @@
 """WKV op front-ends: validate, build the ``KernelCall``, dispatch, run.
 
+``call(op, *args, state=None, mode=None, backend=None)`` runs any registered op (``rwkv_zoo.opspec``):
+the arguments are checked against its ``OpSpec``, and so is what the kernel returns. ``wkv4`` …
+``wkv7`` are that call with their explicit signatures.
+
 Every op takes an optional initial state and returns ``(y, final_state)``, with gradients through
 both. Decay enters in **log space**: ``w`` is the log of the per-step multiplicative decay (<= 0),
 in fp32. The WKV state is fp32 whatever the input dtype (fp64 when the inputs are fp64, so the
@@ -24,34 +28,22 @@ Recurrences (per head; ``S`` is [K, V]):
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from rwkv_zoo import dispatch
-from rwkv_zoo.dispatch import BackendError, KernelCall, Selection
+from rwkv_zoo import dispatch, opspec
+from rwkv_zoo.backend import KernelCall, Selection
+from rwkv_zoo.dispatch import BackendError
+from rwkv_zoo.opspec import OpSpec, state_dtype
+
+__all__ = ["OP_FUNCTIONS", "V4_P_INIT", "call", "state_dtype", "wkv4", "wkv5", "wkv6", "wkv7", "zero_state4"]
 
 WKV4State = tuple[Tensor, Tensor, Tensor]
 
 # Initial running maximum of the v4 state: "minus infinity" that stays finite in fp32 arithmetic.
 V4_P_INIT = -1e30
-
-
-def state_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _check_float(name: str, t: Tensor) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
-
-
-def _check_shape(name: str, t: Tensor, shape: tuple[int, ...], what: str) -> None:
-    _check_float(name, t)
-    if tuple(t.shape) != shape:
-        raise ValueError(f"{name} must have shape {what} = {list(shape)}, got {list(t.shape)}")
 
 
 def _needs_grad(*tensors) -> bool:
@@ -88,8 +80,18 @@ def _select_eagerly():
     return torch.compiler.disable(_select)
 
 
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+_get_op_eagerly: Any = None  # torch.compiler.disable(opspec.get_op), made on first compiled use
+
+
+def _spec(op: str) -> OpSpec:
+    global _get_op_eagerly
+    if not torch.compiler.is_compiling():
+        return opspec.get_op(op)
+    # The registry is plugin state behind a generation check: looked up outside the compiled graph.
+    # A plain global rather than functools.cache, which dynamo warns about when it traces through it.
+    if _get_op_eagerly is None:
+        _get_op_eagerly = torch.compiler.disable(opspec.get_op)
+    return _get_op_eagerly(op)
 
 
 def _bad_output(sel: Selection, what: str) -> BackendError:
@@ -102,35 +104,36 @@ def _bad_output(sel: Selection, what: str) -> BackendError:
     )
 
 
-def _check_tensor(sel: Selection, what: str, t, shape: tuple[int, ...], dtype: torch.dtype) -> None:
-    if not isinstance(t, Tensor):
-        raise _bad_output(sel, f"{what} is a {type(t).__name__}, not a tensor")
-    if t.shape != shape:
-        raise _bad_output(sel, f"{what} has shape {list(t.shape)}, expected {list(shape)}")
-    if t.dtype != dtype:
-        raise _bad_output(sel, f"{what} is {_name(t.dtype)}, expected {_name(dtype)}")
-
-
-def _checked(sel: Selection, out, y_shape: tuple[int, ...], dtype: torch.dtype, state_shape: tuple[int, ...],
-             n_state: int = 0):
-    """``out`` = ``(y, state)`` from a kernel, after a cheap check of the contract's shapes and dtypes.
+def _checked(sel: Selection, spec: OpSpec, out, dims: dict[str, int], dtype: torch.dtype):
+    """``out`` = ``(y, state)`` from a kernel, after a cheap check of the spec's shapes and dtypes.
 
     A kernel that returns the wrong shape or dtype raises ``BackendError`` naming its backend and plugin,
-    instead of corrupting the model run downstream. ``n_state`` is 3 for wkv4's ``(a, b, p)``, else 0.
+    instead of corrupting the model run downstream.
     """
-    if not isinstance(out, (tuple, list)) or len(out) != 2:
-        raise _bad_output(sel, f"it returned a {type(out).__name__}, not a pair (y, final_state)")
+    problems = spec.output_problems(out, dims, dtype)
+    if problems:
+        raise _bad_output(sel, problems[0])
     y, state = out
-    _check_tensor(sel, "y", y, y_shape, dtype)
-    sdt = state_dtype(dtype)
-    if n_state:
-        if not isinstance(state, (tuple, list)) or len(state) != n_state:
-            raise _bad_output(sel, f"the final state must be a tuple of {n_state} tensors, got {type(state).__name__}")
-        for name, s in zip("abp", state, strict=True):
-            _check_tensor(sel, f"final state {name}", s, state_shape, sdt)
-        return y, tuple(state)
-    _check_tensor(sel, "final state", state, state_shape, sdt)
-    return y, state
+    return y, (tuple(state) if spec.tuple_state else state)
+
+
+def call(op: str, *args: Any, state: Any = None, mode: str | None = None, backend: str | None = None):
+    """Run registered op ``op`` on ``args`` (its arguments in call order, without the state).
+
+    Checks the arguments against the op's ``OpSpec`` (shapes, dtypes, T >= 1, the state's shape), starts
+    from the spec's initial state when ``state`` is None, dispatches (``mode``: ``"recurrent"``,
+    ``"chunk"`` or None for automatic; ``backend``: an explicit choice), runs the chosen kernel and checks
+    what it returns. Returns ``(y, final_state)``; gradients flow through every input and the state.
+    An unknown op raises ``ValueError`` listing the registered ones.
+    """
+    spec = _spec(op)
+    dims = spec.bind(args)
+    lead = args[spec.lead]
+    init, has_state = spec.prepare_state(state, dims, lead)
+    H, N = spec.kernel_dims(dims)
+    grad = _needs_grad(*(t for a, t in zip(spec.args, args, strict=True) if a.grad), init)
+    sel = _dispatch(op, mode, lead, dims["B"], dims["T"], H, N, grad, has_state, backend)
+    return _checked(sel, spec, sel.kernel.fn(*args, init), dims, lead.dtype)
 
 
 def zero_state4(B: int, C: int, device, dtype=torch.float32) -> WKV4State:
@@ -143,49 +146,7 @@ def wkv4(
     mode: str | None = None, backend: str | None = None,
 ) -> tuple[Tensor, WKV4State]:
     """RWKV-4 WKV. See the module docstring for shapes; returns ``y`` [B, T, C] and ``(a, b, p)``."""
-    _check_float("k", k)
-    if k.dim() != 3:
-        raise ValueError(f"k must be [B, T, C], got shape {list(k.shape)}")
-    B, T, C = k.shape
-    if T < 1:
-        raise ValueError("wkv4 needs T >= 1")
-    _check_shape("v", v, (B, T, C), "[B, T, C]")
-    _check_shape("w", w, (C,), "[C]")
-    _check_shape("u", u, (C,), "[C]")
-    has_state = state is not None
-    sdt = state_dtype(k.dtype)
-    if state is None:
-        state = zero_state4(B, C, k.device, sdt)
-    else:
-        if not isinstance(state, (tuple, list)) or len(state) != 3:
-            raise ValueError("the wkv4 state must be a tuple (a, b, p) of [B, C] tensors")
-        for name, s in zip(("a", "b", "p"), state, strict=True):
-            _check_shape(f"state {name}", s, (B, C), "[B, C]")
-        state = tuple(s.to(sdt) for s in state)
-    sel = _dispatch("wkv4", mode, k, B, T, 1, C, _needs_grad(w, u, k, v, state), has_state, backend)
-    return _checked(sel, sel.kernel.fn(w, u, k, v, state), (B, T, C), k.dtype, (B, C), 3)
-
-
-def _check_heads(r: Tensor, k: Tensor, v: Tensor) -> tuple[int, int, int, int]:
-    _check_float("r", r)
-    if r.dim() != 4:
-        raise ValueError(f"r must be [B, T, H, N], got shape {list(r.shape)}")
-    B, T, H, N = r.shape
-    if T < 1:
-        raise ValueError("WKV ops need T >= 1")
-    _check_shape("k", k, (B, T, H, N), "[B, T, H, N]")
-    _check_shape("v", v, (B, T, H, N), "[B, T, H, N]")
-    if k.dtype != r.dtype or v.dtype != r.dtype:
-        raise TypeError(f"r, k, v must share a dtype, got {r.dtype}, {k.dtype}, {v.dtype}")
-    return B, T, H, N
-
-
-def _matrix_state(state: Tensor | None, B: int, H: int, N: int, like: Tensor) -> tuple[Tensor, bool]:
-    sdt = state_dtype(like.dtype)
-    if state is None:
-        return torch.zeros(B, H, N, N, device=like.device, dtype=sdt), False
-    _check_shape("state", state, (B, H, N, N), "[B, H, K, V]")
-    return state.to(sdt), True
+    return call("wkv4", w, u, k, v, state=state, mode=mode, backend=backend)
 
 
 def wkv5(
@@ -193,12 +154,7 @@ def wkv5(
     mode: str | None = None, backend: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """RWKV-5.2 WKV: ``w`` [H, N] log decay, constant in time. Returns ``y`` [B, T, H, N], state [B, H, N, N]."""
-    B, T, H, N = _check_heads(r, k, v)
-    _check_shape("w", w, (H, N), "[H, N]")
-    _check_shape("u", u, (H, N), "[H, N]")
-    state, has_state = _matrix_state(state, B, H, N, r)
-    sel = _dispatch("wkv5", mode, r, B, T, H, N, _needs_grad(r, k, v, w, u, state), has_state, backend)
-    return _checked(sel, sel.kernel.fn(r, k, v, w, u, state), (B, T, H, N), r.dtype, (B, H, N, N))
+    return call("wkv5", r, k, v, w, u, state=state, mode=mode, backend=backend)
 
 
 def wkv6(
@@ -206,12 +162,7 @@ def wkv6(
     mode: str | None = None, backend: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """RWKV-6 WKV: ``w`` [B, T, H, N] log decay per token. Returns ``y`` [B, T, H, N], state [B, H, N, N]."""
-    B, T, H, N = _check_heads(r, k, v)
-    _check_shape("w", w, (B, T, H, N), "[B, T, H, N]")
-    _check_shape("u", u, (H, N), "[H, N]")
-    state, has_state = _matrix_state(state, B, H, N, r)
-    sel = _dispatch("wkv6", mode, r, B, T, H, N, _needs_grad(r, k, v, w, u, state), has_state, backend)
-    return _checked(sel, sel.kernel.fn(r, k, v, w, u, state), (B, T, H, N), r.dtype, (B, H, N, N))
+    return call("wkv6", r, k, v, w, u, state=state, mode=mode, backend=backend)
 
 
 def wkv7(
@@ -219,12 +170,8 @@ def wkv7(
     mode: str | None = None, backend: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """RWKV-7 WKV (generalized delta rule). Returns ``y`` [B, T, H, N] and state [B, H, N, N] (key first)."""
-    B, T, H, N = _check_heads(r, k, v)
-    for name, t in (("w", w), ("a", a), ("b", b)):
-        _check_shape(name, t, (B, T, H, N), "[B, T, H, N]")
-    state, has_state = _matrix_state(state, B, H, N, r)
-    sel = _dispatch("wkv7", mode, r, B, T, H, N, _needs_grad(r, w, k, v, a, b, state), has_state, backend)
-    return _checked(sel, sel.kernel.fn(r, w, k, v, a, b, state), (B, T, H, N), r.dtype, (B, H, N, N))
+    return call("wkv7", r, w, k, v, a, b, state=state, mode=mode, backend=backend)
 
 
+# The built-in ops' front-ends by name; any registered op (a plugin's too) runs through ``call``.
 OP_FUNCTIONS = {"wkv4": wkv4, "wkv5": wkv5, "wkv6": wkv6, "wkv7": wkv7}

@@ -32,6 +32,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "rwkv_zoo.versions.v5",
     "rwkv_zoo.versions.v6",
     "rwkv_zoo.versions.v7",
+    "rwkv_zoo.backends.reference.specs",
     "rwkv_zoo.backends.reference",
     "rwkv_zoo.backends.cpu",
     "rwkv_zoo.backends.triton",
@@ -239,10 +240,12 @@ class NamedRegistry:
     Collected on first use and again whenever the set of plugins changes (cached per generation).
     ``register(obj)`` checks the type, refuses a second object of the same name (naming both
     plugins) and records the registering plugin in ``obj.provider`` where the object has one.
+    ``validate(obj)``, if given, raises for an object that refers to something unknown; like any error
+    in a plugin's hook, that marks the plugin as failed with the message.
     """
 
-    def __init__(self, hook_name: str, cls: type, kind: str):
-        self.hook_name, self.cls, self.kind = hook_name, cls, kind
+    def __init__(self, hook_name: str, cls: type, kind: str, validate: Callable[[Any], None] | None = None):
+        self.hook_name, self.cls, self.kind, self.validate = hook_name, cls, kind, validate
         self.generation = -1
         self._found: dict[str, Any] = {}
 
@@ -261,6 +264,8 @@ class NamedRegistry:
                     raise ValueError(
                         f"{self.kind} {obj.name!r} is registered twice (by {providers[obj.name]} and {plugin})"
                     )
+                if self.validate is not None:
+                    self.validate(obj)
                 if hasattr(obj, "provider"):
                     obj.provider = plugin
                 providers[obj.name] = plugin

@@ -1,25 +1,26 @@
 """Backend conformance: the checks any WKV backend (ours or a third party's) must pass.
 
-``check_backend(name)`` runs every ``(op, mode)`` kernel the backend registers, through the public
-front-ends (``rwkv_zoo.wkv6(..., mode=mode, backend=name)`` etc.), on random inputs with a random
-non-zero initial state, and compares with the fp64 ``reference`` *recurrent* kernel (the literal
-per-step formulas of SPEC.md) run on the same inputs. Compared: the output ``y``, the final state
-and the gradient of every input, the initial state included, under random upstream gradients on
-``y`` and on the final state. The error is relative, ``||x - ref|| / ||ref||`` (PERF.md).
+``check_backend(name)`` runs every ``(op, mode)`` kernel the backend registers, for every registered op
+(``rwkv_zoo.opspec``: the built-in ``wkv4`` … ``wkv7`` and any a plugin adds), through the public
+front-end ``rwkv_zoo.ops.call(op, ..., mode=mode, backend=name)``, on random inputs with a random
+non-zero initial state, and compares with the op's literal recurrence (``OpSpec.recurrent``, the
+per-step formulas of SPEC.md for the built-ins) run in fp64 on the same inputs. Compared: the output
+``y``, the final state and the gradient of every input, the initial state included, under random
+upstream gradients on ``y`` and on the final state. The error is relative, ``||x - ref|| / ||ref||`` (PERF.md).
 
 Besides the error it checks what a caller relies on: ``y`` has the input's shape and dtype, the
 state is fp32 (fp64 for fp64 inputs) with the right shape, nothing is NaN or Inf, every input gets
 a gradient, and the kernel leaves its inputs untouched. (Kernels allocate their own outputs, so
 "poisoning" outputs beforehand does not apply; an unwritten element shows up as garbage or NaN.)
 
-Inputs follow the distributions that stress numerics (PERF.md): v5/v6 log decay ``logsigmoid(randn)``,
-v7 decay in (0.545, 1) with ``a = -kappa_hat``, ``b = kappa_hat * sigmoid(randn)``, v4 ``w = -exp(randn)``.
-For bf16/fp16 the low-precision tensors are rounded first and the oracle sees the rounded values,
-so the error measures the kernel rather than the input rounding; the decay ``w`` (and v4's ``u``,
-v5/v6's ``u``) are parameters and stay fp32, the initial state is fp32.
+Inputs come from each spec's generator (``OpSpec.make_inputs``), in the distributions that stress the
+op's numerics (PERF.md; the built-ins' are in ``rwkv_zoo.backends.reference.specs``). For bf16/fp16
+the low-precision tensors are rounded first and the oracle sees the rounded values, so the error
+measures the kernel rather than the input rounding; arguments with the "fp32" dtype rule (the decay
+``w``, the bonus ``u``) are parameters and stay fp32, the initial state is fp32.
 
-Gates (relative error, PERF.md "Accuracy gates"): fp64 1e-10; fp32 1e-5; bf16/fp16 5e-3 on ``y``
-and the state, 5e-3 on gradients for v4-v6 and 8e-3 for v7.
+Gates (relative error, PERF.md "Accuracy gates"): fp64 1e-10; fp32 1e-5; bf16/fp16 5e-3, unless the
+op's spec overrides one (``OpSpec.tolerances``: wkv7's bf16/fp16 gradients 8e-3).
 
 Usage::
 
@@ -38,17 +39,18 @@ a plugin for a ``with`` block (the pytest fixture ``rwkv_zoo_plugin`` does it fo
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from rwkv_zoo import dispatch, pluginmanager
 from rwkv_zoo import ops as _ops
-from rwkv_zoo.backend import MODES, OPS, Kernel
+from rwkv_zoo.backend import MODES, Kernel
+from rwkv_zoo.opspec import get_op, get_ops
 
 __all__ = [
     "DEFAULT_TS",
@@ -70,21 +72,12 @@ __all__ = [
 # Odd lengths around the chunk sizes: one token, partial chunks, exactly and just past a multiple of 64.
 DEFAULT_TS: tuple[int, ...] = (1, 15, 63, 64, 65)
 
-# Names of each op's positional arguments, in order; the state comes last.
-_ARG_NAMES: dict[str, tuple[str, ...]] = {
-    "wkv4": ("w", "u", "k", "v"),
-    "wkv5": ("r", "k", "v", "w", "u"),
-    "wkv6": ("r", "k", "v", "w", "u"),
-    "wkv7": ("r", "w", "k", "v", "a", "b"),
-}
-# Parameters that stay fp32 when the activations are bf16/fp16.
-_FP32_PARAMS: dict[str, tuple[str, ...]] = {"wkv4": ("w", "u"), "wkv5": ("w", "u"), "wkv6": ("w", "u"), "wkv7": ("w",)}
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def arg_names(op: str) -> tuple[str, ...]:
     """The op's input names in call order, then its state names (``a, b, p`` for wkv4, else ``state``)."""
-    return _ARG_NAMES[op] + (("a", "b", "p") if op == "wkv4" else ("state",))
+    spec = get_op(op)
+    return spec.arg_names + spec.state_names
 
 
 def rel_err(x: Tensor, ref: Tensor) -> float:
@@ -98,14 +91,9 @@ def rel_err(x: Tensor, ref: Tensor) -> float:
 
 
 def default_gate(op: str, dtype: torch.dtype, quantity: str) -> float:
-    """The relative-error gate of PERF.md for ``quantity`` ("y", "state" or "grad") of ``op`` in ``dtype``."""
-    if dtype == torch.float64:
-        return 1e-10
-    if dtype in _LOW_PRECISION:
-        if quantity == "grad" and op == "wkv7":
-            return 8e-3
-        return 5e-3
-    return 1e-5
+    """The relative-error gate of PERF.md for ``quantity`` ("y", "state" or "grad") of ``op`` in ``dtype``,
+    with the op spec's overrides."""
+    return get_op(op).gate(dtype, quantity)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -118,52 +106,21 @@ def make_inputs(
 ) -> list:
     """Random fp64 CPU inputs for ``op`` in call order, the initial state last (a tuple for wkv4).
 
-    ``H * N`` is the channel count C for wkv4. ``decay_scale`` multiplies the log decay (10: strong,
-    0.1: weak); v7 keeps its official parameterization, which bounds the decay to (0.545, 1).
+    Drawn by the op spec's generator. ``H * N`` is the channel count C for a channelwise op (wkv4).
+    ``decay_scale`` multiplies the log decay (10: strong, 0.1: weak); v7 keeps its official
+    parameterization, which bounds the decay to (0.545, 1).
     """
-    g = generator
-
-    def randn(*shape: int) -> Tensor:
-        return torch.randn(*shape, generator=g, dtype=torch.float64)
-
-    def rand(*shape: int) -> Tensor:
-        return torch.rand(*shape, generator=g, dtype=torch.float64)
-
-    if op == "wkv4":
-        C = H * N
-        w = -torch.exp(randn(C)) * decay_scale
-        # A valid state: any numerator, a positive denominator, a finite running maximum.
-        state = (randn(B, C), 0.5 + rand(B, C), randn(B, C))
-        return [w, randn(C), randn(B, T, C), randn(B, T, C), state]
-    if op in ("wkv5", "wkv6"):
-        w = F.logsigmoid(randn(H, N) if op == "wkv5" else randn(B, T, H, N)) * decay_scale
-        return [randn(B, T, H, N), randn(B, T, H, N), randn(B, T, H, N), w, randn(H, N), randn(B, H, N, N)]
-    if op == "wkv7":
-        w = -math.exp(-0.5) * torch.sigmoid(randn(B, T, H, N))
-        kappa_hat = F.normalize(randn(B, T, H, N), dim=-1)
-        a, b = -kappa_hat, kappa_hat * torch.sigmoid(randn(B, T, H, N))
-        return [randn(B, T, H, N), w, randn(B, T, H, N), randn(B, T, H, N), a, b, randn(B, H, N, N)]
-    raise ValueError(f"unknown op {op!r}; ops are {', '.join(OPS)}")
+    return get_op(op).random_inputs(B, T, H, N, generator=generator, decay_scale=decay_scale)
 
 
 def cast_inputs(op: str, inputs: list, dtype: torch.dtype, device) -> list:
     """``make_inputs`` output for a run in ``dtype`` on ``device``.
 
-    Everything in ``dtype`` except, for bf16/fp16, the parameters ``w`` (and ``u``), which stay fp32; the
-    state is fp32 (fp64 for fp64), as the front-ends would make it.
+    Everything in ``dtype`` except, for bf16/fp16, the arguments with the "fp32" dtype rule (the
+    parameters ``w``, ``u``), which stay fp32; the state is fp32 (fp64 for fp64), as the front-ends
+    would make it.
     """
-    names = _ARG_NAMES[op]
-    sdt = _ops.state_dtype(dtype)
-    out = []
-    for name, x in zip(names, inputs[:-1], strict=True):
-        dt = torch.float32 if (dtype in _LOW_PRECISION and name in _FP32_PARAMS[op]) else dtype
-        out.append(x.to(device=device, dtype=dt))
-    state = inputs[-1]
-    if isinstance(state, tuple):
-        out.append(tuple(s.to(device=device, dtype=sdt) for s in state))
-    else:
-        out.append(state.to(device=device, dtype=sdt))
-    return out
+    return get_op(op).cast_inputs(inputs, dtype, device)
 
 
 def _flat(args: list) -> list[Tensor]:
@@ -184,7 +141,8 @@ def evaluate(fn: Callable, op: str, args: list, upstream: dict[str, Tensor] | No
     The loss for the gradients is ``sum(y * upstream["y"]) + sum(state_i * upstream[state_i])``,
     in fp64. ``args`` are not modified: fresh leaves are made from them.
     """
-    names = arg_names(op)
+    spec = get_op(op)
+    names = spec.arg_names + spec.state_names
     leaves = [x.detach().clone().requires_grad_(grad) for x in _flat(args)]
     it = iter(leaves)
     call_args = [tuple(next(it) for _ in a) if isinstance(a, tuple) else next(it) for a in args]
@@ -195,7 +153,7 @@ def evaluate(fn: Callable, op: str, args: list, upstream: dict[str, Tensor] | No
             y, state = fn(*call_args)
     states = tuple(state) if isinstance(state, (tuple, list)) else (state,)
     out: dict = {"y": y}
-    state_names = names[len(_ARG_NAMES[op]):]
+    state_names = spec.state_names
     if len(states) != len(state_names):
         raise TypeError(f"{op} returned a state of {len(states)} tensors, expected {len(state_names)}")
     out.update(zip(state_names, states, strict=True))
@@ -333,13 +291,14 @@ def _check_case(
     device: str, seed: int, rtol: float | None, oracle_cache: dict,
 ) -> CaseResult:
     result = CaseResult(op, mode, dtype, T)
+    spec = get_op(op)
     b = dispatch.get_backends()[backend]
     kernel = b.kernel(op, mode)
     assert kernel is not None
     N = _pick_N(kernel, N)
-    # wkv4 is one group of C = H * N channels in the capability check.
-    call = dispatch.KernelCall(op, mode, torch.device(device).type, dtype, B, T,
-                               1 if op == "wkv4" else H, H * N if op == "wkv4" else N, True, True)
+    dims = spec.conformance_dims(B, T, H, N)
+    # A channelwise op (wkv4) is one group of C = H * N channels in the capability check.
+    call = dispatch.KernelCall(op, mode, torch.device(device).type, dtype, B, T, *spec.kernel_dims(dims), True, True)
     chosen = None
     first_reasons: list[str] = []
     for i, c in enumerate(_call_variants(call)):
@@ -363,27 +322,19 @@ def _check_case(
     # Inputs: fresh per (op, T, dtype, state?), shared by every mode so the oracle runs once.
     key = (op, T, dtype, N, has_state, seed, B, H)
     if key not in oracle_cache:
-        gen = torch.Generator().manual_seed(seed + 7919 * OPS.index(op) + 104729 * T + (0 if has_state else 1))
-        inputs = make_inputs(op, B, T, H, N, generator=gen)
+        # The op's place among the registered ops (the built-ins wkv4..wkv7 are 0..3) varies the seed.
+        gen = torch.Generator().manual_seed(
+            seed + 7919 * list(get_ops()).index(op) + 104729 * T + (0 if has_state else 1)
+        )
+        inputs = spec.random_inputs(B, T, H, N, generator=gen)
         if not has_state:
-            inputs[-1] = (
-                _ops.zero_state4(B, H * N, "cpu", torch.float64) if op == "wkv4"
-                else torch.zeros_like(inputs[-1])
-            )
+            inputs[-1] = spec.initial_state(dims, "cpu", torch.float64)
         # The oracle sees exactly what the kernel sees: the inputs rounded to the run dtype.
         rounded = [
             tuple(s.double() for s in x) if isinstance(x, tuple) else x.double()
-            for x in cast_inputs(op, inputs, dtype, "cpu")
+            for x in spec.cast_inputs(inputs, dtype, "cpu")
         ]
-        from rwkv_zoo.backends.reference.recurrent import (
-            wkv4_recurrent,
-            wkv5_recurrent,
-            wkv6_recurrent,
-            wkv7_recurrent,
-        )
-
-        oracle_fn = {"wkv4": wkv4_recurrent, "wkv5": wkv5_recurrent, "wkv6": wkv6_recurrent,
-                     "wkv7": wkv7_recurrent}[op]
+        oracle_fn = spec.recurrent
         ref_plain = evaluate(oracle_fn, op, rounded, None, grad=False)
         upstream = {n: torch.randn(t.shape, generator=gen, dtype=torch.float64)
                     for n, t in ref_plain.items()}
@@ -391,13 +342,13 @@ def _check_case(
         oracle_cache[key] = (inputs, upstream, ref)
     inputs, upstream, ref = oracle_cache[key]
 
-    args = cast_inputs(op, inputs, dtype, device)
+    args = spec.cast_inputs(inputs, dtype, device)
     originals = [x.clone() for x in _flat(args)]
-    front = _ops.OP_FUNCTIONS[op]
+    front = functools.partial(_ops.call, op)
 
     def run(*a):
         state = a[-1] if has_state else None
-        return front(*a[:-1], state, mode=mode, backend=backend)
+        return front(*a[:-1], state=state, mode=mode, backend=backend)
 
     try:
         got = evaluate(run, op, args, upstream, grad=grad)
@@ -410,12 +361,13 @@ def _check_case(
         problems.append("modified its inputs in place")
     y = got["y"]
     sdt = _ops.state_dtype(dtype)
-    y_shape = tuple(args[2].shape) if op == "wkv4" else tuple(args[0].shape)
+    y_shape = spec.shape_of(spec.output, dims)
     if tuple(y.shape) != y_shape:
         problems.append(f"y has shape {list(y.shape)}, expected {list(y_shape)}")
     if y.dtype != dtype:
         problems.append(f"y is {_dtype_name(y.dtype)}, expected {_dtype_name(dtype)} (the input dtype)")
-    state_names = arg_names(op)[len(_ARG_NAMES[op]):]
+    state_names = spec.state_names
+    no_grad_args = {f"d{a.name}" for a in spec.args if not a.grad}
     for n in state_names:
         s, s_ref = got[n], ref[n]
         if tuple(s.shape) != tuple(s_ref.shape):
@@ -424,7 +376,7 @@ def _check_case(
             problems.append(f"state {n} is {_dtype_name(s.dtype)}, expected {_dtype_name(sdt)}")
     for n, t in got.items():
         if t is None:
-            if grad and (has_state or n not in {f"d{s}" for s in state_names}):
+            if grad and n not in no_grad_args and (has_state or n not in {f"d{s}" for s in state_names}):
                 problems.append(f"no gradient for {n[1:]}")
             continue
         if not torch.isfinite(t).all():
@@ -440,7 +392,7 @@ def _check_case(
         result.errors[n] = rel_err(t, ref[n])
     for n, err in result.errors.items():
         quantity = "grad" if n.startswith("d") else ("y" if n == "y" else "state")
-        gate = rtol if rtol is not None else default_gate(op, dtype, quantity)
+        gate = rtol if rtol is not None else spec.gate(dtype, quantity)
         if not err <= gate:
             problems.append(f"{n} error {err:.2e} > {gate:.0e}")
     result.passed = not problems
@@ -472,17 +424,16 @@ def conformance_cases(
     Ts: Sequence[int] = DEFAULT_TS,
 ) -> list[Case]:
     """Every case of backend ``name``'s matrix: each ``(op, mode)`` kernel it registers (restricted to
-    ``ops`` / ``modes``) × ``dtypes`` × ``Ts``. Cases its capabilities reject are still listed: running
-    them reports them as skipped, with the reason."""
+    ``ops`` / ``modes``, which default to every registered op and both modes) × ``dtypes`` × ``Ts``.
+    Cases its capabilities reject are still listed: running them reports them as skipped, with the reason."""
     backends = dispatch.get_backends()
     if name not in backends:
         raise ValueError(f"unknown backend {name!r}; registered backends: {', '.join(sorted(backends))}")
     backend = backends[name]
-    wanted_ops = tuple(ops) if ops is not None else OPS
+    wanted_ops = tuple(ops) if ops is not None else tuple(get_ops())
     wanted_modes = tuple(modes) if modes is not None else MODES
     for op in wanted_ops:
-        if op not in OPS:
-            raise ValueError(f"unknown op {op!r}; ops are {', '.join(OPS)}")
+        get_op(op)  # an unknown op raises, listing the registered ones
     for mode in wanted_modes:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; modes are {', '.join(MODES)}")

@@ -3,30 +3,27 @@
 ``recurrent`` kernels are the literal per-step formulas (the oracle, fp64-capable); ``chunk`` kernels
 are the matrix form over chunks (exact to rounding, the fast default on a CPU). Lowest priority among
 real backends, so any specialised backend that can run a call wins, and this one is always there.
+
+Its kernels are the registered ops' own references (``OpSpec.recurrent`` and ``OpSpec.chunk``), so an op
+a plugin registers with its recurrence runs here with no other code. The built-in ops are declared in
+``specs.py`` (a plugin of its own).
 """
 
 from __future__ import annotations
 
 from rwkv_zoo.backend import Backend, Kernel
 from rwkv_zoo.hookspecs import hookimpl
-
-from .chunk import wkv4_chunk, wkv5_chunk, wkv6_chunk, wkv7_chunk
-from .recurrent import wkv4_recurrent, wkv5_recurrent, wkv6_recurrent, wkv7_recurrent
+from rwkv_zoo.opspec import get_ops
 
 PRIORITY = 0
 
 
 def make_backend() -> Backend:
-    kernels = [
-        Kernel("wkv4", "recurrent", wkv4_recurrent),
-        Kernel("wkv5", "recurrent", wkv5_recurrent),
-        Kernel("wkv6", "recurrent", wkv6_recurrent),
-        Kernel("wkv7", "recurrent", wkv7_recurrent),
-        Kernel("wkv4", "chunk", wkv4_chunk),
-        Kernel("wkv5", "chunk", wkv5_chunk),
-        Kernel("wkv6", "chunk", wkv6_chunk),
-        Kernel("wkv7", "chunk", wkv7_chunk),
-    ]
+    kernels = []
+    for spec in get_ops().values():
+        kernels.append(Kernel(spec.name, "recurrent", spec.recurrent))
+        if spec.chunk is not None:
+            kernels.append(Kernel(spec.name, "chunk", spec.chunk))
     return Backend(
         name="reference",
         kernels=kernels,

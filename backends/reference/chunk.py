@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rwkv_zoo.ops import state_dtype
+from rwkv_zoo.opspec import state_dtype
 
 # Tokens per chunk. The elementwise work grows with L (the pairwise [L, L, K] tensors) while the
 # per-chunk state work and the sequential steps across chunks shrink with it. Measured on the 2-core

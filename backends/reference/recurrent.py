@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rwkv_zoo.ops import state_dtype
+from rwkv_zoo.opspec import state_dtype
 
 
 def wkv4_recurrent(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state):

@@ -20,11 +20,12 @@ ROOT = Path(__file__).resolve().parents[2]
 HOOKS = [name for name, fn in inspect.getmembers(hookspecs, inspect.isfunction) if name.startswith("rwkv_zoo_")]
 
 
-def test_six_hooks_each_documented():
+def test_seven_hooks_each_documented():
     assert sorted(HOOKS) == sorted(
         [
             "rwkv_zoo_register_versions",
             "rwkv_zoo_register_backends",
+            "rwkv_zoo_register_ops",
             "rwkv_zoo_select_backend",
             "rwkv_zoo_register_formats",
             "rwkv_zoo_model_built",

@@ -28,7 +28,7 @@ def _typed_form(fn) -> str:
 
 
 def test_there_are_hooks_to_document():
-    assert len(HOOKS) == 6
+    assert len(HOOKS) == 7
 
 
 @pytest.mark.parametrize("name", HOOKS)
