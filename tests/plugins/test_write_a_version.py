@@ -135,3 +135,81 @@ def test_a_subclass_that_changes_the_maths_decodes_with_its_own(tmp_path):
 def test_unknown_component_in_a_hybrid_names_the_versions():
     with pytest.raises(ValueError, match="not a version with blocks; use one of .*v7"):
         rwkv_zoo.build("v7", size="tiny", layers="nope,v7")
+
+
+_DECAYSUM_VERSION = '''
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import nn
+
+from rwkv_zoo.model import Block, RWKVConfig, token_shift
+from rwkv_zoo.registry import SizePreset, VersionSpec
+from rwkv_zoo.versions.v4 import V4ChannelMix
+
+
+@dataclass
+class DsumConfig(RWKVConfig):
+    version: ClassVar[str] = "dsum"
+    has_heads: ClassVar[bool] = False
+
+
+class DsumTimeMix(nn.Module):
+    wkv_op = "decaysum"
+
+    def __init__(self, config, layer_id):
+        super().__init__()
+        C = config.n_embd
+        self.kernel_heads, self.kernel_head_size = 1, C
+        self.time_mix = nn.Parameter(torch.full((1, 1, C), 0.5))
+        self.time_decay = nn.Parameter(torch.zeros(C))
+        self.key = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(C, C, bias=False)
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.output = nn.Linear(C, C, bias=False)
+
+    def zero_wkv(self, batch_size, device):
+        return torch.zeros(batch_size, self.time_decay.shape[0], device=device)
+
+    def forward(self, x, shift, wkv, ctx):
+        xx, new_shift = token_shift(x, shift)
+        xm = torch.lerp(xx, x, self.time_mix)
+        w = -torch.exp(self.time_decay.float())
+        y, wkv = rwkv_zoo.ops.call("decaysum", w, self.key(xm), self.value(xm), state=wkv, mode=ctx.mode,
+                                   backend=ctx.backend)
+        return self.output(torch.sigmoid(self.receptance(xm)) * y), new_shift, wkv
+
+    @torch.no_grad()
+    def init_weights(self):
+        self.time_mix.fill_(0.5)
+        self.time_decay.fill_(0.0)
+        for lin in (self.key, self.value, self.receptance, self.output):
+            nn.init.orthogonal_(lin.weight, 0.5)
+
+
+class DsumBlock(Block):
+    time_mix_cls = DsumTimeMix
+    channel_mix_cls = V4ChannelMix
+
+
+DSUM = VersionSpec("dsum", "a version on the decaysum op", DsumConfig, block_cls=DsumBlock,
+                   sizes=(SizePreset("tiny", 2, 64, 256, released=False),), wkv_op="decaysum")
+
+
+@rwkv_zoo.hookimpl
+def rwkv_zoo_register_versions(register):
+    register(DSUM)
+'''
+
+
+def test_a_version_on_a_new_op_from_the_same_plugin(tmp_path, monkeypatch):
+    """One plugin module registers an op (PLUGINS.md 'Write an op', as written), a backend kernel for it
+    and a version whose time-mix calls it."""
+    code = _code_block("Write an op").split("\n```", 1)[0]
+    mod = _module("decaysum_plugin", code + _DECAYSUM_VERSION, monkeypatch)
+    with registered_plugin(mod, "decaysum-plugin"):
+        assert "decaysum" in rwkv_zoo.list_ops() and "dsum" in rwkv_zoo.list_versions()
+        _check_outside_version("dsum", tmp_path, official_file=False)
+        model = rwkv_zoo.build("dsum-tiny")
+        text = str(rwkv_zoo.explain(model, (1, 100)))
+        assert "decaysum [chunk]" in text and "-> mysum" in text, text
