@@ -103,7 +103,7 @@ def test_a_flat_s0_loads_and_a_bad_rank_is_named(pth, tmp_path):
         v7a.detect(shapes)
 
 
-def _mapping_of(ptr: int) -> str | None:
+def mapping_of(ptr: int) -> str | None:
     """The file that backs address ``ptr`` in this process (Linux /proc/self/maps), or None."""
     with open("/proc/self/maps") as f:
         for line in f:
@@ -119,13 +119,13 @@ def test_deepembed_tables_stay_memory_mapped(pth):
     model = rwkv_zoo.load(pth)  # mmap=True is the default
     tables = [b.ffn.s_emb.weight for b in model.blocks]
     ptrs = [t.data_ptr() for t in tables]
-    assert all(_mapping_of(p) == str(pth.resolve()) for p in ptrs)  # the parameter *is* the file's pages
+    assert all(mapping_of(p) == str(pth.resolve()) for p in ptrs)  # the parameter *is* the file's pages
     with torch.no_grad():
         model(torch.randint(0, 300, (2, 30)))
         model(torch.randint(0, 300, (2, 1)))
     # forward gathered rows and neither copied nor replaced the tables
     assert [b.ffn.s_emb.weight.data_ptr() for b in model.blocks] == ptrs
-    assert all(_mapping_of(p) == str(pth.resolve()) for p in ptrs)
+    assert all(mapping_of(p) == str(pth.resolve()) for p in ptrs)
 
 
 def test_tiny_model_trains():
