@@ -33,6 +33,8 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "rwkv_zoo.versions.v6",
     "rwkv_zoo.versions.v7",
     "rwkv_zoo.backends.reference.specs",
+    "rwkv_zoo.versions.v7a",
+    "rwkv_zoo.versions.v8",
     "rwkv_zoo.backends.reference",
     "rwkv_zoo.backends.cpu",
     "rwkv_zoo.backends.triton",

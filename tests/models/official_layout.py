@@ -93,4 +93,9 @@ def official_param_count(version: str, L: int, C: int, V: int, lora: dict | None
     if version == "v7":
         s = lora["dim_w_lora"] + lora["dim_a_lora"] + lora["dim_v_lora"] + lora["dim_g_lora"]
         return 2 * V * C + 4 * C + L * (19 * C + 12 * C * C + 2 * C * s)
+    if version == "v7a":  # v7 plus, per layer, s_emb [V, R^2], s_emb_x [R^2, C], s1 [C, R], s2 [R, 4C], s0 [4C]
+        R, F = lora["dim_s_lora"], 4 * C
+        return official_param_count("v7", L, C, V, lora) + L * (V * R * R + R * R * C + C * R + R * F + F)
+    if version == "v8":  # v7 plus, per layer, enn [V, C]
+        return official_param_count("v7", L, C, V, lora) + L * V * C
     raise ValueError(version)
