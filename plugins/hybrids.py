@@ -188,11 +188,20 @@ class HybridModel(RWKV):
         return f"{super().extra_repr()}, layers={self.config.describe()}"
 
 
+def lr_scales(versions) -> dict[str, float]:
+    """The learning-rate multipliers of every component version (``VersionSpec.lr_scales``), longest
+    fragment first so that the more specific one wins (v6's ``time_decay_w`` 1x before ``time_decay`` 2x)."""
+    merged: dict[str, float] = {}
+    for v in versions:
+        for fragment, scale in get_version(v).lr_scales.items():
+            merged.setdefault(fragment, scale)
+    return dict(sorted(merged.items(), key=lambda kv: -len(kv[0])))
+
+
 def param_groups(model: nn.Module, weight_decay: float = 0.0) -> list[dict]:
-    """The union of the official groups: time_decay 2x (v6 decay LoRA 1x), time_first 3x, v7 w0 2x."""
-    return official_param_groups(
-        model, weight_decay, {"time_decay_w": 1.0, "time_decay": 2.0, "time_first": 3.0, "att.w0": 2.0}
-    )
+    """The union of the official groups of the versions the model's layers come from."""
+    used = {v for pair in model.config.plan for v in pair}
+    return official_param_groups(model, weight_decay, lr_scales(sorted(used)))
 
 
 def _shared_sizes() -> tuple[SizePreset, ...]:

@@ -140,6 +140,7 @@ class Block(nn.Module):
     def forward(self, x: Tensor, state: LayerState, ctx: Context) -> tuple[Tensor, LayerState]:
         if self.ln0 is not None:
             x = self.ln0(x)
+            ctx.x0 = x  # the normed embedding, for blocks that read it (v7a's DeepEmbed channel-mix)
         out, att_shift, wkv = self.att(self.ln1(x), state.att_shift, state.wkv, ctx)
         x = x + out
         out, ffn_shift = self.ffn(self.ln2(x), state.ffn_shift, ctx)

@@ -6,7 +6,8 @@ knows nothing else about a version. It talks to the two halves of a block throug
 - a **time-mix** mixes along time through a WKV op (``wkv_op``, called through ``rwkv_zoo.ops`` so
   dispatch picks the kernel) and owns the layer's WKV state (``zero_wkv``);
 - a **channel-mix** mixes channels of one token, with a token-shift state;
-- both receive the call's ``Context``: the token ids (DeepEmbed channel-mixes look rows up by id),
+- both receive the call's ``Context``: the token ids and the normed embedding (DeepEmbed channel-mixes
+  look rows up by id and mix in the embedding),
   the backend and mode the caller forced, and values one layer hands to later ones (v7's ``v_first``).
 
 Shapes: ``x`` [B, T, C], shifts [B, C] (the previous token's normed input), ``wkv`` whatever the
@@ -36,6 +37,7 @@ class Context:
     tokens: Tensor  # [B, T] token ids of this call
     backend: str | None = None  # a backend the caller forced (model.backend), or None: dispatch decides
     mode: str | None = None  # "chunk" / "recurrent" when forced, else None
+    x0: Tensor | None = None  # [B, T, C] block 0's ln0 output (the normed embedding), set by Block
     v_first: Tensor | None = None  # v7: the value of the first v7 layer, which later layers lerp toward
     carry: dict[str, Any] = field(default_factory=dict)
 
@@ -43,7 +45,9 @@ class Context:
         return replace(self, carry=dict(self.carry))
 
     def absorb(self, other: Context) -> None:
-        """Take what ``other`` (a copy that a block ran with) added: ``v_first`` and new carry entries."""
+        """Take what ``other`` (a copy that a block ran with) added: ``x0``, ``v_first``, new carry entries."""
+        if self.x0 is None:
+            self.x0 = other.x0
         if self.v_first is None:
             self.v_first = other.v_first
         for k, v in other.carry.items():

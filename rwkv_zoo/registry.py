@@ -58,7 +58,9 @@ class VersionSpec:
       shapes (it may raise ``CheckpointError`` for a near miss it can name, e.g. a v5.0 file);
       ``fix_checkpoint(tensors, model)``: fix-ups before loading (timm's ``checkpoint_filter_fn``);
     - ``relative_cost``: training cost per token relative to v4 at equal size (schedules long ablation
-      runs first).
+      runs first);
+    - ``lr_scales``: the learning-rate multipliers of its parameter groups, by name fragment (what
+      ``param_groups`` uses; hybrids merge their components').
     """
 
     name: str
@@ -74,13 +76,19 @@ class VersionSpec:
     detect: Callable[[Mapping[str, tuple[int, ...]]], dict[str, Any] | None] | None = None
     fix_checkpoint: Callable[[dict[str, Any], nn.Module], None] | None = None
     relative_cost: float = 2.0
+    lr_scales: Mapping[str, float] = field(default_factory=dict)
     provider: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         if self.param_groups is None:
             from rwkv_zoo.model import official_param_groups
 
-            self.param_groups = official_param_groups  # weight decay on matrices, no LR multipliers
+            scales = dict(self.lr_scales)
+
+            def groups(model, weight_decay: float = 0.0):  # weight decay on matrices, lr_scales multipliers
+                return official_param_groups(model, weight_decay, scales)
+
+            self.param_groups = groups
         if self.model_factory is None:
             if self.block_cls is None:
                 raise ValueError(f"version {self.name!r}: give block_cls= or model_factory=")

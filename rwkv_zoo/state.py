@@ -164,15 +164,16 @@ class RWKVState:
         State tuning trains only the initial WKV state; shifts start at zero. The official layout is
         value-first for v5, v6 and v7 alike, so it is transposed into our key-first ``[B, H, K, V]``.
         """
-        if model.version == "v4":
-            raise ValueError("RWKV-4 has no matrix state: official time_state keys exist only for v5-v7")
         state = model.zero_state(1)
-        H, N = model.identity.n_head, model.identity.head_size
         for i, ls in enumerate(state.layers):
+            if not isinstance(ls.wkv, Tensor) or ls.wkv.dim() != 4:
+                raise ValueError(f"layer {i} of this {model.version} model has no matrix state (RWKV-4's is a "
+                                 "(num, den, max) triple): official time_state keys exist only for matrix states")
             key = f"blocks.{i}.att.time_state"
             if key not in tensors:
                 raise ValueError(f"time_state is missing {key}")
             t = tensors[key]
+            H, N = ls.wkv.shape[1], ls.wkv.shape[2]
             if tuple(t.shape) != (H, N, N):
                 raise ValueError(f"{key}: expected shape [{H}, {N}, {N}], found {list(t.shape)}")
             ls.wkv = t.detach().to(device=ls.wkv.device, dtype=torch.float32).transpose(-1, -2).unsqueeze(0).clone()

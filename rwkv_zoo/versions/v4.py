@@ -151,7 +151,10 @@ class V4Model(RWKV):
 
 def param_groups(model: nn.Module, weight_decay: float = 0.0) -> list[dict]:
     """v4neo ``layerwise_lr``: time_mix 1x, time_decay 2x, time_first 3x; weight decay on matrices."""
-    return official_param_groups(model, weight_decay, {"time_decay": 2.0, "time_first": 3.0})
+    return official_param_groups(model, weight_decay, LR_SCALES)
+
+
+LR_SCALES = {"time_decay": 2.0, "time_first": 3.0}
 
 
 def _pile(name, L, C, params, aliases=()):
@@ -196,6 +199,7 @@ SPEC = VersionSpec(
     default_vocab=PILE_VOCAB,
     wkv_op="wkv4",
     block_cls=V4Block,
+    lr_scales=LR_SCALES,
     detect=detect,
     relative_cost=1.0,
     description="per-channel WKV with time-decay and current-token bonus (2023)",

@@ -137,7 +137,10 @@ class V5Block(Block):
 
 def param_groups(model: nn.Module, weight_decay: float = 0.0) -> list[dict]:
     """RWKV-v5 trainer: time_decay 2x, time_first 3x, the rest 1x; wd on >= 2-D ``.weight``."""
-    return official_param_groups(model, weight_decay, {"time_decay": 2.0, "time_first": 3.0})
+    return official_param_groups(model, weight_decay, LR_SCALES)
+
+
+LR_SCALES = {"time_decay": 2.0, "time_first": 3.0}
 
 
 def _world(name, L, C, params, aliases=(), released=True, note="World"):
@@ -183,6 +186,7 @@ SPEC = VersionSpec(
     default_vocab=WORLD_VOCAB,
     wkv_op="wkv5",
     block_cls=V5Block,
+    lr_scales=LR_SCALES,
     detect=detect,
     relative_cost=1.2,
     description="multi-head matrix state, per-channel static decay, silu gate (2023)",

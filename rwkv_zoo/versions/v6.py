@@ -183,9 +183,10 @@ class V6Block(Block):
 
 def param_groups(model: nn.Module, weight_decay: float = 0.0) -> list[dict]:
     """RWKV-v5 trainer for x060: time_decay 2x (its LoRA ``time_decay_w1/w2`` 1x), the rest 1x."""
-    return official_param_groups(
-        model, weight_decay, {"time_decay_w": 1.0, "time_decay": 2.0, "time_first": 3.0}
-    )
+    return official_param_groups(model, weight_decay, LR_SCALES)
+
+
+LR_SCALES = {"time_decay_w": 1.0, "time_decay": 2.0, "time_first": 3.0}
 
 
 def _world(name, L, C, params, aliases=(), released=True, note="World"):
@@ -224,6 +225,7 @@ SPEC = VersionSpec(
     default_vocab=WORLD_VOCAB,
     wkv_op="wkv6",
     block_cls=V6Block,
+    lr_scales=LR_SCALES,
     detect=detect,
     relative_cost=2.0,
     description="data-dependent token shift and decay (2024)",

@@ -202,7 +202,10 @@ class V7Block(Block):
 
 def param_groups(model: nn.Module, weight_decay: float = 0.0) -> list[dict]:
     """train_temp: ``att.w0`` 2x, the rest 1x; weight decay only on >= 2-D ``.weight`` matrices."""
-    return official_param_groups(model, weight_decay, {"att.w0": 2.0})
+    return official_param_groups(model, weight_decay, LR_SCALES)
+
+
+LR_SCALES = {"att.w0": 2.0}
 
 
 def _preset(name, V, L, C, loras, params, aliases=(), released=True, note="", head_size=None):
@@ -270,6 +273,7 @@ SPEC = VersionSpec(
     default_vocab=WORLD_VOCAB,
     wkv_op="wkv7",
     block_cls=V7Block,
+    lr_scales=LR_SCALES,
     detect=detect,
     fix_checkpoint=fill_unused,
     relative_cost=4.0,

@@ -13,8 +13,9 @@ keys stay parameters and the sum is formed per token in forward, from row gather
 only: a memory-mapped checkpoint's [V, R*R] tables (67M values per layer at V = 65536) are touched only
 at the rows of the tokens seen, so they can stay on disk.
 
-``e_t`` is the output of block 0's ``ln0``: ``V7aBlock`` puts it in ``ctx.carry`` for every channel-mix
-of the call, since a channel-mix only sees its own ln2 output.
+``e_t`` is the output of block 0's ``ln0``, which the generic ``Block`` puts in the call's context
+(``ctx.x0``), since a channel-mix only sees its own ln2 output; so a v7a channel-mix also works in a
+hybrid.
 """
 
 from __future__ import annotations
@@ -29,11 +30,8 @@ from rwkv_zoo.hookspecs import hookimpl
 from rwkv_zoo.model import Block, channel_ramp, layer_ratios, orthogonal_, token_shift
 from rwkv_zoo.protocols import Context
 from rwkv_zoo.registry import SizePreset, VersionSpec
-from rwkv_zoo.state import LayerState
 from rwkv_zoo.versions import v7
 from rwkv_zoo.versions.v7 import WORLD_VOCAB, V7Config, V7TimeMix
-
-EMB_KEY = "deepembed.emb"  # ctx.carry: ln0(emb[tokens]) [B, T, C], set by block 0
 
 
 @dataclass
@@ -66,12 +64,10 @@ class V7aChannelMix(nn.Module):
         R = self.s1.shape[1]
         xx, new_shift = token_shift(x, shift)
         k = torch.relu(self.key(x + (xx - x) * self.x_k)).square()
-        emb = ctx.carry.get(EMB_KEY)
+        emb = ctx.x0  # ln0(emb[tokens]): Block puts it in the context in layer 0
         if emb is None:
-            raise RuntimeError(
-                "a v7a (DeepEmbed) channel-mix needs ln0(emb[tokens]) in ctx.carry[" + repr(EMB_KEY) + "], which "
-                "V7aBlock sets in layer 0; this block class does not (e.g. a hybrid whose layer 0 is another version)"
-            )
+            raise RuntimeError("a v7a (DeepEmbed) channel-mix needs ctx.x0 (the normed embedding), which the generic "
+                               "Block sets in layer 0; this model's layer 0 is a block that does not")
         m = (self.s_emb(ctx.tokens) + self.s_emb_x(emb)).view(B, T, R, R)  # [B, T, R, R]
         ss = ((x @ self.s1).unsqueeze(-2) @ m).squeeze(-2)  # [B, T, R]
         k = k * (ss @ self.s2 + self.s0).to(k.dtype)
@@ -100,16 +96,6 @@ class V7aChannelMix(nn.Module):
 class V7aBlock(Block):
     time_mix_cls = V7TimeMix
     channel_mix_cls = V7aChannelMix
-
-    def forward(self, x: Tensor, state: LayerState, ctx: Context) -> tuple[Tensor, LayerState]:
-        if self.ln0 is not None:
-            x = self.ln0(x)
-            ctx.carry[EMB_KEY] = x  # e_t of every later channel-mix in this call
-        out, att_shift, wkv = self.att(self.ln1(x), state.att_shift, state.wkv, ctx)
-        x = x + out
-        out, ffn_shift = self.ffn(self.ln2(x), state.ffn_shift, ctx)
-        return x + out, LayerState(att_shift, ffn_shift, wkv)
-
 
 
 def param_groups(model: nn.Module, weight_decay: float = 0.0) -> list[dict]:
@@ -174,6 +160,7 @@ SPEC = VersionSpec(
     default_vocab=WORLD_VOCAB,
     wkv_op="wkv7",
     block_cls=V7aBlock,
+    lr_scales=v7.LR_SCALES,
     detect=detect,
     fix_checkpoint=fix_checkpoint,
     relative_cost=4.2,

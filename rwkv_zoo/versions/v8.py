@@ -109,6 +109,7 @@ SPEC = VersionSpec(
     default_vocab=v7.WORLD_VOCAB,
     wkv_op="wkv7",
     block_cls=V8Block,
+    lr_scales=v7.LR_SCALES,
     detect=detect,
     fix_checkpoint=v7.fill_unused,  # the demo never reads layer 0's v0/v1/v2 (it overwrites them)
     relative_cost=4.0,

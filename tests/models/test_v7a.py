@@ -198,6 +198,22 @@ def test_parallel_equals_token_by_token_and_split():
             assert rel(y, x) <= 1e-5
 
 
+def test_a_deepembed_channel_mix_in_a_hybrid():
+    """Layer 0 is plain v7: the v7a channel-mix of layer 1 still gets ln0(emb) from the context."""
+    model = rwkv_zoo.randomize_(rwkv_zoo.build("v7", size="tiny", layers="v7,v7/v7a", dim_s_lora=8), seed=6).eval()
+    assert type(model.blocks[1].ffn).__name__ == "V7aChannelMix" and model.blocks[1].ffn.s1.shape[1] == 8
+    toks = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        full, _ = model(toks)
+        state, steps = None, []
+        for t in range(12):
+            out, state = model(toks[:, t : t + 1], state)
+            steps.append(out)
+        model.blocks[1].ffn.s_emb.weight.mul_(2)  # the table matters for the output
+        other, _ = model(toks)
+    assert rel(torch.cat(steps, 1), full) <= 1e-5 and rel(other, full) > 1e-4
+
+
 def test_meta_build_of_the_release():
     model = rwkv_zoo.build("v7a-g1d-0.1B", device="meta")
     assert model.num_parameters() == 1_007_339_520  # 2.01 GB in fp16, as the released files
