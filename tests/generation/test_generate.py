@@ -7,6 +7,7 @@ import itertools
 
 import pytest
 import torch
+from _deps import require
 
 import rwkv_zoo
 from rwkv_zoo.generation import PrefixCache, generate
@@ -58,7 +59,7 @@ def test_ban_and_stop_tokens(tiny):
 
 def test_penalties_follow_the_official_pipeline(tiny, byte_tok):
     """Greedy with presence/frequency penalties, decay and bans: same tokens as rwkv.utils.PIPELINE."""
-    utils = pytest.importorskip("rwkv.utils")
+    utils = require("rwkv.utils")
 
     fed: list[list[int]] = []
 

@@ -10,16 +10,17 @@ import sys
 
 import pytest
 import torch
+from _deps import require
 
-pytest.importorskip("lm_eval")
+require("lm_eval")  # in the test extra; before the imports below, which need it
 
-import lm_eval
-from lm_eval.api.instance import Instance
-from lm_eval.api.registry import get_model
+import lm_eval  # noqa: E402
+from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.api.registry import get_model  # noqa: E402
 
-from rwkv_zoo import cli
-from rwkv_zoo.generation import generate, score
-from rwkv_zoo.harness import EOD, RWKVZooLM
+from rwkv_zoo import cli  # noqa: E402
+from rwkv_zoo.generation import generate, score  # noqa: E402
+from rwkv_zoo.harness import EOD, RWKVZooLM  # noqa: E402
 
 
 def _ll(*pairs) -> list[Instance]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _deps import CXX, needs
 
 import rwkv_zoo
 from rwkv_zoo import dispatch
@@ -13,7 +14,7 @@ from rwkv_zoo.testing import check_backend
 
 pytestmark = [
     pytest.mark.kernel,
-    pytest.mark.skipif(cpu_backend.unavailable_reason() is not None, reason=f"{cpu_backend.unavailable_reason()}"),
+    needs(cpu_backend.unavailable_reason(), CXX),
 ]
 
 

@@ -16,10 +16,11 @@ import sys
 
 import pytest
 import torch
+from _deps import require
 
-pytest.importorskip("triton", reason="triton is not installed (the optional extra rwkv-zoo[triton])")
+require("triton")  # in the test extra; before the imports below, which need it
 
-from rwkv_zoo.backends.triton import aot
+from rwkv_zoo.backends.triton import aot  # noqa: E402
 
 pytestmark = pytest.mark.kernel
 

@@ -23,6 +23,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from _deps import EXAMPLE_PLUGIN, missing
 
 pytestmark = pytest.mark.integration
 
@@ -38,8 +39,7 @@ except importlib.metadata.PackageNotFoundError:
 @pytest.fixture(autouse=True)
 def _installed():
     if VERSION is None:
-        why = f"{DIST} is not installed: pip install -e examples/third_party_backend"
-        (pytest.fail if os.environ.get("CI") else pytest.skip)(why)  # CI installs it: missing is a failure
+        missing(f"{DIST} is not installed", EXAMPLE_PLUGIN)
 
 
 PROBE = textwrap.dedent(
