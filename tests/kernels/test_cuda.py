@@ -465,7 +465,7 @@ def test_gpu_conformance_other_head_sizes(N):
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU and a CUDA build of torch")
 @pytest.mark.skipif(cb.unavailable_reason() is not None, reason=str(cb.unavailable_reason()))
-def test_gpu_matches_emulator_bitwise_close():
+def test_gpu_matches_emulator_to_rounding():
     # The emulator runs the same per-thread arithmetic: the GPU kernels agree with it to rounding.
     from rwkv_zoo.backends.cuda import recurrent
 
