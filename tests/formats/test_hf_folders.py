@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from _deps import require
 from safetensors.torch import load_file, save_file
 
 import rwkv_zoo
@@ -223,7 +224,7 @@ def randomize_hf_(model, seed):
 
 @pytest.mark.integration
 def test_transformers_written_folder_gives_transformers_logits(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     # 7 layers, so that transformers' default rescale_every=6 matters: in eval mode it divides layer l's
     # attention.output / feed_forward.value by 2**(l // 6) in memory and halves the residual after
     # block 6 (exact up to the LayerNorm eps). The file holds un-rescaled weights (saved before any
@@ -251,7 +252,7 @@ def test_transformers_written_folder_gives_transformers_logits(tmp_path):
 
 @pytest.mark.integration
 def test_rwkv_zoo_written_folder_loads_in_transformers(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     model = tiny("v4", seed=11)
     rwkv_zoo.save(model, tmp_path / "hf", format="hf")
     hf = transformers.RwkvForCausalLM.from_pretrained(tmp_path / "hf").eval()

@@ -7,6 +7,7 @@ import itertools
 
 import pytest
 import torch
+from _deps import require
 
 import rwkv_zoo
 from rwkv_zoo.generation import PrefixCache, generate
@@ -58,7 +59,7 @@ def test_ban_and_stop_tokens(tiny):
 
 def test_penalties_follow_the_official_pipeline(tiny, byte_tok):
     """Greedy with presence/frequency penalties, decay and bans: same tokens as rwkv.utils.PIPELINE."""
-    utils = pytest.importorskip("rwkv.utils")
+    utils = require("rwkv.utils")
 
     fed: list[list[int]] = []
 
@@ -292,8 +293,38 @@ def test_world_model_uses_the_world_tokenizer_by_default():
     assert res.prompt_tokens == [33155, 40213] and isinstance(res.text, str)
 
 
-def test_sampler_filters_like_the_package():
-    """top-p on untempered probabilities (ties kept), then top-k, min-p, and p ** (1 / temperature)."""
+def test_sampler_filters_like_the_package(monkeypatch):
+    """The distribution each sampler draws from, for the same logits and settings: ours (what goes into
+    torch.multinomial) against rwkv.utils.PIPELINE.sample_logits (what goes into np.random.choice on the
+    CPU). The package draws from numpy's global RNG, so the draws themselves cannot be compared."""
+    from rwkv_zoo.generation import SamplingParams, _sample
+
+    utils = require("rwkv.utils")
+    seen: dict[str, torch.Tensor] = {}
+
+    def package_choice(a, p):
+        seen["package"] = torch.as_tensor(p, dtype=torch.float64)
+        return 0
+
+    def our_multinomial(probs, num_samples, generator=None):
+        seen["ours"] = probs.double() / probs.double().sum()
+        return torch.zeros(num_samples, dtype=torch.long)
+
+    monkeypatch.setattr(utils.np.random, "choice", package_choice)
+    monkeypatch.setattr(torch, "multinomial", our_multinomial)
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(0)) * 2  # distinct probabilities
+    # top_p < 1: at exactly 1 the package keeps only the top token when the float cumsum stays below 1.
+    settings = [(t, p, k) for t in (0.5, 1.0, 1.7) for p in (0.3, 0.8, 0.99) for k in (0, 1, 5)]
+    for temperature, top_p, top_k in settings:
+        utils.PIPELINE.sample_logits(None, logits.clone(), temperature=temperature, top_p=top_p, top_k=top_k)
+        _sample(logits.clone(), SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k), None)
+        assert (seen["ours"] > 0).sum() == (seen["package"] > 0).sum(), (temperature, top_p, top_k)
+        torch.testing.assert_close(seen["ours"], seen["package"], rtol=1e-5, atol=1e-7)
+
+
+def test_sampler_draw_frequencies_follow_the_filters():
+    """Hand-computed expectations (min-p is ours; the package has none): top-p on untempered
+    probabilities (ties kept), then top-k, min-p, and p ** (1 / temperature), seen in 600 draws."""
     from rwkv_zoo.generation import SamplingParams, _sample
 
     probs = torch.tensor([0.3, 0.25, 0.2, 0.1, 0.08, 0.04, 0.02, 0.01])

@@ -7,6 +7,7 @@ import random
 import sys
 
 import pytest
+from _deps import CORE, missing, require
 
 from rwkv_zoo.tokenizers import (
     WORLD_VOCAB_FILE,
@@ -53,14 +54,14 @@ def test_world_vocab_ships_with_an_installed_package(world):
 
 def test_fast_encoder_equals_reference_on_random_strings(world):
     if world._fast is None:
-        pytest.skip("pyrwkv-tokenizer is not installed: the reference encoder is the only one")
+        missing("pyrwkv-tokenizer is not installed: the reference encoder is the only one", CORE)
     tokens = list(world.token2idx)
     for text in _random_texts(tokens, 600):
         assert world.encode(text) == world.encode_bytes(text.encode("utf-8")), repr(text[:50])
 
 
 def test_reference_equals_the_official_trie_on_invalid_utf8_runs(world):
-    rwkv = pytest.importorskip("rwkv")
+    rwkv = require("rwkv")
     sys.path.insert(0, os.path.dirname(rwkv.__file__))
     try:
         from rwkv_tokenizer import TRIE_TOKENIZER
@@ -115,7 +116,7 @@ def test_byte_tokenizer_round_trip():
 
 
 def test_hf_tokenizer_json(tmp_path):
-    tokenizers = pytest.importorskip("tokenizers")
+    tokenizers = require("tokenizers")
     from tokenizers import models, pre_tokenizers
 
     from rwkv_zoo.tokenizers import HFTokenizer

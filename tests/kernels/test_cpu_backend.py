@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _deps import CXX, needs
 
 import rwkv_zoo
 from rwkv_zoo import dispatch
@@ -13,14 +14,33 @@ from rwkv_zoo.testing import check_backend
 
 pytestmark = [
     pytest.mark.kernel,
-    pytest.mark.skipif(cpu_backend.unavailable_reason() is not None, reason=f"{cpu_backend.unavailable_reason()}"),
+    needs(cpu_backend.unavailable_reason(), CXX),
 ]
 
 
+class _NaNOutputs:
+    """``torch`` as the cpu backend's wrappers see it, except that the output buffers they allocate
+    for the C++ kernels (``torch.empty_like``) start as NaN: an element a kernel leaves unwritten
+    fails the conformance check's NaN test instead of passing with whatever memory held."""
+
+    def __init__(self) -> None:
+        self.buffers = 0
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    def empty_like(self, *args, **kwargs):
+        self.buffers += 1
+        return torch.empty_like(*args, **kwargs).fill_(float("nan"))
+
+
 @pytest.mark.parametrize("N", [16, 64])
-def test_conformance_forward(N):
-    # Random initial state, odd T, outputs poisoned before each call; fp32 gate 1e-5 (PERF.md).
+def test_conformance_forward_into_nan_poisoned_outputs(N, monkeypatch):
+    # Random initial state, odd T, NaN in every output buffer before each call; fp32 gate 1e-5 (PERF.md).
+    poisoned = _NaNOutputs()
+    monkeypatch.setattr(cpu_backend, "torch", poisoned)
     report = check_backend("cpu", dtypes=(torch.float32,), Ts=(1, 15, 65), B=2, H=2, N=N)
+    assert poisoned.buffers >= 2 * 4 * 3, "the wrappers no longer allocate through torch.empty_like"
     ran = [r for r in report.results if not r.skipped]
     assert len(ran) == 4 * 2 * 3 and all("forward only" in r.message for r in ran), str(report)
     assert max(report.max_errors().values()) <= 1e-6, str(report)

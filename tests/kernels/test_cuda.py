@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _deps import CXX, NVCC, missing, needs
 
 import rwkv_zoo
 from rwkv_zoo import dispatch
@@ -58,8 +59,11 @@ def _nvcc() -> str | None:
     return cb.nvcc_path()
 
 
+needs_nvcc = needs(None if _nvcc() else "nvcc is not installed (CUDA toolkit)", NVCC)
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(_nvcc() is None, reason="nvcc is not installed (CUDA toolkit)")
+@needs_nvcc
 @pytest.mark.parametrize("source", [*sorted(p.name for p in CSRC.glob("*.cu")), "wkv7_chunk.cu:tc"])
 def test_kernel_file_compiles_with_nvcc(source, tmp_path):
     source, _, variant = source.partition(":")
@@ -83,7 +87,7 @@ def test_kernel_file_compiles_with_nvcc(source, tmp_path):
     assert max(small.values(), default=0) <= 512, {k: v for k, v in small.items() if v > 512}
 
 
-@pytest.mark.skipif(_nvcc() is None, reason="nvcc is not installed (CUDA toolkit)")
+@needs_nvcc
 def test_every_kernel_file_is_built_by_the_loader():
     from rwkv_zoo.backends.cuda import loader
 
@@ -109,7 +113,8 @@ _STUBS = {
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("g++") is None or _nvcc() is None, reason="needs g++ and the CUDA toolkit headers")
+@needs(None if shutil.which("g++") else "g++ is not on PATH", CXX)
+@needs_nvcc
 def test_binding_parses_against_this_torch(tmp_path):
     # The torch binding is built only on a GPU machine; here it is at least parsed against this torch's
     # headers (ATen/c10 CUDA headers included), so an API misuse fails CI.
@@ -121,7 +126,7 @@ def test_binding_parses_against_this_torch(tmp_path):
     candidates += [Path(_nvcc()).resolve().parent.parent / "include", Path("/usr/local/cuda/include")]
     cuda_include = next((c for c in candidates if (c / "cuda_runtime.h").exists()), None)
     if cuda_include is None:
-        pytest.skip(f"no cuda_runtime.h in {', '.join(map(str, candidates))}")
+        missing(f"no cuda_runtime.h in {', '.join(map(str, candidates))}", NVCC)
     for name, text in _STUBS.items():
         if not (cuda_include / name).exists():
             (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -166,8 +171,8 @@ def _emulated():
     return registered_plugin(Plugin(), name="cuda-emulated-plugin")
 
 
-needs_cxx = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None
-                               and shutil.which("clang++") is None, reason="no host C++ compiler")
+needs_cxx = needs(None if shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+                  else "no host C++ compiler (c++, g++ or clang++) on PATH", CXX)
 
 
 @needs_cxx
@@ -303,7 +308,7 @@ def test_chunk_backward_gradients(N, tc, monkeypatch):
     assert max(errors.values()) <= 2e-3, errors
 
 
-@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+@needs(None if shutil.which("g++") else "g++ is not on PATH", CXX)
 def test_chunk_shared_memory_sizes_match_the_kernel(tmp_path):
     # The capability check's byte counts are the kernel's shared-memory structs (fp16 is 2 bytes either way).
     src = tmp_path / "sz.cpp"
@@ -460,7 +465,7 @@ def test_gpu_conformance_other_head_sizes(N):
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU and a CUDA build of torch")
 @pytest.mark.skipif(cb.unavailable_reason() is not None, reason=str(cb.unavailable_reason()))
-def test_gpu_matches_emulator_bitwise_close():
+def test_gpu_matches_emulator_to_rounding():
     # The emulator runs the same per-thread arithmetic: the GPU kernels agree with it to rounding.
     from rwkv_zoo.backends.cuda import recurrent
 

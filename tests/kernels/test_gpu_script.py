@@ -15,8 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from _deps import require
 
-pytest.importorskip("triton", reason="triton is not installed (the optional extra rwkv-zoo[triton])")
+require("triton")  # in the test extra; before the imports below, which need it
 
 SCRIPT = Path(__file__).resolve().parents[1] / "gpu" / "bench_kernels.py"
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

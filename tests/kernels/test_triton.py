@@ -19,15 +19,16 @@ import importlib.util
 
 import pytest
 import torch
+from _deps import require
 
-pytest.importorskip("triton", reason="triton is not installed (the optional extra rwkv-zoo[triton])")
+require("triton")  # in the test extra; before the imports below, which need it
 
-import rwkv_zoo
-from rwkv_zoo import dispatch
-from rwkv_zoo.backends import triton as tb
-from rwkv_zoo.backends.reference import recurrent
-from rwkv_zoo.dispatch import BackendError, KernelCall
-from rwkv_zoo.testing import check_backend, evaluate, make_inputs, rel_err
+import rwkv_zoo  # noqa: E402
+from rwkv_zoo import dispatch  # noqa: E402
+from rwkv_zoo.backends import triton as tb  # noqa: E402
+from rwkv_zoo.backends.reference import recurrent  # noqa: E402
+from rwkv_zoo.dispatch import BackendError, KernelCall  # noqa: E402
+from rwkv_zoo.testing import check_backend, evaluate, make_inputs, rel_err  # noqa: E402
 
 pytestmark = pytest.mark.kernel
 

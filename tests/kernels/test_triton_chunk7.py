@@ -17,12 +17,13 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest
 import torch
+from _deps import require
 
-pytest.importorskip("triton", reason="triton is not installed (the optional extra rwkv-zoo[triton])")
+require("triton")  # in the test extra; before the imports below, which need it
 
-from rwkv_zoo.backends.reference.recurrent import wkv7_recurrent
-from rwkv_zoo.backends.triton.chunk7 import CHUNK, wkv7_chunk
-from rwkv_zoo.testing import evaluate, make_inputs, rel_err
+from rwkv_zoo.backends.reference.recurrent import wkv7_recurrent  # noqa: E402
+from rwkv_zoo.backends.triton.chunk7 import CHUNK, wkv7_chunk  # noqa: E402
+from rwkv_zoo.testing import evaluate, make_inputs, rel_err  # noqa: E402
 
 pytestmark = pytest.mark.kernel
 

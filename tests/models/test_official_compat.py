@@ -16,8 +16,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from _deps import require
 
-pytest.importorskip("rwkv", reason="BlinkDL's rwkv package is a test dependency (pip install -e .[test])")
+require("rwkv")  # BlinkDL's package, the oracle: in the test extra
 
 WORKER = Path(__file__).with_name("official_compat_worker.py")
 TOL = 1e-5  # PERF.md: whole model vs the package, fp32

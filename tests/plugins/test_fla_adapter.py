@@ -108,6 +108,7 @@ def fp32_allowed(monkeypatch):
 
 @pytest.mark.kernel
 def test_adapter_conversions_conform_over_the_stand_in(fp32_allowed):
+    """The adapter over this file's stand-in of fla 0.6.0 (not fla itself) matches the reference."""
     with _plugin("fla-stand-in", STAND_IN):
         report = check_backend("fla-stand-in", dtypes=(torch.float32, torch.bfloat16), Ts=(1, 17, 33))
     assert report.ok, str(report)
@@ -118,14 +119,16 @@ def test_adapter_conversions_conform_over_the_stand_in(fp32_allowed):
 
 
 @pytest.mark.kernel
-def test_older_fla_signature_with_log_w(fp32_allowed):
+def test_adapter_over_a_stand_in_of_the_older_log_w_signature(fp32_allowed):
+    """The adapter finds ``log_w`` in a stand-in with the older signature; real older fla is not run."""
     with _plugin("fla-old", {**STAND_IN, "chunk_rwkv7": old_chunk_rwkv7}):
         assert check_backend("fla-old", ops=["wkv7"], modes=["chunk"], Ts=(1, 17)).ok
 
 
 @pytest.mark.kernel
 @pytest.mark.parametrize("mistake", ["a-b-swapped", "default-scale"])
-def test_the_stand_in_catches_convention_mistakes(fp32_allowed, mistake):
+def test_conformance_over_the_stand_in_catches_convention_mistakes(fp32_allowed, mistake):
+    """A deliberately wrong stand-in fails the conformance check: the stand-in tests can fail."""
     def swapped(r, w, k, v, a, b, **kw):
         return chunk_rwkv7(r, w, k, v, b, a, **kw)
 
@@ -140,6 +143,7 @@ def test_the_stand_in_catches_convention_mistakes(fp32_allowed, mistake):
 
 
 def test_registered_and_unavailable_here_with_its_reason():
+    """Registration, and the reason it gives on this machine (no fla or no GPU); no kernel runs."""
     fla = {b["name"]: b for b in rwkv_zoo.list_backends()}["fla"]
     assert fla["provider"] == "rwkv_zoo.backends.fla" and fla["distribution"].startswith("rwkv-zoo ")
     assert set(fla["ops"]) == {"wkv5", "wkv6", "wkv7"}
@@ -184,6 +188,7 @@ def test_capabilities_say_what_they_refuse(monkeypatch):
 
 
 def test_decay_keyword_and_wkv5_broadcast():
+    """The signature probe and the argument conversion, on stand-in functions and plain tensors."""
     assert fla_backend.rwkv7_decay_keyword(chunk_rwkv7) == "w"
     assert fla_backend.rwkv7_decay_keyword(old_chunk_rwkv7) == "log_w"
     with pytest.raises(TypeError, match="no log-decay parameter"):

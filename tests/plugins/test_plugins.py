@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pluggy
 import pytest
+import torch
 
 import rwkv_zoo
 from rwkv_zoo import hookspecs, pluginmanager
@@ -70,13 +71,19 @@ def test_a_plugin_whose_hook_raises_is_reported_and_the_rest_works():
         def rwkv_zoo_register_backends(self, register):
             raise RuntimeError("driver exploded")
 
+    model = rwkv_zoo.randomize_(rwkv_zoo.build("v5-tiny"), seed=0).eval()
+    tokens = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        want, _ = model(tokens)
     with rwkv_zoo.plugin(Exploding(), name="exploding"):
+        with torch.no_grad():
+            got, _ = model(tokens)  # the first dispatch after the plugin arrived runs its failing hook
+        assert torch.equal(got, want)
         names = [b["name"] for b in rwkv_zoo.list_backends()]
         assert "reference" in names
         rec = {p["name"]: p for p in rwkv_zoo.list_plugins()}["exploding"]
         assert "RuntimeError: driver exploded" in rec["error"]
-        model = rwkv_zoo.build("v5-tiny")
-        assert model is not None
+        assert rwkv_zoo.build("v5-tiny").config.n_layer == model.config.n_layer
 
 
 def test_model_built_hook_sees_every_build():

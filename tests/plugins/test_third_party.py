@@ -5,8 +5,9 @@ suite itself runs with ``RWKV_ZOO_NO_AUTOLOAD=1``): discovery through the entry 
 backends`` / ``plugins`` naming the providing distribution, ``use_backend("exact")`` running a model,
 ``explain`` saying why, its conformance run passing, and with ``RWKV_ZOO_DISABLE_PLUGINS=exact`` the
 same model running on the next backend while ``explain`` and ``rwkv-zoo plugins`` say the plugin is
-blocked. (Its own tests and its whole matrix through ``pytest --rwkv-zoo-backend exact`` run in
-``tox -e plugins``; the pytest plugin itself is tested in test_pytest_plugin.py.)
+blocked; and, in one pytest subprocess, the example's own tests and its conformance matrix through
+the pytest plugin (``pytest --rwkv-zoo-backend exact``; a smaller matrix than ``tox -e plugins``, which
+runs every dtype and length). The pytest plugin itself is tested in test_pytest_plugin.py.
 
 Needs ``pip install -e examples/third_party_backend`` (CI and ``tox -e plugins`` do it); skipped
 without it, except under CI, where a missing install is a failure.
@@ -17,12 +18,14 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from _deps import EXAMPLE_PLUGIN, missing
 
 pytestmark = pytest.mark.integration
 
@@ -38,8 +41,7 @@ except importlib.metadata.PackageNotFoundError:
 @pytest.fixture(autouse=True)
 def _installed():
     if VERSION is None:
-        why = f"{DIST} is not installed: pip install -e examples/third_party_backend"
-        (pytest.fail if os.environ.get("CI") else pytest.skip)(why)  # CI installs it: missing is a failure
+        missing(f"{DIST} is not installed", EXAMPLE_PLUGIN)
 
 
 PROBE = textwrap.dedent(
@@ -144,3 +146,24 @@ def test_blocked_plugin_runs_the_model_on_the_next_backend_and_says_so():
     rc, text = out["cli_plugins"]
     row = next(line for line in text.splitlines() if line.startswith("exact "))
     assert rc == 0 and row.endswith("blocked (RWKV_ZOO_DISABLE_PLUGINS)")
+
+
+# The example's own suite plus 4 ops x 2 modes x 2 dtypes x 3 lengths of conformance items.
+EXAMPLE_TESTS = 6
+MATRIX = ["--rwkv-zoo-dtypes", "float32,bfloat16", "--rwkv-zoo-T", "1,15,65"]
+
+
+def test_example_tests_and_conformance_matrix_pass_through_the_pytest_plugin():
+    # What a kernel author runs; in a subprocess because it is another rootdir (the example's own
+    # pyproject and conftest) and loads plugins through entry points, as tox -e plugins does.
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "rwkv_zoo.pytest_plugin",
+           "examples/third_party_backend/tests", "--rwkv-zoo-plugin", "rwkv_zoo_exact",
+           "--rwkv-zoo-backend", "exact", *MATRIX]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600, cwd=ROOT)
+    out = proc.stdout
+    summary = out.strip().splitlines()[-1] if out.strip() else ""
+    assert proc.returncode == 0, out[-4000:] + proc.stderr[-2000:]
+    # Only passes, and exactly as many as expected: a run that collects nothing, or skips, fails here.
+    assert re.fullmatch(r"=* ?(\d+) passed in [\d.]+s( \(\S+\))? ?=*", summary), out[-4000:]
+    assert int(re.search(r"(\d+) passed", summary).group(1)) == EXAMPLE_TESTS + 4 * 2 * 2 * 3, out[-4000:]
+    assert "conformance of backend 'exact' on cpu" in out  # the plugin's per-backend report

@@ -10,6 +10,7 @@ import torch
 from binidx_writer import write_binidx
 
 from rwkv_zoo.cli import main
+from rwkv_zoo.data.synthetic import IGNORE
 from rwkv_zoo.train import TrainConfig, Trainer, lr_at
 
 TASK = {"task": "mqar", "num_pairs": 4, "num_keys": 8, "num_values": 8}
@@ -83,10 +84,30 @@ def test_checkpoints_are_atomic_folders_readable_with_weights_only(tmp_path):
 
 
 def test_eval_reports_accuracy_per_number_of_pairs():
-    t = Trainer(cfg(data={**TASK, "num_pairs": [2, 4]}, steps=1))
+    # Trained long enough that some answers are right: a miscount of a zero accuracy would go unseen.
+    t = Trainer(cfg(data={**TASK, "num_pairs": [2, 4]}, steps=20, lr=3e-3, eval_batches=4))
     result = t.fit()
     assert set(result.final) == {"loss", "acc", "acc@pairs=2", "acc@pairs=4"}
-    assert 0 <= result.final["acc"] <= 1
+    # Recounted here from the eval batches: the share of answer positions (targets not IGNORE) whose
+    # argmax is the target.
+    t.module.eval()
+
+    @torch.no_grad()
+    def recount(task):
+        correct = count = 0
+        for i in range(t.config.eval_batches):
+            inputs, targets = task.batch(t.config.seed, i, t.config.eval_batch_size or t.config.batch_size,
+                                         split="eval")
+            logits, _ = t.module(inputs)
+            answers = targets != IGNORE
+            correct += int(((logits.argmax(-1) == targets) & answers).sum())
+            count += int(answers.sum())
+        assert 0 < correct < count
+        return correct / count
+
+    assert result.final["acc"] == pytest.approx(recount(t.data), abs=1e-12)
+    for label, variant in t.data.eval_variants().items():
+        assert result.final[f"acc@{label}"] == pytest.approx(recount(variant), abs=1e-12), label
 
 
 def test_bf16_autocast_and_checkpointing_and_infctx_train():

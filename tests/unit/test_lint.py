@@ -6,12 +6,12 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
+from _deps import TEST_EXTRA, needs
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is installed by the test extra")
+@needs(None if shutil.which("ruff") else "ruff is not on PATH", TEST_EXTRA)
 def test_ruff_is_clean():
     proc = subprocess.run(["ruff", "check", "--output-format", "concise", "."], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
