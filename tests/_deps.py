@@ -56,3 +56,17 @@ def needs(reason: str | None, install: str) -> pytest.MarkDecorator:
     """A ``skipif`` for CI-provided things: ``reason`` says what is missing, None when nothing is.
     tests/conftest.py applies it (``missing`` before the test runs)."""
     return pytest.mark.ci_dependency(reason, install)
+
+
+def block_versions() -> list[str]:
+    """Every registered version with blocks of its own and a ``tiny`` preset: what the suite parametrises
+    over, so a version added to the zoo is tested without editing a list here."""
+    import rwkv_zoo
+    from rwkv_zoo.registry import get_version
+
+    out = []
+    for name in rwkv_zoo.list_versions():
+        spec = get_version(name)
+        if spec.block_cls is not None and any(p.name == "tiny" for p in spec.sizes):
+            out.append(name)
+    return out

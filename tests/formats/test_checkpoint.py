@@ -7,11 +7,12 @@ import pickle
 
 import pytest
 import torch
+from _deps import block_versions
 
 import rwkv_zoo
 from rwkv_zoo.checkpoint import CheckpointError, infer_model
 
-VERSIONS = ["v4", "v5", "v6", "v7"]
+VERSIONS = block_versions()  # every registered version, v7a and v8 included
 
 
 def _umask() -> int:

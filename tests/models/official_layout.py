@@ -8,6 +8,17 @@ from __future__ import annotations
 
 def official_shapes(version: str, L: int, C: int, V: int, F: int, N: int = 64, lora: dict | None = None):
     lora = lora or {}
+    if version in ("v7a", "v8"):  # x070 keys plus the DeepEmbed channel-mix keys (RWKV-LM v7a / v8 rc00 demos)
+        keys = official_shapes("v7", L, C, V, F, N, lora)
+        for l in range(L):
+            f = f"blocks.{l}.ffn."
+            if version == "v7a":
+                R = lora["dim_s_lora"]
+                keys.update({f + "s_emb.weight": (V, R * R), f + "s_emb_x.weight": (R * R, C), f + "s0": (1, 1, F),
+                             f + "s1": (C, R), f + "s2": (R, F)})
+            else:
+                keys[f + "enn.weight"] = (V, C)
+        return keys
     H = C // N
     keys: dict[str, tuple[int, ...]] = {"emb.weight": (V, C)}
     for l in range(L):
