@@ -38,8 +38,15 @@ class SizePreset:
     aliases: tuple[str, ...] = ()
     options: tuple[tuple[str, Any], ...] = ()
     released: bool = True
-    params: str = ""  # the published parameter count, as the release names it
+    params: str = ""  # the parameter count as the release names it
     note: str = ""
+    # Where the release's shape (and LoRA ranks) is attested independently of this code: a model card,
+    # the official demo, a conversion script. "" for a released preset means unverified.
+    source: str = ""
+
+    @property
+    def verified(self) -> bool:
+        return bool(self.source) and "unverified" not in self.source
 
     def dims(self) -> dict[str, Any]:
         return {"n_layer": self.n_layer, "n_embd": self.n_embd, "vocab_size": self.vocab_size, **dict(self.options)}

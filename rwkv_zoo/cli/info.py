@@ -101,10 +101,12 @@ def cmd_models(args: argparse.Namespace) -> int:
             cfg.head_size if type(cfg).has_heads else "-",
             human_count(model.num_parameters()), preset.params or "-",
             ", ".join(preset.aliases), preset.note,
+            ("" if not preset.released else preset.source if preset.verified else "[unverified]"),
         ])
-    headers = ["model", "L", "C", "V", "head", "params", "published", "aliases", "note"]
-    print(table(headers, rows, "<>>>>>><<"))
-    print(f"\n{len(rows)} models; params counted on the meta device; `published` is the release's own label")
+    headers = ["model", "L", "C", "V", "head", "params", "published", "aliases", "note", "shape source"]
+    print(table(headers, rows, "<>>>>>><<<"))
+    print(f"\n{len(rows)} models; params counted on the meta device; `published` is the release's label (as the "
+          "README formula gives it); `shape source` says where a release's dimensions are attested")
     return 0
 
 

@@ -158,11 +158,12 @@ LR_SCALES = {"time_decay": 2.0, "time_first": 3.0}
 
 
 def _pile(name, L, C, params, aliases=()):
-    return SizePreset(name, L, C, PILE_VOCAB, aliases=aliases, params=params, note="Pile / Raven")
+    return SizePreset(name, L, C, PILE_VOCAB, aliases=aliases, params=params, note="Pile / Raven",
+                      source="transformers' RWKV-4 conversion script (L, C per size); model cards")
 
 
 def _world(name, L, C, aliases=()):
-    return SizePreset(name, L, C, WORLD_VOCAB, aliases=aliases, note="World")
+    return SizePreset(name, L, C, WORLD_VOCAB, aliases=aliases, note="World", source="RWKV-LM README size list")
 
 
 SIZES = (

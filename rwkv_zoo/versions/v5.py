@@ -144,7 +144,8 @@ LR_SCALES = {"time_decay": 2.0, "time_first": 3.0}
 
 
 def _world(name, L, C, params, aliases=(), released=True, note="World"):
-    return SizePreset(name, L, C, WORLD_VOCAB, aliases=aliases, params=params, released=released, note=note)
+    return SizePreset(name, L, C, WORLD_VOCAB, aliases=aliases, params=params, released=released, note=note,
+                      source="RWKV-LM README size list; model cards" if released else "")
 
 
 SIZES = (

@@ -190,7 +190,8 @@ LR_SCALES = {"time_decay_w": 1.0, "time_decay": 2.0, "time_first": 3.0}
 
 
 def _world(name, L, C, params, aliases=(), released=True, note="World"):
-    return SizePreset(name, L, C, WORLD_VOCAB, aliases=aliases, params=params, released=released, note=note)
+    return SizePreset(name, L, C, WORLD_VOCAB, aliases=aliases, params=params, released=released, note=note,
+                      source="model cards (L, C, LoRA ranks)" if released else "")
 
 
 SIZES = (

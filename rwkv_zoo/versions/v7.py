@@ -208,23 +208,34 @@ def param_groups(model: nn.Module, weight_decay: float = 0.0) -> list[dict]:
 LR_SCALES = {"att.w0": 2.0}
 
 
-def _preset(name, V, L, C, loras, params, aliases=(), released=True, note="", head_size=None):
+def _preset(name, V, L, C, loras, params, aliases=(), released=True, note="", head_size=None, source=""):
     dw, da, dv, dg = loras
     opts = (("dim_w_lora", dw), ("dim_a_lora", da), ("dim_v_lora", dv), ("dim_g_lora", dg))
     if head_size is not None:
         opts += (("head_size", head_size),)
-    return SizePreset(name, L, C, V, aliases=aliases, options=opts, params=params, released=released, note=note)
+    return SizePreset(name, L, C, V, aliases=aliases, options=opts, params=params, released=released, note=note,
+                      source=source)
+
+
+_CARDS = "two independent third-party config tables that agree"
 
 
 SIZES = (
-    _preset("0.1B", WORLD_VOCAB, 12, 768, (64, 64, 32, 128), "191.1M", ("world-0.1B",), note="World / G1"),
-    _preset("0.4B", WORLD_VOCAB, 24, 1024, (64, 64, 32, 128), "450.8M", ("world-0.4B",), note="World / G1"),
-    _preset("1.5B", WORLD_VOCAB, 24, 2048, (96, 96, 64, 256), "1.528B", ("world-1.5B", "1B5"), note="World / G1"),
-    _preset("3B", WORLD_VOCAB, 32, 2560, (96, 96, 64, 320), "2.948B", ("2.9B", "world-2.9B"), note="World / G1 2.9B"),
-    _preset("7B", WORLD_VOCAB, 32, 4096, (128, 128, 96, 480), "7.200B", ("7.2B",), note="G0 / G1 7.2B"),
-    _preset("14B", WORLD_VOCAB, 61, 4096, (192, 192, 128, 384), "13.27B", ("13.3B", "13B"), note="G0 / G1 13.3B"),
-    _preset("pile-168M", PILE_VOCAB, 12, 768, (64, 64, 32, 128), "167.7M", ("168M",), note="Pile"),
-    _preset("pile-421M", PILE_VOCAB, 24, 1024, (64, 64, 64, 128), "421.2M", ("421M",), note="Pile"),
+    _preset("0.1B", WORLD_VOCAB, 12, 768, (64, 64, 32, 128), "191.1M", ("world-0.1B",), note="World / G1",
+            source="official demo rwkv_v7_demo.py"),
+    _preset("0.4B", WORLD_VOCAB, 24, 1024, (64, 64, 32, 128), "450.8M", ("world-0.4B",), note="World / G1",
+            source="RWKV-LM README; " + _CARDS),
+    _preset("1.5B", WORLD_VOCAB, 24, 2048, (96, 96, 64, 256), "1.528B", ("world-1.5B", "1B5"), note="World / G1",
+            source="RWKV-LM README weight table"),
+    _preset("3B", WORLD_VOCAB, 32, 2560, (96, 96, 64, 320), "2.948B", ("2.9B", "world-2.9B"), note="World / G1 2.9B",
+            source=_CARDS),
+    _preset("7B", WORLD_VOCAB, 32, 4096, (128, 128, 96, 480), "7.200B", ("7.2B",), note="G0 / G1 7.2B", source=_CARDS),
+    _preset("14B", WORLD_VOCAB, 61, 4096, (192, 192, 128, 384), "13.27B", ("13.3B", "13B"), note="G0 / G1 13.3B",
+            source=_CARDS),
+    _preset("pile-168M", PILE_VOCAB, 12, 768, (64, 64, 32, 128), "167.7M", ("168M",), note="Pile",
+            source="official demo history (Nov 2024)"),
+    _preset("pile-421M", PILE_VOCAB, 24, 1024, (64, 64, 64, 128), "421.2M", ("421M",), note="Pile",
+            source="official demo history (Nov 2024)"),
     _preset("pile-1.47B", PILE_VOCAB, 24, 2048, (96, 96, 64, 256), "1.465B", ("1.47B",),
             note="Pile; LoRA dims inferred from the parameter count [unverified]"),
     _preset("tiny", 256, 2, 64, (8, 8, 8, 16), "", released=False, note="for tests", head_size=16),

@@ -109,7 +109,9 @@ def _preset(name, V, L, C, loras, params, aliases=(), released=True, note="", he
     opts = (("dim_w_lora", dw), ("dim_a_lora", da), ("dim_v_lora", dv), ("dim_g_lora", dg), ("dim_s_lora", rank))
     if head_size is not None:
         opts += (("head_size", head_size),)
-    return SizePreset(name, L, C, V, aliases=aliases, options=opts, params=params, released=released, note=note)
+    source = "file size (2.01 GB fp16) and tensor count (462) of the released files" if released else ""
+    return SizePreset(name, L, C, V, aliases=aliases, options=opts, params=params, released=released, note=note,
+                      source=source)
 
 
 SIZES = (

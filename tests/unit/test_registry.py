@@ -87,3 +87,17 @@ def test_dtype_device_and_backend_arguments():
     logits, state = m(torch.tensor([[1, 2, 3]]))
     assert logits.dtype == torch.bfloat16 and state.layers[0].wkv.dtype == torch.float32
     assert "reference" in rwkv_zoo.explain(m, (1, 3)).backends
+
+
+def test_every_release_names_where_its_shape_comes_from():
+    """A released preset's dimensions come from an independent source (a model card, the official demo, a
+    conversion script), or it is marked unverified, which `rwkv-zoo models` shows."""
+    from rwkv_zoo.registry import get_version
+
+    unverified = []
+    for v in rwkv_zoo.list_versions():
+        for p in get_version(v).sizes:
+            if p.released and not p.verified:
+                assert "[unverified]" in p.note, (v, p.name)
+                unverified.append(f"{v}-{p.name}")
+    assert unverified == ["v7-pile-1.47B", "v8-pile-0.1B"]
