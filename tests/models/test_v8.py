@@ -1,6 +1,7 @@
 """v8 (RWKV-8 rc00): logits equal to an independent token loop written here from the formulas of RWKV-LM's
 ``rwkv_v8_rc00_demo.py`` (the only public definition; it needs CUDA, and the ``rwkv`` package has no
-RWKV-8), plus detection from the keys, save/load, training, parallel == decode and memory mapping.
+RWKV-8), plus detection from the keys, save/load, training and memory mapping (parallel == decode:
+tests/models/test_models.py and test_paths.py, which run every version).
 
 The oracle reads the official key dict of the file the test wrote, runs one token at a time in float64
 in the style of the package's RNN path (vectors, ``W @ x`` with the stored [out, in] matrices, the WKV
@@ -173,19 +174,6 @@ def test_official_init_starts_as_x070():
     toks = torch.randint(0, 256, (1, 20))
     with torch.no_grad():
         assert rel(model(toks)[0], plain(toks)[0]) <= 1e-6
-
-
-def test_parallel_equals_token_by_token():
-    model = random_model(seed=5, **{**DIMS, "n_embd": 64, "head_size": 16})
-    T = 40
-    toks = torch.randint(0, 300, (2, T))
-    with torch.no_grad():
-        full, _ = model(toks)
-        state, steps = None, []
-        for t in range(T):
-            out, state = model(toks[:, t : t + 1], state)
-            steps.append(out)
-    assert rel(torch.cat(steps, 1), full) <= 1e-5
 
 
 def test_meta_build_of_the_release():
