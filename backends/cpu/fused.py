@@ -75,6 +75,10 @@ def _kinds(model: nn.Module) -> tuple[list[tuple[str, str]], list[str]]:
 def check(model: nn.Module, call: StepCall) -> list[str]:
     """Sentences for what keeps the fused step from running ``model`` for ``call`` (empty: it can)."""
     why: list[str] = []
+    # Sharded (FSDP2 DTensor) or otherwise wrapped parameters cannot be read as one CPU buffer each.
+    for n, p in model.named_parameters():
+        if type(p.data) is not torch.Tensor or p.device.type != "cpu":
+            return [f"{n} is not a plain CPU tensor ({type(p.data).__name__} on {p.device.type})"]
     if call.dtype != torch.float32:
         why.append(f"takes fp32 models, not {str(call.dtype).removeprefix('torch.')} (prepare_inference converts)")
     lib, reason = kernels.load_decode()
