@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+from _deps import require
 
 import rwkv_zoo
 from rwkv_zoo import cli
@@ -165,13 +166,12 @@ def test_chat_help_lists_the_commands(monkeypatch, capsys):
 # ---------------------------------------------------------------------------------------------------
 # a person at a terminal
 
-pexpect = pytest.importorskip("pexpect")
-
 LONG = 1500  # tokens per reply: Ctrl-C lands long before the end; a whole reply still takes about a second
 CHAT = [sys.executable, "-m", "rwkv_zoo", "chat", "v7-tiny", "--temperature", "0", "--max-new-tokens", str(LONG)]
 
 
 def _spawn(argv, cwd):
+    pexpect = require("pexpect")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RWKV_ZOO_NO_AUTOLOAD": "1", "PYTHONUNBUFFERED": "1"}
     log = io.StringIO()
     child = pexpect.spawn(argv[0], argv[1:], cwd=str(cwd), env=env, encoding="utf-8", timeout=90,
@@ -210,7 +210,7 @@ def test_chat_in_a_terminal_survives_every_mistake(files, tiny):
     _turn(child, "and now?")
     _turn(child, "/save-state final.st")
     child.sendeof()
-    child.expect(pexpect.EOF)
+    child.expect(require("pexpect").EOF)
     child.close()
     transcript = log.getvalue()
     assert child.exitstatus == 0, transcript
@@ -229,20 +229,31 @@ def test_chat_in_a_terminal_survives_every_mistake(files, tiny):
             torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
 
 
-def test_two_ctrl_c_at_the_prompt_leave_and_generate_stream_escapes_controls(tmp_path):
+def test_two_ctrl_c_at_the_prompt_leave(tmp_path):
     child, log = _spawn(CHAT, tmp_path)
     child.expect_exact("User: ")
     child.sendintr()
     child.expect_exact("[press Ctrl-C again")
     child.expect_exact("User: ")
     child.sendintr()
-    child.expect(pexpect.EOF)
+    child.expect(require("pexpect").EOF)
     child.close()
     assert child.exitstatus == 0 and "Traceback" not in log.getvalue(), log.getvalue()
 
-    child, log = _spawn([sys.executable, "-m", "rwkv_zoo", "generate", "v7-tiny", "--prompt", "Hello", "--stream",
-                         "--max-new-tokens", "300", "--seed", "0"], tmp_path)
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0, log.getvalue()
-    assert "\\x" in log.getvalue() and not RAW_CONTROL.search(log.getvalue()), log.getvalue()
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_generate_escapes_control_characters_on_a_terminal_only(monkeypatch, capsys, stream):
+    argv = ["generate", "v7-tiny", "--prompt", "Hello", "--max-new-tokens", "300", "--seed", "0"]
+    argv += ["--stream"] if stream else []
+    rc, piped, _ = _run(monkeypatch, capsys, argv)
+    assert rc == 0 and RAW_CONTROL.search(piped)  # a pipe gets the text as generated
+    terminal = _Terminal()
+    monkeypatch.setattr("sys.stdout", terminal)
+    assert cli.main(argv) == 0
+    shown = terminal.getvalue()
+    assert "\\x" in shown and not RAW_CONTROL.search(shown)
