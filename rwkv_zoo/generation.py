@@ -76,6 +76,9 @@ class SamplingParams:
     ban: tuple[int, ...] = ()
     stop_tokens: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
+    # Ids from here on are never sampled: the tokenizer could not decode them (a byte tokenizer on a
+    # 1024-row test model, or the padding rows of a Pile model's head). None: every id may be sampled.
+    vocab_limit: int | None = None
 
     def validate(self, vocab_size: int) -> None:
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)) or self.temperature < 0:
@@ -272,14 +275,9 @@ def _check_tokenizer(model, tokenizer) -> None:
 
 
 def _default_tokenizer(model):
-    from rwkv_zoo.tokenizers import PILE_VOCAB_SIZE, WORLD_VOCAB_SIZE, get_tokenizer
+    from rwkv_zoo.tokenizers import default_tokenizer
 
-    V = _vocab_size(model)
-    if V == WORLD_VOCAB_SIZE:
-        return get_tokenizer("world")
-    hint = " (Pile models: tokenizer=rwkv_zoo.tokenizers.HFTokenizer('20B_tokenizer.json'))" if V in (
-        PILE_VOCAB_SIZE, 50304) else ""
-    raise ValueError(f"text needs a tokenizer: pass tokenizer=...; the model's vocabulary is {V}{hint}")
+    return default_tokenizer(_vocab_size(model))
 
 
 def _to_token_lists(model, prompt, tokenizer) -> tuple[list[list[int]], bool, Any]:
@@ -433,9 +431,12 @@ class _Seq:
 
 
 def _penalised(logits: Tensor, seq: _Seq, p: SamplingParams) -> Tensor:
-    if not (p.ban or seq.occurrence):
+    limit = p.vocab_limit is not None and p.vocab_limit < logits.numel()
+    if not (p.ban or seq.occurrence or limit):
         return logits
     logits = logits.clone()
+    if limit:
+        logits[p.vocab_limit :] = -math.inf
     if p.ban:
         logits[list(p.ban)] = -math.inf
     if seq.occurrence and (p.presence_penalty or p.frequency_penalty):
@@ -485,11 +486,12 @@ def generate(
     """Continue ``prompt`` with up to ``max_new_tokens`` tokens per sequence (see the module docstring).
 
     ``prompt``: text, a list of token ids, a [T] tensor, or a list of texts / id lists (a batch, any
-    mix of lengths; a [B, T] tensor is a batch too). Text needs ``tokenizer`` (World models default to
-    the World tokenizer). ``state``: continue from it (batch 1, broadcast to every prompt, or one row
-    per prompt); the prefix ``cache`` is used only when ``state`` is None. ``stream=True`` returns a
-    ``GenerationStream`` yielding text pieces at character boundaries (token ids without a tokenizer;
-    ``(index, piece)`` pairs for a batch); its ``.result`` is set when it ends.
+    mix of lengths; a [B, T] tensor is a batch too). Text without ``tokenizer`` uses
+    ``rwkv_zoo.tokenizers.default_tokenizer`` (World, Pile where shipped, bytes for test models); with
+    a tokenizer, only ids it can decode are sampled. ``state``: continue from it (batch 1, broadcast to
+    every prompt, or one row per prompt); the prefix ``cache`` is used only when ``state`` is None.
+    ``stream=True`` returns a ``GenerationStream`` yielding text pieces at character boundaries (token
+    ids without a tokenizer; ``(index, piece)`` pairs for a batch); its ``.result`` is set when it ends.
     """
     V = _vocab_size(model)
     _check_tokenizer(model, tokenizer)
@@ -508,6 +510,8 @@ def generate(
     prompts, batched, tokenizer = _to_token_lists(model, prompt, tokenizer)
     if stop_strings and tokenizer is None:
         raise ValueError("stop strings need a tokenizer (or give stop token ids)")
+    if tokenizer is not None and tokenizer.vocab_size < V:
+        params.vocab_limit = tokenizer.vocab_size
     for ids in prompts:
         _check_ids(ids, V)
     B = len(prompts)

@@ -63,6 +63,30 @@ class StateMismatchError(ValueError):
     """A state was given to a model it does not belong to."""
 
 
+class StateFileError(ValueError):
+    """A path given to ``RWKVState.save``/``load`` cannot be written, or does not hold a saved state."""
+
+
+_WRITTEN_BY = "a state file is written by RWKVState.save, `generate --save-state` or chat's /save-state"
+
+
+def _not_a_state(path: str, what: str) -> StateFileError:
+    return StateFileError(f"{path} is not an rwkv_zoo state file but {what}; {_WRITTEN_BY}")
+
+
+def _describe_unreadable(path: str) -> str:
+    """What a file that safetensors cannot open most likely is, for the error message."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[:4] == b"PK\x03\x04":
+        return "a PyTorch zip file (a .pth model checkpoint?)"
+    if head[:1] == b"\x80":
+        return "a pickle file (an old .pth model checkpoint?)"
+    if len(head) == 8 and int.from_bytes(head, "little") < os.path.getsize(path):
+        return "a truncated or damaged safetensors file"
+    return "not a safetensors file"
+
+
 class RWKVState:
     """Per-layer recurrent state of a model. Immutable by convention: methods return new states."""
 
@@ -205,37 +229,80 @@ class RWKVState:
         return out
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the state as safetensors with the model identity in the metadata (atomically)."""
+        """Write the state as safetensors with the model identity in the metadata (atomically).
+
+        Raises ``StateFileError`` naming ``path`` (never the temporary file) when it cannot be written.
+        """
         from safetensors.torch import save_file
 
         from rwkv_zoo.fileio import atomic_path
 
         path = os.fspath(path)
+        if os.path.isdir(path):
+            raise StateFileError(f"cannot save the state to {path}: it is a directory; "
+                                 f"give a file name such as {os.path.join(path, 'state.safetensors')}")
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise StateFileError(f"cannot save the state to {path}: the directory {os.path.dirname(path) or parent} "
+                                 "does not exist; create it first or choose another path")
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors().items()}
         meta = {"format": "rwkv_zoo.state", "identity": json.dumps(asdict(self.identity))}
-        with atomic_path(path, ".safetensors") as tmp:
-            save_file(tensors, tmp, metadata=meta)
+        try:
+            with atomic_path(path, ".safetensors") as tmp:
+                save_file(tensors, tmp, metadata=meta)
+        except OSError as exc:  # permissions, a full disk: the message of the temp file would confuse
+            raise StateFileError(f"cannot save the state to {path}: {exc.strerror or exc}") from exc
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model: RWKV, *, device=None) -> RWKVState:
-        """Read a state written by ``save`` and check that it belongs to ``model``."""
-        from safetensors import safe_open
+    def load(cls, path: str | os.PathLike, model: RWKV, *, device=None, batch_size: int | None = None) -> RWKVState:
+        """Read a state written by ``save`` and check that it belongs to ``model``.
 
-        with safe_open(os.fspath(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != "rwkv_zoo.state":
-                raise ValueError(f"{path} is not an rwkv_zoo state file (metadata format={meta.get('format')!r})")
+        ``batch_size``: also require that many sequences (``StateMismatchError`` otherwise). A path that
+        is missing, a directory, or a file that is not a saved state raises ``StateFileError``.
+        """
+        from safetensors import SafetensorError, safe_open
+
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise StateFileError(f"{path} does not exist: give the path of a saved state ({_WRITTEN_BY})")
+        if os.path.isdir(path):
+            raise _not_a_state(path, "a directory")
+        if not os.path.isfile(path):
+            raise _not_a_state(path, "a device or other special file")
+        if os.path.getsize(path) == 0:
+            raise _not_a_state(path, "empty")
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                keys = list(f.keys())
+                if meta.get("format") != "rwkv_zoo.state":
+                    if meta.get("format") == "rwkv_zoo" or "emb.weight" in keys or "head.weight" in keys:
+                        raise _not_a_state(path, "a model checkpoint (give it as the MODEL instead)")
+                    raise _not_a_state(path, "a safetensors file without rwkv_zoo state metadata")
+                tensors = {k: f.get_tensor(k) for k in keys}
+        except SafetensorError as exc:
+            raise _not_a_state(path, _describe_unreadable(path)) from exc
+        try:
             ident = ModelIdentity(**json.loads(meta["identity"]))
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-        layers = []
-        for i in range(ident.n_layer):
-            if f"blocks.{i}.wkv" in tensors:
-                wkv: Any = tensors[f"blocks.{i}.wkv"]
-            else:
-                wkv = tuple(tensors[f"blocks.{i}.wkv.{n}"] for n in ("a", "b", "p"))
-            layers.append(LayerState(tensors[f"blocks.{i}.att_shift"], tensors[f"blocks.{i}.ffn_shift"], wkv))
+            layers = []
+            for i in range(ident.n_layer):
+                if f"blocks.{i}.wkv" in tensors:
+                    wkv: Any = tensors[f"blocks.{i}.wkv"]
+                else:
+                    wkv = tuple(tensors[f"blocks.{i}.wkv.{n}"] for n in ("a", "b", "p"))
+                layers.append(LayerState(tensors[f"blocks.{i}.att_shift"], tensors[f"blocks.{i}.ffn_shift"], wkv))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _not_a_state(path, f"a damaged state file ({exc!r} is missing or wrong)") from exc
         state = cls(layers, ident)
-        state.check(model)
+        try:
+            state.check(model)
+        except StateMismatchError as exc:
+            raise StateMismatchError(f"{path}: {exc}; load it with that model, or save a state of this one") from None
+        if batch_size is not None and state.batch_size != batch_size:
+            raise StateMismatchError(
+                f"{path} holds {state.batch_size} sequences (batch size {state.batch_size}) but {batch_size} is "
+                f"needed here: save a single one with state.select(i).save(PATH)"
+            )
         return state.to(device or model.device)
 
     def __repr__(self) -> str:

@@ -12,6 +12,8 @@
   ``20B_tokenizer.json`` of Pile models (50,277 ids); no PyPI package we know ships that file, so it
   takes a path (needs the ``tokenizers`` package).
 
+``default_tokenizer(vocab_size)`` is what ``generate``, ``score`` and the CLI use when none is named.
+
 Every tokenizer has ``vocab_size``, ``encode(text) -> list[int]``, ``decode_bytes(ids) -> bytes`` and
 ``decode(ids) -> str`` (invalid UTF-8 becomes U+FFFD).
 """
@@ -27,6 +29,8 @@ from pathlib import Path
 WORLD_VOCAB_FILE = "rwkv_vocab_v20230424.txt"
 WORLD_VOCAB_SIZE = 65536  # model rows; the file has ids 1..65529, 0 is end-of-document
 PILE_VOCAB_SIZE = 50277
+PILE_MODEL_VOCAB_SIZES = (50277, 50304)  # the released Pile models pad their head to a multiple of 64
+PILE_TOKENIZER_FILE = "20B_tokenizer.json"
 
 
 class TokenizerError(ValueError):
@@ -246,3 +250,43 @@ def get_tokenizer(name_or_path: str | os.PathLike | None = None):
 @lru_cache(maxsize=1)
 def _world() -> WorldTokenizer:
     return WorldTokenizer()
+
+
+def find_pile_tokenizer() -> Path | None:
+    """``20B_tokenizer.json`` where an installed package ships it (some ``rwkv`` releases do), else None."""
+    for module in ("rwkv",):
+        try:
+            mod = __import__(module)
+        except ImportError:
+            continue
+        path = Path(mod.__file__).parent / PILE_TOKENIZER_FILE
+        if path.is_file():
+            return path
+    return None
+
+
+def default_tokenizer(vocab_size: int):
+    """The tokenizer a model with ``vocab_size`` rows takes when none is named.
+
+    World for 65,536; the Pile's ``20B_tokenizer.json`` for 50,277 / 50,304 when a package ships it;
+    bytes for 256 up to the Pile's size, because every released RWKV vocabulary is at least that large,
+    so a smaller one is a byte-level or test model (the ``tiny``/``small`` presets). Anything else raises
+    ``TokenizerError`` saying what to pass.
+    """
+    V = int(vocab_size)
+    if V == WORLD_VOCAB_SIZE:
+        return _world()
+    if V in PILE_MODEL_VOCAB_SIZES:
+        path = find_pile_tokenizer()
+        if path is None:
+            raise TokenizerError(
+                f"the model's vocabulary of {V} is the Pile's, whose {PILE_TOKENIZER_FILE} no installed package "
+                f"ships: pass its path (Python: tokenizer=HFTokenizer(PATH); command line: --tokenizer PATH)"
+            )
+        return HFTokenizer(path)
+    if 256 <= V < PILE_VOCAB_SIZE:
+        return ByteTokenizer()
+    raise TokenizerError(
+        f"no default tokenizer fits a vocabulary of {V}: pass token ids, or a tokenizer whose ids fit "
+        f"(Python: tokenizer=...; command line: --tokenizer world, bytes, a .json or a World vocab .txt)"
+    )

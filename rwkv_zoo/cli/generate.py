@@ -2,20 +2,54 @@
 command line.
 
 MODEL is a checkpoint file (``rwkv_zoo.load``) or a model name such as ``v7-tiny`` (built with random
-weights, for trying the commands). The tokenizer defaults to World for 65,536-id models and to bytes
-for small test models; Pile models need ``--tokenizer 20B_tokenizer.json``. ``--weights fp32|bf16|int8``
+weights, for trying the commands). The tokenizer defaults to ``rwkv_zoo.tokenizers.default_tokenizer``'s
+choice, as in Python: World for 65,536-id models, bytes for small test models (only byte ids are
+sampled); Pile models need ``--tokenizer 20B_tokenizer.json`` unless a package ships it. Text written
+to a terminal shows control characters as escapes (``\\x1b``); newlines and tabs stay. ``--weights fp32|bf16|int8``
 prepares the model for inference with its projections in that format (``rwkv_zoo.load(path, weights=)``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 import time
 
 from rwkv_zoo.cli._helpers import DTYPES, UsageError, add_weights_arg, load_model, pick_tokenizer
 
-CHAT_HELP = "commands: /reset (forget the conversation), /save-state PATH, /load-state PATH, /quit"
+CHAT_COMMANDS = (
+    ("/help", "show these commands"),
+    ("/reset", "forget the conversation (back to --system, if given)"),
+    ("/save-state PATH", "write the conversation's state to a file"),
+    ("/load-state PATH", "continue from a saved state (of this model, batch 1)"),
+    ("/quit", "leave (also /exit, Ctrl-D, or Ctrl-C twice at the prompt)"),
+)
+CHAT_HELP = "commands: /help, /reset, /save-state PATH, /load-state PATH, /quit; Ctrl-C stops a reply"
+
+# C0 and C1 controls and DEL as visible escapes (\x1b, \r): a random or byte-level model emits them,
+# and written raw to a terminal they move the cursor, clear the screen or change its settings.
+_CONTROL_ESCAPES = {
+    c: chr(c).encode("unicode_escape").decode("ascii") for c in (*range(0x20), *range(0x7F, 0xA0)) if c not in (9, 10)
+}
+
+
+def _for_terminal(text: str) -> str:
+    return text.translate(_CONTROL_ESCAPES)
+
+
+def _tokenizer(model, name: str | None):
+    """The tokenizer named on the command line, else the one ``generate`` takes in Python for this model."""
+    from rwkv_zoo.tokenizers import TokenizerError, default_tokenizer
+
+    if name:
+        return pick_tokenizer(model, name)
+    try:
+        return default_tokenizer(model.config.vocab_size)
+    except TokenizerError as exc:
+        raise UsageError(str(exc)) from exc
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict:
@@ -29,8 +63,27 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict:
     )
 
 
-def _generate(model, prompt, tokenizer, state, kwargs, stream: bool, out):
-    """Run generate, printing as it goes when ``stream``; returns the result. Bad values -> UsageError."""
+@contextlib.contextmanager
+def _ctrl_c_sets(flag: list[bool]):
+    """While inside, Ctrl-C sets ``flag[0]`` instead of raising, so a reply stops between two tokens and
+    never inside a kernel or a half-written line (signals can only be handled on the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        flag[0] = True
+
+    old = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def _generate(model, prompt, tokenizer, state, kwargs, stream: bool, out, stopped: list[bool] | None = None):
+    """Run generate, printing as it goes when ``stream``; returns the result, or None when ``stopped[0]``
+    was set while streaming. Bad values -> UsageError."""
     from rwkv_zoo.generation import generate
 
     try:
@@ -39,105 +92,177 @@ def _generate(model, prompt, tokenizer, state, kwargs, stream: bool, out):
         raise UsageError(str(exc)) from exc
     if not stream:
         return res
+    show = _for_terminal if out.isatty() else str
     for piece in res:
-        out.write(piece)
+        if stopped is not None and stopped[0]:
+            return None
+        out.write(show(piece))
         out.flush()
     return res.result
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def _load_state(path: str, model, batch_size: int | None = None):
     from rwkv_zoo.state import RWKVState
 
+    try:
+        return RWKVState.load(path, model, batch_size=batch_size)
+    except ValueError as exc:  # StateFileError, StateMismatchError
+        raise UsageError(str(exc)) from exc
+
+
+def _save_state(state, path: str) -> None:
+    try:
+        state.save(path)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
     model = load_model(args.model, dtype=args.dtype, device=args.device, seed=args.seed or 0, weights=args.weights)
-    tokenizer = pick_tokenizer(model, args.tokenizer)
+    tokenizer = _tokenizer(model, args.tokenizer)
     prompt = args.prompt.encode().decode("unicode_escape") if args.escapes else args.prompt
-    state = RWKVState.load(args.load_state, model) if args.load_state else None
+    state = _load_state(args.load_state, model, 1) if args.load_state else None
     t0 = time.perf_counter()
     res = _generate(model, prompt, tokenizer, state, _sampling_kwargs(args), args.stream, sys.stdout)
     dt = time.perf_counter() - t0
     if not args.stream:
-        sys.stdout.write(res.text)
+        sys.stdout.write(_for_terminal(res.text) if sys.stdout.isatty() else res.text)
     sys.stdout.write("\n")
     if args.save_state:
-        res.state.save(args.save_state)
+        _save_state(res.state, args.save_state)
     if args.verbose:
         print(f"{len(res.prompt_tokens)} prompt + {len(res.tokens)} new tokens in {dt:.2f} s "
               f"({res.finish_reason})", file=sys.stderr)
     return 0
 
 
-def cmd_chat(args: argparse.Namespace) -> int:
-    """One line of stdin per user turn: ``User: LINE\\n\\nAssistant:`` and a reply up to a blank line."""
-    from rwkv_zoo.state import RWKVState, StateMismatchError
+class _Chat:
+    """The conversation of ``rwkv-zoo chat``: its state, and what each line of input does to it.
 
-    model = load_model(args.model, dtype=args.dtype, device=args.device, seed=args.seed or 0, weights=args.weights)
-    tokenizer = pick_tokenizer(model, args.tokenizer)
-    kwargs = _sampling_kwargs(args)
-    kwargs["stop"] = [*kwargs["stop"], "\n\n"]
-    out, interactive = sys.stdout, sys.stdin.isatty()
+    A failed command or turn prints one bracketed line and leaves the state as it was, so no mistake
+    costs the conversation. A reply stopped with Ctrl-C is forgotten (the state is the one from before
+    that turn), because a state holding half a reply would make the next turn continue it.
+    """
 
-    def prime(_=None):  # the state after the system prompt only (None: the model's own start)
-        if not args.system:
+    def __init__(self, args: argparse.Namespace, out):
+        self.args, self.out = args, out
+        self.model = load_model(args.model, dtype=args.dtype, device=args.device, seed=args.seed or 0,
+                                weights=args.weights)
+        self.tokenizer = _tokenizer(self.model, args.tokenizer)
+        self.kwargs = _sampling_kwargs(args)
+        self.kwargs["stop"] = [*self.kwargs["stop"], "\n\n"]
+        # Generation options are checked now rather than at the first turn, which would end the chat.
+        _generate(self.model, "\n", self.tokenizer, None, {**self.kwargs, "max_new_tokens": 1}, False, out)
+        self.state = self.prime()
+        self.turn = 0
+
+    def prime(self):
+        """The state after the system prompt only (None: the model's own start)."""
+        if not self.args.system:
             return None
         from rwkv_zoo.generation import _prefill
 
-        return _prefill(model, tokenizer.encode(args.system), None, args.chunk_len, None)[0]
+        return _prefill(self.model, self.tokenizer.encode(self.args.system), None, self.args.chunk_len, None)[0]
 
-    state, turn = prime(None), 0
+    def say(self, text: str) -> None:
+        print(text, file=self.out)
+        self.out.flush()
+
+    def command(self, line: str) -> bool:
+        """Run a /command; False when it asks to leave."""
+        from rwkv_zoo.state import RWKVState
+
+        cmd, _, arg = line.partition(" ")
+        arg = arg.strip()
+        if cmd in ("/quit", "/exit"):
+            return False
+        if cmd == "/help":
+            width = max(len(name) for name, _ in CHAT_COMMANDS)
+            for name, what in CHAT_COMMANDS:
+                self.say(f"  {name:<{width}}  {what}")
+            self.say("  anything else is your next turn; Ctrl-C stops a reply")
+        elif cmd == "/reset":
+            self.state, self.turn = self.prime(), 0
+            self.say("[conversation reset]")
+        elif cmd in ("/save-state", "/load-state") and not arg:
+            self.say(f"[usage: {cmd} PATH]")
+        elif cmd == "/save-state":
+            state = self.state if self.state is not None else RWKVState.zeros(self.model, 1)
+            _save_state(state, arg)
+            self.say(f"[state saved to {arg}]")
+        elif cmd == "/load-state":
+            state = _load_state(arg, self.model)
+            if state.batch_size != 1:
+                raise UsageError(f"{arg} holds {state.batch_size} sequences but chat needs a state of batch size 1: "
+                                 "save one of them with state.select(i).save(PATH)")
+            self.state = state
+            self.say(f"[state loaded from {arg}]")
+        else:
+            self.say(f"[unknown command {cmd}; {CHAT_HELP}]")
+        return True
+
+    def reply(self, line: str) -> None:
+        self.out.write("Assistant:")
+        self.out.flush()
+        kwargs = dict(self.kwargs)
+        if self.args.seed is not None:
+            kwargs["seed"] = self.args.seed + 1000 * (self.turn + 1)  # reproducible, not the same draws each turn
+        stopped = [False]
+        with _ctrl_c_sets(stopped):
+            res = _generate(self.model, f"User: {line}\n\nAssistant:", self.tokenizer, self.state, kwargs, True,
+                            self.out, stopped)
+        if res is None:
+            self.say("\n[reply stopped; the conversation goes on from before this turn]")
+            return
+        self.state, self.turn = res.state, self.turn + 1
+        self.out.write("\n")
+        self.out.flush()
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """One line of stdin per user turn: ``User: LINE\\n\\nAssistant:`` and a reply up to a blank line."""
+    out, interactive = sys.stdout, sys.stdin.isatty()
+    chat = _Chat(args, out)
     print(f"chatting with {args.model}; {CHAT_HELP}", file=sys.stderr)
+    interrupted = False  # the last thing at the prompt was Ctrl-C
     while True:
         if interactive:
             out.write("User: ")
             out.flush()
-        line = sys.stdin.readline()
+        try:
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:
+            if interrupted:
+                out.write("\n")
+                return 0
+            interrupted = True
+            chat.say("\n[press Ctrl-C again, Ctrl-D or type /quit to leave]")
+            continue
+        interrupted = False
         if not line:
-            break
+            if interactive:  # Ctrl-D: end the prompt's line, so the shell's prompt starts on its own
+                out.write("\n")
+            return 0
         line = line.rstrip("\n")
         if not line.strip():
             continue
-        if line.startswith("/"):
-            cmd, _, arg = line.partition(" ")
-            arg = arg.strip()
-            if cmd in ("/quit", "/exit"):
-                break
-            if cmd == "/reset":
-                state = prime(None)
-                print("[conversation reset]", file=out)
-            elif cmd == "/save-state":
-                if not arg:
-                    print("usage: /save-state PATH", file=out)
-                    continue
-                if state is None:
-                    state = RWKVState.zeros(model, 1)
-                state.save(arg)
-                print(f"[state saved to {arg}]", file=out)
-            elif cmd == "/load-state":
-                try:
-                    state = RWKVState.load(arg, model)
-                except (OSError, ValueError, StateMismatchError) as exc:
-                    print(f"[cannot load state: {exc}]", file=out)
-                    continue
-                print(f"[state loaded from {arg}]", file=out)
+        try:
+            if line.startswith("/"):
+                if not chat.command(line):
+                    return 0
             else:
-                print(f"[unknown command {cmd}; {CHAT_HELP}]", file=out)
-            continue
-        out.write("Assistant:")
-        out.flush()
-        turn += 1
-        if args.seed is not None:
-            kwargs["seed"] = args.seed + 1000 * turn  # reproducible, but not the same draws every turn
-        res = _generate(model, f"User: {line}\n\nAssistant:", tokenizer, state, kwargs, True, out)
-        state = res.state
-        out.write("\n")
-        out.flush()
-    return 0
+                chat.reply(line)
+        except (UsageError, ValueError, OSError) as exc:
+            chat.say(f"[{exc}]")
+        except KeyboardInterrupt:  # during a command (a turn catches its own)
+            chat.say("\n[stopped]")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from rwkv_zoo.generation import score
 
     model = load_model(args.model, dtype=args.dtype, device=args.device, weights=args.weights)
-    tokenizer = pick_tokenizer(model, args.tokenizer)
+    tokenizer = _tokenizer(model, args.tokenizer)
     with open(args.text, encoding="utf-8") as f:
         text = f.read()
     t0 = time.perf_counter()

@@ -272,8 +272,9 @@ def test_bad_prompts_states_and_tokenizers(tiny, other_tiny, world):
         generate(tiny, [], max_new_tokens=2)
     with pytest.raises(ValueError, match="empty"):
         generate(tiny, [[1], []], max_new_tokens=2)
-    with pytest.raises(ValueError, match="text needs a tokenizer"):
-        generate(tiny, "hello", max_new_tokens=2)
+    narrow = rwkv_zoo.build("v7", n_layer=1, n_embd=32, head_size=16, vocab_size=200)
+    with pytest.raises(ValueError, match="no default tokenizer fits a vocabulary of 200: pass token ids"):
+        generate(narrow, "hello", max_new_tokens=2)
     with pytest.raises(ValueError, match="65536 ids but the model's vocabulary has only 256"):
         generate(tiny, "hello", tokenizer=world, max_new_tokens=2)
     other_state = generate(other_tiny, [1], max_new_tokens=1).state
