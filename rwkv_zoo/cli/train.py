@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,13 @@ _FLAGS = {
     "eval_every": int, "save_every": int, "out_dir": str, "seed": int, "threads": int, "distributed": str,
     "device": str, "backend": str,
 }
-_SWITCHES = ("resume", "bf16", "grad_checkpointing", "truncated_bptt", "no_l2wrap")
+_SWITCHES = ("resume", "overwrite", "bf16", "grad_checkpointing", "truncated_bptt", "no_l2wrap")
+_HELP = {
+    "resume": "continue the run in --out-dir from its newest checkpoint (settings must match, see --override)",
+    "overwrite": "delete the run already in --out-dir and start over",
+    "save_every": "checkpoint every N steps (default: a tenth of the run, at most 1000; 0: only at the end)",
+    "ctx_len": "sequence length for --text/--binidx data (default 512); a --task sets its own",
+}
 
 
 class ConfigError(ValueError):
@@ -33,12 +40,15 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="TOML file with a [train] table (or TrainConfig fields at top level)")
     for name, typ in _FLAGS.items():
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, default=None,
-                       help=f"TrainConfig.{name}")
+                       help=_HELP.get(name, f"TrainConfig.{name}"))
     p.add_argument("--task", help="synthetic task: mqar, copying, selective_copying (data = {task = ...})")
     p.add_argument("--text", help="train on a text file, byte level (data = {text = PATH})")
     p.add_argument("--binidx", help="train on an RWKV-LM .bin/.idx dataset (data = {binidx = PREFIX})")
     for s in _SWITCHES:
-        p.add_argument(f"--{s.replace('_', '-')}", dest=s, action="store_true", default=None)
+        p.add_argument(f"--{s.replace('_', '-')}", dest=s, action="store_true", default=None, help=_HELP.get(s))
+    p.add_argument("--override", metavar="FIELD[,FIELD]",
+                   help="with --resume: let these settings differ from the run's (steps: the learning rate "
+                        "follows the new total's schedule from the resume step, without a second warmup)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any TrainConfig field, value in TOML syntax (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -48,7 +58,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values: dict[str, Any] = {}
     if args.config:
-        raw = tomllib.loads(Path(args.config).read_text())
+        try:
+            raw = tomllib.loads(Path(args.config).read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {args.config} is not valid TOML ({exc}); fix it") from exc
         values.update(raw.get("train", raw))
     for name in _FLAGS:
         if getattr(args, name) is not None:
@@ -73,6 +86,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         except tomllib.TOMLDecodeError:
             value = text  # a bare word: a string
         values[key.strip()] = value
+    if getattr(args, "override", None):
+        values["override"] = args.override
     if args.quiet:
         values["progress"] = False
     try:
@@ -85,12 +100,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from rwkv_zoo.train import distributed
-    from rwkv_zoo.train.trainer import Trainer
+    from rwkv_zoo.train.trainer import Trainer, TrainingInterrupted, lr_at
 
     cfg = config_from_args(args)
     try:
         trainer = Trainer(cfg)
-    except ValueError as exc:  # an unknown model, size or option; data the model cannot hold
+    except ValueError as exc:  # an unknown model, size or option; data the model cannot hold; another run
         raise ConfigError(str(exc)) from exc
     if trainer.rank == 0 and not args.json:
         m = trainer.module
@@ -98,7 +113,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"training {trainer.model_name} ({m.num_parameters():,} parameters) on {data}: {cfg.steps} steps x "
               f"{cfg.batch_size} x {trainer.seq_len} tokens, {trainer.world} process(es)"
               + (f", resumed at step {trainer.step}" if trainer.step else ""), flush=True)
-    result = trainer.fit()
+        for name, (old, new) in trainer.overridden.items():
+            note = f"note: {name} {old!r} -> {new!r} (--override)"
+            if name == "steps" and trainer.step < cfg.steps:
+                note += (f"; the learning rate follows the {new}-step schedule from step {trainer.step} "
+                         f"({lr_at(cfg, trainer.step):.3g})")
+            print(note, flush=True)
+    try:
+        result = trainer.fit()
+    except TrainingInterrupted as exc:
+        if trainer.rank == 0:
+            print(f"rwkv-zoo train: {exc}", file=sys.stderr, flush=True)
+        distributed.shutdown()
+        return 128 + exc.signum
     if trainer.rank == 0:
         if args.json:
             print(json.dumps(result.to_dict()))
@@ -167,8 +194,6 @@ def _usage_errors(fn):
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m rwkv_zoo.train`` (what torchrun launches): the same arguments as ``rwkv-zoo train``."""
-    import sys
-
     parser = argparse.ArgumentParser(prog="python -m rwkv_zoo.train", description="Train an RWKV model.")
     add_train_arguments(parser)
     args = parser.parse_args(argv)

@@ -9,6 +9,13 @@ A step ``s`` (0-based) uses batch ``s`` of the data (a pure function of the seed
 ``rwkv_zoo.data``) and the learning rate ``lr_at(s)``; the checkpoint after step ``s`` holds the model,
 the optimizer, ``s + 1``, the RNG states and the history, so a resumed run continues the same loss
 curve as an uninterrupted one.
+
+A run folder (``out_dir``) belongs to one run. Starting again in a folder that holds one is refused
+unless ``resume`` (continue it) or ``overwrite`` (delete it first) says which; resuming with another
+model is refused, and so is resuming with other budget, data or optimizer settings (``RESUME_FIELDS``)
+unless ``override`` names each changed field. Checkpoints are written every ``save_every`` steps (by
+default a tenth of the run, at most 1000 steps apart), and SIGINT/SIGTERM stop the run at the next step
+boundary with a checkpoint (a second signal stops at once).
 """
 
 from __future__ import annotations
@@ -18,8 +25,11 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -36,6 +46,29 @@ from rwkv_zoo.train.l2wrap import l2wrap, l2wrap_scale
 
 SCHEDULES = ("cosine", "exponential", "constant")
 CHECKPOINT_FORMAT = "rwkv_zoo.train/1"
+DEFAULT_CTX_LEN = 512
+# What a resumed run must share with the run that wrote the checkpoint for the two to be one run: the
+# budget, the data and the optimisation. The rest (evaluation, logging, output, threads, device,
+# distributed mode, backend, gradient checkpointing, chunk_len with the full gradient) changes how the run
+# is carried out, not what it computes, and may change freely between resumes.
+RESUME_FIELDS = ("data", "steps", "batch_size", "ctx_len", "seed", "lr", "lr_final", "warmup_steps", "schedule",
+                 "weight_decay", "betas", "eps", "grad_clip", "l2wrap", "bf16", "truncated_bptt")
+
+
+class ResumeError(ValueError):
+    """An ``out_dir`` that does not fit the run asked for: a run there already, another model or settings."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """``fit()`` stopped early on SIGINT/SIGTERM, after saving a checkpoint when ``out_dir`` is set.
+
+    A KeyboardInterrupt, so code that already stops cleanly on Ctrl-C stops cleanly on this too."""
+
+    def __init__(self, signum: int, step: int, checkpoint: str | None):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        name = signal.Signals(signum).name
+        where = f"checkpoint {checkpoint}; resume to continue" if checkpoint else "nothing saved (no out_dir)"
+        super().__init__(f"stopped by {name} after step {step}: {where}")
 
 
 @dataclass
@@ -52,7 +85,7 @@ class TrainConfig:
     # budget
     steps: int = 200
     batch_size: int = 32  # global: split over ranks
-    ctx_len: int = 512  # language-model data; synthetic tasks set their own length
+    ctx_len: int | None = None  # language-model data (default 512); refused with a task, which sets its own
     chunk_len: int | None = None  # infctx: train in chunks of this many tokens, state carried
     truncated_bptt: bool = False  # infctx: detach the state between chunks
     # optimisation (RWKV-LM defaults: Adam(W) betas (0.9, 0.99), eps 1e-8, clip 1.0, 0.01 + 0.99 ramp)
@@ -74,9 +107,11 @@ class TrainConfig:
     log_every: int = 10
     progress: bool = True
     out_dir: str | None = None
-    save_every: int = 0  # 0: a checkpoint at the end only (when out_dir is set)
+    save_every: int | None = None  # None: a tenth of the run (at most 1000 steps); 0: at the end only
     keep_checkpoints: int = 2
-    resume: bool = False  # continue from out_dir/checkpoints/latest when it exists
+    resume: bool = False  # continue from the newest checkpoint in out_dir when there is one
+    overwrite: bool = False  # delete the run already in out_dir and start over
+    override: list[str] = field(default_factory=list)  # RESUME_FIELDS that may differ from the checkpoint's
     # environment
     seed: int = 0
     threads: int | None = None
@@ -89,9 +124,6 @@ class TrainConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown train option(s) {', '.join(unknown)}; options: {', '.join(sorted(names))}")
-        d = dict(d)
-        if "betas" in d:
-            d["betas"] = tuple(d["betas"])
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
@@ -99,7 +131,39 @@ class TrainConfig:
         d["betas"] = list(self.betas)
         return d
 
+    @property
+    def uses_task(self) -> bool:
+        return isinstance(self.data, dict) and "task" in self.data
+
+    def checkpoint_interval(self) -> int:
+        """Steps between checkpoints: ``save_every``, or by default a tenth of the run (at most 1000
+        steps), so that a run killed late loses at most a tenth of its work."""
+        if self.save_every is not None:
+            return self.save_every
+        return max(1, min(1000, math.ceil(self.steps / 10)))
+
     def validate(self) -> None:
+        """Check (and coerce: an integer where a float goes) every field; raises ValueError naming it."""
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            setattr(self, f.name, _checked(f.name, getattr(self, f.name), hints[f.name]))
+        if self.ctx_len is not None and self.uses_task:
+            raise ValueError(f"ctx_len={self.ctx_len} does not apply to task {self.data['task']!r}, which sets its "
+                             f"own sequence length; drop ctx_len (--ctx-len) or set the task's options in data")
+        if self.ctx_len is not None and self.ctx_len < 1:
+            raise ValueError(f"ctx_len must be >= 1, got {self.ctx_len}")
+        if self.save_every is not None and self.save_every < 0:
+            raise ValueError(f"save_every must be >= 0 (0: only at the end), got {self.save_every}")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other: resume continues the run in out_dir, "
+                             "overwrite deletes it")
+        unknown = [n for n in self.override if n not in RESUME_FIELDS]
+        if unknown:
+            raise ValueError(f"override names {', '.join(unknown)}, which cannot be overridden; it takes "
+                             f"{', '.join(RESUME_FIELDS)}")
+        if self.override and not self.resume:
+            raise ValueError(f"override={','.join(self.override)} only applies when resuming; add resume "
+                             f"(--resume)")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule={self.schedule!r}: use one of {', '.join(SCHEDULES)}")
         if self.steps < 0 or self.batch_size < 1:
@@ -242,7 +306,7 @@ class Trainer:
         self.rank, self.world = distributed.init(cfg.device)
         self.data = make_data(cfg.data)
         self.is_task = isinstance(self.data, Task)
-        self.seq_len = self.data.seq_len if self.is_task else cfg.ctx_len
+        self.seq_len = self.data.seq_len if self.is_task else (cfg.ctx_len or DEFAULT_CTX_LEN)
         if cfg.batch_size % self.world:
             raise ValueError(f"batch_size={cfg.batch_size} does not divide over {self.world} processes")
 
@@ -278,10 +342,43 @@ class Trainer:
         self.elapsed = 0.0  # training seconds, carried over a resume
         self.checkpoint_dir = Path(cfg.out_dir) / "checkpoints" if cfg.out_dir else None
         self.last_checkpoint: str | None = None
+        self.overridden: dict[str, tuple[Any, Any]] = {}  # field: (checkpoint's value, this run's)
+        if cfg.out_dir:
+            self._prepare_out_dir(Path(cfg.out_dir))
         if cfg.resume:
             latest = self.latest_checkpoint()
             if latest is not None:
                 self.load_checkpoint(latest)
+
+    def _prepare_out_dir(self, out: Path) -> None:
+        """Refuse a folder that holds another run (unless resume/overwrite), delete it for overwrite,
+        remove what a killed save left behind and point ``latest`` at the newest checkpoint."""
+        cfg = self.config
+        entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+        if out.exists() and not out.is_dir():
+            raise ResumeError(f"out_dir {out} is a file; give a folder")
+        is_run = "checkpoints" in entries or "result.json" in entries
+        if entries and not cfg.resume:
+            if not is_run:
+                raise ResumeError(f"out_dir {out} is not empty and holds no training run; give a new or empty "
+                                  f"folder")
+            if not cfg.overwrite:
+                raise ResumeError(f"out_dir {out} already holds a training run; add --resume to continue it or "
+                                  f"--overwrite to delete it and start over")
+        if self.rank == 0:
+            if cfg.overwrite and entries:
+                shutil.rmtree(out)
+            ckpts = out / "checkpoints"
+            if ckpts.is_dir():
+                # Only a save that was killed leaves these: the folder is renamed into place whole.
+                for stale in ckpts.glob(".tmp-*"):
+                    shutil.rmtree(stale, ignore_errors=True)
+                for stale in ckpts.glob(".latest-*"):
+                    stale.unlink(missing_ok=True)
+                newest = self.latest_checkpoint()
+                if newest is not None:
+                    self._point_latest(newest.name)
+        distributed.barrier()
 
     # -- set-up --------------------------------------------------------------------------------------
     def _build_model(self) -> nn.Module:
@@ -408,13 +505,18 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def latest_checkpoint(self) -> Path | None:
-        if self.checkpoint_dir is None:
+        """The newest complete ``step-*`` folder. Found by listing rather than read from the ``latest``
+        pointer: a kill between the folder's rename and the pointer's leaves the pointer one behind."""
+        if self.checkpoint_dir is None or not self.checkpoint_dir.is_dir():
             return None
-        pointer = self.checkpoint_dir / "latest"
-        if not pointer.exists():
-            return None
-        path = self.checkpoint_dir / pointer.read_text().strip()
-        return path if path.is_dir() else None
+        done = [p for p in self.checkpoint_dir.glob("step-*")
+                if (p / "trainer.pt").is_file() and (p / "model.safetensors").is_file()]
+        return max(done, key=lambda p: p.name) if done else None
+
+    def _point_latest(self, name: str) -> None:
+        pointer_tmp = self.checkpoint_dir / f".latest-{os.getpid()}"
+        pointer_tmp.write_text(name + "\n")
+        os.replace(pointer_tmp, self.checkpoint_dir / "latest")
 
     def save_checkpoint(self) -> Path:
         """Write ``checkpoints/step-XXXXXXXX/`` (model.safetensors, trainer.pt) atomically: into a
@@ -458,9 +560,7 @@ class Trainer:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            pointer_tmp = self.checkpoint_dir / f".latest-{os.getpid()}"
-            pointer_tmp.write_text(name + "\n")
-            os.replace(pointer_tmp, self.checkpoint_dir / "latest")
+            self._point_latest(name)
             self._prune()
         distributed.barrier()
         self.last_checkpoint = str(final)
@@ -485,9 +585,15 @@ class Trainer:
         state = torch.load(path / "trainer.pt", weights_only=True)
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path} is not an rwkv_zoo training checkpoint (format {state.get('format')!r})")
+        self._check_same_model(path)
+        self._check_same_run(path, state)
         model_sd = load_file(str(path / "model.safetensors"))
         opts = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(self.model, model_sd, options=opts)
+        try:
+            set_model_state_dict(self.model, model_sd, options=opts)
+        except RuntimeError as exc:  # shapes or keys: a checkpoint without the config metadata to compare
+            raise ResumeError(f"the checkpoint {path} holds another model's weights ({str(exc).splitlines()[-1]}); "
+                              f"resume with its model or start a new out_dir") from exc
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=opts)
         self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
         self.history, self.evals = list(state["history"]), list(state["evals"])
@@ -496,6 +602,60 @@ class Trainer:
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         self.last_checkpoint = str(path)
+
+    def _one_step(self, cfg: TrainConfig, bar: Progress, window: list[tuple[float, int]], target: int,
+                  every: int) -> None:
+        t0 = time.perf_counter()
+        rec = self.train_step()
+        dt = time.perf_counter() - t0
+        self.elapsed += dt
+        window[:] = ([*window, (dt, cfg.batch_size * self.seq_len)])[-20:]
+        tok_s = sum(n for _, n in window) / max(1e-9, sum(t for t, _ in window))
+        bar.update(self.step, f"loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | {tok_s:,.0f} tok/s")
+        if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < target:
+            metrics = self.evaluate()
+            bar.note(f"{self.model_name} step {self.step}: eval " + _fmt_metrics(metrics))
+        if self.checkpoint_dir is not None and every and self.step % every == 0:
+            self.save_checkpoint()
+
+    def _stop_requested(self, signum: int | None) -> bool:
+        # Every rank must stop at the same step, or the others would wait forever in the next collective.
+        if self.world > 1:
+            return distributed.all_reduce_sum([1.0 if signum else 0.0])[0] > 0
+        return signum is not None
+
+    def _check_same_model(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        with safe_open(str(path / "model.safetensors"), "pt") as f:
+            meta = f.metadata() or {}
+        if "config" not in meta:
+            return
+        old = {"version": meta.get("version"), **json.loads(meta["config"])}
+        new = {"version": self.module.version, **json.loads(json.dumps(self.module.config.to_dict()))}
+        diff = _differences(old, new, sorted(set(old) | set(new)))
+        if diff:
+            raise ResumeError(f"the checkpoint {path} holds another model ({diff}); resume with the model it was "
+                              f"trained with, or start over with --overwrite or a new out_dir")
+
+    def _check_same_run(self, path: Path, state: dict[str, Any]) -> None:
+        cfg = self.config
+        old = dict(state.get("config") or {})
+        if not old:
+            return
+        new = cfg.to_dict()
+        for d in (old, new):  # ctx_len: the default spelled out; meaningless (refused now) for a task
+            d["ctx_len"] = None if cfg.uses_task else (d.get("ctx_len") or DEFAULT_CTX_LEN)
+        changed = [n for n in RESUME_FIELDS if n in old and old[n] != new[n]]
+        refused = [n for n in changed if n not in cfg.override]
+        if refused:
+            raise ResumeError(f"the run in {path.parent.parent} was started with other settings "
+                              f"({_differences(old, new, refused)}); resume with the same ones, or allow the "
+                              f"change with --override {','.join(refused)}")
+        if state["step"] > cfg.steps:
+            raise ResumeError(f"steps={cfg.steps} is below the {state['step']} steps the checkpoint {path} has "
+                              f"done; give steps >= {state['step']}")
+        self.overridden = {n: (old[n], new[n]) for n in changed}
 
     # -- the loop ------------------------------------------------------------------------------------
     def fit(self, steps: int | None = None) -> TrainResult:
@@ -507,19 +667,17 @@ class Trainer:
         bar = Progress(target, enabled=show, log_every=cfg.log_every, prefix=f"{self.model_name} ")
         t_start = time.perf_counter()
         window: list[tuple[float, int]] = []
-        while self.step < target:
-            t0 = time.perf_counter()
-            rec = self.train_step()
-            dt = time.perf_counter() - t0
-            self.elapsed += dt
-            window = ([*window, (dt, cfg.batch_size * self.seq_len)])[-20:]
-            tok_s = sum(n for _, n in window) / max(1e-9, sum(t for t, _ in window))
-            bar.update(self.step, f"loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | {tok_s:,.0f} tok/s")
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < target:
-                metrics = self.evaluate()
-                bar.note(f"{self.model_name} step {self.step}: eval " + _fmt_metrics(metrics))
-            if self.checkpoint_dir is not None and cfg.save_every and self.step % cfg.save_every == 0:
-                self.save_checkpoint()
+        every = cfg.checkpoint_interval()
+        with _StopOnSignal() as stop:
+            while self.step < target:
+                self._one_step(cfg, bar, window, target, every)
+                if self._stop_requested(stop.signum):
+                    bar.close()
+                    saved = self.last_checkpoint is not None and self.last_checkpoint.endswith(f"{self.step:08d}")
+                    if self.checkpoint_dir is not None and not saved:
+                        self.save_checkpoint()
+                    raise TrainingInterrupted(stop.signum or signal.SIGTERM, self.step,
+                                              self.last_checkpoint if self.checkpoint_dir is not None else None)
         bar.close()
         if self.evals and self.evals[-1]["step"] == self.step:
             final = {k: v for k, v in self.evals[-1].items() if k != "step"}
@@ -539,10 +697,85 @@ class Trainer:
         )
 
 
+class _StopOnSignal:
+    """While active, SIGINT and SIGTERM ask the loop to stop at the next step boundary (``signum``);
+    a second one stops at once, as if the handler were not there. Only the main thread may set signal
+    handlers, so elsewhere (a trainer in a worker thread) this does nothing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self.previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            self.__exit__()
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            signal.raise_signal(signum)
+            return
+        self.signum = signum
+        print(f"{signal.Signals(signum).name}: stopping after this step with a checkpoint (again to stop at "
+              f"once)", file=sys.stderr, flush=True)
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], names: list[str]) -> str:
+    return ", ".join(f"{n} {old.get(n)!r} -> {new.get(n)!r}" for n in names if old.get(n) != new.get(n))
+
+
 def _as_random_state(obj: Any) -> tuple:
     """``random.getstate()`` comes back from ``torch.load`` with lists where it had tuples."""
     version, internal, gauss = obj
     return (version, tuple(internal), gauss)
+
+
+def _checked(name: str, value: Any, hint: Any) -> Any:
+    """``value`` as field ``name`` of type ``hint`` takes it, or a ValueError naming field, type and value.
+
+    By hand rather than with a validation library: a dozen plain types, and the one-line message is the
+    point (``--set lr=abc`` arrives here as the string 'abc')."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        if value is None:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+    origin = typing.get_origin(hint) or hint
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and isinstance(value, str):
+        return value
+    if origin is dict and isinstance(value, dict):
+        return value
+    if origin is list:
+        if isinstance(value, str):  # --set override=steps,batch_size
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+            return list(value)
+    if origin is tuple and isinstance(value, list | tuple) and len(value) == len(typing.get_args(hint)) and all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in value):
+        return tuple(float(v) for v in value)
+    kinds = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a table",
+             list: "a list of names", tuple: f"a list of {len(typing.get_args(hint))} numbers"}
+    kind = kinds.get(origin, str(hint))
+    if len(args) > 1:
+        kind += " (or none)"
+    raise ValueError(f"train option {name} must be {kind}, got {value!r}")
 
 
 def _fmt_metrics(metrics: dict[str, float]) -> str:

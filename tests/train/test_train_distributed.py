@@ -40,11 +40,12 @@ def test_ddp_and_fsdp2_match_one_process_and_resume_each_others_checkpoints(tmp_
     assert [h["loss"] for h in ddp["history"]] == pytest.approx(ref[:2], rel=1e-5)
     assert (tmp_path / "run" / "checkpoints" / "step-00000002" / "model.safetensors").exists()
 
-    fsdp = torchrun("--distributed", "fsdp", "--out-dir", out, "--resume")  # continues the DDP run
+    # continues the DDP run, planned for 2 steps, to 4
+    fsdp = torchrun("--distributed", "fsdp", "--out-dir", out, "--resume", "--override", "steps")
     assert [h["loss"] for h in fsdp["history"]] == pytest.approx(ref, rel=1e-5)
     assert fsdp["final"]["loss"] == pytest.approx(single.final["loss"], rel=1e-4)
 
     # the FSDP2 checkpoint (gathered to full tensors) loads in a single process
     back = Trainer(TrainConfig(model="v7-tiny", data={"task": "mqar", "num_pairs": 4, "num_keys": 8, "num_values": 8},
-                               steps=4, batch_size=4, progress=False, out_dir=out, resume=True))
+                               steps=4, batch_size=4, warmup_steps=1, progress=False, out_dir=out, resume=True))
     assert back.step == 4 and len(back.history) == 4

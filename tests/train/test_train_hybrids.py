@@ -59,7 +59,7 @@ def test_param_groups_are_the_union_of_the_official_ones():
 @pytest.mark.parametrize(
     ("opts", "match"),
     [
-        ({"time_mix": "v8"}, "time_mix 'v8' is not a version with blocks"),
+        ({"time_mix": "hybrid"}, "time_mix 'hybrid' is not a version with blocks"),  # v8 has blocks now
         ({"layers": "v7,v7,v6"}, "layers names 3 layers .* n_layer=2"),
         ({"layers": "v7,v6", "time_mix": "v5"}, "either layers= or time_mix="),
         ({"channel_mix": "v6", "dim_w_lora": 8, "bogus": 1}, r"unknown option\(s\) bogus for hybrid"),
