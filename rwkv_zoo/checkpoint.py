@@ -25,13 +25,10 @@ import torch
 from torch import Tensor
 
 from rwkv_zoo import pluginmanager
+from rwkv_zoo.errors import CheckpointError, UnknownNameError, check_device_usable, parse_device, parse_dtype
 from rwkv_zoo.fileio import atomic_path
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be read or does not fit: the message says what was found and expected."""
 
 
 @dataclass
@@ -220,7 +217,7 @@ def load(
     path: str | os.PathLike,
     *,
     device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: str | torch.dtype | None = None,
     backend: str | None = None,
     mmap: bool = True,
     format: str | None = None,
@@ -232,11 +229,18 @@ def load(
     in that format (``rwkv_zoo.inference.prepare_inference``; activations and state stay fp32).
 
     The format and version are detected; ``dtype=None`` keeps the checkpoint's dtype (that of
-    ``emb.weight``). Official state-tuning keys (``blocks.N.att.time_state``) become
-    ``model.initial_state``, which the model starts from when called with ``state=None``.
+    ``emb.weight``); ``dtype`` and ``device`` take the names ``build`` takes (``"bf16"``, ``"cuda:1"``).
+    Official state-tuning keys (``blocks.N.att.time_state``) become ``model.initial_state``, which the
+    model starts from when called with ``state=None``.
     """
     from rwkv_zoo.registry import build, get_version
 
+    # Names are checked before any byte is read: a typo should not cost a multi-GB read first.
+    dtype = parse_dtype(dtype)
+    target_device = parse_device(device) or torch.device("cpu")
+    check_device_usable(target_device)
+    if format is not None and format not in get_formats():
+        raise UnknownNameError(f"unknown checkpoint format {format!r}; formats: {', '.join(get_formats())}")
     fmt = get_formats()[format] if format else detect_format(path)
     ckpt = fmt.read(Path(path), mmap=mmap)
     tensors = dict(ckpt.tensors)
@@ -255,7 +259,6 @@ def load(
     _check_against(model, tensors, str(path))
     # With weights= the file's dtype is kept here (mmap, no copy): prepare_inference converts per matrix.
     target_dtype = dtype or _model_dtype(tensors, str(path))
-    target_device = torch.device(device) if device is not None else torch.device("cpu")
     converted = {k: v.to(device=target_device, dtype=target_dtype) for k, v in tensors.items()}
     model.load_state_dict(converted, strict=True, assign=True)
     rescale = int(ckpt.metadata.get("rescale_every", "0") or 0)

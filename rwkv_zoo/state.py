@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from rwkv_zoo.errors import StateMismatchError
+
 if TYPE_CHECKING:
     from rwkv_zoo.model import RWKV
 
@@ -57,10 +59,6 @@ class ModelIdentity:
     def describe(self) -> str:
         dims = f"n_layer={self.n_layer}, n_embd={self.n_embd}, n_head={self.n_head}, head_size={self.head_size}"
         return f"{self.version} ({dims})"
-
-
-class StateMismatchError(ValueError):
-    """A state was given to a model it does not belong to."""
 
 
 class RWKVState:

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from rwkv_zoo.cli._helpers import DTYPES
+from rwkv_zoo.errors import parse_dtype
 
 TARGETS = {"official": "official-pth", "safetensors": "safetensors", "hf": "hf"}
 
@@ -53,7 +54,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if fmt is None or not fmt.writable:
         writable = ", ".join(k for k, v in TARGETS.items() if v in get_formats() and get_formats()[v].writable)
         raise CheckpointError(f"cannot write {args.to or target} (not installed?); writable targets: {writable}")
-    dtype = DTYPES[args.dtype] if args.dtype else None
+    dtype = parse_dtype(args.dtype)
     model = rwkv_zoo.load(args.src)
     tensors = official_tensors(model)
     bar = Progress(sum(t.numel() * (dtype or t.dtype).itemsize for t in tensors.values()), f"converting to {target}",
@@ -117,7 +118,7 @@ def add_parsers(sub) -> None:
     p.add_argument("src", help="a checkpoint file or folder in any format rwkv_zoo reads")
     p.add_argument("dst", help="output path (.safetensors, .pth, or a folder for --to hf)")
     p.add_argument("--to", choices=sorted(TARGETS), help="output format (default: from the extension)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="output dtype (default: keep)")
+    p.add_argument("--dtype", help=f"output dtype: {', '.join(DTYPES)} or torch's names (default: keep)")
     p.add_argument("--progress", action="store_true", help="always show the progress bar (default: files > 256 MB)")
     p.set_defaults(func=cmd_convert)
 
