@@ -81,10 +81,29 @@ def list_formats() -> list[dict[str, Any]]:
     return [{"name": f.name, "writable": f.writable, "description": f.description} for f in get_formats().values()]
 
 
+def describe_bytes(head: bytes) -> str:
+    """What a file that is not a checkpoint seems to be, from its first bytes, for an error message."""
+    if not head:
+        return "an empty file (0 bytes)"
+    text = None
+    for cut in range(4):  # the sample may end inside a multi-byte character
+        try:
+            text = head[: len(head) - cut].decode("utf-8")
+            break
+        except UnicodeDecodeError:
+            continue
+    if text and all(c.isprintable() or c in "\r\n\t" for c in text):
+        first = next((line for line in text.splitlines() if line.strip()), "")
+        return f"a text file starting with {first[:24]!r}" if first else "a text file of blank lines"
+    return f"binary data of an unknown kind, starting with {head[:8]!r}"
+
+
 def detect_format(path: str | os.PathLike) -> CheckpointFormat:
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"no such file or directory: {p}")
+        raise CheckpointError(f"no such file or directory: {p}")
+    if p.is_file() and not os.access(p, os.R_OK):
+        raise CheckpointError(f"{p}: permission denied (the file cannot be read)")
     for fmt in get_formats().values():
         try:
             if fmt.detect(p):
@@ -92,7 +111,17 @@ def detect_format(path: str | os.PathLike) -> CheckpointFormat:
         except OSError:
             continue
     names = ", ".join(get_formats()) or "none"
-    raise CheckpointError(f"{p}: not a checkpoint format rwkv_zoo recognises (formats: {names})")
+    if p.is_dir():
+        raise CheckpointError(
+            f"{p} is a folder that no checkpoint format recognises (folder formats want a config.json next to "
+            f"the weights); give a checkpoint file, or an HF/fla model folder (formats: {names})"
+        )
+    with open(p, "rb") as f:
+        head = f.read(64)
+    raise CheckpointError(
+        f"{p}: not a checkpoint rwkv_zoo recognises: {describe_bytes(head)} (formats: {names}; a .pth or "
+        ".safetensors file, or a model folder)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -304,7 +333,7 @@ def model_metadata(model) -> dict[str, str]:
     }
 
 
-def save(model, path: str | os.PathLike, *, format: str | None = None, dtype: torch.dtype | None = None) -> None:
+def save(model, path: str | os.PathLike, *, format: str | None = None, dtype: str | torch.dtype | None = None) -> None:
     """Write ``model``: ``.safetensors`` -> rwkv_zoo safetensors, else an official ``.pth``;
     ``format=`` picks any writable registered format (e.g. ``"hf"`` for a transformers RWKV-4 folder)."""
     if getattr(model, "inference_weights", None):
@@ -319,9 +348,18 @@ def save(model, path: str | os.PathLike, *, format: str | None = None, dtype: to
     if format not in formats or not formats[format].writable:
         writable = ", ".join(n for n, f in formats.items() if f.writable)
         raise CheckpointError(f"cannot write format {format!r}; writable formats: {writable}")
-    formats[format].write(official_tensors(model, dtype), p, model_metadata(model))
+    # Checked here because the write goes through a temporary file: its OSError would name that file.
+    parent = p.absolute().parent
+    if not parent.is_dir():
+        what = "is a file, not a folder" if parent.exists() else "does not exist; create it first"
+        raise CheckpointError(f"cannot save to {p}: the folder {parent} {what}")
+    if not os.access(parent, os.W_OK):
+        raise CheckpointError(f"cannot save to {p}: permission denied (the folder {parent} is not writable)")
+    formats[format].write(official_tensors(model, parse_dtype(dtype)), p, model_metadata(model))
 
 
 def write_atomically(path: Path, writer: Callable[[str], None], suffix: str = "") -> None:
+    if Path(path).is_dir():  # else os.replace fails naming the temporary file, not the user's path
+        raise CheckpointError(f"cannot save to {path}: it is a folder; give a file name")
     with atomic_path(path, suffix) as tmp:
         writer(tmp)
