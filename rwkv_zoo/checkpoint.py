@@ -119,7 +119,7 @@ def detect_format(path: str | os.PathLike) -> CheckpointFormat:
     with open(p, "rb") as f:
         head = f.read(64)
     raise CheckpointError(
-        f"{p}: not a checkpoint rwkv_zoo recognises: {describe_bytes(head)} (formats: {names}; a .pth or "
+        f"{p}: not a checkpoint format rwkv_zoo recognises: {describe_bytes(head)} (formats: {names}; a .pth or "
         ".safetensors file, or a model folder)"
     )
 
@@ -348,18 +348,28 @@ def save(model, path: str | os.PathLike, *, format: str | None = None, dtype: st
     if format not in formats or not formats[format].writable:
         writable = ", ".join(n for n, f in formats.items() if f.writable)
         raise CheckpointError(f"cannot write format {format!r}; writable formats: {writable}")
-    # Checked here because the write goes through a temporary file: its OSError would name that file.
+    check_save_target(p)
+    formats[format].write(official_tensors(model, parse_dtype(dtype)), p, model_metadata(model))
+
+
+def check_save_target(path: str | os.PathLike, *, folder: bool = False) -> None:
+    """Refuse a target whose folder is missing or not writable (or, for a file format, is a folder).
+
+    Checked before writing because every write goes through a temporary file next to the target: the
+    OSError would name that temporary file, which the user never mentioned.
+    """
+    p = Path(path)
     parent = p.absolute().parent
     if not parent.is_dir():
         what = "is a file, not a folder" if parent.exists() else "does not exist; create it first"
         raise CheckpointError(f"cannot save to {p}: the folder {parent} {what}")
     if not os.access(parent, os.W_OK):
         raise CheckpointError(f"cannot save to {p}: permission denied (the folder {parent} is not writable)")
-    formats[format].write(official_tensors(model, parse_dtype(dtype)), p, model_metadata(model))
+    if not folder and p.is_dir():
+        raise CheckpointError(f"cannot save to {p}: it is a folder; give a file name")
 
 
 def write_atomically(path: Path, writer: Callable[[str], None], suffix: str = "") -> None:
-    if Path(path).is_dir():  # else os.replace fails naming the temporary file, not the user's path
-        raise CheckpointError(f"cannot save to {path}: it is a folder; give a file name")
+    check_save_target(path)
     with atomic_path(path, suffix) as tmp:
         writer(tmp)

@@ -73,12 +73,14 @@ def _torch_load(path: Path, mmap: bool):
         # mmap needs the zip format (torch >= 1.6 saves); older files load without it.
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and is_zip)
     except pickle.UnpicklingError as exc:
-        if "Unsupported global" in str(exc):
-            # A real pickle with objects in it (a whole nn.Module, an optimizer): what weights_only exists for.
+        text = str(exc)
+        if "GLOBAL" in text or "Unsupported operand" in text:
+            # A pickle with objects in it (a whole nn.Module, an optimizer), or one written by plain
+            # pickle: refusing it is what weights_only is for. torch's advice to turn that off is not repeated.
+            what = "Python objects other than tensors" if "GLOBAL" in text else "pickle data torch.save does not write"
             raise CheckpointError(
-                f"{path}: holds Python objects other than tensors (a whole model or an optimizer?), which "
-                "rwkv_zoo never unpickles because that could run code; save the weights alone with "
-                "torch.save(model.state_dict(), path)"
+                f"{path}: refused to unpickle it: it holds {what}, and loading that could run code; save the "
+                "weights alone with torch.save(model.state_dict(), path)"
             ) from None
         raise CheckpointError(f"{path}: truncated or corrupt checkpoint (unpickling failed); download or save it "
                               "again") from None

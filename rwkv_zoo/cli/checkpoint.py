@@ -46,7 +46,7 @@ class Progress:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     import rwkv_zoo
-    from rwkv_zoo.checkpoint import CheckpointError, get_formats, model_metadata, official_tensors
+    from rwkv_zoo.checkpoint import CheckpointError, check_save_target, get_formats, model_metadata, official_tensors
 
     dst = Path(args.dst)
     target = TARGETS[args.to] if args.to else ("safetensors" if dst.suffix == ".safetensors" else "official-pth")
@@ -55,6 +55,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         writable = ", ".join(k for k, v in TARGETS.items() if v in get_formats() and get_formats()[v].writable)
         raise CheckpointError(f"cannot write {args.to or target} (not installed?); writable targets: {writable}")
     dtype = parse_dtype(args.dtype)
+    if target != "hf":  # the HF writer makes its folder; the others must not read a big file only to fail here
+        check_save_target(dst)
     model = rwkv_zoo.load(args.src)
     tensors = official_tensors(model)
     bar = Progress(sum(t.numel() * (dtype or t.dtype).itemsize for t in tensors.values()), f"converting to {target}",
