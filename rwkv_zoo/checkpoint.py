@@ -348,7 +348,6 @@ def save(model, path: str | os.PathLike, *, format: str | None = None, dtype: st
     if format not in formats or not formats[format].writable:
         writable = ", ".join(n for n, f in formats.items() if f.writable)
         raise CheckpointError(f"cannot write format {format!r}; writable formats: {writable}")
-    check_save_target(p)
     formats[format].write(official_tensors(model, parse_dtype(dtype)), p, model_metadata(model))
 
 
@@ -370,6 +369,7 @@ def check_save_target(path: str | os.PathLike, *, folder: bool = False) -> None:
 
 
 def write_atomically(path: Path, writer: Callable[[str], None], suffix: str = "") -> None:
+    """Write one file through ``writer(tmp)`` and a rename (folder formats create their folders instead)."""
     check_save_target(path)
     with atomic_path(path, suffix) as tmp:
         writer(tmp)
