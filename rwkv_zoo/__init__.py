@@ -14,6 +14,7 @@ from rwkv_zoo._version import __version__
 from rwkv_zoo.backend import Backend, Kernel
 from rwkv_zoo.checkpoint import Checkpoint, CheckpointError, CheckpointFormat, list_formats, load, save
 from rwkv_zoo.dispatch import BackendError, Choice, KernelCall, Selection, list_backends, use_backend
+from rwkv_zoo.errors import RWKVZooError, UnknownNameError, parse_device, parse_dtype
 from rwkv_zoo.explain import explain
 from rwkv_zoo.generation import GenerationResult, PrefixCache, ScoreResult, generate, score
 from rwkv_zoo.hookspecs import hookimpl
@@ -51,11 +52,13 @@ __all__ = [
     "PrefixCache",
     "RWKVConfig",
     "RWKVState",
+    "RWKVZooError",
     "ScoreResult",
     "Selection",
     "SizePreset",
     "StateMismatchError",
     "StatePart",
+    "UnknownNameError",
     "VersionSpec",
     "__version__",
     "build",
@@ -71,6 +74,8 @@ __all__ = [
     "list_versions",
     "load",
     "param_groups",
+    "parse_device",
+    "parse_dtype",
     "plugin",
     "randomize_",
     "register_plugin",

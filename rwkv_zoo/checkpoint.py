@@ -25,13 +25,10 @@ import torch
 from torch import Tensor
 
 from rwkv_zoo import pluginmanager
+from rwkv_zoo.errors import CheckpointError, UnknownNameError, check_device_usable, parse_device, parse_dtype
 from rwkv_zoo.fileio import atomic_path
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be read or does not fit: the message says what was found and expected."""
 
 
 @dataclass
@@ -84,10 +81,29 @@ def list_formats() -> list[dict[str, Any]]:
     return [{"name": f.name, "writable": f.writable, "description": f.description} for f in get_formats().values()]
 
 
+def describe_bytes(head: bytes) -> str:
+    """What a file that is not a checkpoint seems to be, from its first bytes, for an error message."""
+    if not head:
+        return "an empty file (0 bytes)"
+    text = None
+    for cut in range(4):  # the sample may end inside a multi-byte character
+        try:
+            text = head[: len(head) - cut].decode("utf-8")
+            break
+        except UnicodeDecodeError:
+            continue
+    if text and all(c.isprintable() or c in "\r\n\t" for c in text):
+        first = next((line for line in text.splitlines() if line.strip()), "")
+        return f"a text file starting with {first[:24]!r}" if first else "a text file of blank lines"
+    return f"binary data of an unknown kind, starting with {head[:8]!r}"
+
+
 def detect_format(path: str | os.PathLike) -> CheckpointFormat:
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"no such file or directory: {p}")
+        raise CheckpointError(f"no such file or directory: {p}")
+    if p.is_file() and not os.access(p, os.R_OK):
+        raise CheckpointError(f"{p}: permission denied (the file cannot be read)")
     for fmt in get_formats().values():
         try:
             if fmt.detect(p):
@@ -95,7 +111,17 @@ def detect_format(path: str | os.PathLike) -> CheckpointFormat:
         except OSError:
             continue
     names = ", ".join(get_formats()) or "none"
-    raise CheckpointError(f"{p}: not a checkpoint format rwkv_zoo recognises (formats: {names})")
+    if p.is_dir():
+        raise CheckpointError(
+            f"{p} is a folder that no checkpoint format recognises (folder formats want a config.json next to "
+            f"the weights); give a checkpoint file, or an HF/fla model folder (formats: {names})"
+        )
+    with open(p, "rb") as f:
+        head = f.read(64)
+    raise CheckpointError(
+        f"{p}: not a checkpoint format rwkv_zoo recognises: {describe_bytes(head)} (formats: {names}; a .pth or "
+        ".safetensors file, or a model folder)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -220,7 +246,7 @@ def load(
     path: str | os.PathLike,
     *,
     device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: str | torch.dtype | None = None,
     backend: str | None = None,
     mmap: bool = True,
     format: str | None = None,
@@ -232,11 +258,18 @@ def load(
     in that format (``rwkv_zoo.inference.prepare_inference``; activations and state stay fp32).
 
     The format and version are detected; ``dtype=None`` keeps the checkpoint's dtype (that of
-    ``emb.weight``). Official state-tuning keys (``blocks.N.att.time_state``) become
-    ``model.initial_state``, which the model starts from when called with ``state=None``.
+    ``emb.weight``); ``dtype`` and ``device`` take the names ``build`` takes (``"bf16"``, ``"cuda:1"``).
+    Official state-tuning keys (``blocks.N.att.time_state``) become ``model.initial_state``, which the
+    model starts from when called with ``state=None``.
     """
     from rwkv_zoo.registry import build, get_version
 
+    # Names are checked before any byte is read: a typo should not cost a multi-GB read first.
+    dtype = parse_dtype(dtype)
+    target_device = parse_device(device) or torch.device("cpu")
+    check_device_usable(target_device)
+    if format is not None and format not in get_formats():
+        raise UnknownNameError(f"unknown checkpoint format {format!r}; formats: {', '.join(get_formats())}")
     fmt = get_formats()[format] if format else detect_format(path)
     ckpt = fmt.read(Path(path), mmap=mmap)
     tensors = dict(ckpt.tensors)
@@ -255,7 +288,6 @@ def load(
     _check_against(model, tensors, str(path))
     # With weights= the file's dtype is kept here (mmap, no copy): prepare_inference converts per matrix.
     target_dtype = dtype or _model_dtype(tensors, str(path))
-    target_device = torch.device(device) if device is not None else torch.device("cpu")
     converted = {k: v.to(device=target_device, dtype=target_dtype) for k, v in tensors.items()}
     model.load_state_dict(converted, strict=True, assign=True)
     rescale = int(ckpt.metadata.get("rescale_every", "0") or 0)
@@ -301,7 +333,7 @@ def model_metadata(model) -> dict[str, str]:
     }
 
 
-def save(model, path: str | os.PathLike, *, format: str | None = None, dtype: torch.dtype | None = None) -> None:
+def save(model, path: str | os.PathLike, *, format: str | None = None, dtype: str | torch.dtype | None = None) -> None:
     """Write ``model``: ``.safetensors`` -> rwkv_zoo safetensors, else an official ``.pth``;
     ``format=`` picks any writable registered format (e.g. ``"hf"`` for a transformers RWKV-4 folder)."""
     if getattr(model, "inference_weights", None):
@@ -316,9 +348,28 @@ def save(model, path: str | os.PathLike, *, format: str | None = None, dtype: to
     if format not in formats or not formats[format].writable:
         writable = ", ".join(n for n, f in formats.items() if f.writable)
         raise CheckpointError(f"cannot write format {format!r}; writable formats: {writable}")
-    formats[format].write(official_tensors(model, dtype), p, model_metadata(model))
+    formats[format].write(official_tensors(model, parse_dtype(dtype)), p, model_metadata(model))
+
+
+def check_save_target(path: str | os.PathLike, *, folder: bool = False) -> None:
+    """Refuse a target whose folder is missing or not writable (or, for a file format, is a folder).
+
+    Checked before writing because every write goes through a temporary file next to the target: the
+    OSError would name that temporary file, which the user never mentioned.
+    """
+    p = Path(path)
+    parent = p.absolute().parent
+    if not parent.is_dir():
+        what = "is a file, not a folder" if parent.exists() else "does not exist; create it first"
+        raise CheckpointError(f"cannot save to {p}: the folder {parent} {what}")
+    if not os.access(parent, os.W_OK):
+        raise CheckpointError(f"cannot save to {p}: permission denied (the folder {parent} is not writable)")
+    if not folder and p.is_dir():
+        raise CheckpointError(f"cannot save to {p}: it is a folder; give a file name")
 
 
 def write_atomically(path: Path, writer: Callable[[str], None], suffix: str = "") -> None:
+    """Write one file through ``writer(tmp)`` and a rename (folder formats create their folders instead)."""
+    check_save_target(path)
     with atomic_path(path, suffix) as tmp:
         writer(tmp)

@@ -23,6 +23,7 @@ from dataclasses import replace
 
 from rwkv_zoo import opspec, pluginmanager
 from rwkv_zoo.backend import MODES, Backend, Choice, Kernel, KernelCall, Selection
+from rwkv_zoo.errors import BackendError
 
 # KernelCall, Choice and Selection live with the backend contract; imported from here by older code.
 __all__ = [
@@ -42,10 +43,6 @@ __all__ = [
 RECURRENT_MAX_T = 16
 
 _context_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("rwkv_zoo_backend", default=None)
-
-
-class BackendError(RuntimeError):
-    """No backend can run a kernel call, or the one explicitly chosen cannot."""
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import torch
 
 from rwkv_zoo import dispatch, pluginmanager
 from rwkv_zoo.dispatch import Selection
+from rwkv_zoo.errors import parse_device, parse_dtype
 
 
 @dataclass
@@ -47,8 +48,8 @@ def explain(
     batch_size: int = 1,
     requires_grad: bool = False,
     has_state: bool = False,
-    device: str | None = None,
-    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> Explanation:
     """Explain the kernel choices ``model(tokens)`` would make, without running the model.
 
@@ -56,8 +57,12 @@ def explain(
     meta-device model (``rwkv_zoo.build(..., device="meta")``): nothing is allocated. ``device`` and
     ``dtype`` override the model's own, to ask "what would run on cuda in bf16?" (a meta-device model
     is explained for the CPU unless ``device`` says otherwise). ``requires_grad=True`` explains a
-    training call (kernels without a backward are then rejected).
+    training call (kernels without a backward are then rejected). ``device`` and ``dtype`` take the
+    names ``build`` takes (``"cuda"``, ``"bf16"``, ``torch.bfloat16``, ...); an unknown one is refused.
     """
+    dtype = parse_dtype(dtype)
+    # Kernel calls name a device type; an index (cuda:1) does not change which kernel runs.
+    device = parsed.type if (parsed := parse_device(device)) is not None else None
     if isinstance(tokens, torch.Tensor):
         batch_size, T = tokens.shape
     elif tokens is not None:

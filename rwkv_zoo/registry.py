@@ -19,6 +19,7 @@ from torch import nn
 
 from rwkv_zoo import pluginmanager
 from rwkv_zoo.backend import MODES
+from rwkv_zoo.errors import UnknownNameError, check_device_usable, parse_device, parse_dtype
 
 DIM_ARGS = ("n_layer", "n_embd", "vocab_size", "head_size", "dim_ffn")
 # Options that turn a build into a hybrid: ``build("v6", size="1.5B", time_mix="v5")`` is routed to the
@@ -115,7 +116,7 @@ class VersionSpec:
             if key == p.name.lower() or key in (a.lower() for a in p.aliases):
                 return p
         names = ", ".join(p.name for p in self.sizes)
-        raise ValueError(f"unknown size {size!r} for {self.name}; sizes: {names} (aliases: {self._aliases()})")
+        raise UnknownNameError(f"unknown size {size!r} for {self.name}; sizes: {names} (aliases: {self._aliases()})")
 
     def _aliases(self) -> str:
         return ", ".join(f"{a}->{p.name}" for p in self.sizes for a in p.aliases) or "none"
@@ -170,7 +171,7 @@ def get_version(name: str) -> VersionSpec:
     spec = _lookup(str(name).strip())
     if spec is None:
         known = ", ".join(sorted(get_versions())) or "none (did every version plugin fail? see rwkv-zoo plugins)"
-        raise ValueError(f"unknown version {name!r}; versions: {known}")
+        raise UnknownNameError(f"unknown version {name!r}; versions: {known}")
     return spec
 
 
@@ -233,7 +234,7 @@ def build(
     head_size: int | None = None,
     dim_ffn: int | None = None,
     device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: str | torch.dtype | None = None,
     backend: str | None = None,
     mode: str | None = None,
     init: bool = True,
@@ -244,8 +245,13 @@ def build(
     ``device="meta"`` builds any size instantly with no memory. ``init=True`` applies the version's
     official initialisation (skipped on meta). ``backend`` forces a kernel backend for this model and
     ``mode`` (``"chunk"`` or ``"recurrent"``) a kernel mode; both stay settable as ``model.backend`` and
-    ``model.mode`` (None = let dispatch decide).
+    ``model.mode`` (None = let dispatch decide). ``dtype`` is a ``torch.dtype`` or a name (``"bf16"``,
+    ``"bfloat16"``, ``"fp32"``, ``"half"``, ...); ``device`` a ``torch.device`` or a name (``"cuda:1"``).
     """
+    dtype = parse_dtype(dtype)
+    target = parse_device(device) or torch.device("cpu")
+    if target.type != "meta":
+        check_device_usable(target)
     spec, size = resolve(name_or_version, size)
     size_spec = spec
     if spec.name != HYBRID_VERSION and any(k in version_options for k in HYBRID_OPTIONS):
@@ -258,13 +264,12 @@ def build(
             "dim_ffn": dim_ffn}
     config = make_config(spec, size, dims, version_options, size_spec=size_spec)
     if mode is not None and mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; modes are {', '.join(MODES)} (or None for automatic)")
+        raise UnknownNameError(f"unknown mode {mode!r}; modes are {', '.join(MODES)} (or None for automatic)")
     if backend is not None:
         from rwkv_zoo.dispatch import get_backends
 
         if backend not in get_backends():
-            raise ValueError(f"unknown backend {backend!r}; backends: {', '.join(sorted(get_backends()))}")
-    target = torch.device(device if device is not None else "cpu")
+            raise UnknownNameError(f"unknown backend {backend!r}; backends: {', '.join(sorted(get_backends()))}")
     if init and target.type != "meta":
         # Allocate once and initialise once: torch's default init would be overwritten anyway.
         with torch.device("meta"):

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from rwkv_zoo.errors import RWKVZooError, StateMismatchError
+
 if TYPE_CHECKING:
     from rwkv_zoo.model import RWKV
 
@@ -59,11 +61,7 @@ class ModelIdentity:
         return f"{self.version} ({dims})"
 
 
-class StateMismatchError(ValueError):
-    """A state was given to a model it does not belong to."""
-
-
-class StateFileError(ValueError):
+class StateFileError(RWKVZooError, ValueError):
     """A path given to ``RWKVState.save``/``load`` cannot be written, or does not hold a saved state."""
 
 

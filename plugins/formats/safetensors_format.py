@@ -18,18 +18,40 @@ _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "
 
 
 def read_header(path: Path) -> dict:
-    """The JSON header of a safetensors file (8-byte length, then JSON), without touching the weights."""
+    """The JSON header of a safetensors file (8-byte length, then JSON), checked against the file's size.
+
+    Reads no weights, yet a truncated file is refused here: the header promises where every tensor
+    ends, so ``inspect`` (which reads only this) cannot report a file that ``load`` would fail on.
+    """
+    size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
-            raise CheckpointError(f"{path}: too short to be a safetensors file")
+            what = "an empty file" if not raw else f"{len(raw)} bytes"
+            raise CheckpointError(f"{path}: not a safetensors file ({what}; even the header length is missing)")
         (n,) = struct.unpack("<Q", raw)
-        if n > 100_000_000 or n > path.stat().st_size - 8:
-            raise CheckpointError(f"{path}: not a valid safetensors file (header length {n})")
+        if n > 100_000_000 or n > size - 8:
+            raise CheckpointError(
+                f"{path}: not a safetensors file, or truncated: its first 8 bytes give a header of {n} bytes "
+                f"and the file has {size}"
+            )
         try:
-            return json.loads(f.read(n))
-        except ValueError as exc:
-            raise CheckpointError(f"{path}: corrupt safetensors header ({exc})") from None
+            header = json.loads(f.read(n))
+        except ValueError:
+            header = None
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"} if isinstance(header, dict) else None
+    if tensors is None or not all(
+        isinstance(v, dict) and {"dtype", "shape", "data_offsets"} <= set(v) and len(v["data_offsets"]) == 2
+        for v in tensors.values()
+    ):
+        raise CheckpointError(f"{path}: not a safetensors file, or corrupt: its header is not a table of tensors")
+    end = 8 + n + max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+    if end > size:
+        raise CheckpointError(
+            f"{path}: truncated safetensors file ({size:,} bytes, its header promises {end:,}); download or "
+            "save it again"
+        )
+    return header
 
 
 class SafetensorsFormat(CheckpointFormat):
@@ -49,20 +71,13 @@ class SafetensorsFormat(CheckpointFormat):
     def read(self, path: Path, *, mmap: bool = True) -> Checkpoint:
         from safetensors import safe_open
 
-        header = read_header(path)
-        size = path.stat().st_size
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        with open(path, "rb") as f:
-            (hlen,) = struct.unpack("<Q", f.read(8))
-        if 8 + hlen + end > size:
-            promised = 8 + hlen + end
-            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, header promises {promised})")
+        read_header(path)  # refuses a truncated file before safetensors maps it
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 meta = dict(f.metadata() or {})
                 tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
         except Exception as exc:  # safetensors raises its own SafetensorError
-            raise CheckpointError(f"{path}: corrupt safetensors file ({exc})") from None
+            raise CheckpointError(f"{path}: corrupt safetensors file ({exc}); download or save it again") from None
         if meta.get("format") not in (None, "rwkv_zoo", "pt"):
             raise CheckpointError(f"{path}: safetensors metadata says format {meta.get('format')!r}, not a model")
         return Checkpoint(tensors, self.name, str(path), meta)

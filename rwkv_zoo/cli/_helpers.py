@@ -1,5 +1,5 @@
-"""What every command module of ``rwkv_zoo.cli`` shares: the usage error, dtype and weight-format names,
-loading a model or a tokenizer named on the command line, and the flags that several commands take.
+"""What every command module of ``rwkv_zoo.cli`` shares: the usage error, dtype, device and weight-format
+names, loading a model or a tokenizer named on the command line, and the flags that several commands take.
 
 Command modules import from here and never from each other, so each can be read (and changed) alone.
 """
@@ -12,34 +12,64 @@ import sys
 
 import torch
 
+from rwkv_zoo.errors import UsageError, parse_device, parse_dtype
 from rwkv_zoo.formatting import human_count, table
 
 __all__ = [
-    "DTYPES", "FULL_DTYPES", "WEIGHTS", "UsageError", "add_weights_arg", "error", "human_count", "load_model",
-    "pick_tokenizer", "table",
+    "DTYPES", "WEIGHTS", "UsageError", "add_weights_arg", "device_arg", "dtype_arg", "error", "human_count",
+    "load_model", "pick_tokenizer", "read_names_the_same_way", "table",
 ]
 
-# Short names, as checkpoint tools and BlinkDL's strategies write them (convert, generate, lm-eval).
+# The short names, for help texts. Every --dtype flag accepts every name rwkv_zoo.errors.parse_dtype
+# knows (bfloat16, half, torch.float32, ...): read_names_the_same_way installs the parser on each.
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# torch's own names, for `explain`, which describes activations rather than stored weights.
-FULL_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float64": torch.float64,
-}
 # The formats rwkv_zoo.inference.prepare_inference accepts; spelled out here because argparse needs the
 # choices when the parser is built, and importing the inference module for that would slow every command.
 WEIGHTS = ("fp32", "bf16", "int8")
 
 
-class UsageError(Exception):
-    """A mistake on the command line: printed as one message, exit status 2."""
+def error(prog: str, message: str, status: int = 2) -> int:
+    # One line whatever the message holds: a wrapped library message must not look like a traceback.
+    text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+    print(f"{prog}: error: {text}", file=sys.stderr)
+    return status
 
 
-def error(prog: str, message: str) -> int:
-    print(f"{prog}: error: {message}", file=sys.stderr)
-    return 2
+def dtype_arg(text: str) -> torch.dtype:
+    """argparse ``type=`` for a dtype flag: a refused name becomes the subcommand's usage error."""
+    try:
+        return parse_dtype(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def device_arg(text: str) -> str:
+    """argparse ``type=`` for a device flag; the name is kept as given once torch knows it."""
+    try:
+        parse_device(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def read_names_the_same_way(parser: argparse.ArgumentParser) -> None:
+    """Give every ``--dtype`` and ``--device`` flag of every subcommand the shared parsers.
+
+    Done once over the finished parser rather than in each command module so that no command (a new
+    one included) can accept a narrower or different set of names than ``build``/``load`` do.
+    """
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                read_names_the_same_way(sub)
+        elif "--dtype" in action.option_strings:
+            action.type, action.choices = dtype_arg, None
+            action.metavar = action.metavar or "DTYPE"
+            if action.default is not None:
+                action.default = parse_dtype(action.default)
+        elif "--device" in action.option_strings:
+            action.type, action.choices = device_arg, None
+            action.metavar = action.metavar or "DEVICE"
 
 
 def load_model(spec: str, *, dtype: str | None = None, device: str | None = None, seed: int = 0,
@@ -51,9 +81,12 @@ def load_model(spec: str, *, dtype: str | None = None, device: str | None = None
     """
     import rwkv_zoo
 
-    torch_dtype = DTYPES[dtype] if dtype else None
+    torch_dtype = parse_dtype(dtype)
     if os.path.exists(spec):
         return rwkv_zoo.load(spec, dtype=torch_dtype, device=device, weights=weights)
+    if os.sep in spec or os.path.splitext(spec)[1] in (".pth", ".pt", ".safetensors", ".bin"):
+        # It reads as a path, so "unknown version" would answer the wrong question.
+        raise UsageError(f"no such file: {spec} (give a checkpoint file, or a model name such as v7-0.1B)")
     try:
         model = rwkv_zoo.build(spec, dtype=torch_dtype, device=device)
     except ValueError as exc:

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from rwkv_zoo.cli._helpers import DTYPES
+from rwkv_zoo.errors import parse_dtype
 
 TARGETS = {"official": "official-pth", "safetensors": "safetensors", "hf": "hf"}
 
@@ -45,7 +46,7 @@ class Progress:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     import rwkv_zoo
-    from rwkv_zoo.checkpoint import CheckpointError, get_formats, model_metadata, official_tensors
+    from rwkv_zoo.checkpoint import CheckpointError, check_save_target, get_formats, model_metadata, official_tensors
 
     dst = Path(args.dst)
     target = TARGETS[args.to] if args.to else ("safetensors" if dst.suffix == ".safetensors" else "official-pth")
@@ -53,7 +54,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if fmt is None or not fmt.writable:
         writable = ", ".join(k for k, v in TARGETS.items() if v in get_formats() and get_formats()[v].writable)
         raise CheckpointError(f"cannot write {args.to or target} (not installed?); writable targets: {writable}")
-    dtype = DTYPES[args.dtype] if args.dtype else None
+    dtype = parse_dtype(args.dtype)
+    if target != "hf":  # the HF writer makes its folder; the others must not read a big file only to fail here
+        check_save_target(dst)
     model = rwkv_zoo.load(args.src)
     tensors = official_tensors(model)
     bar = Progress(sum(t.numel() * (dtype or t.dtype).itemsize for t in tensors.values()), f"converting to {target}",
@@ -117,7 +120,7 @@ def add_parsers(sub) -> None:
     p.add_argument("src", help="a checkpoint file or folder in any format rwkv_zoo reads")
     p.add_argument("dst", help="output path (.safetensors, .pth, or a folder for --to hf)")
     p.add_argument("--to", choices=sorted(TARGETS), help="output format (default: from the extension)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="output dtype (default: keep)")
+    p.add_argument("--dtype", help=f"output dtype: {', '.join(DTYPES)} or torch's names (default: keep)")
     p.add_argument("--progress", action="store_true", help="always show the progress bar (default: files > 256 MB)")
     p.set_defaults(func=cmd_convert)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from rwkv_zoo.cli._helpers import FULL_DTYPES, UsageError, human_count, table
+from rwkv_zoo.cli._helpers import UsageError, human_count, table
 
 DEMO_TOLERANCE = 1e-5
 
@@ -167,7 +167,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         # build(backend=) sets model.backend after checking that the name is registered.
         model = rwkv_zoo.build(args.model, device="meta", backend=args.backend)
         text = rwkv_zoo.explain(
-            model, (args.batch, args.T), device=args.device, dtype=FULL_DTYPES[args.dtype],
+            model, (args.batch, args.T), device=args.device, dtype=args.dtype,
             requires_grad=args.train, has_state=args.state,
         )
     except (ValueError, BackendError) as exc:  # unknown model/size/backend, or the backend cannot run it
@@ -346,9 +346,10 @@ def add_parsers(sub) -> None:
     p.add_argument("model", help="a model name such as v6-1.5B or v7-tiny (see `rwkv-zoo models`)")
     p.add_argument("--T", type=int, default=1024, help="sequence length (default 1024)")
     p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
-    p.add_argument("--dtype", choices=sorted(FULL_DTYPES), default="float32",
-                   help="activation dtype (default float32)")
-    p.add_argument("--device", default="cpu", help="device type to explain for: cpu, cuda, ... (default cpu)")
+    p.add_argument("--dtype", default="float32",
+                   help="activation dtype: fp32/float32, bf16/bfloat16, fp16/float16/half, fp64 (default float32)")
+    p.add_argument("--device", default="cpu",
+                   help="device to explain for: cpu, cuda, cuda:N, mps, ... (default cpu; need not be present)")
     p.add_argument("--backend", help="force a backend, as build(..., backend=NAME) does")
     p.add_argument("--train", action="store_true", help="the call needs gradients (training)")
     p.add_argument("--state", action="store_true",

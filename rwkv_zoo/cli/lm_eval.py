@@ -62,7 +62,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--num-fewshot", type=int, help="few-shot examples (default: the task's)")
     p.add_argument("--batch-size", type=int, default=8, help="requests per forward pass (default 8)")
     p.add_argument("--tokenizer", help="world, bytes, a tokenizer .json (Pile: 20B_tokenizer.json) or a vocab .txt")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="weights (default: the file's)")
+    p.add_argument("--dtype", help=f"weights: {', '.join(DTYPES)} or torch's names (default: the file's)")
     p.add_argument("--device", help="cpu, cuda, ... (default cpu)")
     p.add_argument("--backend", help="force a WKV kernel backend")
     p.add_argument("--chunk-len", type=int, default=1024, help="prefill chunk length in tokens (default 1024)")

@@ -249,7 +249,7 @@ def test_explain_bad_dtype_is_an_argparse_error(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["explain", "v6-tiny", "--dtype", "int8"])
     assert exc.value.code == 2
-    assert "invalid choice" in capsys.readouterr().err
+    assert "unknown dtype 'int8'; dtypes: fp32/float32" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------
