@@ -116,8 +116,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         for name, (old, new) in trainer.overridden.items():
             note = f"note: {name} {old!r} -> {new!r} (--override)"
             if name == "steps" and trainer.step < cfg.steps:
-                note += (f"; the learning rate follows the {new}-step schedule from step {trainer.step} "
-                         f"({lr_at(cfg, trainer.step):.3g})")
+                note += (f"; the learning rate goes on from {lr_at(cfg, trainer.step, trainer.lr_anchor):.3g} at step "
+                         f"{trainer.step} and decays to lr_final over the remaining steps")
             print(note, flush=True)
     try:
         result = trainer.fit()

@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -174,9 +174,19 @@ class TrainConfig:
             raise ValueError(f"distributed={self.distributed!r}: use one of {', '.join(distributed.MODES)}")
 
 
-def lr_at(cfg: TrainConfig, step: int) -> float:
+def lr_at(cfg: TrainConfig, step: int, anchor: tuple[int, float] | None = None) -> float:
     """Learning rate of 0-based ``step``: RWKV-LM's decay from ``lr`` to ``lr_final`` over the steps after
-    warmup (cosine, or exponential = linear in log space), times the warmup ramp 0.01 + 0.99 s / w."""
+    warmup (cosine, or exponential = linear in log space), times the warmup ramp 0.01 + 0.99 s / w.
+
+    ``anchor = (s0, lr0)``: the run was resumed at step ``s0`` with another number of steps, where its rate
+    was ``lr0``; from ``s0`` on the rate decays from ``lr0`` to ``lr_final`` over the remaining steps with
+    the same shape, so the schedule goes on from where it was instead of jumping to another curve."""
+    if anchor is not None and step >= anchor[0] and cfg.schedule in ("cosine", "exponential"):
+        s0, lr0 = anchor
+        progress = min(1.0, max(0.0, (step - s0) / max(1, cfg.steps - s0)))
+        if cfg.schedule == "cosine":
+            return cfg.lr_final + 0.5 * (lr0 - cfg.lr_final) * (1 + math.cos(math.pi * progress))
+        return lr0 * math.exp(math.log(cfg.lr_final / lr0) * progress)
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     progress = min(1.0, max(0.0, progress))
     if cfg.schedule == "cosine":
@@ -343,6 +353,7 @@ class Trainer:
         self.checkpoint_dir = Path(cfg.out_dir) / "checkpoints" if cfg.out_dir else None
         self.last_checkpoint: str | None = None
         self.overridden: dict[str, tuple[Any, Any]] = {}  # field: (checkpoint's value, this run's)
+        self.lr_anchor: tuple[int, float] | None = None  # (step, rate) where a resume changed the steps
         if cfg.out_dir:
             self._prepare_out_dir(Path(cfg.out_dir))
         if cfg.resume:
@@ -411,7 +422,7 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One optimizer step on batch ``self.step``; returns its record."""
         cfg = self.config
-        lr = lr_at(cfg, self.step)
+        lr = lr_at(cfg, self.step, self.lr_anchor)
         for g in self.optimizer.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
         inputs, targets = self.global_batch(self.step, cfg.batch_size)
@@ -553,6 +564,7 @@ class Trainer:
                 "history": self.history,
                 "evals": self.evals,
                 "config": self.config.to_dict(),
+                "lr_anchor": list(self.lr_anchor) if self.lr_anchor else None,
             }
             if torch.cuda.is_available():
                 trainer_state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
@@ -597,6 +609,8 @@ class Trainer:
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=opts)
         self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
         self.history, self.evals = list(state["history"]), list(state["evals"])
+        if self.lr_anchor is None and state.get("lr_anchor"):  # else this resume changed the steps again
+            self.lr_anchor = tuple(state["lr_anchor"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(_as_random_state(state["rng"]["python"]))
         if "cuda" in state["rng"] and torch.cuda.is_available():
@@ -656,6 +670,12 @@ class Trainer:
             raise ResumeError(f"steps={cfg.steps} is below the {state['step']} steps the checkpoint {path} has "
                               f"done; give steps >= {state['step']}")
         self.overridden = {n: (old[n], new[n]) for n in changed}
+        s0 = state["step"]
+        if "steps" in changed and s0 >= cfg.warmup_steps:
+            # Keep going from the rate the run had at s0 (its old step count, this run's other settings).
+            before = replace(cfg, steps=old["steps"], resume=False, override=[], out_dir=None)
+            anchor = tuple(state["lr_anchor"]) if state.get("lr_anchor") else None
+            self.lr_anchor = (s0, lr_at(before, s0, anchor))
 
     # -- the loop ------------------------------------------------------------------------------------
     def fit(self, steps: int | None = None) -> TrainResult:

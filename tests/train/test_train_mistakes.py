@@ -3,6 +3,8 @@ save too) and signals resume to the loss of an uninterrupted run."""
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
 import random
 import signal
@@ -66,20 +68,26 @@ def test_resume_with_another_model_or_settings_lists_each_difference(tmp_path):
     assert Trainer(cfg(out_dir=out, steps=3, resume=True, eval_batches=2, keep_checkpoints=3)).step == 3
 
 
-def test_override_steps_follows_the_longer_schedule_without_a_second_warmup(tmp_path):
+def test_override_steps_continues_the_schedule_from_where_it_was(tmp_path):
+    """Resumed at step 4 of 8 with 12 steps: the rate at step 4 is the one the 8-step run had there (no
+    jump, no second warmup), then it decays smoothly to lr_final at the new end."""
     out = str(tmp_path)
-    short = cfg(out_dir=out, steps=4, warmup_steps=2, lr=1e-3, lr_final=1e-4)
-    Trainer(short).fit()
-    t = Trainer(cfg(out_dir=out, steps=8, warmup_steps=2, lr=1e-3, lr_final=1e-4, resume=True, override="steps"))
-    assert t.overridden == {"steps": (4, 8)}
+    eight = cfg(out_dir=out, steps=8, warmup_steps=2, lr=1e-3, lr_final=1e-4)
+    Trainer(eight).fit(steps=4)
+    t = Trainer(cfg(out_dir=out, steps=12, warmup_steps=2, lr=1e-3, lr_final=1e-4, resume=True, override="steps"))
+    assert t.overridden == {"steps": (8, 12)} and t.lr_anchor == (4, pytest.approx(lr_at(eight, 4)))
     r = t.fit()
-    longer = cfg(steps=8, warmup_steps=2, lr=1e-3, lr_final=1e-4)
     lrs = [h["lr"] for h in r.history]
-    assert lrs[:4] == [lr_at(short, s) for s in range(4)]  # the first part kept its own schedule
-    # from the resume step on: the rate a run planned with 8 steps has at that step (cosine over 6 steps)
-    assert lrs[4] == pytest.approx(1e-4 + 0.5 * 9e-4 * (1 + torch.cos(torch.tensor(torch.pi * 2 / 6)).item()))
-    assert lrs[4:] == [lr_at(longer, s) for s in range(4, 8)]
-    assert min(lrs[4:]) > 0.99 * 1e-4 and lrs[4] > lrs[5] > lrs[6] > lrs[7]  # no ramp from 0.01 lr again
+    assert lrs[:4] == [lr_at(eight, s) for s in range(4)]  # the first part kept its own schedule
+    assert lrs[4] == pytest.approx(lr_at(eight, 4))  # continuous at the resume step
+    assert all(a > b for a, b in itertools.pairwise(lrs[3:]))  # decreasing from step 3: no jump, no ramp
+    # the cosine from the resume point: half-way through the remaining 8 steps it is the mean of both ends
+    assert lrs[8] == pytest.approx(1e-4 + 0.5 * (lr_at(eight, 4) - 1e-4))
+    assert lrs[-1] > 1e-4 and lrs[-1] == pytest.approx(1e-4 + 0.5 * (lr_at(eight, 4) - 1e-4)
+                                                       * (1 + math.cos(math.pi * 7 / 8)))
+    # a later resume without a change keeps the anchor (the checkpoint carries it)
+    again = Trainer(cfg(out_dir=out, steps=12, warmup_steps=2, lr=1e-3, lr_final=1e-4, resume=True))
+    assert again.lr_anchor == t.lr_anchor
 
 
 # -- out_dir, checkpoints by default, stale temp folders -----------------------------------------------
@@ -260,7 +268,7 @@ def test_cli_refuses_a_used_out_dir_and_changed_settings(tmp_path, capsys):
     one_line_naming(capsys.readouterr().err, "steps 2 -> 3", "--override steps")
     assert main([*common, "--steps", "3", "--resume", "--override", "steps"]) == 0
     out_text = capsys.readouterr().out
-    assert "note: steps 2 -> 3 (--override); the learning rate follows the 3-step schedule from step 2" in out_text
+    assert "note: steps 2 -> 3 (--override); the learning rate goes on from" in out_text
     bad = tmp_path / "bad.toml"
     bad.write_text("[train\n")
     assert main(["train", str(bad)]) == 2
