@@ -34,6 +34,9 @@ def main() -> None:
 
     print("\n== 1.5B shapes on the meta device (no weights allocated) ==")
     for version in rwkv_zoo.list_versions():
+        if not any(p.name == "1.5B" for p in rwkv_zoo.registry.get_version(version).sizes):
+            print(f"{version}: no 1.5B preset (its releases are other sizes)")
+            continue
         t0 = time.perf_counter()
         model = rwkv_zoo.build(version, size="1.5B", device="meta")
         ms = (time.perf_counter() - t0) * 1e3

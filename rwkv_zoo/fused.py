@@ -8,10 +8,11 @@ positions and the new per-layer states. Like an op kernel it declares what it ca
 
 1. only without gradients, outside ``torch.compile``, with ``model.fused_step`` true (the default)
    and ``model.mode`` unset (a forced kernel mode asks for per-layer kernels);
-2. an explicit backend choice (``model.backend``, ``use_backend``, ``RWKV_ZOO_BACKEND``) restricts
-   the choice to that backend's steps; otherwise every available backend's steps are candidates;
-3. the highest-priority backend whose step accepts the model and the call wins. When none does the
-   model runs its modules, layer by layer, with per-layer kernels from dispatch: always correct.
+2. dispatch is asked for every layer's kernel call, exactly as the modules would ask (explicit choices,
+   the policy hook, priorities); only when it gives them all to one backend may that backend's step
+   run, since the step replaces those kernels too;
+3. the step must accept the model and the call (``check``). Otherwise the model runs its modules,
+   layer by layer, with per-layer kernels from dispatch: always correct.
 
 A step decides from the model's **exact** module classes (never ``isinstance``): a subclass that
 changes the maths of a time-mix never inherits its parent's fused step. What a step builds from the
@@ -112,31 +113,34 @@ def select(model: nn.Module, call: StepCall) -> StepSelection:
 
 
 def _select(model, call: StepCall, explicit: str | None, source: str, backends) -> StepSelection:
+    # A step replaces the body, and with it every layer's kernel: it may run only where dispatch gives all
+    # of them to the step's own backend (an explicit choice, the policy hook and priorities all apply
+    # as they would layer by layer, so a higher-priority backend's kernels are never bypassed).
+    try:
+        chosen = {dispatch.select(kc, getattr(model, "backend", None)).backend
+                  for _, kc in model.kernel_calls(call.B, call.T, device=call.device, dtype=call.dtype)}
+    except (dispatch.BackendError, ValueError) as exc:
+        return StepSelection(call, None, None, f"dispatch cannot run the layers' kernels: {exc}")
+    if len(chosen) != 1:
+        return StepSelection(call, None, None, f"dispatch chose {', '.join(sorted(chosen))} for different "
+                                               "layers; a fused step runs one backend's kernels")
+    name = chosen.pop()
+    how = f"chosen explicitly by {source}" if explicit else "dispatch's choice for every layer"
+    backend = backends[name]
+    steps = list(getattr(backend, "steps", ()) or ())
+    if not steps:
+        return StepSelection(call, None, None, f"dispatch chose {name!r} for the layers' kernels ({how}), "
+                                               "which has no fused step")
     rejected: list[tuple[str, str]] = []
-    names = [explicit] if explicit else sorted(backends, key=lambda n: (-backends[n].priority, n))
-    for name in names:
-        backend = backends.get(name)
-        steps = list(getattr(backend, "steps", ()) or ())
-        if backend is None or not steps:
-            if explicit:
-                return StepSelection(call, None, None, f"{source} chose {name!r}, which has no fused step")
+    for step in steps:
+        if step.devices is not None and call.device not in step.devices:
+            rejected.append((name, f"{step.name}: runs on {'/'.join(step.devices)}, not {call.device}"))
             continue
-        why = backend.unavailable_reason()
-        if why:
-            rejected.append((name, why))
+        reasons = step.check(model, call)
+        if reasons:
+            rejected.append((name, f"{step.name}: {'; '.join(reasons)}"))
             continue
-        for step in steps:
-            if step.devices is not None and call.device not in step.devices:
-                rejected.append((name, f"{step.name}: runs on {'/'.join(step.devices)}, not {call.device}"))
-                continue
-            reasons = step.check(model, call)
-            if reasons:
-                rejected.append((name, f"{step.name}: {'; '.join(reasons)}"))
-                continue
-            how = f"chosen explicitly by {source}" if explicit else f"highest priority ({backend.priority}) that fits"
-            return StepSelection(call, name, step.name, how, tuple(rejected))
-    if not rejected:
-        return StepSelection(call, None, None, "no backend provides a fused step here")
+        return StepSelection(call, name, step.name, how, tuple(rejected))
     return StepSelection(call, None, None, "no fused step fits: " + "; ".join(f"{n}: {r}" for n, r in rejected),
                          tuple(rejected))
 

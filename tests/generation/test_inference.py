@@ -187,13 +187,14 @@ def test_fused_step_follows_explicit_backend_choices_and_gradients():
 
     ref, _ = _decode(model, steps, None, fused_step=False)
     with rwkv_zoo.plugin(Plugin(), name="counting-plugin"):
-        # the highest-priority backend has no fused step, but the cpu backend's step still fits: a step
-        # replaces the whole body, so it is chosen among the backends that have one
+        # dispatch gives the layers' recurrent wkv7 calls to the higher-priority backend, which has no
+        # fused step: the modules run its kernels, the cpu step never bypasses it
         out, _ = _decode(model, steps, None, fused_step=True)
-        assert not calls and _rel(out, ref) < 1e-5
-        with rwkv_zoo.use_backend("counting"):  # an explicit choice: its kernels, layer by layer
+        assert len(calls) == 3 * model.config.n_layer and _rel(out, ref) < 1e-5
+        assert "'counting'" in rwkv_zoo.explain(model, steps[:, :1]).execution
+        with rwkv_zoo.use_backend("cpu"):  # an explicit choice of the step's backend: the fused step again
             out, _ = _decode(model, steps, None, fused_step=True)
-            assert "no fused step" in rwkv_zoo.explain(model, steps[:, :1]).execution
+            assert "fused step" in rwkv_zoo.explain(model, steps[:, :1]).execution
     assert len(calls) == 3 * model.config.n_layer and _rel(out, ref) < 1e-5
     logits, _ = model(torch.tensor([[1]]))  # grad enabled: the modules, differentiable
     logits.sum().backward()

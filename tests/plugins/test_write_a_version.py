@@ -85,7 +85,8 @@ def _check_outside_version(name: str, tmp_path: Path, *, official_file: bool) ->
                                                  strict=True) if b.norm() > 0)
     # explain names what runs the body: the modules, because no fused step implements this version
     execution = rwkv_zoo.explain(model, toks[:, :1]).execution
-    assert execution.startswith("the modules") and "not one the C++ step implements" in execution, execution
+    assert execution.startswith("the modules"), execution
+    assert "not one the C++ step implements" in execution or "which has no fused step" in execution, execution
     # generate
     out = rwkv_zoo.generate(model, toks[0].tolist(), max_new_tokens=4, temperature=0)
     assert len(out.tokens) == 4 and all(0 <= t < V for t in out.tokens)

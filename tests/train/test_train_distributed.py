@@ -30,9 +30,15 @@ def torchrun(*args: str) -> dict:
 @pytest.mark.slow
 @pytest.mark.integration
 def test_ddp_and_fsdp2_match_one_process_and_resume_each_others_checkpoints(tmp_path):
-    single = Trainer(TrainConfig(model="v7-tiny", data={"task": "mqar", "num_pairs": 4, "num_keys": 8,
-                                                         "num_values": 8},
-                                 steps=4, batch_size=4, warmup_steps=1, eval_batches=1, progress=False)).fit()
+    # The same story in one process: 2 steps planned and done, then resumed to 4 (--override steps: the
+    # learning rate goes on from where the 2-step schedule left it).
+    def config(**kw):
+        return TrainConfig(model="v7-tiny", data={"task": "mqar", "num_pairs": 4, "num_keys": 8, "num_values": 8},
+                           batch_size=4, warmup_steps=1, eval_batches=1, progress=False,
+                           out_dir=str(tmp_path / "single"), **kw)
+
+    Trainer(config(steps=2)).fit()
+    single = Trainer(config(steps=4, resume=True, override=["steps"])).fit()
     ref = [h["loss"] for h in single.history]
 
     out = str(tmp_path / "run")
