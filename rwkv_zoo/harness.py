@@ -1,7 +1,10 @@
-"""An EleutherAI lm-evaluation-harness model adapter: ``lm_eval --model rwkv_zoo``.
+"""An EleutherAI lm-evaluation-harness model adapter: ``python -m rwkv_zoo.harness --model rwkv_zoo``.
 
 Importing this module imports ``lm_eval`` and registers :class:`RWKVZooLM` under the name
-``"rwkv_zoo"`` (``import rwkv_zoo`` never imports it, so the package stays light). Then::
+``"rwkv_zoo"`` (``import rwkv_zoo`` never imports it, so the package stays light). lm_eval finds
+models only in its own registry (no plugin entry points), so its command line is run through this
+module: ``python -m rwkv_zoo.harness run --model rwkv_zoo --model_args pretrained=FILE --tasks ...``
+takes every ``lm_eval`` flag. In Python::
 
     import rwkv_zoo.harness
     lm_eval.simple_evaluate(model="rwkv_zoo", model_args="pretrained=RWKV-x070-World-1.5B.pth",
@@ -58,7 +61,7 @@ from lm_eval.api.registry import register_model
 from rwkv_zoo.generation import PrefixCache, _prefill, generate, score
 from rwkv_zoo.state import RWKVState
 
-__all__ = ["RWKVZooLM", "evaluate"]
+__all__ = ["RWKVZooLM", "evaluate", "main"]
 
 EOD = 0  # the end-of-document token of World and Pile vocabularies (and NUL for the byte tokenizer)
 PREFIXES = ("eod", "newline", "none")
@@ -67,10 +70,22 @@ _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat
 DEFAULT_MAX_GEN_TOKS = 256
 
 
+def _usable_device(device):
+    """``device``, or the CPU with a one-line warning where it asks for CUDA that this torch cannot use
+    (lm_eval's own command line passes ``cuda`` when no ``--device`` is given; its HF model falls back
+    the same way)."""
+    if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+        warnings.warn(f"rwkv_zoo: device={device} but CUDA is not available here; running on the CPU",
+                      stacklevel=3)
+        return "cpu"
+    return device
+
+
 def _load(pretrained, *, device, dtype, backend, seed: int):
     """A model from a checkpoint path, a model name (random weights, with a warning) or an RWKV object."""
     import rwkv_zoo
 
+    device = _usable_device(device)
     if isinstance(pretrained, torch.nn.Module):
         if device is not None or dtype is not None:
             pretrained = pretrained.to(device=device, dtype=dtype)
@@ -333,3 +348,23 @@ def evaluate(model_or_path, tasks: str | Sequence, *, limit: int | float | None 
     simple_evaluate_kwargs.setdefault("bootstrap_iters", 0)  # stderr by bootstrap is slow; opt in
     return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, num_fewshot=num_fewshot,
                                    **simple_evaluate_kwargs)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """lm_eval's own command line with the ``rwkv_zoo`` model registered: ``python -m rwkv_zoo.harness
+    run --model rwkv_zoo --model_args pretrained=FILE --tasks ...``, any lm_eval flag.
+
+    The harness finds models only through its own registry, filled by imports (it has no plugin entry
+    points for models), so a bare ``lm_eval --model rwkv_zoo`` cannot see this adapter; this module,
+    having registered it on import, hands the arguments to lm_eval's ``cli_evaluate``."""
+    import sys
+
+    from lm_eval.__main__ import cli_evaluate
+
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()

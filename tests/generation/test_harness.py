@@ -218,3 +218,50 @@ def test_cli_lm_eval_without_lm_eval_says_how_to_install(monkeypatch, capsys):
 def test_import_rwkv_zoo_does_not_import_lm_eval():
     code = "import sys, rwkv_zoo, rwkv_zoo.cli; assert 'lm_eval' not in sys.modules, 'lm_eval imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.integration
+def test_the_harness_own_command_line_runs_a_local_task(local_task, tmp_path):
+    """lm_eval's CLI through ``python -m rwkv_zoo.harness`` (the model registered), with lm_eval's own
+    flags and its default device (CUDA, which this machine lacks: the adapter falls back to the CPU)."""
+    import os
+
+    import yaml
+
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "tiny.yaml").write_text(yaml.safe_dump(local_task))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "rwkv_zoo.harness", "run", "--model", "rwkv_zoo",
+           "--model_args", "pretrained=v7-tiny,tokenizer=bytes", "--tasks", "rwkv_zoo_tiny_lambada",
+           "--include_path", str(tmp_path / "tasks"), "--batch_size", "2", "--device", "cuda:0",
+           "--output_path", str(out)]
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rwkv_zoo_tiny_lambada" in proc.stdout and "acc" in proc.stdout, proc.stdout[-2000:]
+    assert "CUDA is not available here; running on the CPU" in proc.stderr
+    results = [json.loads(p.read_text()) for p in out.rglob("results*.json")]
+    assert results and results[0]["results"]["rwkv_zoo_tiny_lambada"]["sample_len"] == len(DOCS)
+    # the numbers equal the adapter's in-process ones (the same model, seed and tokenizer)
+    with pytest.warns(UserWarning):
+        lm = RWKVZooLM("v7-tiny", tokenizer="bytes")
+    pairs = [(" ".join(d.split(" ")[:-1]), " " + d.split(" ")[-1]) for d in DOCS]
+    acc = sum(g for _, g in lm.loglikelihood(_ll(*pairs), disable_tqdm=True)) / len(DOCS)
+    assert results[0]["results"]["rwkv_zoo_tiny_lambada"]["acc,none"] == pytest.approx(acc)
+
+
+def test_loglikelihoods_do_not_depend_on_the_batch_size():
+    """Continuations of many lengths (1 to 25 tokens, so both kernel modes and padding) scored at batch
+    sizes 1, 3, 4 and 16 give identical log-likelihoods on the CPU (the fused step computes each row on
+    its own)."""
+    import random
+
+    rng = random.Random(0)
+    pairs = [([rng.randrange(256) for _ in range(rng.randint(1, 30))],
+              [rng.randrange(256) for _ in range(rng.randint(1, 25))]) for _ in range(40)]
+    results = {}
+    for bs in (1, 3, 4, 16):
+        with pytest.warns(UserWarning):
+            lm = RWKVZooLM("v7-small", tokenizer="bytes", batch_size=bs)
+        results[bs] = lm.loglikelihood_tokens(pairs, disable_tqdm=True)
+    assert all(results[bs] == results[1] for bs in (3, 4, 16))
