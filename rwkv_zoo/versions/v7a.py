@@ -20,7 +20,7 @@ hybrid.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from rwkv_zoo.hookspecs import hookimpl
 from rwkv_zoo.model import Block, channel_ramp, layer_ratios, orthogonal_, token_shift
 from rwkv_zoo.protocols import Context
-from rwkv_zoo.registry import SizePreset, VersionSpec
+from rwkv_zoo.registry import VersionSpec
 from rwkv_zoo.versions import v7
 from rwkv_zoo.versions.v7 import WORLD_VOCAB, V7Config, V7TimeMix
 
@@ -105,13 +105,10 @@ def param_groups(model: nn.Module, weight_decay: float = 0.0) -> list[dict]:
 
 
 def _preset(name, V, L, C, loras, params, aliases=(), released=True, note="", head_size=None, rank=32):
-    dw, da, dv, dg = loras
-    opts = (("dim_w_lora", dw), ("dim_a_lora", da), ("dim_v_lora", dv), ("dim_g_lora", dg), ("dim_s_lora", rank))
-    if head_size is not None:
-        opts += (("head_size", head_size),)
+    """v7's preset plus the DeepEmbed rank R."""
     source = "file size (2.01 GB fp16) and tensor count (462) of the released files" if released else ""
-    return SizePreset(name, L, C, V, aliases=aliases, options=opts, params=params, released=released, note=note,
-                      source=source)
+    p = v7._preset(name, V, L, C, loras, params, aliases, released, note, head_size, source=source)
+    return replace(p, options=(*p.options, ("dim_s_lora", rank)))
 
 
 SIZES = (

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from rwkv_zoo.hookspecs import hookimpl
 from rwkv_zoo.model import Block, channel_ramp, layer_ratios, orthogonal_, token_shift
 from rwkv_zoo.protocols import Context
-from rwkv_zoo.registry import SizePreset, VersionSpec
+from rwkv_zoo.registry import VersionSpec
 from rwkv_zoo.versions import v7
 from rwkv_zoo.versions.v7 import PILE_VOCAB, V7Config, V7TimeMix
 
@@ -75,12 +75,7 @@ def param_groups(model: nn.Module, weight_decay: float = 0.0) -> list[dict]:
     return v7.param_groups(model, weight_decay)
 
 
-def _preset(name, V, L, C, loras, params, aliases=(), released=True, note="", head_size=None):
-    dw, da, dv, dg = loras
-    opts = (("dim_w_lora", dw), ("dim_a_lora", da), ("dim_v_lora", dv), ("dim_g_lora", dg))
-    if head_size is not None:
-        opts += (("head_size", head_size),)
-    return SizePreset(name, L, C, V, aliases=aliases, options=opts, params=params, released=released, note=note)
+_preset = v7._preset  # the same x070 LoRA ranks make a preset
 
 
 SIZES = (
