@@ -41,6 +41,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "rwkv_zoo.backends.cuda",
     "rwkv_zoo.backends.fla",
     "rwkv_zoo.plugins.formats",
+    "rwkv_zoo.plugins.attention",
     "rwkv_zoo.plugins.hybrids",
 )
 
