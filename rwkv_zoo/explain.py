@@ -23,6 +23,8 @@ class Explanation:
     not_loaded: list[str] = field(default_factory=list)
     # How the model runs this call without gradients around the kernels (None: not asked, e.g. training).
     execution: str | None = None
+    # Layers whose time-mix calls no dispatched kernel, grouped by what runs them instead.
+    no_kernel: list[tuple[list[int], str]] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"{self.model_name}: input [B={self.batch_size}, T={self.T}]"]
@@ -30,6 +32,9 @@ class Explanation:
             span = f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}-{layers[-1]}"
             lines.append(f"{span} ({len(layers)}):")
             lines.extend("  " + line for line in sel.explain().splitlines())
+        for layers, what in self.no_kernel:
+            span = f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}-{layers[-1]}"
+            lines.append(f"{span} ({len(layers)}): no dispatch: {what}")
         lines.extend(f"not considered: {why}" for why in self.not_loaded)
         if self.execution:
             lines.append(f"runs as: {self.execution}")
@@ -83,7 +88,11 @@ def explain(
     name = f"{model.version}-{model.size_name}" if getattr(model, "size_name", None) else model.version
     selections = [(layers, sels[k]) for k, layers in groups.items()]
     execution = None if requires_grad else _execution(model, batch_size, T, device, dtype)
-    return Explanation(name, batch_size, T, selections, pluginmanager.not_loaded(), execution)
+    no_kernel: dict[str, list[int]] = {}
+    for i, what in model.no_kernel() if hasattr(model, "no_kernel") else ():
+        no_kernel.setdefault(what, []).append(i)
+    return Explanation(name, batch_size, T, selections, pluginmanager.not_loaded(), execution,
+                       [(layers, what) for what, layers in no_kernel.items()])
 
 
 def _execution(model, batch_size: int, T: int, device, dtype) -> str | None:

@@ -121,6 +121,9 @@ def _select(model, call: StepCall, explicit: str | None, source: str, backends) 
                   for _, kc in model.kernel_calls(call.B, call.T, device=call.device, dtype=call.dtype)}
     except (dispatch.BackendError, ValueError) as exc:
         return StepSelection(call, None, None, f"dispatch cannot run the layers' kernels: {exc}")
+    if not chosen:
+        return StepSelection(call, None, None, "no layer calls a dispatched kernel, so no backend's fused step "
+                                               "applies")
     if len(chosen) != 1:
         return StepSelection(call, None, None, f"dispatch chose {', '.join(sorted(chosen))} for different "
                                                "layers; a fused step runs one backend's kernels")

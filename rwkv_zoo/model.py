@@ -278,7 +278,8 @@ class RWKV(nn.Module):
     # -- kernels the model will call (for explain) -------------------------------------------------
     def kernel_calls(self, batch_size: int, T: int, *, requires_grad: bool = False, has_state: bool = False,
                      device: str | None = None, dtype: torch.dtype | None = None):
-        """The ``KernelCall`` each layer makes for input [batch_size, T] (mode left to dispatch)."""
+        """The ``KernelCall`` each layer makes for input [batch_size, T] (mode left to dispatch). A layer
+        whose time-mix has no ``wkv_op`` (it calls no dispatched kernel) makes none: see ``no_kernel``."""
         from rwkv_zoo.dispatch import KernelCall, auto_mode
 
         device = device or self.device.type
@@ -287,8 +288,21 @@ class RWKV(nn.Module):
         out = []
         for i, block in enumerate(self.blocks):
             att = block.att
+            if not getattr(att, "wkv_op", ""):
+                continue
             out.append((i, KernelCall(att.wkv_op, mode, device, dtype, batch_size, T, att.kernel_heads,
                                       att.kernel_head_size, requires_grad, has_state)))
+        return out
+
+    def no_kernel(self) -> list[tuple[int, str]]:
+        """``(layer, what runs it)`` for every layer whose time-mix calls no dispatched kernel (its
+        ``wkv_op`` is empty; its ``runs_with`` says what runs it instead, e.g. torch's SDPA)."""
+        out = []
+        for i, block in enumerate(self.blocks):
+            att = block.att
+            if not getattr(att, "wkv_op", ""):
+                what = getattr(att, "runs_with", "") or "its own PyTorch code"
+                out.append((i, f"{type(att).__qualname__} calls no WKV kernel; it runs {what}"))
         return out
 
     # -- initialisation and optimisation ------------------------------------------------------------

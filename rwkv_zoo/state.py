@@ -189,8 +189,9 @@ class RWKVState:
         state = model.zero_state(1)
         for i, ls in enumerate(state.layers):
             if not isinstance(ls.wkv, Tensor) or ls.wkv.dim() != 4:
-                raise ValueError(f"layer {i} of this {model.version} model has no matrix state (RWKV-4's is a "
-                                 "(num, den, max) triple): official time_state keys exist only for matrix states")
+                raise ValueError(f"layer {i} of this {model.version} model has no matrix state (its time-mix keeps "
+                                 "a tuple of tensors, like RWKV-4's (num, den, max) triple): official time_state "
+                                 "keys exist only for matrix states")
             key = f"blocks.{i}.att.time_state"
             if key not in tensors:
                 raise ValueError(f"time_state is missing {key}")
@@ -206,8 +207,9 @@ class RWKVState:
 
     def to_time_state(self, index: int = 0) -> dict[str, Tensor]:
         """Official ``blocks.N.att.time_state`` tensors ([H, V, K] fp32) of sequence ``index``."""
-        if isinstance(self.layers[0].wkv, tuple):
-            raise ValueError("RWKV-4 has no matrix state to export as time_state")
+        if any(isinstance(ls.wkv, tuple) for ls in self.layers):
+            raise ValueError(f"{self.identity.version} has a layer without a matrix state (a tuple, like RWKV-4's "
+                             "triple): only matrix states export as time_state")
         return {
             f"blocks.{i}.att.time_state": ls.wkv[index].transpose(-1, -2).contiguous().float()
             for i, ls in enumerate(self.layers)

@@ -197,7 +197,10 @@ def _used(model, T: int) -> str:
     import rwkv_zoo
 
     ex = rwkv_zoo.explain(model, (1, T), requires_grad=False, has_state=True)
-    return ", ".join(sorted({f"{sel.backend}/{sel.mode}" for _, sel in ex.selections}))
+    used = {f"{sel.backend}/{sel.mode}" for _, sel in ex.selections}
+    if ex.no_kernel:  # layers that call no dispatched kernel (an attention time-mix)
+        used.add("modules (no WKV kernel)")
+    return ", ".join(sorted(used))
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:

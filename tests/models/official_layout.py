@@ -72,7 +72,14 @@ def official_shapes(version: str, L: int, C: int, V: int, F: int, N: int = 64, l
                 keys[a + m + ".weight"] = (C, C)
             keys[a + "ln_x.weight"] = (C,)
             keys[a + "ln_x.bias"] = (C,)
+        elif version == "attn":  # plugins/attention.py: its own layout (no release exists)
+            for m in ("query", "key", "value", "output"):
+                keys[a + m + ".weight"] = (C, C)
         # channel mix
+        if version == "attn":  # a plain MLP: no token-shift mix, no receptance
+            keys[f + "key.weight"] = (F, C)
+            keys[f + "value.weight"] = (C, F)
+            continue
         if version in ("v4", "v5"):
             keys[f + "time_mix_k"] = (1, 1, C)
             keys[f + "time_mix_r"] = (1, 1, C)

@@ -51,7 +51,7 @@ def test_builtins_register_through_their_own_hooks():
         assert plugins[name]["source"] == "builtin"
     assert "rwkv_zoo_register_versions" in plugins["rwkv_zoo.versions.v6"]["hooks"]
     assert "rwkv_zoo_register_backends" in plugins["rwkv_zoo.backends.reference"]["hooks"]
-    assert rwkv_zoo.list_versions() == ["hybrid", "v4", "v5", "v6", "v7", "v7a", "v8"]
+    assert rwkv_zoo.list_versions() == ["attn", "hybrid", "v4", "v5", "v6", "v7", "v7a", "v8"]
 
 
 def test_misspelled_hook_fails_loudly():

@@ -65,7 +65,7 @@ def test_explicit_dimensions():
 
 
 def test_unknown_names_list_what_exists():
-    with pytest.raises(ValueError, match="unknown version 'v9'; versions: hybrid, v4, v5, v6, v7"):
+    with pytest.raises(ValueError, match="unknown version 'v9'; versions: attn, hybrid, v4, v5, v6, v7"):
         rwkv_zoo.build("v9")
     with pytest.raises(ValueError, match=r"unknown size '2B' for v6; sizes: 0.1B, 0.4B, 1.5B"):
         rwkv_zoo.build("v6", size="2B")
@@ -78,7 +78,7 @@ def test_list_models_and_versions():
     assert "v6-1.5B" in names and "v7-tiny" in names and "v4-pile-169M" in names
     assert rwkv_zoo.list_models("v7-pile*") == ["v7-pile-168M", "v7-pile-421M", "v7-pile-1.47B"]
     assert "v5-tiny" not in rwkv_zoo.list_models(released_only=True)
-    assert rwkv_zoo.list_versions() == ["hybrid", "v4", "v5", "v6", "v7", "v7a", "v8"]  # hybrid: plugins/hybrids.py
+    assert rwkv_zoo.list_versions() == ["attn", "hybrid", "v4", "v5", "v6", "v7", "v7a", "v8"]  # plugins/attention.py, plugins/hybrids.py
 
 
 def test_dtype_device_and_backend_arguments():
