@@ -78,7 +78,8 @@ def test_list_models_and_versions():
     assert "v6-1.5B" in names and "v7-tiny" in names and "v4-pile-169M" in names
     assert rwkv_zoo.list_models("v7-pile*") == ["v7-pile-168M", "v7-pile-421M", "v7-pile-1.47B"]
     assert "v5-tiny" not in rwkv_zoo.list_models(released_only=True)
-    assert rwkv_zoo.list_versions() == ["attn", "hybrid", "v4", "v5", "v6", "v7", "v7a", "v8"]  # plugins/attention.py, plugins/hybrids.py
+    # attn: plugins/attention.py; hybrid: plugins/hybrids.py
+    assert rwkv_zoo.list_versions() == ["attn", "hybrid", "v4", "v5", "v6", "v7", "v7a", "v8"]
 
 
 def test_dtype_device_and_backend_arguments():
