@@ -175,11 +175,13 @@ class AttnTimeMix(nn.Module):
 
 
 def _last(t: Tensor, W: int) -> Tensor:
-    """The last W entries of ``t`` [B, H, S, N] along S in fp32, zero-padded at the front when S < W."""
+    """The last W entries of ``t`` [B, H, S, N] along S, zero-padded at the front when S < W; fp32 (or
+    fp64 in an fp64 model), as every WKV state."""
     S = t.shape[2]
     if S < W:
         t = F.pad(t, (0, 0, W - S, 0))
-    return t[:, :, -W:].float()
+    t = t[:, :, -W:]
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 class AttnMLP(nn.Module):
