@@ -87,7 +87,7 @@ def test_a_token_outside_the_window_has_no_influence():
         assert torch.allclose(model(far)[0][0, t], ref, rtol=0, atol=1e-6)
         assert not torch.allclose(model(near)[0][0, t], ref, rtol=0, atol=1e-3)
         _, st = model(far[:, :t])
-        assert torch.allclose(model(far[:, t:], st)[0][0, -1], ref, rtol=0, atol=1e-6)
+        assert rel(model(far[:, t:], st)[0][0, -1], ref) <= 1e-5  # another path: equal to rounding
     # with two layers the receptive field is 2 (W - 1) + 1 tokens: token t-W now matters
     deep = small(seed=2)
     with torch.no_grad():
@@ -115,12 +115,13 @@ def test_save_and_load_round_trip(tmp_path):
 
 def test_trains_through_the_trainer(tmp_path):
     cfg = TrainConfig(model="attn", model_options={"n_layer": 2, "n_embd": 64, "head_size": 16, "window": 16},
-                      data={"task": "copying", "length": 4}, steps=40, batch_size=16, lr=3e-3, warmup_steps=2,
-                      progress=False, eval_batches=1, out_dir=str(tmp_path))
+                      data={"task": "copying", "length": 4}, steps=60, batch_size=16, lr=1e-2, warmup_steps=2,
+                      progress=False, eval_batches=1, out_dir=str(tmp_path), save_every=0, threads=1)
     trainer = Trainer(cfg)
     result = trainer.fit()
     losses = [h["loss"] for h in result.history]
-    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses  # copying is easy for attention
+    assert result.final["acc"] >= 0.8, result.final
     assert result.identity.startswith("attn")
     groups = rwkv_zoo.param_groups(trainer.module, weight_decay=0.1)
     assert {g["lr_scale"] for g in groups} == {1.0}
