@@ -117,8 +117,7 @@ def carried_mask(start: Tensor, T: int, W: int) -> Tensor:
 class AttnTimeMix(nn.Module):
     """Sliding-window causal softmax attention with RoPE (see the module docstring)."""
 
-    wkv_op = ""  # no dispatched kernel: torch's SDPA runs the layer
-    runs_with = "torch.nn.functional.scaled_dot_product_attention (PyTorch picks its SDPA kernel)"
+    wkv_op = ""  # no dispatched kernel: torch's SDPA runs the layer (``runs_with`` says so in explain)
 
     def __init__(self, config: AttnConfig, layer_id: int):
         super().__init__()
@@ -126,6 +125,8 @@ class AttnTimeMix(nn.Module):
         C, H, N = config.n_embd, config.n_head, config.head_size
         self.kernel_heads, self.kernel_head_size = H, N
         self.window, self.rope_theta = config.window, float(config.rope_theta)
+        self.runs_with = (f"torch.nn.functional.scaled_dot_product_attention over a window of {config.window} "
+                          "keys (PyTorch picks its SDPA kernel)")
         self.query = nn.Linear(C, C, bias=False)
         self.key = nn.Linear(C, C, bias=False)
         self.value = nn.Linear(C, C, bias=False)

@@ -59,7 +59,9 @@ class TimeMix(Protocol):
     """The time-mixing half of a block.
 
     ``kernel_heads`` / ``kernel_head_size`` are the ``H`` and ``N`` of the op calls (``1`` and ``C``
-    for wkv4), so ``explain`` can say which kernel a layer will get without running it.
+    for wkv4), so ``explain`` can say which kernel a layer will get without running it. A time-mix that
+    calls no dispatched kernel (softmax attention) has ``wkv_op = ""`` and a ``runs_with`` sentence that
+    ``explain`` shows instead.
     """
 
     wkv_op: str

@@ -155,6 +155,17 @@ def test_generates_and_explains():
     assert "no layer calls a dispatched kernel" in text, text
 
 
+def test_state_saves_and_loads(tmp_path):
+    model = small(seed=7)
+    x = toks(1, W + 3)
+    with torch.no_grad():
+        _, st = model(x[:, :-1])
+        st.save(tmp_path / "s.safetensors")
+        back = RWKVState.load(tmp_path / "s.safetensors", model)
+        assert back.layers[0].wkv[2].tolist() == [W + 2]
+        assert torch.equal(model(x[:, -1:], back)[0], model(x[:, -1:], st)[0])
+
+
 def test_state_size_counts_the_window():
     model = small()
     L, C = 2, 64
