@@ -21,7 +21,7 @@ _FLAGS = {
     "model": str, "size": str, "steps": int, "batch_size": int, "ctx_len": int, "chunk_len": int, "lr": float,
     "lr_final": float, "warmup_steps": int, "schedule": str, "weight_decay": float, "grad_clip": float,
     "eval_every": int, "save_every": int, "out_dir": str, "seed": int, "threads": int, "distributed": str,
-    "device": str, "backend": str,
+    "device": str, "backend": str, "init_from": str,
 }
 _SWITCHES = ("resume", "overwrite", "bf16", "grad_checkpointing", "truncated_bptt", "no_l2wrap")
 _HELP = {
@@ -41,6 +41,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     for name, typ in _FLAGS.items():
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, default=None,
                        help=_HELP.get(name, f"TrainConfig.{name}"))
+    from rwkv_zoo.train.tuning import get_mode, mode_names
+
+    modes = "; ".join(f"{n}: {get_mode(n).description}" for n in mode_names())
+    p.add_argument("--tune", choices=mode_names(), default=None,
+                   help=f"what trains (default: full). {modes}")
     p.add_argument("--task", help="synthetic task: mqar, copying, selective_copying (data = {task = ...})")
     p.add_argument("--text", help="train on a text file, byte level (data = {text = PATH})")
     p.add_argument("--binidx", help="train on an RWKV-LM .bin/.idx dataset (data = {binidx = PREFIX})")
@@ -63,7 +68,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {args.config} is not valid TOML ({exc}); fix it") from exc
         values.update(raw.get("train", raw))
-    for name in _FLAGS:
+    for name in (*_FLAGS, "tune"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     for s in _SWITCHES:
