@@ -49,6 +49,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", help="synthetic task: mqar, copying, selective_copying (data = {task = ...})")
     p.add_argument("--text", help="train on a text file, byte level (data = {text = PATH})")
     p.add_argument("--binidx", help="train on an RWKV-LM .bin/.idx dataset (data = {binidx = PREFIX})")
+    p.add_argument("--sft", metavar="JSONL", help="chat SFT on a jsonl file of {\"text\": ...} or {\"messages\": "
+                   "[...]} lines, World tokenizer, loss on the assistant replies only (data = {sft = PATH})")
     for s in _SWITCHES:
         p.add_argument(f"--{s.replace('_', '-')}", dest=s, action="store_true", default=None, help=_HELP.get(s))
     p.add_argument("--override", metavar="FIELD[,FIELD]",
@@ -77,9 +79,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                 values["l2wrap"] = False
             else:
                 values[s] = True
-    data = [(k, getattr(args, k)) for k in ("task", "text", "binidx") if getattr(args, k)]
+    data = [(k, getattr(args, k)) for k in ("task", "text", "binidx", "sft") if getattr(args, k)]
     if len(data) > 1:
-        raise ConfigError("give one of --task, --text, --binidx")
+        raise ConfigError("give one of --task, --text, --binidx, --sft")
     if data:
         values["data"] = {data[0][0]: data[0][1]}
     for item in args.set:

@@ -85,7 +85,7 @@ class TrainConfig:
     # building ``model``; ``tune`` names a mode of rwkv_zoo.train.tuning (full, state, ...)
     init_from: str | None = None
     tune: str = "full"
-    # data: {"task": "mqar", ...} | {"text": PATH} | {"binidx": PREFIX, "vocab_size": V}
+    # data: {"task": "mqar", ...} | {"text": PATH} | {"binidx": PREFIX, "vocab_size": V} | {"sft": JSONL}
     data: dict[str, Any] = field(default_factory=lambda: {"task": "mqar"})
     # budget
     steps: int = 200
