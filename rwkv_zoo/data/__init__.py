@@ -47,8 +47,8 @@ __all__ = [
 def make_data(spec: dict[str, Any]) -> Task | TokenStream | ChatData:
     """Data from a config table: ``{"task": "mqar", ...}`` (see ``TASKS``), ``{"text": PATH}`` (byte
     level; ``"tokenizer": "world"`` or a tokenizer.json to tokenize) or ``{"binidx": PREFIX,
-    "vocab_size": V}``; ``eval_fraction`` for the last two; ``{"sft": PATH}`` (chat jsonl, ``rwkv_zoo.data.sft``; ``"tokenizer"``: world by
-    default)."""
+    "vocab_size": V}``; ``eval_fraction`` for the last two; or ``{"sft": PATH}`` (chat jsonl, see
+    ``rwkv_zoo.data.sft``; ``"tokenizer"``: world by default)."""
     spec = dict(spec)
     if "text" in spec:
         return text_file(spec.pop("text"), eval_fraction=spec.pop("eval_fraction", 0.01), **spec)
