@@ -87,14 +87,14 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     modes = "; ".join(f"{n}: {get_mode(n).description}" for n in mode_names())
     p.add_argument("--tune", choices=mode_names(), default=None,
                    help=f"what trains: {modes} (default: {TrainConfig().tune})")
-    p.add_argument("--task", help="train on a synthetic task: mqar, copying, selective_copying (data = {task = ...}; "
-                                  "default: mqar when no data is given)")
-    p.add_argument("--text", help="train on a text file, byte level (data = {text = PATH}; default: none)")
-    p.add_argument("--binidx", help="train on an RWKV-LM .bin/.idx dataset (data = {binidx = PREFIX}; default: "
-                                    "none)")
+    p.add_argument("--task", help="train on a synthetic task: mqar, copying, selective_copying, as data = {task = ...} "
+                                  "(default: mqar when no data is given)")
+    p.add_argument("--text", help="train on a text file, byte level, as data = {text = PATH} (default: none)")
+    p.add_argument("--binidx", help="train on an RWKV-LM .bin/.idx dataset, as data = {binidx = PREFIX} "
+                                    "(default: none)")
     p.add_argument("--sft", metavar="JSONL", help="chat SFT on a jsonl file of {\"text\": ...} or {\"messages\": "
-                   "[...]} lines, World tokenizer, loss on the assistant replies only (data = {sft = PATH}; "
-                   "default: none)")
+                   "[...]} lines, World tokenizer, loss on the assistant replies only, as data = {sft = PATH} "
+                   "(default: none)")
     for s in _SWITCHES:
         p.add_argument(f"--{s.replace('_', '-')}", dest=s, action="store_true", default=None,
                        help=f"{_HELP[s]} (default: {_default_text(s)})")

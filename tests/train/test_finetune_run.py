@@ -107,3 +107,21 @@ def test_full_tuning_refuses_a_state_tuned_start(run, tmp_path):
     torch.save(sd, path)
     with pytest.raises(ValueError, match="use --tune state"):
         Trainer(_cfg(init_from=str(path)))
+
+
+def test_train_help_gives_every_flag_a_sentence_and_its_default():
+    import argparse
+
+    from rwkv_zoo.cli import make_parser
+
+    parser = make_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    flags = [a for a in sub._actions if not isinstance(a, argparse._HelpAction)]
+    assert {"--init-from", "--tune", "--sft"} <= {o for a in flags for o in a.option_strings}
+    for action in flags:
+        text = action.help or ""
+        name = action.option_strings or [action.dest]
+        assert "(default: " in text, name
+        assert len(text.split("(default: ")[0].split()) >= 3, name  # a sentence, not a bare field name
+    tune = next(a for a in flags if "--tune" in a.option_strings)
+    assert set(tune.choices) >= {"full", "state"}
