@@ -165,6 +165,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         data = trainer.data.describe() if hasattr(trainer.data, "describe") else getattr(trainer.data, "name", "")
         print(f"training {trainer.model_name} ({m.num_parameters():,} parameters) on {data}: {cfg.steps} steps x "
               f"{cfg.batch_size} x {trainer.seq_len} tokens, {trainer.world} process(es)"
+              + (f", from {cfg.init_from}" if cfg.init_from else "")
+              + (f", tuning: {cfg.tune}" if cfg.tune != "full" else "")
               + (f", resumed at step {trainer.step}" if trainer.step else ""), flush=True)
         for name, (old, new) in trainer.overridden.items():
             note = f"note: {name} {old!r} -> {new!r} (--override)"
@@ -186,6 +188,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.final.items())
             print(f"done: {result.tokens:,} tokens in {result.wall_s:.1f} s ({result.tokens_per_s:,.0f} tok/s); "
                   f"eval: {metrics}" + (f"; checkpoint {result.checkpoint}" if result.checkpoint else ""))
+            for f in result.files:
+                print(f"wrote {f}")
         if cfg.out_dir:
             Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
             (Path(cfg.out_dir) / "result.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
