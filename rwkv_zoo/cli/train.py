@@ -163,7 +163,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if trainer.rank == 0 and not args.json:
         m = trainer.module
         data = trainer.data.describe() if hasattr(trainer.data, "describe") else getattr(trainer.data, "name", "")
-        print(f"training {trainer.model_name} ({m.num_parameters():,} parameters) on {data}: {cfg.steps} steps x "
+        trainable = sum(p.numel() for p in trainer.params)
+        print(f"training {trainer.model_name} ({m.num_parameters():,} parameters, {trainable:,} trainable) on {data}: "
+              f"{cfg.steps} steps x "
               f"{cfg.batch_size} x {trainer.seq_len} tokens, {trainer.world} process(es)"
               + (f", from {cfg.init_from}" if cfg.init_from else "")
               + (f", tuning: {cfg.tune}" if cfg.tune != "full" else "")
