@@ -9,6 +9,7 @@ requests finish for up to ``--shutdown-timeout`` seconds, then stops the engine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import os
 import socket
@@ -73,13 +74,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         sock.close()
         raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from exc
+    sock.listen(2048)  # connections made from here on wait in the backlog until uvicorn accepts them
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if family == socket.AF_INET6 else host
     print(f"serving {name!r} at http://{shown}:{port}/v1 ({engine.describe()}); Ctrl-C stops", file=sys.stderr,
           flush=True)
     config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=args.shutdown_timeout,
                             access_log=args.log_level == "debug")
-    uvicorn.Server(config).run(sockets=[sock])
+    # uvicorn raises Ctrl-C's signal again once it has shut down gracefully: that is a normal stop.
+    with contextlib.suppress(KeyboardInterrupt):
+        uvicorn.Server(config).run(sockets=[sock])
     print("server stopped", file=sys.stderr)
     return 0
 
