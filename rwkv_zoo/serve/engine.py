@@ -94,6 +94,15 @@ class Handle:
     cached_tokens: int = 0
 
 
+def _emit(handle: Handle, event: tuple) -> None:
+    # A sink that fails (its event loop already closed at shutdown) must not take the engine down.
+    try:
+        handle.sink(event)
+    except Exception:
+        handle.cancelled = True
+        log.debug("a request's sink failed; the request is dropped", exc_info=True)
+
+
 class _Row:
     __slots__ = ("handle", "k", "seq")
 
@@ -364,18 +373,18 @@ class Engine:
             if seq.done is not None and seq.done != "stop_token" and seq.text is not None:
                 tail = seq.flush()  # generate flushes after feeding the last token; nothing depends on it
                 piece = (piece or "") + tail if tail or piece else None
-            h.sink(("token", row.k, tok, piece))
+            _emit(h, ("token", row.k, tok, piece))
             if tok is not None:
                 self.metrics.generation_tokens += 1
             if seq.done is None:
                 feed.append(tok)
                 keep.append(i)
                 continue
-            h.sink(("done", row.k, seq.done, len(seq.tokens)))
+            _emit(h, ("done", row.k, seq.done, len(seq.tokens)))
             h.remaining -= 1
             self._release_rows(1)
             if h.remaining == 0:
-                h.sink(("end", None, None, None))
+                _emit(h, ("end", None, None, None))
                 self.metrics.completed += 1
         self._keep(keep)
         if not feed:
@@ -400,4 +409,4 @@ class Engine:
         self._state = self._logits = None
         for h in handles.values():
             h.remaining = 0
-            h.sink(("error", None, message, None))
+            _emit(h, ("error", None, message, None))

@@ -1,6 +1,6 @@
 """``rwkv-zoo serve`` as users run it: the command (in this process, on the main thread so that it
 installs its signal handlers) on a free loopback port answers the openai client, and Ctrl-C (SIGINT)
-stops it cleanly; its usage errors."""
+stops it gracefully (a reply streaming at that moment is finished); its usage errors."""
 
 from __future__ import annotations
 
@@ -44,10 +44,21 @@ def test_serve_answers_and_stops_on_ctrl_c(model, tok, capsys):
             r = c.completions.create(model="v7-tiny", prompt="Hi", max_tokens=5, temperature=0,
                                      extra_body={"return_token_ids": True})
             seen["tokens"] = r.choices[0].model_extra["token_ids"]
+            # Ctrl-C while a reply streams: the server stops taking connections but finishes the reply.
+            stream = c.completions.create(model="v7-tiny", prompt="Go on", max_tokens=120, temperature=0,
+                                          stream=True, extra_body={"return_token_ids": True})
+            got = []
+            for chunk in stream:
+                got += chunk.choices[0].model_extra["token_ids"]
+                if "sigint" not in seen:
+                    seen["sigint"] = True
+                    os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends
+                finish = chunk.choices[0].finish_reason
+            seen["streamed"] = (len(got), finish)
         except Exception as exc:
             seen["error"] = exc
         finally:
-            if not main_done.is_set():  # what Ctrl-C sends; uvicorn's handler shuts down gracefully
+            if "sigint" not in seen and not main_done.is_set():
                 os.kill(os.getpid(), signal.SIGINT)
 
     helper = threading.Thread(target=client_then_ctrl_c, daemon=True)
@@ -61,6 +72,7 @@ def test_serve_answers_and_stops_on_ctrl_c(model, tok, capsys):
     assert status == 0 and "server stopped" in err
     assert f"at {url}/v1" in err  # loopback unless told otherwise
     assert seen["health"]["model"] == "v7-tiny"
+    assert seen["streamed"] == (120, "length")  # the reply running at Ctrl-C was finished, not cut
     # v7-tiny is built with seed 0 here and in the fixture: the same weights, so the same greedy tokens.
     assert seen["tokens"] == generate(model, tok.encode("Hi"), max_new_tokens=5, temperature=0).tokens
 
