@@ -230,13 +230,23 @@ class Engine:
         return len(self._rows)
 
     def submit(self, request: Request, sink: Callable[[tuple], Any]) -> Handle:
+        if request.max_tokens < 1 or not request.prompts or not all(request.prompts):
+            raise ValueError("a request needs max_tokens >= 1 and at least one non-empty prompt")
         if request.rows > self.max_batch:
             raise ValueError(f"the request needs {request.rows} rows (prompts x n) but the server runs at most "
                              f"{self.max_batch} (--max-batch)")
         with self._cond:
             if self._stopping:
                 raise EngineStopped("the server is shutting down")
-            if len(self._waiting) >= self.max_queue and self._reserved + request.rows > self.max_batch:
+            # Waiting requests that free rows will take at the next step are not queued in the sense of
+            # --max-queue: only those beyond the free rows count against it.
+            free, beyond = self.max_batch - self._reserved, 0
+            for h in self._waiting:
+                if beyond or h.request.rows > free:
+                    beyond += 1
+                else:
+                    free -= h.request.rows
+            if (beyond or request.rows > free) and beyond >= self.max_queue:
                 self.metrics.rejected += 1
                 raise QueueFull(f"{len(self._waiting)} requests are waiting and every row is busy")
             self._next_id += 1
