@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import socket
 import statistics
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -119,8 +120,14 @@ def main() -> None:
     from rwkv_zoo.tokenizers import default_tokenizer
 
     clients = [int(c) for c in args.clients.split(",")]
-    base = rwkv_zoo.randomize_(rwkv_zoo.build(args.model), 0).eval()
+    t0 = time.perf_counter()
+
+    def progress(what: str) -> None:
+        print(f"[{time.perf_counter() - t0:6.1f} s] {what}", file=sys.stderr, flush=True)
+
+    base = rwkv_zoo.randomize_(rwkv_zoo.build(args.model, init=False), 0).eval()  # random: skip the official init
     tok = default_tokenizer(base.config.vocab_size)
+    progress(f"built {args.model}")
     g = torch.Generator().manual_seed(0)
     V = min(base.config.vocab_size, tok.vocab_size)
     prompts = [torch.randint(1, V, (args.prompt_tokens,), generator=g).tolist() for _ in range(args.requests)]
@@ -129,14 +136,15 @@ def main() -> None:
         model = prepare_inference(base, w) if w != "fp32" else base
         with torch.no_grad():
             generate(model, prompts[0], max_new_tokens=4, seed=0)  # warm-up: kernels built, weights packed
+        progress(f"{w}: warmed up")
         rows.append((w, "generate, one at a time", 1, *bench_generate(model, prompts, args.max_tokens)))
-        print(*rows[-1][:3], f"{rows[-1][3] / rows[-1][4]:.1f} tok/s", flush=True)
+        progress(f"{rows[-1][:3]}: {rows[-1][3] / rows[-1][4]:.1f} tok/s")
         engine = Engine(model, tok, max_batch=max(clients), max_queue=4 * max(clients))
         app = create_app(engine, model_name="bench", tokenizer=tok, max_tokens_limit=args.max_tokens)
         with serving(app) as url:
             for c in clients:
                 rows.append((w, "serve, streaming clients", c, *bench_server(url, prompts, args.max_tokens, c)))
-                print(*rows[-1][:3], f"{rows[-1][3] / rows[-1][4]:.1f} tok/s", flush=True)
+                progress(f"{rows[-1][:3]}: {rows[-1][3] / rows[-1][4]:.1f} tok/s")
     print(f"\n{args.model} random weights, {args.requests} requests x {args.prompt_tokens} prompt tokens -> "
           f"{args.max_tokens} new tokens (temperature 1, seeded), torch threads {args.threads}\n")
     head = ("weights", "how", "clients", "tokens", "wall s", "tok/s", "TTFT p50 ms", "TTFT p99 ms",
