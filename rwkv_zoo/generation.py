@@ -52,6 +52,7 @@ __all__ = [
     "SamplingParams",
     "ScoreResult",
     "generate",
+    "sample_step",
     "score",
 ]
 
