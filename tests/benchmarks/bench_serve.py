@@ -12,6 +12,10 @@ sends its share one after the other, streaming, with ``return_token_ids`` so tha
 as its own event. Time to first token (TTFT) is measured by the client from sending the request to its
 first token; per-token latency is the gap between two tokens of one request. The ``generate`` row runs
 the same requests one at a time in this process (``stream=True``; TTFT from the call).
+
+On a machine shared with other work give ``--threads 1``: with two OpenMP threads a busy machine
+deschedules one of them and the other spins at every barrier, which slowed ``generate`` on the main
+thread up to 50x here (a 2-core machine at load 27) while the engine's own thread was barely touched.
 """
 
 from __future__ import annotations
