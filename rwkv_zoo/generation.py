@@ -52,6 +52,7 @@ __all__ = [
     "SamplingParams",
     "ScoreResult",
     "generate",
+    "sample_step",
     "score",
 ]
 
@@ -458,6 +459,33 @@ def _update_occurrence(seq: _Seq, token: int, p: SamplingParams) -> None:
     seq.occurrence[token] = seq.occurrence.get(token, 0.0) + weight
 
 
+def sample_step(seq: _Seq, logits: Tensor, p: SamplingParams, max_new: int) -> tuple[int | None, str | int | None]:
+    """One decoding step of one sequence, as ``generate`` takes it: sample from ``logits`` [V] (the
+    next-token logits after ``seq``'s state) with its penalties and its own generator, and book the token.
+
+    Returns ``(token, piece)``. ``token`` is the id to feed to the model next, or None when a stop token
+    ended the sequence (it is neither kept nor fed). ``piece`` is what to show now (text with a
+    tokenizer, the id without one), or None. ``seq.done`` is set when the sequence has ended
+    (``stop_token``, ``stop_string``, ``length``); a sequence ended by a string or by its length still
+    returns its last token, which ``generate`` feeds so that the state has consumed every kept token.
+    A server calls this for each of its rows, which is why a row samples what a solo ``generate`` samples.
+    """
+    tok = _sample(_penalised(logits, seq, p), p, seq.gen)
+    if tok in p.stop_tokens:
+        seq.done = "stop_token"
+        piece = seq.flush() if seq.text is not None else ""
+        return None, piece or None
+    seq.tokens.append(tok)
+    _update_occurrence(seq, tok, p)
+    if seq.text is not None:
+        piece = seq.push_text(tok, p.stop_strings) or None
+    else:
+        piece = tok
+    if seq.done is None and len(seq.tokens) >= max_new:
+        seq.done = "length"
+    return tok, piece
+
+
 # ---------------------------------------------------------------------------------------------------
 # generate
 
@@ -563,23 +591,13 @@ def _generate(model, seqs: list[_Seq], p: SamplingParams, max_new: int, state: R
         feed, keep_rows = [], []
         for row, i in enumerate(active):
             s = seqs[i]
-            tok = _sample(_penalised(cur_logits[row], s, p), p, s.gen)
-            if tok in p.stop_tokens:
-                s.done = "stop_token"
+            tok, piece = sample_step(s, cur_logits[row], p, max_new)
+            if tok is None:
                 s.state, s.logits = cur_state.select(row), cur_logits[row]
-                if s.text is not None and (piece := s.flush()):
-                    yield (i, piece) if batched else piece
+            if piece is not None:
+                yield (i, piece) if batched else piece
+            if tok is None:
                 continue
-            s.tokens.append(tok)
-            _update_occurrence(s, tok, p)
-            if s.text is not None:
-                piece = s.push_text(tok, p.stop_strings)
-                if piece:
-                    yield (i, piece) if batched else piece
-            else:
-                yield (i, tok) if batched else tok
-            if s.done is None and len(s.tokens) >= max_new:
-                s.done = "length"
             feed.append(tok)
             keep_rows.append(row)
         if not feed:
