@@ -20,7 +20,9 @@ Subcommands, one module per group, sharing ``rwkv_zoo.cli._helpers``:
   versions/hybrids x tasks x seeds with matched budgets (default: v4-v7 tiny models on MQAR)
   (``rwkv_zoo.cli.train``, also behind ``python -m rwkv_zoo.train``);
 - ``lm-eval MODEL --tasks T1,T2``: EleutherAI lm-evaluation-harness tasks through ``rwkv_zoo.harness``
-  (needs ``pip install lm_eval``; ``rwkv_zoo.cli.lm_eval``).
+  (needs ``pip install lm_eval``; ``rwkv_zoo.cli.lm_eval``);
+- ``merge BASE ADAPTER OUT``: fold a LoRA adapter (peft's format) into BASE, write an official checkpoint
+  (``rwkv_zoo.cli.finetune``, through ``rwkv_zoo.lora``; needs ``pip install peft``).
 
 Errors print one line on stderr, ``rwkv-zoo COMMAND: error: ...``, naming the problem and what to do:
 exit status 2 for a mistake on the command line (a wrong flag, value or name: argparse's and
@@ -50,7 +52,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     # Imported here rather than at the top so that `python -m rwkv_zoo.train` (which imports
     # rwkv_zoo.cli.train, and so this package) does not load every other command as well.
-    from rwkv_zoo.cli import bench, checkpoint, generate, info, lm_eval, train
+    from rwkv_zoo.cli import bench, checkpoint, finetune, generate, info, lm_eval, train
 
     parser = argparse.ArgumentParser(
         prog="rwkv-zoo",
@@ -60,7 +62,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true",
                         help="print the traceback of an error (also RWKV_ZOO_DEBUG=1); allowed after COMMAND too")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for group in (info, lm_eval, checkpoint, generate, bench, train):
+    for group in (info, lm_eval, checkpoint, generate, bench, train, finetune):
         group.add_parsers(sub)
     read_names_the_same_way(parser)
     return parser
