@@ -98,8 +98,32 @@ def describe_bytes(head: bytes) -> str:
     return f"binary data of an unknown kind, starting with {head[:8]!r}"
 
 
-def detect_format(path: str | os.PathLike) -> CheckpointFormat:
+def resolve_run_path(path: str | os.PathLike) -> Path:
+    """The model file behind a training run folder or one of its checkpoint folders, else ``path``.
+
+    A run folder (``out_dir`` of ``rwkv-zoo train``: a ``checkpoints/`` folder inside) gives its newest
+    complete checkpoint's ``model.safetensors``; a checkpoint folder (``step-N/``: ``model.safetensors``
+    next to ``trainer.pt``) gives its own.
+    """
     p = Path(path)
+    if not p.is_dir():
+        return p
+    if (p / "model.safetensors").is_file() and (p / "trainer.pt").is_file():
+        return p / "model.safetensors"
+    ckpts = p / "checkpoints"
+    if ckpts.is_dir():
+        # Listed rather than read from the ``latest`` pointer, which a kill can leave one behind.
+        done = sorted(c for c in ckpts.glob("step-*")
+                      if (c / "model.safetensors").is_file() and (c / "trainer.pt").is_file())
+        if not done:
+            raise CheckpointError(f"{p} is a training run folder without a finished checkpoint yet (nothing in "
+                                  f"{ckpts}); train longer or give a checkpoint file")
+        return done[-1] / "model.safetensors"
+    return p
+
+
+def detect_format(path: str | os.PathLike) -> CheckpointFormat:
+    p = resolve_run_path(path)
     if not p.exists():
         raise CheckpointError(f"no such file or directory: {p}")
     if p.is_file() and not os.access(p, os.R_OK):
@@ -254,6 +278,8 @@ def load(
 ):
     """Load a checkpoint of any registered format into a model (in eval mode).
 
+    ``path`` may also be a training run folder (its newest checkpoint) or one checkpoint folder of it.
+
     ``weights="fp32" | "bf16" | "int8"`` prepares the model for inference with its projection weights
     in that format (``rwkv_zoo.inference.prepare_inference``; activations and state stay fp32).
 
@@ -270,8 +296,9 @@ def load(
     check_device_usable(target_device)
     if format is not None and format not in get_formats():
         raise UnknownNameError(f"unknown checkpoint format {format!r}; formats: {', '.join(get_formats())}")
+    path = resolve_run_path(path)
     fmt = get_formats()[format] if format else detect_format(path)
-    ckpt = fmt.read(Path(path), mmap=mmap)
+    ckpt = fmt.read(path, mmap=mmap)
     tensors = dict(ckpt.tensors)
     time_state = {k: tensors.pop(k) for k in [k for k in tensors if k.endswith(".att.time_state")]}
     meta_config = ckpt.metadata.get("config")
@@ -319,6 +346,16 @@ def official_tensors(model, dtype: torch.dtype | None = None) -> dict[str, Tenso
         if every and (m := _BLOCK.match(k)) and (k.endswith("att.output.weight") or k.endswith("ffn.value.weight")):
             t = t * (2 ** (int(m.group(1)) // every))
         out[k] = (t.to(dtype) if dtype is not None else t).contiguous()
+    return out
+
+
+def export_tensors(model, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """``official_tensors`` plus, for a state-tuned model (``model.initial_state``), the official
+    ``blocks.N.att.time_state`` keys ([H, V, K] fp32): the file BlinkDL's ``rwkv`` package and
+    RWKV-Runner load with the tuned state merged in."""
+    out = official_tensors(model, dtype)
+    if getattr(model, "initial_state", None) is not None:
+        out.update(model.initial_state.to_time_state())
     return out
 
 

@@ -78,7 +78,8 @@ class SafetensorsFormat(CheckpointFormat):
                 tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
         except Exception as exc:  # safetensors raises its own SafetensorError
             raise CheckpointError(f"{path}: corrupt safetensors file ({exc}); download or save it again") from None
-        if meta.get("format") not in (None, "rwkv_zoo", "pt"):
+        # rwkv_zoo.train/1: a training checkpoint's model.safetensors, official keys and config metadata too.
+        if meta.get("format") not in (None, "rwkv_zoo", "pt", "rwkv_zoo.train/1"):
             raise CheckpointError(f"{path}: safetensors metadata says format {meta.get('format')!r}, not a model")
         return Checkpoint(tensors, self.name, str(path), meta)
 

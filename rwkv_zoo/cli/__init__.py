@@ -13,7 +13,8 @@ Subcommands, one module per group, sharing ``rwkv_zoo.cli._helpers``:
 - ``explain MODEL``: which kernel each layer would run for an input shape, and why (meta device);
 - ``demo``: builds every registered version at a small size and checks that the parallel,
   token-by-token and split runs give the same logits (these six: ``rwkv_zoo.cli.info``);
-- ``convert``, ``inspect``: checkpoint tools (``rwkv_zoo.cli.checkpoint``);
+- ``convert``, ``inspect``, ``export`` (a training run in the official layout): checkpoint tools
+  (``rwkv_zoo.cli.checkpoint``);
 - ``generate``, ``chat``, ``eval`` (alias ``score``): inference (``rwkv_zoo.cli.generate``);
 - ``bench``: decode/prefill speed and memory (``rwkv_zoo.cli.bench``, measuring with ``rwkv_zoo.bench``);
 - ``train [CONFIG.toml]``: train a model (``rwkv_zoo.train``); ``ablate [CONFIG.toml]``: a grid of

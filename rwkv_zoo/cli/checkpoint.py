@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from rwkv_zoo.cli._helpers import DTYPES
+from rwkv_zoo.cli._helpers import DTYPES, UsageError
 from rwkv_zoo.errors import parse_dtype
 
 TARGETS = {"official": "official-pth", "safetensors": "safetensors", "hf": "hf"}
@@ -73,11 +73,29 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    import rwkv_zoo
+    from rwkv_zoo.checkpoint import check_save_target, export_tensors, get_formats, model_metadata, resolve_run_path
+
+    dst = Path(args.dst)
+    if dst.suffix not in (".pth", ".safetensors"):
+        raise UsageError(f"export writes OUT.pth (official) or OUT.safetensors; got {dst}")
+    check_save_target(dst)
+    src = resolve_run_path(args.src)
+    model = rwkv_zoo.load(src)
+    tensors = export_tensors(model, parse_dtype(args.dtype))
+    target = "safetensors" if dst.suffix == ".safetensors" else "official-pth"
+    get_formats()[target].write(tensors, dst, model_metadata(model))
+    note = ", with its tuned time_state" if model.initial_state is not None else ""
+    print(f"{src} ({model.version}) -> {dst} ({target}{note}, {_human_bytes(dst.stat().st_size)})")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from rwkv_zoo.checkpoint import detect_format, infer_model
+    from rwkv_zoo.checkpoint import detect_format, infer_model, resolve_run_path
     from rwkv_zoo.registry import build
 
-    path = Path(args.path)
+    path = resolve_run_path(args.path)  # a training run or checkpoint folder: its model.safetensors
     fmt = detect_format(path)
     header = fmt.read_shapes(path)
     how = "header only, no weights read"
@@ -123,6 +141,14 @@ def add_parsers(sub) -> None:
     p.add_argument("--dtype", help=f"output dtype: {', '.join(DTYPES)} or torch's names (default: keep)")
     p.add_argument("--progress", action="store_true", help="always show the progress bar (default: files > 256 MB)")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("export", help="write a training run (its newest checkpoint), a checkpoint folder or any "
+                                      "checkpoint in the official layout, a tuned state as time_state keys")
+    p.add_argument("src", help="a training run folder (out_dir), a checkpoints/step-N folder, or a checkpoint")
+    p.add_argument("dst", help="OUT.pth (official layout, what BlinkDL's rwkv package loads) or OUT.safetensors")
+    p.add_argument("--dtype", help=f"output dtype: {', '.join(DTYPES)} or torch's names (default: keep; "
+                                   "time_state stays fp32)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("inspect", help="format, version, dimensions, parameters, dtype and metadata of a checkpoint")
     p.add_argument("path", help="a checkpoint file or folder")

@@ -19,6 +19,7 @@ import threading
 import time
 
 from rwkv_zoo.cli._helpers import DTYPES, UsageError, add_weights_arg, load_model, pick_tokenizer
+from rwkv_zoo.data.sft import chat_prompt
 
 CHAT_COMMANDS = (
     ("/help", "show these commands"),
@@ -209,8 +210,9 @@ class _Chat:
             kwargs["seed"] = self.args.seed + 1000 * (self.turn + 1)  # reproducible, not the same draws each turn
         stopped = [False]
         with _ctrl_c_sets(stopped):
-            res = _generate(self.model, f"User: {line}\n\nAssistant:", self.tokenizer, self.state, kwargs, True,
-                            self.out, stopped)
+            # The one renderer of the World chat format, shared with SFT data (rwkv_zoo.data.sft).
+            res = _generate(self.model, chat_prompt(line), self.tokenizer, self.state, kwargs, True, self.out,
+                            stopped)
         if res is None:
             self.say("\n[reply stopped; the conversation goes on from before this turn]")
             return

@@ -21,7 +21,7 @@ _FLAGS = {
     "model": str, "size": str, "steps": int, "batch_size": int, "ctx_len": int, "chunk_len": int, "lr": float,
     "lr_final": float, "warmup_steps": int, "schedule": str, "weight_decay": float, "grad_clip": float,
     "eval_every": int, "save_every": int, "out_dir": str, "seed": int, "threads": int, "distributed": str,
-    "device": str, "backend": str,
+    "device": str, "backend": str, "init_from": str,
 }
 _SWITCHES = ("resume", "overwrite", "bf16", "grad_checkpointing", "truncated_bptt", "no_l2wrap")
 _HELP = {
@@ -41,9 +41,16 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     for name, typ in _FLAGS.items():
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, default=None,
                        help=_HELP.get(name, f"TrainConfig.{name}"))
+    from rwkv_zoo.train.tuning import get_mode, mode_names
+
+    modes = "; ".join(f"{n}: {get_mode(n).description}" for n in mode_names())
+    p.add_argument("--tune", choices=mode_names(), default=None,
+                   help=f"what trains (default: full). {modes}")
     p.add_argument("--task", help="synthetic task: mqar, copying, selective_copying (data = {task = ...})")
     p.add_argument("--text", help="train on a text file, byte level (data = {text = PATH})")
     p.add_argument("--binidx", help="train on an RWKV-LM .bin/.idx dataset (data = {binidx = PREFIX})")
+    p.add_argument("--sft", metavar="JSONL", help="chat SFT on a jsonl file of {\"text\": ...} or {\"messages\": "
+                   "[...]} lines, World tokenizer, loss on the assistant replies only (data = {sft = PATH})")
     for s in _SWITCHES:
         p.add_argument(f"--{s.replace('_', '-')}", dest=s, action="store_true", default=None, help=_HELP.get(s))
     p.add_argument("--override", metavar="FIELD[,FIELD]",
@@ -63,7 +70,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {args.config} is not valid TOML ({exc}); fix it") from exc
         values.update(raw.get("train", raw))
-    for name in _FLAGS:
+    for name in (*_FLAGS, "tune"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     for s in _SWITCHES:
@@ -72,9 +79,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                 values["l2wrap"] = False
             else:
                 values[s] = True
-    data = [(k, getattr(args, k)) for k in ("task", "text", "binidx") if getattr(args, k)]
+    data = [(k, getattr(args, k)) for k in ("task", "text", "binidx", "sft") if getattr(args, k)]
     if len(data) > 1:
-        raise ConfigError("give one of --task, --text, --binidx")
+        raise ConfigError("give one of --task, --text, --binidx, --sft")
     if data:
         values["data"] = {data[0][0]: data[0][1]}
     for item in args.set:

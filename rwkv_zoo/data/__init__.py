@@ -2,14 +2,15 @@
 
 Everything is deterministic by seed and random-access by step (a batch is a pure function of
 ``(seed, step)``), so resuming needs only the step and ranks of a distributed run take their rows of
-the same global batch. See ``synthetic`` (MQAR, copying, selective copying) and ``tokens`` (plain text,
-RWKV-LM binidx).
+the same global batch. See ``synthetic`` (MQAR, copying, selective copying), ``tokens`` (plain text,
+RWKV-LM binidx) and ``sft`` (chat jsonl, loss on the assistant replies).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from rwkv_zoo.data.sft import ChatData, chat_prompt, sft_file
 from rwkv_zoo.data.synthetic import (
     IGNORE,
     MQAR,
@@ -26,29 +27,35 @@ __all__ = [
     "IGNORE",
     "MQAR",
     "TASKS",
+    "ChatData",
     "Copying",
     "SelectiveCopying",
     "Task",
     "TokenStream",
     "binidx",
     "bits_per_byte",
+    "chat_prompt",
     "make_data",
     "make_task",
     "read_binidx_index",
+    "sft_file",
     "step_generator",
     "text_file",
 ]
 
 
-def make_data(spec: dict[str, Any]) -> Task | TokenStream:
+def make_data(spec: dict[str, Any]) -> Task | TokenStream | ChatData:
     """Data from a config table: ``{"task": "mqar", ...}`` (see ``TASKS``), ``{"text": PATH}`` (byte
     level; ``"tokenizer": "world"`` or a tokenizer.json to tokenize) or ``{"binidx": PREFIX,
-    "vocab_size": V}``; ``eval_fraction`` for the last two."""
+    "vocab_size": V}``; ``eval_fraction`` for the last two; or ``{"sft": PATH}`` (chat jsonl, see
+    ``rwkv_zoo.data.sft``; ``"tokenizer"``: world by default)."""
     spec = dict(spec)
     if "text" in spec:
         return text_file(spec.pop("text"), eval_fraction=spec.pop("eval_fraction", 0.01), **spec)
     if "binidx" in spec:
         return binidx(spec.pop("binidx"), **spec)
+    if "sft" in spec:
+        return sft_file(spec.pop("sft"), **spec)
     if "task" in spec:
         return make_task(spec)
-    raise ValueError(f"data needs one of 'task' ({', '.join(TASKS)}), 'text' or 'binidx'; got {sorted(spec)}")
+    raise ValueError(f"data needs one of 'task' ({', '.join(TASKS)}), 'text', 'binidx' or 'sft'; got {sorted(spec)}")

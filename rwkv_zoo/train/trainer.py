@@ -43,6 +43,7 @@ from rwkv_zoo.data import IGNORE, Task, TokenStream, bits_per_byte, make_data
 from rwkv_zoo.train import distributed
 from rwkv_zoo.train.infctx import chunk_bounds, chunked_backward
 from rwkv_zoo.train.l2wrap import l2wrap, l2wrap_scale
+from rwkv_zoo.train.tuning import get_mode, mode_names
 
 SCHEDULES = ("cosine", "exponential", "constant")
 CHECKPOINT_FORMAT = "rwkv_zoo.train/1"
@@ -52,7 +53,7 @@ DEFAULT_CTX_LEN = 512
 # distributed mode, backend, gradient checkpointing, chunk_len with the full gradient) changes how the run
 # is carried out, not what it computes, and may change freely between resumes.
 RESUME_FIELDS = ("data", "steps", "batch_size", "ctx_len", "seed", "lr", "lr_final", "warmup_steps", "schedule",
-                 "weight_decay", "betas", "eps", "grad_clip", "l2wrap", "bf16", "truncated_bptt")
+                 "weight_decay", "betas", "eps", "grad_clip", "l2wrap", "bf16", "truncated_bptt", "tune")
 
 
 class ResumeError(ValueError):
@@ -80,7 +81,11 @@ class TrainConfig:
     size: str | None = None
     model_options: dict[str, Any] = field(default_factory=dict)
     backend: str | None = None
-    # data: {"task": "mqar", ...} | {"text": PATH} | {"binidx": PREFIX, "vocab_size": V}
+    # fine-tuning: start from a checkpoint (any format rwkv_zoo.load reads, a run folder too) instead of
+    # building ``model``; ``tune`` names a mode of rwkv_zoo.train.tuning (full, state, ...)
+    init_from: str | None = None
+    tune: str = "full"
+    # data: {"task": "mqar", ...} | {"text": PATH} | {"binidx": PREFIX, "vocab_size": V} | {"sft": JSONL}
     data: dict[str, Any] = field(default_factory=lambda: {"task": "mqar"})
     # budget
     steps: int = 200
@@ -170,6 +175,10 @@ class TrainConfig:
             raise ValueError(f"steps must be >= 0 and batch_size >= 1, got {self.steps} and {self.batch_size}")
         if self.chunk_len is not None and self.chunk_len < 1:
             raise ValueError(f"chunk_len must be >= 1 (or None), got {self.chunk_len}")
+        if self.tune not in mode_names():
+            raise ValueError(f"tune={self.tune!r}: use one of {', '.join(mode_names())}")
+        if self.init_from is not None and not os.path.exists(self.init_from):
+            raise ValueError(f"init_from={self.init_from!r}: no such file or folder")
         if self.distributed not in distributed.MODES:
             raise ValueError(f"distributed={self.distributed!r}: use one of {', '.join(distributed.MODES)}")
 
@@ -298,6 +307,7 @@ class TrainResult:
     tokens: int
     tokens_per_s: float
     checkpoint: str | None = None
+    files: list[str] = field(default_factory=list)  # what the tuning mode wrote in out_dir (time_state.pth)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -334,16 +344,22 @@ class Trainer:
         for name, p in self.module.named_parameters():
             if name in frozen:
                 p.requires_grad_(False)
+        # The tuning mode decides what trains (rwkv_zoo.train.tuning); ``prepared`` is what is called
+        # and wrapped, ``module`` stays the plain RWKV model (identity, config, blocks).
+        self.tuning = get_mode(cfg.tune)
+        self.tuning.check(self.module, cfg)
+        self.prepared = self.tuning.prepare(self.module, cfg)
+        self.prepared.to(cfg.device)
         if cfg.grad_checkpointing:
             enable_gradient_checkpointing(self.module)
-        # Groups from the plain module (their rules read shapes), then re-pointed by name: FSDP2
+        # Groups from the unwrapped module (their rules read shapes), then re-pointed by name: FSDP2
         # replaces every parameter with a sharded one.
-        groups = rwkv_zoo.param_groups(self.module, cfg.weight_decay)
-        self.model, self._sync = distributed.wrap(self.module, cfg.distributed)
-        current = dict(self.module.named_parameters())
+        groups = self.tuning.param_groups(self.module, self.prepared, cfg)
+        self.model, self._sync = distributed.wrap(self.prepared, cfg.distributed)
+        current = dict(self.prepared.named_parameters())
         for g in groups:
             g["params"] = [current[n] for n in g["names"]]
-        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.params = [p for p in self.prepared.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
         self.step = 0
         self.tokens = 0
@@ -394,6 +410,9 @@ class Trainer:
     # -- set-up --------------------------------------------------------------------------------------
     def _build_model(self) -> nn.Module:
         cfg = self.config
+        if cfg.init_from:
+            # fp32 master weights whatever the file holds; train mode (load returns eval mode).
+            return rwkv_zoo.load(cfg.init_from, dtype=torch.float32, backend=cfg.backend).train()
         opts = dict(cfg.model_options)
         if self.is_task and cfg.size is None and "-" not in cfg.model and "vocab_size" not in opts:
             opts["vocab_size"] = self.data.vocab_size
@@ -416,8 +435,15 @@ class Trainer:
 
     def _forward(self, inputs: Tensor, state):
         dev = torch.device(self.config.device)
+        if state is None:  # a sequence's start: the tuning mode's (state tuning: the trained state)
+            state = self.tuning.initial_state(self.module, self.prepared, inputs.shape[0])
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.config.bf16):
             return self.model(inputs.to(dev), state)
+
+    def plain_model(self) -> nn.Module:
+        """The trained model as a plain ``RWKV`` for evaluation or generation (state tuning: the tuned
+        state as its ``initial_state``)."""
+        return self.tuning.plain_model(self.module, self.prepared)
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step on batch ``self.step``; returns its record."""
@@ -542,7 +568,8 @@ class Trainer:
         if self.checkpoint_dir is None:
             raise ValueError("save_checkpoint needs out_dir")
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_sd = get_model_state_dict(self.model, options=opts)
+        model_sd = self.tuning.checkpoint_tensors(self.module, self.prepared,
+                                                  get_model_state_dict(self.model, options=opts))
         optim_sd = get_optimizer_state_dict(self.model, self.optimizer, options=opts)
         name = f"step-{self.step:08d}"
         final = self.checkpoint_dir / name
@@ -552,8 +579,10 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
             meta = {"format": CHECKPOINT_FORMAT, "version": self.module.version,
-                    "identity": self.module.identity.version, "config": json.dumps(self.module.config.to_dict())}
+                    "identity": self.module.identity.version, "config": json.dumps(self.module.config.to_dict()),
+                    "tune": self.config.tune}
             save_file({k: v.contiguous() for k, v in model_sd.items()}, str(tmp / "model.safetensors"), metadata=meta)
+            self.tuning.save_checkpoint_files(self.module, self.prepared, tmp)
             trainer_state = {
                 "format": CHECKPOINT_FORMAT,
                 "step": self.step,
@@ -569,6 +598,7 @@ class Trainer:
             if torch.cuda.is_available():
                 trainer_state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
             torch.save(trainer_state, tmp / "trainer.pt")
+            _usual_permissions(tmp)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -599,7 +629,7 @@ class Trainer:
             raise ValueError(f"{path} is not an rwkv_zoo training checkpoint (format {state.get('format')!r})")
         self._check_same_model(path)
         self._check_same_run(path, state)
-        model_sd = load_file(str(path / "model.safetensors"))
+        model_sd = self.tuning.resume_tensors(self.module, self.prepared, load_file(str(path / "model.safetensors")))
         opts = StateDictOptions(full_state_dict=True)
         try:
             set_model_state_dict(self.model, model_sd, options=opts)
@@ -680,7 +710,7 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------------
     def fit(self, steps: int | None = None) -> TrainResult:
         """Train until ``steps`` (default ``config.steps``) steps are done, evaluating and saving as
-        configured; a final evaluation always runs."""
+        configured; a final evaluation always runs, then the tuning mode writes its files to out_dir."""
         cfg = self.config
         target = cfg.steps if steps is None else steps
         show = cfg.progress and self.rank == 0
@@ -707,13 +737,17 @@ class Trainer:
         saved = self.last_checkpoint == here
         if self.checkpoint_dir is not None and not saved:
             self.save_checkpoint()
+        files: list[str] = []
+        if cfg.out_dir and self.rank == 0:
+            files = [str(p) for p in self.tuning.finish(self.module, self.prepared, Path(cfg.out_dir))]
+        distributed.barrier()
         wall = time.perf_counter() - t_start
         return TrainResult(
             config=cfg.to_dict(), model=self.model_name, identity=self.module.identity.version,
             params=self.module.num_parameters(), history=list(self.history), evals=list(self.evals),
             final=final, wall_s=wall, tokens=self.tokens,
             tokens_per_s=self.tokens / self.elapsed if self.elapsed > 0 else 0.0,
-            checkpoint=self.last_checkpoint,
+            checkpoint=self.last_checkpoint, files=files,
         )
 
 
@@ -749,6 +783,15 @@ class _StopOnSignal:
         self.signum = signum
         print(f"{signal.Signals(signum).name}: stopping after this step with a checkpoint (again to stop at "
               f"once)", file=sys.stderr, flush=True)
+
+
+def _usual_permissions(folder: Path) -> None:
+    """safetensors writes 0600 files; a checkpoint gets what any other file here gets (0666 less umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in folder.iterdir():
+        if f.is_file():
+            os.chmod(f, 0o666 & ~umask)
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any], names: list[str]) -> str:
