@@ -243,3 +243,32 @@ def merge(wrapped: PeftModel) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(True)  # a plain model again: every parameter trainable, as rwkv_zoo.build makes it
     return model
+
+
+def merged_tensors(wrapped: PeftModel) -> dict[str, torch.Tensor]:
+    """What ``merge`` would give, as official-key tensors, leaving ``wrapped`` as it is (training goes
+    on): each adapted projection's ``W + scale B A`` (peft's own delta), trained norms, the rest as is."""
+    peft = _peft()
+    from peft.tuners.lora import LoraLayer
+
+    wrapper_cls = peft.utils.other.ModulesToSaveWrapper
+    base = base_model(wrapped)
+    adapter = wrapped.active_adapter
+    out: dict[str, torch.Tensor] = {}
+    done: list[str] = []  # prefixes of modules handled whole (their children are peft's internals)
+    with torch.no_grad():
+        for name, mod in base.named_modules():
+            if any(name.startswith(p + ".") for p in done):
+                continue
+            if isinstance(mod, LoraLayer):
+                w = mod.get_base_layer().weight
+                out[f"{name}.weight"] = (w + mod.get_delta_weight(adapter).to(w.dtype)).detach()
+                done.append(name)
+            elif isinstance(mod, wrapper_cls):
+                for pn, p in mod.modules_to_save[adapter].named_parameters():
+                    out[f"{name}.{pn}"] = p.detach()
+                done.append(name)
+            else:
+                for pn, p in mod.named_parameters(recurse=False):
+                    out[f"{name}.{pn}" if name else pn] = p.detach()
+    return out

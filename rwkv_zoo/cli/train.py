@@ -22,9 +22,18 @@ _FLAGS = {
     "lr_final": float, "warmup_steps": int, "schedule": str, "weight_decay": float, "grad_clip": float,
     "eval_every": int, "save_every": int, "out_dir": str, "seed": int, "threads": int, "distributed": str,
     "device": str, "backend": str, "init_from": str,
+    "lora_r": int, "lora_alpha": float, "lora_dropout": float, "lora_targets": str,
 }
-_SWITCHES = ("resume", "overwrite", "bf16", "grad_checkpointing", "truncated_bptt", "no_l2wrap")
+_SWITCHES = ("resume", "overwrite", "bf16", "grad_checkpointing", "truncated_bptt", "no_l2wrap",
+             "lora_norms", "lora_mixes")
 _HELP = {
+    "lora_r": "--tune lora: the adapters' rank (default 8)",
+    "lora_alpha": "--tune lora: LoRA alpha; the update is scaled by alpha / r (default: 2 r)",
+    "lora_dropout": "--tune lora: dropout on the adapters' input (default 0)",
+    "lora_targets": "--tune lora: comma-separated official projection names, e.g. att.key,att.value,ffn.key "
+                    "(default: every att.* and ffn.* projection the model has)",
+    "lora_norms": "--tune lora: train the LayerNorms/GroupNorms too (saved in the adapter, peft's modules_to_save)",
+    "lora_mixes": "--tune lora: train the token-shift mix vectors too (saved beside the adapter)",
     "resume": "continue the run in --out-dir from its newest checkpoint (settings must match, see --override)",
     "overwrite": "delete the run already in --out-dir and start over",
     "save_every": "checkpoint every N steps (default: a tenth of the run, at most 1000; 0: only at the end)",
