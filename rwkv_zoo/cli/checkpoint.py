@@ -46,7 +46,14 @@ class Progress:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     import rwkv_zoo
-    from rwkv_zoo.checkpoint import CheckpointError, check_save_target, get_formats, model_metadata, official_tensors
+    from rwkv_zoo.checkpoint import (
+        CheckpointError,
+        check_save_target,
+        export_tensors,
+        get_formats,
+        model_metadata,
+        official_tensors,
+    )
 
     dst = Path(args.dst)
     target = TARGETS[args.to] if args.to else ("safetensors" if dst.suffix == ".safetensors" else "official-pth")
@@ -58,12 +65,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if target != "hf":  # the HF writer makes its folder; the others must not read a big file only to fail here
         check_save_target(dst)
     model = rwkv_zoo.load(args.src)
-    tensors = official_tensors(model)
+    # A tuned start state (time_state keys) travels with the weights, except into an HF folder (no such key).
+    tensors = official_tensors(model) if target == "hf" else export_tensors(model)
     bar = Progress(sum(t.numel() * (dtype or t.dtype).itemsize for t in tensors.values()), f"converting to {target}",
                    force=args.progress)
     out = {}
     for k, t in tensors.items():
-        out[k] = t.to(dtype).contiguous() if dtype is not None else t
+        out[k] = t.to(dtype).contiguous() if dtype is not None and not k.endswith(".att.time_state") else t
         bar.update(out[k].numel() * out[k].element_size())
     bar.close()
     fmt.write(out, dst, model_metadata(model))

@@ -26,19 +26,59 @@ _FLAGS = {
 }
 _SWITCHES = ("resume", "overwrite", "bf16", "grad_checkpointing", "truncated_bptt", "no_l2wrap",
              "lora_norms", "lora_mixes")
+# One sentence per flag; --help adds the default (TrainConfig's, or what None means there).
 _HELP = {
-    "lora_r": "--tune lora: the adapters' rank (default 8)",
-    "lora_alpha": "--tune lora: LoRA alpha; the update is scaled by alpha / r (default: 2 r)",
-    "lora_dropout": "--tune lora: dropout on the adapters' input (default 0)",
-    "lora_targets": "--tune lora: comma-separated official projection names, e.g. att.key,att.value,ffn.key "
-                    "(default: every att.* and ffn.* projection the model has)",
-    "lora_norms": "--tune lora: train the LayerNorms/GroupNorms too (saved in the adapter, peft's modules_to_save)",
-    "lora_mixes": "--tune lora: train the token-shift mix vectors too (saved beside the adapter)",
+    "model": "model to build with random weights: a version or version-size name (v7-tiny, v6-small, hybrid...)",
+    "size": "size preset of --model when it names only a version",
+    "steps": "optimizer steps to train",
+    "batch_size": "sequences per step, over all processes",
+    "ctx_len": "sequence length for --text/--binidx data, the longest sample for --sft; a --task sets its own",
+    "chunk_len": "train long sequences in chunks of this many tokens with the state carried (infctx)",
+    "lr": "peak learning rate, reached after the warmup",
+    "lr_final": "learning rate at the last step",
+    "warmup_steps": "steps of the linear warmup from 0.01 x lr",
+    "schedule": "learning-rate decay after the warmup: cosine, exponential or constant",
+    "weight_decay": "AdamW weight decay on the matrices",
+    "grad_clip": "clip the gradient norm to this value (0: no clipping)",
+    "eval_every": "evaluate every N steps (0: only at the end)",
+    "save_every": "checkpoint every N steps (0: only at the end)",
+    "out_dir": "folder for the run's checkpoints, result.json and the tuning mode's files",
+    "seed": "seed of the initialisation and of every batch",
+    "threads": "CPU threads for torch",
+    "distributed": "auto, none, ddp or fsdp (auto: ddp under torchrun)",
+    "device": "device to train on (cpu, cuda, cuda:1...)",
+    "backend": "kernel backend to run the model with",
+    "init_from": "start from this checkpoint instead of random weights: any format rwkv_zoo.load reads, a "
+                 "training run folder (its newest checkpoint) or a checkpoint folder; overrides --model",
     "resume": "continue the run in --out-dir from its newest checkpoint (settings must match, see --override)",
     "overwrite": "delete the run already in --out-dir and start over",
-    "save_every": "checkpoint every N steps (default: a tenth of the run, at most 1000; 0: only at the end)",
-    "ctx_len": "sequence length for --text/--binidx data (default 512); a --task sets its own",
+    "bf16": "autocast the forward to bfloat16",
+    "grad_checkpointing": "recompute each block in backward to save activation memory",
+    "truncated_bptt": "with --chunk-len: detach the state between chunks instead of the exact gradient",
+    "no_l2wrap": "turn off L2Wrap (RWKV-LM's penalty on the largest logit)",
+    "lora_r": "--tune lora: the adapters' rank",
+    "lora_alpha": "--tune lora: LoRA alpha; the update is scaled by alpha / rank",
+    "lora_dropout": "--tune lora: dropout on the adapters' input",
+    "lora_targets": "--tune lora: comma-separated official projection names, e.g. att.key,att.value,ffn.key",
+    "lora_norms": "--tune lora: train the LayerNorms/GroupNorms too (saved in the adapter as peft's modules_to_save)",
+    "lora_mixes": "--tune lora: train the token-shift mix vectors too (saved beside the adapter)",
 }
+# What a None default means, for --help.
+_NONE_DEFAULTS = {"size": "the name's own", "ctx_len": "512", "chunk_len": "none: whole sequences",
+                  "save_every": "a tenth of the run, at most 1000 steps", "out_dir": "none: nothing saved",
+                  "threads": "torch's", "backend": "the fastest that can run", "init_from": "none: random weights",
+                  "lora_alpha": "2 x rank", "lora_targets": "every att.* and ffn.* projection the model has"}
+
+
+def _default_text(name: str) -> str:
+    if name == "no_l2wrap":
+        return "off (L2Wrap on)"
+    value = getattr(TrainConfig(), name)
+    if value is None:
+        return _NONE_DEFAULTS.get(name, "none")
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
 
 
 class ConfigError(ValueError):
@@ -46,29 +86,35 @@ class ConfigError(ValueError):
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?", help="TOML file with a [train] table (or TrainConfig fields at top level)")
+    p.add_argument("config", nargs="?", help="TOML file with a [train] table (or TrainConfig fields at top level); "
+                                             "flags override it (default: none)")
     for name, typ in _FLAGS.items():
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, default=None,
-                       help=_HELP.get(name, f"TrainConfig.{name}"))
+                       help=f"{_HELP[name]} (default: {_default_text(name)})")
     from rwkv_zoo.train.tuning import get_mode, mode_names
 
     modes = "; ".join(f"{n}: {get_mode(n).description}" for n in mode_names())
     p.add_argument("--tune", choices=mode_names(), default=None,
-                   help=f"what trains (default: full). {modes}")
-    p.add_argument("--task", help="synthetic task: mqar, copying, selective_copying (data = {task = ...})")
-    p.add_argument("--text", help="train on a text file, byte level (data = {text = PATH})")
-    p.add_argument("--binidx", help="train on an RWKV-LM .bin/.idx dataset (data = {binidx = PREFIX})")
+                   help=f"what trains: {modes} (default: {TrainConfig().tune})")
+    p.add_argument("--task", help="train on a synthetic task: mqar, copying, selective_copying, as data = {task = ...} "
+                                  "(default: mqar when no data is given)")
+    p.add_argument("--text", help="train on a text file, byte level, as data = {text = PATH} (default: none)")
+    p.add_argument("--binidx", help="train on an RWKV-LM .bin/.idx dataset, as data = {binidx = PREFIX} "
+                                    "(default: none)")
     p.add_argument("--sft", metavar="JSONL", help="chat SFT on a jsonl file of {\"text\": ...} or {\"messages\": "
-                   "[...]} lines, World tokenizer, loss on the assistant replies only (data = {sft = PATH})")
+                   "[...]} lines, World tokenizer, loss on the assistant replies only, as data = {sft = PATH} "
+                   "(default: none)")
     for s in _SWITCHES:
-        p.add_argument(f"--{s.replace('_', '-')}", dest=s, action="store_true", default=None, help=_HELP.get(s))
+        p.add_argument(f"--{s.replace('_', '-')}", dest=s, action="store_true", default=None,
+                       help=f"{_HELP[s]} (default: {_default_text(s)})")
     p.add_argument("--override", metavar="FIELD[,FIELD]",
                    help="with --resume: let these settings differ from the run's (steps: the learning rate "
-                        "follows the new total's schedule from the resume step, without a second warmup)")
+                        "follows the new total's schedule from the resume step, without a second warmup) "
+                        "(default: none)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any TrainConfig field, value in TOML syntax (repeatable)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+                   help="set any TrainConfig field, value in TOML syntax (repeatable) (default: none)")
+    p.add_argument("--quiet", action="store_true", help="show no progress bar (default: off)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON (default: off)")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -126,8 +172,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if trainer.rank == 0 and not args.json:
         m = trainer.module
         data = trainer.data.describe() if hasattr(trainer.data, "describe") else getattr(trainer.data, "name", "")
-        print(f"training {trainer.model_name} ({m.num_parameters():,} parameters) on {data}: {cfg.steps} steps x "
+        trainable = sum(p.numel() for p in trainer.params)
+        print(f"training {trainer.model_name} ({m.num_parameters():,} parameters, {trainable:,} trainable) on {data}: "
+              f"{cfg.steps} steps x "
               f"{cfg.batch_size} x {trainer.seq_len} tokens, {trainer.world} process(es)"
+              + (f", from {cfg.init_from}" if cfg.init_from else "")
+              + (f", tuning: {cfg.tune}" if cfg.tune != "full" else "")
               + (f", resumed at step {trainer.step}" if trainer.step else ""), flush=True)
         for name, (old, new) in trainer.overridden.items():
             note = f"note: {name} {old!r} -> {new!r} (--override)"
@@ -149,6 +199,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.final.items())
             print(f"done: {result.tokens:,} tokens in {result.wall_s:.1f} s ({result.tokens_per_s:,.0f} tok/s); "
                   f"eval: {metrics}" + (f"; checkpoint {result.checkpoint}" if result.checkpoint else ""))
+            for f in result.files:
+                print(f"wrote {f}")
         if cfg.out_dir:
             Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
             (Path(cfg.out_dir) / "result.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")

@@ -42,6 +42,10 @@ and ``finish(model, prepared, out_dir) -> list[Path]`` writes the run's products
 tuning: ``time_state.pth`` and ``state.safetensors``). ``plain_model(model, prepared)`` gives back an
 ``RWKV`` for evaluation and generation (merged adapter, tuned state as ``initial_state``).
 
+``checkpoint_tensors`` runs on every rank (after the full state dict was gathered);
+``save_checkpoint_files`` and ``finish`` run on rank 0 only. ``TrainConfig.tune`` is a resume field: a run
+is resumed with the mode it was started with.
+
 Modes are stateless singletons: everything a run needs lives on the model or the prepared module.
 """
 
