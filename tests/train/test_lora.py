@@ -167,3 +167,18 @@ def test_cli_merge_writes_an_official_checkpoint(tmp_path, capsys):
     assert "not an adapter folder" in capsys.readouterr().err
     assert main(["merge", str(base), str(tmp_path / "adapter"), str(tmp_path / "o.bin")]) == 2
     assert "must end in .pth" in capsys.readouterr().err
+
+
+def test_peft_used_directly_after_the_fused_step_ran():
+    """peft swaps a model's layers in place; a fused step chosen or built before must not be reused."""
+    model = tiny("v6").eval()
+    x = tokens(B=1, T=6)
+    with torch.no_grad():
+        before, _ = model(x)  # may choose and build the cpu backend's fused step
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["att.key"], init_lora_weights=False))
+    with torch.no_grad():
+        no_grad, _ = wrapped(x)
+    with torch.enable_grad():
+        with_grad, _ = wrapped(x)
+    assert (no_grad - before).abs().max().item() > 1e-2  # the (random) adapter counts
+    torch.testing.assert_close(no_grad, with_grad.detach(), rtol=0, atol=1e-5)
