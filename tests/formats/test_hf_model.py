@@ -18,8 +18,18 @@ import rwkv_zoo.hf as rhf  # noqa: E402  (after the dependency check)
 V = 256
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models: a second OpenMP thread (the fused CPU step, QR) only waits on a busy CPU.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny(version: str = "v6", seed: int = 0) -> rwkv_zoo.RWKV:
-    return rwkv_zoo.randomize_(rwkv_zoo.build(f"{version}-tiny"), seed).eval()
+    # init=False: randomize_ sets every parameter anyway (the official init's QR costs more than the test)
+    return rwkv_zoo.randomize_(rwkv_zoo.build(f"{version}-tiny", init=False), seed).eval()
 
 
 def ids(B: int = 1, T: int = 7, seed: int = 3) -> torch.Tensor:

@@ -19,7 +19,7 @@ V = 256
 
 
 def tiny(version: str, seed: int = 0, dtype=torch.float32):
-    model = rwkv_zoo.build(f"{version}-tiny")
+    model = rwkv_zoo.build(f"{version}-tiny", init=False)  # randomize_ sets every parameter
     return rwkv_zoo.randomize_(model, seed).to(dtype)
 
 
