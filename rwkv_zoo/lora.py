@@ -161,6 +161,9 @@ def _write_dir(directory: str | os.PathLike, fill) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)
+        for f in tmp.iterdir():  # safetensors writes 0600 files; these get what any other file gets
+            if f.is_file():
+                os.chmod(f, 0o666 & ~umask)
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.replace(target, old / "x")

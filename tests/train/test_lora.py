@@ -4,6 +4,7 @@ merged = unmerged logits, the fused CPU step never reading a wrapped projection 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -90,6 +91,9 @@ def test_train_save_load_merge(tmp_path, version):
     lora.save_adapter(wrapped, tmp_path / "adapter")
     files = {p.name for p in (tmp_path / "adapter").iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", lora.PARAMS_FILE} <= files
+    umask = os.umask(0)
+    os.umask(umask)
+    assert all((p.stat().st_mode & 0o777) == 0o666 & ~umask for p in (tmp_path / "adapter").iterdir())
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4
     assert set(cfg["target_modules"]) == set(lora.available_targets(tiny(version)))
