@@ -95,11 +95,25 @@ def _why_not_at_all(model: nn.Module) -> str | None:
     return None
 
 
+# Bumped whenever any module is assigned as a submodule anywhere (torch's global registration hook): a
+# library that swaps a model's layers (peft's LoRA layers wrap projections in place) changes what a step
+# may read, so choices and built steps made before are not reused. Building models bumps it too, which
+# costs one fresh choice per model, never a wrong one.
+_structure = [0]
+
+
+def _module_assigned(_module: Any, _name: str, _submodule: Any) -> None:
+    _structure[0] += 1
+
+
+torch.nn.modules.module.register_module_module_registration_hook(_module_assigned)
+
+
 def select(model: nn.Module, call: StepCall) -> StepSelection:
     """Choose the fused step for ``call`` (or the modules), with the reasons. Cached per model."""
     explicit, source = dispatch._explicit(getattr(model, "backend", None))
     key = (call, explicit, getattr(model, "fused_step", True), getattr(model, "mode", None),
-           pluginmanager.generation())
+           pluginmanager.generation(), _structure[0])
     cache = model.__dict__.setdefault("_step_selections", {})
     if key in cache:
         return cache[key]
@@ -166,13 +180,14 @@ def _fingerprint(tensors: list[Tensor]) -> int:
 
 def runner(model: nn.Module, sel: StepSelection) -> Runner:
     """The built step for ``sel``, rebuilt when the weights changed since it was built."""
-    key = (sel.backend, sel.step)
+    key = (sel.backend, sel.step, _structure[0])
     cached = model.__dict__.get("_fused_runner")
     if cached is not None and cached[0] == key and cached[2] == _fingerprint(cached[1]):
         return cached[3]
     backend = dispatch.get_backends()[sel.backend]
     step = next(s for s in backend.steps if s.name == sel.step)
     run = step.build(model)
+    key = (sel.backend, sel.step, _structure[0])  # after the build, which may itself make modules
     tensors = _tensors(model)
     model.__dict__["_fused_runner"] = (key, tensors, _fingerprint(tensors), run)
     return run

@@ -48,6 +48,11 @@ def component_kinds() -> tuple[dict[type, str], dict[type, str]]:
     return tms, cms
 
 
+def _component_classes() -> set[type]:
+    tms, cms = component_kinds()
+    return {*tms, *cms}
+
+
 def _kinds(model: nn.Module) -> tuple[list[tuple[str, str]], list[str]]:
     from rwkv_zoo.model import RWKV, Block
 
@@ -98,6 +103,16 @@ def check(model: nn.Module, call: StepCall) -> list[str]:
             break
         if kinds[i][0] != "v4" and (att.kernel_head_size > 256 or att.kernel_heads * att.kernel_head_size != C):
             why.append(f"layer {i}: head size {att.kernel_head_size}: the step takes heads of up to 256 channels")
+            break
+    # The step reads weights from the modules it knows; a module wrapped or replaced by another library
+    # (peft's LoRA layers keep the base weight as `.weight` but add to its output) would be read as if
+    # plain, silently dropping what the wrapper adds: such a model runs its modules instead.
+    known = {nn.ModuleList, nn.Linear, nn.LayerNorm, nn.GroupNorm, nn.Embedding, InferenceLinear,
+             *_component_classes()}
+    blocks = {id(b) for b in model.blocks}
+    for name, m in model.named_modules():
+        if m is not model and id(m) not in blocks and type(m) not in known:
+            why.append(f"{name}: a {type(m).__qualname__} module, not one the C++ step reads")
             break
     for name, m in model.named_modules():
         if isinstance(m, InferenceLinear) and not m.packed:

@@ -24,6 +24,8 @@ Subcommands, one module per group, sharing ``rwkv_zoo.cli._helpers``:
   (needs ``pip install lm_eval``; ``rwkv_zoo.cli.lm_eval``);
 - ``serve MODEL``: an OpenAI-compatible HTTP server with continuous batching (``rwkv_zoo.cli.serve``,
   needs ``pip install 'rwkv-zoo[serve]'``).
+- ``merge BASE ADAPTER OUT``: fold a LoRA adapter (peft's format) into BASE, write an official checkpoint
+  (``rwkv_zoo.cli.finetune``, through ``rwkv_zoo.lora``; needs ``pip install peft``).
 
 Errors print one line on stderr, ``rwkv-zoo COMMAND: error: ...``, naming the problem and what to do:
 exit status 2 for a mistake on the command line (a wrong flag, value or name: argparse's and
@@ -53,7 +55,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     # Imported here rather than at the top so that `python -m rwkv_zoo.train` (which imports
     # rwkv_zoo.cli.train, and so this package) does not load every other command as well.
-    from rwkv_zoo.cli import bench, checkpoint, generate, info, lm_eval, serve, train
+    from rwkv_zoo.cli import bench, checkpoint, finetune, generate, info, lm_eval, serve, train
 
     parser = argparse.ArgumentParser(
         prog="rwkv-zoo",
@@ -63,7 +65,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true",
                         help="print the traceback of an error (also RWKV_ZOO_DEBUG=1); allowed after COMMAND too")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for group in (info, lm_eval, checkpoint, generate, bench, train, serve):
+    for group in (info, lm_eval, checkpoint, generate, bench, train, finetune, serve):
         group.add_parsers(sub)
     read_names_the_same_way(parser)
     return parser

@@ -22,8 +22,10 @@ _FLAGS = {
     "lr_final": float, "warmup_steps": int, "schedule": str, "weight_decay": float, "grad_clip": float,
     "eval_every": int, "save_every": int, "out_dir": str, "seed": int, "threads": int, "distributed": str,
     "device": str, "backend": str, "init_from": str,
+    "lora_r": int, "lora_alpha": float, "lora_dropout": float, "lora_targets": str,
 }
-_SWITCHES = ("resume", "overwrite", "bf16", "grad_checkpointing", "truncated_bptt", "no_l2wrap")
+_SWITCHES = ("resume", "overwrite", "bf16", "grad_checkpointing", "truncated_bptt", "no_l2wrap",
+             "lora_norms", "lora_mixes")
 # One sentence per flag; --help adds the default (TrainConfig's, or what None means there).
 _HELP = {
     "model": "model to build with random weights: a version or version-size name (v7-tiny, v6-small, hybrid...)",
@@ -54,11 +56,18 @@ _HELP = {
     "grad_checkpointing": "recompute each block in backward to save activation memory",
     "truncated_bptt": "with --chunk-len: detach the state between chunks instead of the exact gradient",
     "no_l2wrap": "turn off L2Wrap (RWKV-LM's penalty on the largest logit)",
+    "lora_r": "--tune lora: the adapters' rank",
+    "lora_alpha": "--tune lora: LoRA alpha; the update is scaled by alpha / rank",
+    "lora_dropout": "--tune lora: dropout on the adapters' input",
+    "lora_targets": "--tune lora: comma-separated official projection names, e.g. att.key,att.value,ffn.key",
+    "lora_norms": "--tune lora: train the LayerNorms/GroupNorms too (saved in the adapter as peft's modules_to_save)",
+    "lora_mixes": "--tune lora: train the token-shift mix vectors too (saved beside the adapter)",
 }
 # What a None default means, for --help.
 _NONE_DEFAULTS = {"size": "the name's own", "ctx_len": "512", "chunk_len": "none: whole sequences",
                   "save_every": "a tenth of the run, at most 1000 steps", "out_dir": "none: nothing saved",
-                  "threads": "torch's", "backend": "the fastest that can run", "init_from": "none: random weights"}
+                  "threads": "torch's", "backend": "the fastest that can run", "init_from": "none: random weights",
+                  "lora_alpha": "2 x rank", "lora_targets": "every att.* and ffn.* projection the model has"}
 
 
 def _default_text(name: str) -> str:

@@ -53,7 +53,8 @@ DEFAULT_CTX_LEN = 512
 # distributed mode, backend, gradient checkpointing, chunk_len with the full gradient) changes how the run
 # is carried out, not what it computes, and may change freely between resumes.
 RESUME_FIELDS = ("data", "steps", "batch_size", "ctx_len", "seed", "lr", "lr_final", "warmup_steps", "schedule",
-                 "weight_decay", "betas", "eps", "grad_clip", "l2wrap", "bf16", "truncated_bptt", "tune")
+                 "weight_decay", "betas", "eps", "grad_clip", "l2wrap", "bf16", "truncated_bptt", "tune",
+                 "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lora_norms", "lora_mixes")
 
 
 class ResumeError(ValueError):
@@ -85,6 +86,14 @@ class TrainConfig:
     # building ``model``; ``tune`` names a mode of rwkv_zoo.train.tuning (full, state, ...)
     init_from: str | None = None
     tune: str = "full"
+    # tune = "lora" (rwkv_zoo.train.lora_mode): rank, alpha (None: 2 * rank), dropout, official projection
+    # names (comma-separated; None: all), and whether the norms / token-shift mix vectors train too
+    lora_r: int = 8
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.0
+    lora_targets: str | None = None
+    lora_norms: bool = False
+    lora_mixes: bool = False
     # data: {"task": "mqar", ...} | {"text": PATH} | {"binidx": PREFIX, "vocab_size": V} | {"sft": JSONL}
     data: dict[str, Any] = field(default_factory=lambda: {"task": "mqar"})
     # budget
@@ -636,6 +645,7 @@ class Trainer:
         except RuntimeError as exc:  # shapes or keys: a checkpoint without the config metadata to compare
             raise ResumeError(f"the checkpoint {path} holds another model's weights ({str(exc).splitlines()[-1]}); "
                               f"resume with its model or start a new out_dir") from exc
+        self.tuning.resume_files(self.module, self.prepared, path)
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=opts)
         self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
         self.history, self.evals = list(state["history"]), list(state["evals"])

@@ -37,6 +37,7 @@ the (wrapped) prepared module, passed through ``checkpoint_tensors(model, prepar
 return tensors under the **official key names** (``rwkv_zoo.load`` reads the folder as a model), which
 ``resume_tensors(model, prepared, tensors)`` maps back to ``prepared``'s state dict on ``--resume``.
 ``save_checkpoint_files(model, prepared, folder)`` may add files to the checkpoint folder (an adapter),
+which ``resume_files(model, prepared, folder)`` reads back on ``--resume``,
 and ``finish(model, prepared, out_dir) -> list[Path]`` writes the run's products at the end (state
 tuning: ``time_state.pth`` and ``state.safetensors``). ``plain_model(model, prepared)`` gives back an
 ``RWKV`` for evaluation and generation (merged adapter, tuned state as ``initial_state``).
@@ -62,7 +63,7 @@ if TYPE_CHECKING:
     from rwkv_zoo.model import RWKV
 
 # Modules imported before --tune's choices are listed, so that the modes they register are offered.
-TUNING_MODULES: list[str] = []
+TUNING_MODULES: list[str] = ["rwkv_zoo.train.lora_mode"]
 
 
 class TuningMode:
@@ -93,6 +94,9 @@ class TuningMode:
 
     def save_checkpoint_files(self, model: RWKV, prepared: nn.Module, folder: Path) -> None:
         """Extra files in a checkpoint folder (written into the temporary folder before its rename)."""
+
+    def resume_files(self, model: RWKV, prepared: nn.Module, folder: Path) -> None:
+        """Read back what ``save_checkpoint_files`` wrote, after the tensors were loaded on ``--resume``."""
 
     def finish(self, model: RWKV, prepared: nn.Module, out_dir: Path) -> list[Path]:
         """Files the run leaves in ``out_dir`` at the end (besides the checkpoints); returns their paths."""
