@@ -23,7 +23,7 @@ Subcommands, one module per group, sharing ``rwkv_zoo.cli._helpers``:
 - ``lm-eval MODEL --tasks T1,T2``: EleutherAI lm-evaluation-harness tasks through ``rwkv_zoo.harness``
   (needs ``pip install lm_eval``; ``rwkv_zoo.cli.lm_eval``);
 - ``serve MODEL``: an OpenAI-compatible HTTP server with continuous batching (``rwkv_zoo.cli.serve``,
-  needs ``pip install 'rwkv-zoo[serve]'``).
+  needs ``pip install 'rwkv-zoo[serve]'``);
 - ``merge BASE ADAPTER OUT``: fold a LoRA adapter (peft's format) into BASE, write an official checkpoint
   (``rwkv_zoo.cli.finetune``, through ``rwkv_zoo.lora``; needs ``pip install peft``).
 
