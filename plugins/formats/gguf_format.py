@@ -81,6 +81,7 @@ Q8_0 fallback; ``_set_vocab_rwkv_world``), ``gguf-py/gguf/constants.py`` and ``t
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -213,12 +214,17 @@ def gguf_tensors(tensors: Mapping[str, Tensor], version: str | None = None) -> t
         raise CheckpointError(f"a {version} model without {exc.args[0]}; cannot write GGUF") from None
 
 
+@functools.lru_cache(maxsize=1)
+def _world_vocab() -> dict[int, bytes]:
+    from rwkv_zoo.tokenizers import find_world_vocab, read_world_vocab
+
+    return read_world_vocab(find_world_vocab())
+
+
 def _tokens(vocab_size: int) -> tuple[list[bytes], list[int]]:
     from gguf import TokenType
 
-    from rwkv_zoo.tokenizers import find_world_vocab, read_world_vocab
-
-    vocab = read_world_vocab(find_world_vocab())
+    vocab = _world_vocab()
     tokens, types = [b"<s>"], [int(TokenType.CONTROL)]
     for i in range(1, vocab_size):
         if i in vocab:
