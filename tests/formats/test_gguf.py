@@ -6,6 +6,7 @@ plugins/formats/gguf_format.py; and, where llama-cpp-python is installed, llama.
 from __future__ import annotations
 
 import json
+import sys
 
 import _deps
 import numpy as np
@@ -222,3 +223,12 @@ def test_llama_cpp_logits_equal_ours(tmp_path, version):
     rel = np.abs(theirs - ours).max() / np.abs(ours).max()
     print(json.dumps({"version": version, "max_rel_err": float(rel)}))
     assert rel <= 1e-5
+
+
+def test_bench_compare_llamacpp_refusals(tmp_path, monkeypatch, capsys):
+    assert main(["bench", "v7-0.1B", "--compare-llamacpp", str(tmp_path / "missing.gguf")]) == 2
+    assert "missing.gguf: no such file (write one with: rwkv-zoo convert" in capsys.readouterr().err
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if not installed
+    assert main(["bench", "v7-0.1B", "--compare-llamacpp", str(tmp_path / "m.gguf")]) == 2
+    assert "--compare-llamacpp needs llama-cpp-python, which is not installed" in capsys.readouterr().err
