@@ -183,7 +183,10 @@ def llamacpp(path: str, prefill: int, decode: int, threads: int) -> dict:
 
     def run(tokens: list[int]) -> int:
         llm.eval(tokens)
-        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        # llm.scores is filled only with logits_all=True (every position's logits copied): read the last
+        # position's row from llama.cpp directly, as ours keeps only the last logits
+        last = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(V,))
+        return int(np.argmax(last))
 
     def from_empty(tokens: list[int]) -> int:
         llm.reset()  # the next eval removes the sequence, so the recurrent state starts empty
