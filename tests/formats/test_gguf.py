@@ -5,6 +5,7 @@ plugins/formats/gguf_format.py; and, where llama-cpp-python is installed, llama.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 
@@ -98,6 +99,11 @@ def expected_type(name, shape, file_type):
     return file_type.upper()
 
 
+@functools.lru_cache(maxsize=1)
+def world_vocab():
+    return read_world_vocab(find_world_vocab())
+
+
 def field(reader, key):
     return reader.fields[key].contents()
 
@@ -144,7 +150,7 @@ def check_file(path, model, file_type):
         assert field(r, "rwkv7.attention.value_residual_mix_lora_rank") == c.dim_v_lora
         assert field(r, "rwkv7.attention.gate_lora_rank") == c.dim_g_lora
     assert field(r, "tokenizer.ggml.model") == "rwkv"
-    world = read_world_vocab(find_world_vocab())
+    world = world_vocab()
     tokens = field(r, "tokenizer.ggml.tokens")
     assert len(tokens) == c.vocab_size
     assert tokens[0] == "<s>" and tokens[1:] == [repr(world[i])[2:-1] for i in range(1, c.vocab_size)]
