@@ -1,5 +1,6 @@
 """``rwkv-zoo bench``: decode and prefill speed and peak memory on this machine, optionally side by side
-with BlinkDL's ``rwkv`` package on the same checkpoint file.
+with BlinkDL's ``rwkv`` package on the same checkpoint file, and with llama.cpp (llama-cpp-python) on
+GGUF files converted from it (``--compare-llamacpp``).
 
 Every configuration runs in a fresh subprocess, so its peak RSS is its own and one run's caches do not
 help the next. The parent measures the machine first (fp32 GEMM throughput at the model's FFN shape
@@ -164,6 +165,71 @@ def official(path: str, version: str, vocab: int, weights: str, prefill: int, de
     return out
 
 
+def llamacpp(path: str, prefill: int, decode: int, threads: int) -> dict:
+    """llama.cpp through llama-cpp-python on a GGUF file (``rwkv-zoo convert MODEL out.gguf``), batch 1,
+    measured as ``ours`` is: prefill = one evaluation of ``prefill`` tokens from an empty state (median
+    of 3 after a 16-token warm-up), decode = the argmax fed back one token at a time after an 8-token
+    prompt and 4 warm-up steps. ``n_threads`` and ``n_threads_batch`` are ``threads``, as torch's are."""
+    import llama_cpp
+    import numpy as np
+
+    t0 = time.perf_counter()
+    llm = llama_cpp.Llama(model_path=path, n_ctx=max(prefill, 16 + decode) + 64, n_batch=max(prefill, 16),
+                          n_ubatch=max(prefill, 16), n_threads=threads, n_threads_batch=threads, verbose=False)
+    out: dict = {"impl": "llama.cpp", "weights": _gguf_file_type(path), "load_s": time.perf_counter() - t0,
+                 "weight_bytes": _gguf_step_bytes(path)}
+    V = llm.n_vocab()
+    g = torch.Generator().manual_seed(0)
+
+    def run(tokens: list[int]) -> int:
+        llm.eval(tokens)
+        # llm.scores is filled only with logits_all=True (every position's logits copied): read the last
+        # position's row from llama.cpp directly, as ours keeps only the last logits
+        last = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(V,))
+        return int(np.argmax(last))
+
+    def from_empty(tokens: list[int]) -> int:
+        llm.reset()  # the next eval removes the sequence, so the recurrent state starts empty
+        return run(tokens)
+
+    if prefill:
+        toks = torch.randint(0, V, (prefill,), generator=g).tolist()
+        from_empty(toks[:16])
+        out["prefill_s"] = _timed(lambda: from_empty(toks), 3)
+    tok = from_empty(torch.randint(0, V, (8,), generator=g).tolist())
+    for _ in range(4):
+        tok = run([tok])
+    times = []
+    for _ in range(decode):
+        t = time.perf_counter()
+        tok = run([tok])
+        times.append(time.perf_counter() - t)
+    out["decode"] = {"1": statistics.median(times)}
+    out["peak_rss"] = _peak_rss()
+    return out
+
+
+def _gguf_file_type(path: str) -> str:
+    """The file type a GGUF's matrices have (``general.file_type``), e.g. F32 or Q8_0; else the file name."""
+    try:
+        import gguf
+
+        ftype = gguf.GGUFReader(path).fields["general.file_type"].contents()
+        return gguf.LlamaFileType(ftype).name.removeprefix("ALL_").removeprefix("MOSTLY_")
+    except Exception:  # an older gguf package or a file without the key: the row still gets a label
+        return os.path.basename(path)[:7]
+
+
+def _gguf_step_bytes(path: str) -> int:
+    """Bytes a decode step reads from a GGUF: every tensor but the embedding (a row lookup), as
+    ``_weight_bytes`` counts ours; 0 when the gguf package is missing (no ``x floor`` then)."""
+    try:
+        import gguf
+    except ImportError:
+        return 0
+    return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors if t.name != "token_embd.weight")
+
+
 def kl(spec: str, weights: list[str], tokens: int, threads: int) -> dict:
     """Mean KL(fp32 || weights) of the next-token distributions over a prompt and its greedy continuation."""
     from rwkv_zoo.inference import prepare_inference
@@ -225,6 +291,7 @@ class BenchOptions:
     long: int = 0
     repeat: int = 1
     compare_official: bool = False
+    compare_llamacpp: tuple[str, ...] = ()  # GGUF files llama.cpp runs in the same table
     kl: bool = False
     json: str | None = None
 
@@ -265,6 +332,7 @@ def report(args: BenchOptions, spec: str, weights: list[str], batches: list[int]
     if args.compare_official:
         jobs += [("official", {"path": spec, "version": meta.version, "vocab": c.vocab_size, "weights": w, **common})
                  for w in ("fp32", "bf16") if w in weights or w == "fp32"]
+    jobs += [("llamacpp", {"path": f, **common}) for f in args.compare_llamacpp]
     # Round-robin repeats: on a shared machine load drifts over minutes, so every configuration gets
     # samples from every period, and each number is the median over repeats.
     runs: list[list[dict]] = [[] for _ in jobs]
@@ -338,7 +406,7 @@ def _print_table(rows, mach, batches, kls, args) -> None:
 
 def _main() -> None:
     kind, kwargs = sys.argv[1], json.loads(sys.argv[2])
-    fn = {"ours": ours, "official": official, "kl": kl, "machine": machine}[kind]
+    fn = {"ours": ours, "official": official, "llamacpp": llamacpp, "kl": kl, "machine": machine}[kind]
     print(RESULT + json.dumps(fn(**kwargs)), flush=True)
 
 

@@ -27,6 +27,7 @@ ALLOWED_CI_SKIPS = re.compile(
     r"needs a CUDA GPU"  # the GPU kernel tests; the fla adapter's real kernels
     r"|the cuda backend needs "  # cuda.unavailable_reason() on a machine without a GPU
     r"|^fla backend: "  # fla is a GPU-only package that CI does not install
+    r"|^llama\.cpp comparison: "  # llama-cpp-python compiles llama.cpp (~15 min): not in CI's test extra
     r"|this machine has a GPU|on a GPU machine"  # CPU-only checks, on a GPU machine
     r"|benchmark"  # pytest-benchmark's --benchmark-skip (addopts)
 )

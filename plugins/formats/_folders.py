@@ -238,3 +238,31 @@ def write_folder_atomically(path: Path, fill: Callable[[Path], None], *, keep: C
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
+
+
+def write_hf_folder(path: Path, tensors: dict[str, Tensor], config: dict, metadata) -> None:
+    """An HF-style folder: ``model.safetensors`` (metadata ``format: pt``, which transformers requires),
+    ``config.json``, and for a World-vocabulary model (65536 rows) ``rwkv_vocab_v20230424.txt``, which
+    the RWKV org's and fla-hub's repos ship and llama.cpp's converter reads. Written atomically; the
+    other files of an existing folder are kept."""
+    from rwkv_zoo.tokenizers import WORLD_VOCAB_FILE, WORLD_VOCAB_SIZE, TokenizerError, find_world_vocab
+
+    vocab = None
+    if config.get("vocab_size") == WORLD_VOCAB_SIZE:
+        try:
+            vocab = find_world_vocab()
+        except TokenizerError:
+            vocab = None  # the folder is still complete; only llama.cpp's converter wants the file
+
+    def fill(tmp: Path) -> None:
+        from safetensors.torch import save_file
+
+        st_meta = {"format": "pt"}
+        if metadata.get("rwkv_zoo_version"):
+            st_meta["rwkv_zoo_version"] = metadata["rwkv_zoo_version"]
+        save_file(tensors, str(tmp / SAFETENSORS), metadata=st_meta)
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        if vocab is not None and not (tmp / WORLD_VOCAB_FILE).exists():
+            shutil.copyfile(vocab, tmp / WORLD_VOCAB_FILE)
+
+    write_folder_atomically(Path(path), fill, keep=lambda name: name != CONFIG and not is_weight_file(name))

@@ -1,5 +1,16 @@
 """flash-linear-attention (fla) model folders for RWKV-6 and RWKV-7 (``config.json`` with
-``model_type`` ``"rwkv6"``/``"rwkv7"`` and ``model.layers.*`` keys): read.
+``model_type`` ``"rwkv6"``/``"rwkv7"`` and ``model.layers.*`` keys): read both; write RWKV-7 (the
+fla-hub layout of ``fla-hub/rwkv7-*``, which fla's models and llama.cpp's ``convert_hf_to_gguf.py``
+read; ``--to hf`` writes it too).
+
+Writing is the inverse of the RWKV-7 mapping below, in the layout of fla's
+``utils/convert_from_rwkv7.py``: separate ``attn.x_{r,w,k,v,a,g}`` of shape (1, 1, C) (llama.cpp stacks
+them into its fused (6, 1, 1, C) tensor, so they must keep that shape), everything else as listed, no
+``v_lora`` in layer 0, untied ``lm_head``. The config carries what fla's ``RWKV7Config`` and llama.cpp's
+converter read: ``hidden_size``, ``num_hidden_layers``, ``head_dim``, ``num_heads``,
+``intermediate_size``, ``{decay,a,v,gate}_low_rank_dim``, ``norm_eps``, ``vocab_size``, ...
+A World-vocabulary model (65536 rows) also gets ``rwkv_vocab_v20230424.txt``, which llama.cpp's
+converter requires next to the weights.
 
 fla's ``model_type "rwkv6"`` is also used by the RWKV org's remote-code folders (``rwkv.blocks.*``
 keys, see ``hf.py``); the two are told apart by the stored key names (``model.embeddings.weight`` /
@@ -78,12 +89,13 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from rwkv_zoo.checkpoint import Checkpoint, CheckpointError, CheckpointFormat
+from rwkv_zoo.checkpoint import Checkpoint, CheckpointError, CheckpointFormat, infer_model
 
 from . import _folders
 
@@ -223,10 +235,100 @@ def _is_fla_layout(keys: list[str]) -> bool:
     return "model.embeddings.weight" in keys or any(k.startswith("model.layers.") for k in keys)
 
 
+def official_to_fla_v7(t: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Official RWKV-7 tensors -> fla names and layouts (the inverse of ``fla_to_official``)."""
+    L = 1 + max(int(k.split(".")[1]) for k in t if k.startswith("blocks."))
+    out = {"model.embeddings.weight": t["emb.weight"], "lm_head.weight": t["head.weight"]}
+    for p in ("weight", "bias"):
+        out[f"model.layers.0.pre_norm.{p}"] = t[f"blocks.0.ln0.{p}"]
+        out[f"model.norm.{p}"] = t[f"ln_out.{p}"]
+    for i in range(L):
+        a, f, o = f"model.layers.{i}.attn.", f"model.layers.{i}.ffn.", f"blocks.{i}."
+        for p in ("weight", "bias"):
+            out[f"model.layers.{i}.attn_norm.{p}"] = t[o + f"ln1.{p}"]
+            out[f"model.layers.{i}.ffn_norm.{p}"] = t[o + f"ln2.{p}"]
+            out[a + f"g_norm.{p}"] = t[o + f"att.ln_x.{p}"]
+        for n in "rwkvag":
+            out[a + f"x_{n}"] = _mix(t[o + f"att.x_{n}"])
+        out[a + "k_k"] = t[o + "att.k_k"].reshape(-1)
+        out[a + "k_a"] = t[o + "att.k_a"].reshape(-1)
+        out[a + "r_k"] = t[o + "att.r_k"]
+        for fla, off in (("r", "receptance"), ("k", "key"), ("v", "value"), ("o", "output")):
+            out[a + f"{fla}_proj.weight"] = t[o + f"att.{off}.weight"]
+        for n in "wavg":
+            if n == "v" and i == 0:
+                continue  # unused officially; fla builds no v_lora in layer 0
+            lora = a + f"{n}_lora.lora."
+            out[lora + "0.weight"] = t[o + f"att.{n}1"].t()
+            out[lora + "2.weight"] = t[o + f"att.{n}2"].t()
+            if n != "g":
+                out[lora + "2.bias"] = t[o + f"att.{n}0"].reshape(-1)
+        out[f + "x_k"] = t[o + "ffn.x_k"].reshape(-1)
+        out[f + "key.weight"] = t[o + "ffn.key.weight"]
+        out[f + "value.weight"] = t[o + "ffn.value.weight"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def fla_v7_config(t: Mapping[str, Tensor]) -> dict:
+    """The config.json of an fla-hub RWKV-7 folder for official tensors ``t``."""
+    V, C = t["emb.weight"].shape
+    H, N = t["blocks.0.att.r_k"].shape
+    L = 1 + max(int(k.split(".")[1]) for k in t if k.startswith("blocks."))
+    v_rank = t[f"blocks.{1 if L > 1 else 0}.att.v1"].shape[1]
+    return {
+        "architectures": ["RWKV7ForCausalLM"],
+        "model_type": "rwkv7",
+        "attn_mode": "chunk",
+        "vocab_size": V,
+        "hidden_size": C,
+        "num_hidden_layers": L,
+        "head_dim": N,
+        "num_heads": H,
+        "hidden_ratio": 4,
+        "intermediate_size": t["blocks.0.ffn.key.weight"].shape[0],
+        "decay_low_rank_dim": t["blocks.0.att.w1"].shape[1],
+        "a_low_rank_dim": t["blocks.0.att.a1"].shape[1],
+        "v_low_rank_dim": v_rank,
+        "gate_low_rank_dim": t["blocks.0.att.g1"].shape[1],
+        "hidden_act": "sqrelu",
+        "norm_first": True,
+        "norm_bias": True,
+        "norm_eps": 1e-5,
+        "attn": None,
+        "use_cache": True,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+        "tie_word_embeddings": False,
+        "fuse_norm": True,
+        "fuse_cross_entropy": True,
+        "max_position_embeddings": 4096,
+        "torch_dtype": str(t["emb.weight"].dtype).removeprefix("torch."),
+    }
+
+
+def write_fla_v7(tensors: Mapping[str, Tensor], path: Path, metadata: Mapping[str, str]) -> None:
+    """An fla-hub RWKV-7 folder (config.json, model.safetensors, the World vocabulary where it fits),
+    written atomically; other files of an existing folder (README, tokenizer files) are kept."""
+    stray = [k for k in tensors if k.endswith(".att.time_state")]
+    if stray:
+        raise CheckpointError(f"an fla folder has no place for a tuned state ({stray[0]}, ...)")
+    fla = official_to_fla_v7(tensors)
+    config = fla_v7_config(tensors)
+    _folders.write_hf_folder(path, fla, config, metadata)
+
+
 class FlaFolder(CheckpointFormat):
     name = "fla"
-    description = "flash-linear-attention RWKV-6 / RWKV-7 folder (config.json + safetensors/bin), read only"
-    writable = False
+    description = ("flash-linear-attention RWKV-6 / RWKV-7 folder (config.json + safetensors/bin): read; "
+                   "RWKV-7 write (the fla-hub layout)")
+    writable = True
+
+    def write(self, tensors: Mapping[str, Tensor], path: Path, metadata: Mapping[str, str]) -> None:
+        version = metadata.get("version") or infer_model({k: tuple(v.shape) for k, v in tensors.items()})[0]
+        if version != "v7":
+            raise CheckpointError(f"rwkv_zoo writes fla folders for RWKV-7 only; write a {version} model with "
+                                  f"--to hf (v4: transformers; v5/v6: the RWKV org's remote-code layout)")
+        write_fla_v7(tensors, Path(path), metadata)
 
     def detect(self, path: Path) -> bool:
         def config_says(cfg: dict) -> bool:

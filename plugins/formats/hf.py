@@ -1,5 +1,14 @@
 """Hugging Face folders: transformers' RWKV-4 (``model_type: "rwkv"``, read and write) and the RWKV
-org's remote-code RWKV-5/6 folders (``"rwkv5"``, ``"rwkv6"`` with ``rwkv.blocks.*`` keys; read).
+org's remote-code RWKV-5/6 folders (``"rwkv5"``, ``"rwkv6"`` with ``rwkv.blocks.*`` keys; read and
+write). Writing a RWKV-7 model gives the fla-hub folder (``fla.py``).
+
+Which layout each version gets on writing, and who reads it: v4 -> transformers' ``RwkvForCausalLM``;
+v5/v6 -> the RWKV org's remote-code layout (``RWKV/v6-Finch-*-HF``, ``Rwkv6ForCausalLM``: the layout
+llama.cpp's ``convert_hf_to_gguf.py`` reads for RWKV-6; its converter has no fla RWKV-6 names);
+v7 -> fla-hub (``fla-hub/rwkv7-*``, ``RWKV7ForCausalLM``: what fla and llama.cpp read). The remote-code
+folders carry no modeling code (``auto_map``): transformers needs the RWKV org's
+``modeling_rwkv{5,6}.py``/``configuration_rwkv{5,6}.py`` copied in to load them; llama.cpp and
+rwkv_zoo need only the config, the weights and (World models) ``rwkv_vocab_v20230424.txt``.
 
 Name mapping, HF -> official (the inverse is used for writing)::
 
@@ -106,8 +115,8 @@ def _is_hf_layout(keys: list[str]) -> bool:
 
 class HFFolder(CheckpointFormat):
     name = "hf"
-    description = ("Hugging Face folder: transformers RWKV-4 (read/write), RWKV org remote-code "
-                   "RWKV-5/6 (read); config.json + model.safetensors / pytorch_model.bin, sharded or not")
+    description = ("Hugging Face folder: transformers RWKV-4, RWKV org remote-code RWKV-5/6 (read/write), "
+                   "fla-hub RWKV-7 (write); config.json + model.safetensors / pytorch_model.bin, sharded or not")
     writable = True
 
     def detect(self, path: Path) -> bool:
@@ -154,14 +163,22 @@ class HFFolder(CheckpointFormat):
     def write(self, tensors: Mapping[str, Tensor], path: Path, metadata: Mapping[str, str]) -> None:
         shapes = {k: tuple(v.shape) for k, v in tensors.items()}
         version = metadata.get("version") or infer_model(shapes)[0]
-        if version != "v4":
+        if version == "v7":
+            from .fla import write_fla_v7
+
+            write_fla_v7(tensors, Path(path), metadata)
+            return
+        if version not in ("v4", "v5", "v6"):
             raise CheckpointError(
-                f"transformers has RWKV-4 only (RwkvForCausalLM); a {version} model cannot be written as an HF "
-                f"folder (the RWKV org's v5/v6 folders need their remote code). Write official or safetensors."
+                f"an HF folder holds RWKV-4 (transformers), RWKV-5/6 (the RWKV org's remote-code layout) or "
+                f"RWKV-7 (fla-hub); a {version} model has none. Write official or safetensors."
             )
         stray = [k for k in tensors if k.endswith(".att.time_state")]
         if stray:
-            raise CheckpointError(f"transformers' RWKV-4 has no place for a tuned state ({stray[0]}, ...)")
+            raise CheckpointError(f"an HF {version} folder has no place for a tuned state ({stray[0]}, ...)")
+        if version != "v4":
+            _write_remote_code(tensors, Path(path), metadata, version)
+            return
         hf = {official_to_hf(k): v.contiguous() for k, v in tensors.items()}
         V, C = shapes["emb.weight"]
         dtype = tensors["emb.weight"].dtype
@@ -197,3 +214,34 @@ class HFFolder(CheckpointFormat):
         _folders.write_folder_atomically(
             Path(path), fill, keep=lambda name: name != _folders.CONFIG and not _folders.is_weight_file(name)
         )
+
+
+def _write_remote_code(tensors: Mapping[str, Tensor], path: Path, metadata: Mapping[str, str], version: str) -> None:
+    """The RWKV org's remote-code RWKV-5/6 folder: official tensors renamed, no values changed."""
+    hf = {official_to_hf(k): v.contiguous() for k, v in tensors.items()}
+    V, C = tensors["emb.weight"].shape
+    key = "time_faaaa" if version == "v6" else "time_decay"
+    H, N = tensors[f"blocks.0.att.{key}"].shape
+    dtype = tensors["emb.weight"].dtype
+    L = 1 + max(int(k.split(".")[1]) for k in tensors if k.startswith("blocks."))
+    model_type = "rwkv5" if version == "v5" else "rwkv6"
+    config = {
+        "architectures": [f"Rwkv{version[1]}ForCausalLM"],
+        "model_type": model_type,
+        "vocab_size": V,
+        "hidden_size": C,
+        "num_hidden_layers": L,
+        "attention_hidden_size": tensors["blocks.0.att.key.weight"].shape[0],
+        "head_size": N,
+        "num_attention_heads": H,
+        "intermediate_size": tensors["blocks.0.ffn.key.weight"].shape[0],
+        "layer_norm_epsilon": 1e-5,
+        "rescale_every": 0,  # the weights are un-rescaled; llama.cpp's converter divides by this if set
+        "tie_word_embeddings": False,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+        "use_cache": True,
+        "context_length": 4096,
+        "torch_dtype": _DTYPE_NAMES.get(dtype, "float32"),
+    }
+    _folders.write_hf_folder(path, hf, config, metadata)

@@ -23,7 +23,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError("--batch values, --decode and --repeat must be >= 1, --prefill >= 0")
     opts = BenchOptions(model=args.model, threads=args.threads, prefill=args.prefill, decode=args.decode,
                         long=args.long, repeat=args.repeat, compare_official=args.compare_official, kl=args.kl,
-                        json=args.json)
+                        json=args.json, compare_llamacpp=_llamacpp_files(args.compare_llamacpp or []))
     spec, tmp = args.model, None
     if args.compare_official and not os.path.exists(spec):
         # Both implementations must read the same file: write the random model once.
@@ -40,6 +40,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
             tmp.cleanup()
 
 
+def _llamacpp_files(files: list[str]) -> tuple[str, ...]:
+    """--compare-llamacpp: GGUF files that exist, and llama-cpp-python to run them."""
+    if not files:
+        return ()
+    for f in files:
+        if not os.path.isfile(f):
+            raise UsageError(f"--compare-llamacpp {f}: no such file (write one with: rwkv-zoo convert MODEL {f})")
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        raise UsageError("--compare-llamacpp needs llama-cpp-python, which is not installed "
+                         "(pip install llama-cpp-python; it compiles llama.cpp)") from None
+    return tuple(os.path.abspath(f) for f in files)
+
+
 def add_parsers(sub) -> None:
     p = sub.add_parser("bench", help="decode/prefill tok/s and peak RSS; --compare-official runs the rwkv package too")
     p.add_argument("model", help="checkpoint file, or a model name (random weights, e.g. v4-pile-169M)")
@@ -51,6 +66,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--decode", type=int, default=64, help="decode steps timed per batch size")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--compare-official", action="store_true", help="also run BlinkDL's rwkv package (cpu fp32/bf16)")
+    p.add_argument("--compare-llamacpp", action="append", metavar="FILE.gguf",
+                   help="also run llama.cpp (llama-cpp-python) on this GGUF, same threads, batch 1; repeatable "
+                        "(e.g. an F32 and a Q8_0 file from `rwkv-zoo convert MODEL out.gguf --gguf-type q8_0`)")
     p.add_argument("--kl", action="store_true", help="mean logit KL of bf16/int8 weights against fp32")
     p.add_argument("--long", type=int, default=0, metavar="N",
                    help="decode N more steps at batch 1 and report RSS after 100 and after N")

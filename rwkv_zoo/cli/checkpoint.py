@@ -10,7 +10,8 @@ from pathlib import Path
 from rwkv_zoo.cli._helpers import DTYPES, UsageError
 from rwkv_zoo.errors import parse_dtype
 
-TARGETS = {"official": "official-pth", "safetensors": "safetensors", "hf": "hf"}
+TARGETS = {"official": "official-pth", "safetensors": "safetensors", "hf": "hf", "fla": "fla", "gguf": "gguf"}
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 
 
 def _human_bytes(n: float) -> str:
@@ -56,13 +57,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
     )
 
     dst = Path(args.dst)
-    target = TARGETS[args.to] if args.to else ("safetensors" if dst.suffix == ".safetensors" else "official-pth")
+    by_suffix = {".safetensors": "safetensors", ".gguf": "gguf"}
+    target = TARGETS[args.to] if args.to else by_suffix.get(dst.suffix, "official-pth")
     fmt = get_formats().get(target)
     if fmt is None or not fmt.writable:
         writable = ", ".join(k for k, v in TARGETS.items() if v in get_formats() and get_formats()[v].writable)
         raise CheckpointError(f"cannot write {args.to or target} (not installed?); writable targets: {writable}")
+    if target == "gguf":
+        return _convert_gguf(args, dst, fmt)
     dtype = parse_dtype(args.dtype)
-    if target != "hf":  # the HF writer makes its folder; the others must not read a big file only to fail here
+    if target not in ("hf", "fla"):  # folder writers make their folder; the others: fail before reading
         check_save_target(dst)
     model = rwkv_zoo.load(args.src)
     # A tuned start state (time_state keys) travels with the weights, except into an HF folder (no such key).
@@ -96,6 +100,35 @@ def cmd_export(args: argparse.Namespace) -> int:
     get_formats()[target].write(tensors, dst, model_metadata(model))
     note = ", with its tuned time_state" if model.initial_state is not None else ""
     print(f"{src} ({model.version}) -> {dst} ({target}{note}, {_human_bytes(dst.stat().st_size)})")
+    return 0
+
+
+def _convert_gguf(args: argparse.Namespace, dst: Path, fmt) -> int:
+    """GGUF takes llama.cpp's file types (f32, f16, bf16, q8_0) rather than a torch dtype."""
+    import torch
+
+    import rwkv_zoo
+    from rwkv_zoo.checkpoint import CheckpointError, check_save_target, model_metadata, official_tensors
+    from rwkv_zoo.errors import UsageError
+
+    from_dtype = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+    file_type = args.gguf_type
+    if args.dtype is not None:  # already a torch.dtype (the shared --dtype parser)
+        as_type = from_dtype.get(args.dtype)
+        if as_type is None or (file_type and file_type != as_type):
+            raise UsageError(f"--dtype {str(args.dtype).removeprefix('torch.')}: a GGUF file is one of "
+                             f"{', '.join(GGUF_TYPES)} (--gguf-type)")
+        file_type = as_type
+    check_save_target(dst)
+    model = rwkv_zoo.load(args.src)
+    if model.version not in ("v6", "v7"):
+        raise CheckpointError(f"{args.src} is a {model.version} model; llama.cpp (GGUF) has RWKV-6 and RWKV-7 only")
+    metadata = model_metadata(model)
+    metadata["gguf_file_type"] = file_type or {"torch.float16": "f16", "torch.bfloat16": "bf16"}.get(
+        str(model.dtype), "f32")
+    fmt.write(official_tensors(model), dst, metadata)
+    print(f"{args.src} ({model.checkpoint_format}, {model.version}) -> {dst} (gguf, "
+          f"{metadata['gguf_file_type'].upper()}, {_human_bytes(dst.stat().st_size)})")
     return 0
 
 
@@ -144,9 +177,13 @@ def _numel(shape) -> int:
 def add_parsers(sub) -> None:
     p = sub.add_parser("convert", help="convert a checkpoint between formats and dtypes")
     p.add_argument("src", help="a checkpoint file or folder in any format rwkv_zoo reads")
-    p.add_argument("dst", help="output path (.safetensors, .pth, or a folder for --to hf)")
+    p.add_argument("dst", help="output path (.safetensors, .pth, .gguf, or a folder for --to hf / fla)")
     p.add_argument("--to", choices=sorted(TARGETS), help="output format (default: from the extension)")
-    p.add_argument("--dtype", help=f"output dtype: {', '.join(DTYPES)} or torch's names (default: keep)")
+    p.add_argument("--dtype", help=f"output dtype: {', '.join(DTYPES)} or torch's names (default: keep); "
+                                   f"for GGUF see --gguf-type")
+    p.add_argument("--gguf-type", choices=GGUF_TYPES,
+                   help="GGUF tensor type for the matrices (default: the --dtype / the model's dtype); llama.cpp's "
+                        "converter keeps norms, mixes, decay and LoRA-mix matrices F32 whatever this is")
     p.add_argument("--progress", action="store_true", help="always show the progress bar (default: files > 256 MB)")
     p.set_defaults(func=cmd_convert)
 
