@@ -43,12 +43,17 @@ __all__ = [
 def make_data(spec: dict[str, Any]) -> Task | TokenStream:
     """Data from a config table: ``{"task": "mqar", ...}`` (see ``TASKS``), ``{"text": PATH}`` (byte
     level; ``"tokenizer": "world"`` or a tokenizer.json to tokenize) or ``{"binidx": PREFIX,
-    "vocab_size": V}``; ``eval_fraction`` for the last two."""
+    "vocab_size": V}``; ``eval_fraction`` for the last two; ``{"corpus": "stdlib"}`` (the Python standard
+    library's sources split by file, see ``corpus``)."""
     spec = dict(spec)
     if "text" in spec:
         return text_file(spec.pop("text"), eval_fraction=spec.pop("eval_fraction", 0.01), **spec)
     if "binidx" in spec:
         return binidx(spec.pop("binidx"), **spec)
+    if "corpus" in spec:
+        from rwkv_zoo.data.corpus import make_corpus
+
+        return make_corpus(spec)
     if "task" in spec:
         return make_task(spec)
-    raise ValueError(f"data needs one of 'task' ({', '.join(TASKS)}), 'text' or 'binidx'; got {sorted(spec)}")
+    raise ValueError(f"data needs one of 'task' ({', '.join(TASKS)}), 'text', 'binidx' or 'corpus'; got {sorted(spec)}")
