@@ -222,7 +222,17 @@ def _usage_errors(fn):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m rwkv_zoo.train`` (what torchrun launches): the same arguments as ``rwkv-zoo train``."""
+    """``python -m rwkv_zoo.train`` (what torchrun launches): the same arguments as ``rwkv-zoo train``;
+    ``python -m rwkv_zoo.train ablate ...`` is ``rwkv-zoo ablate ...``."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "ablate":
+        ab = argparse.ArgumentParser(prog="python -m rwkv_zoo.train ablate", description="Run an ablation grid.")
+        add_ablate_arguments(ab)
+        try:
+            return cmd_ablate(ab.parse_args(argv[1:]))
+        except ConfigError as exc:
+            print(f"rwkv_zoo.train ablate: error: {exc}", file=sys.stderr)
+            return 2
     parser = argparse.ArgumentParser(prog="python -m rwkv_zoo.train", description="Train an RWKV model.")
     add_train_arguments(parser)
     args = parser.parse_args(argv)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 
@@ -18,7 +19,7 @@ lrs = [1e-3, 1e-2]
 jobs = 1
 
 [train]
-steps = 2
+steps = 1
 batch_size = 2
 eval_batches = 1
 
@@ -61,6 +62,10 @@ def test_every_suite_validates_and_outside_quick_has_three_seeds():
     check_config(load_config(suite="recall"))  # widths expand, every model builds, every task loads
     labels = [m.label for m in load_config(suite="recall").models]
     assert "v7 d=32" in labels and "v7 d=128" in labels
+    example = load_config(str(Path(__file__).parents[2] / "examples" / "ablate_hybrids_widths.toml"))
+    check_config(example)
+    assert [m.label for m in example.models][:4] == ["v7 d=32", "v7 d=64", "v7+v6 time-mix d=32",
+                                                     "v7+v6 time-mix d=64"]
 
 
 @pytest.mark.parametrize(
@@ -98,7 +103,7 @@ def test_ablate_writes_results_plots_report_and_a_table(tmp_path):
     assert doc["schema"] == 2 and len(doc["runs"]) == 8 and len(doc["summary"]) == 2
     hybrid = next(r for r in doc["runs"] if r["model"] == "v6 with a v5 time-mix")
     assert hybrid["name"] == "hybrid[v5/v6,v5/v6]" or "hybrid" in hybrid["name"]
-    assert hybrid["params"] > 0 and len(hybrid["loss_curve"]) == 2 and hybrid["lr"] in (1e-3, 1e-2)
+    assert hybrid["params"] > 0 and len(hybrid["loss_curve"]) == 1 and hybrid["lr"] in (1e-3, 1e-2)
     for row in doc["summary"]:  # exactly the chosen rate's runs are marked selected
         chosen = [r for r in doc["runs"] if r["model"] == row["model"] and r["selected"]]
         assert {r["lr"] for r in chosen} == {row["lr"]} and len(chosen) == 2
@@ -138,7 +143,8 @@ def test_ablate_command_runs_workers_in_parallel_and_config_errors_are_one_line(
     listed = capsys.readouterr().out
     assert all(name in listed for name in ("quick", "recall", "text", "hybrids"))
     # A typo anywhere (version, build option, task, value) stops before any run, in one line, status 2.
-    typos = [('model = "v4-tiny"', 'model = "v4-tiyn"', "unknown model 'v4-tiyn'"),
+    typos = [('model = "v4-tiny"', 'model = "v4-tiyn"', "unknown size 'tiyn' for v4"),
+             ('model = "v4-tiny"', 'model = "v9"', "unknown model 'v9'"),
              ("time_mix", "time_mxi", "time_mxi"),
              ('task = "mqar"', 'task = "mqra"', "unknown task 'mqra'"),
              ("num_keys = 6", "num_keys = 1", "num_keys=1")]

@@ -74,7 +74,7 @@ seq_len = 32
 RECALL = """
 [ablate]
 name = "recall"
-description = "Zoology-style MQAR: width 32/64/128 x (8 pairs, T=64) and (16 pairs, T=128), 3 seeds, 2 learning rates"
+description = "Zoology-style MQAR: width 32/64/128 x (8 pairs, T=32) and (16 pairs, T=64), 3 seeds, 2 learning rates"
 seeds = [0, 1, 2]
 lrs = [2e-3, 6e-3]
 lr_final_ratio = 0.1
@@ -121,20 +121,20 @@ n_embd = [32, 64, 128]
 head_size = 16
 
 [[tasks]]
-label = "mqar-p8-T64"
+label = "mqar-p8-T32"
 task = "mqar"
 num_pairs = 8
 num_keys = 64
 num_values = 64
-seq_len = 64
+seq_len = 32
 
 [[tasks]]
-label = "mqar-p16-T128"
+label = "mqar-p16-T64"
 task = "mqar"
 num_pairs = 16
 num_keys = 64
 num_values = 64
-seq_len = 128
+seq_len = 64
 """
 
 # Byte-level language modelling on the Python stdlib's sources (split by file), held-out bits per
@@ -156,7 +156,7 @@ ctx_len = 128
 warmup_steps = 20
 schedule = "cosine"
 grad_clip = 1.0
-eval_batches = 4
+eval_batches = 16  # 32 KiB of held-out text, read at T, 4T and 16T
 eval_batch_size = 16
 
 [[models]]
