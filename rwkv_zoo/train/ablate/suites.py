@@ -74,15 +74,15 @@ seq_len = 32
 RECALL = """
 [ablate]
 name = "recall"
-description = "Zoology-style MQAR: width 32/64/128 x (8 pairs, T=32) and (16 pairs, T=64), 3 seeds, 2 learning rates"
+description = "Zoology-style MQAR: width 32/64/128 x (4 pairs, T=16) and (8 pairs, T=32), 3 seeds, 2 learning rates"
 seeds = [0, 1, 2]
-lrs = [2e-3, 6e-3]
+lrs = [1e-3, 3e-3]
 lr_final_ratio = 0.1
 jobs = 2
 threads = 1
 
 [train]
-steps = 250
+steps = 300
 batch_size = 16
 warmup_steps = 20
 schedule = "cosine"
@@ -121,20 +121,20 @@ n_embd = [32, 64, 128]
 head_size = 16
 
 [[tasks]]
+label = "mqar-p4-T16"
+task = "mqar"
+num_pairs = 4
+num_keys = 64
+num_values = 64
+seq_len = 16
+
+[[tasks]]
 label = "mqar-p8-T32"
 task = "mqar"
 num_pairs = 8
 num_keys = 64
 num_values = 64
 seq_len = 32
-
-[[tasks]]
-label = "mqar-p16-T64"
-task = "mqar"
-num_pairs = 16
-num_keys = 64
-num_values = 64
-seq_len = 64
 """
 
 # Byte-level language modelling on the Python stdlib's sources (split by file), held-out bits per
