@@ -82,7 +82,7 @@ jobs = 2
 threads = 1
 
 [train]
-steps = 300
+steps = 250
 batch_size = 16
 warmup_steps = 20
 schedule = "cosine"
