@@ -156,9 +156,18 @@ def _worker_init(counter, n_gpus: int, wanted: str) -> None:
     _WORKER_DEVICE = assign_device(index, n_gpus, wanted)
 
 
+def _finished_meanwhile(run: dict[str, Any], out_dir: str | None) -> dict[str, Any] | None:
+    """The cell's record when another process (another shard, a second invocation) wrote it since this
+    grid started."""
+    if out_dir is None:
+        return None
+    found = load_cells(Path(out_dir), [run])
+    return found.get(run["key"])
+
+
 def _worker_run(args: tuple[dict[str, Any], str | None]) -> dict[str, Any]:
     run, out_dir = args
-    return run_one(run, out_dir, _WORKER_DEVICE)
+    return _finished_meanwhile(run, out_dir) or run_one(run, out_dir, _WORKER_DEVICE)
 
 
 def run_cells(runs: list[dict[str, Any]], out_dir: Path | None, *, jobs: int, device: str = "auto",
@@ -184,7 +193,7 @@ def run_cells(runs: list[dict[str, Any]], out_dir: Path | None, *, jobs: int, de
     if jobs == 1 or runner is not None:
         dev = assign_device(0, n_gpus, device)
         for run in runs:
-            finished((runner or run_one)(run, target, dev))
+            finished(_finished_meanwhile(run, target) or (runner or run_one)(run, target, dev))
     else:
         ctx = multiprocessing.get_context("spawn")
         counter = ctx.Value("i", 0)
