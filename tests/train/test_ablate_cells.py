@@ -89,3 +89,21 @@ def test_workers_go_round_robin_over_the_visible_gpus():
     assert [assign_device(w, 4, "cpu") for w in range(2)] == ["cpu", "cpu"]
     with pytest.raises(RuntimeError, match="no GPU"):
         assign_device(0, 0, "cuda")
+
+
+def test_a_cell_written_meanwhile_by_another_process_is_not_run_again(tmp_path):
+    from rwkv_zoo.train.ablate.cells import cell_path, run_cells
+
+    conf = tmp_path / "grid.toml"
+    conf.write_text(GRID)
+    specs = run_specs(load_config(str(conf)))[:1]
+    path = cell_path(tmp_path, specs[0]["key"])
+    path.parent.mkdir(parents=True)
+    record = {"key": specs[0]["key"], "model": "v4-tiny", "task": "mqar", "seed": 0, "lr": specs[0]["lr"],
+              "final": {"acc": 0.5}, "wall_s": 1.0, "tokens_per_s": 1.0}
+    path.write_text(json.dumps(record))
+
+    def boom(*args):
+        raise AssertionError("ran a finished cell")
+
+    assert run_cells(specs, tmp_path, jobs=1, log=lambda s: None, runner=boom) == [record]
