@@ -210,29 +210,58 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def add_ablate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="TOML file ([ablate], [train], [[models]], [[tasks]]); "
-                                             "default: the embedded v4-v7 MQAR comparison")
-    p.add_argument("--out", dest="out_dir", help="output folder (default ablate-<name>)")
+                                             "default: the quick suite")
+    p.add_argument("--suite", help="a built-in suite (see --list-suites; default quick)")
+    p.add_argument("--list-suites", action="store_true", help="list the built-in suites and exit")
+    p.add_argument("--out", dest="out_dir", help="output folder (default ablate-<name>); finished cells are cached in "
+                                                 "OUT/cells and not run again")
     p.add_argument("--jobs", type=int, help="worker processes (default from the config: 2)")
     p.add_argument("--seeds", help="comma-separated seeds, overriding the config")
+    p.add_argument("--lrs", help="comma-separated learning rates to sweep, overriding the config")
     p.add_argument("--steps", type=int, help="steps per run, overriding the config (same for every run)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"),
+                   help="auto (default): worker i on GPU i mod #GPUs when GPUs are visible, else the CPU")
+    p.add_argument("--shard", metavar="I/N", help="run only shard I of N of the cells (several machines sharing "
+                                                  "--out; e.g. a Slurm job array)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    p.add_argument("--show-config", action="store_true", help="print the config (default: the embedded one) and exit")
+    p.add_argument("--show-config", action="store_true", help="print the config (file or suite) and exit")
+
+
+def _numbers(text: str | None, kind: type, flag: str) -> list | None:
+    if text is None:
+        return None
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise ConfigError(f"{flag} takes comma-separated numbers, got {text!r}") from exc
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from rwkv_zoo.train.ablate import DEFAULT_CONFIG, ablate
+    from rwkv_zoo.errors import RWKVZooError
+    from rwkv_zoo.train.ablate import SUITES, ablate, list_suites, parse_shard
 
-    if args.show_config:
-        print(Path(args.config).read_text() if args.config else DEFAULT_CONFIG.strip())
-        return 0
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds else None
-    if args.jobs is not None and args.jobs < 1:
-        raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
     try:
-        ablate(args.config, out_dir=args.out_dir, jobs=args.jobs, seeds=seeds, steps=args.steps,
-               plots=not args.no_plots)
+        if args.list_suites:
+            for name, desc in list_suites().items():
+                print(f"{name:8s} {desc}")
+            return 0
+        if args.show_config:
+            if args.config:
+                print(Path(args.config).read_text())
+            elif (args.suite or "quick") in SUITES:
+                print(SUITES[args.suite or "quick"].strip())
+            else:
+                raise ConfigError(f"unknown suite {args.suite!r}; suites: {', '.join(SUITES)}")
+            return 0
+        ablate(args.config, suite=args.suite, out_dir=args.out_dir, jobs=args.jobs,
+               seeds=_numbers(args.seeds, int, "--seeds"), steps=args.steps, lrs=_numbers(args.lrs, float, "--lrs"),
+               device=args.device, shard=parse_shard(args.shard) if args.shard else None, plots=not args.no_plots)
     except FileNotFoundError as exc:
         raise ConfigError(f"no such config file: {exc.filename}") from exc
+    except RWKVZooError as exc:
+        if getattr(exc, "exit_code", 1) == 2 or isinstance(exc, ValueError):
+            raise ConfigError(str(exc)) from exc
+        raise
     return 0
 
 
@@ -261,7 +290,17 @@ def _usage_errors(fn):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m rwkv_zoo.train`` (what torchrun launches): the same arguments as ``rwkv-zoo train``."""
+    """``python -m rwkv_zoo.train`` (what torchrun launches): the same arguments as ``rwkv-zoo train``;
+    ``python -m rwkv_zoo.train ablate ...`` is ``rwkv-zoo ablate ...``."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "ablate":
+        ab = argparse.ArgumentParser(prog="python -m rwkv_zoo.train ablate", description="Run an ablation grid.")
+        add_ablate_arguments(ab)
+        try:
+            return cmd_ablate(ab.parse_args(argv[1:]))
+        except ConfigError as exc:
+            print(f"rwkv_zoo.train ablate: error: {exc}", file=sys.stderr)
+            return 2
     parser = argparse.ArgumentParser(prog="python -m rwkv_zoo.train", description="Train an RWKV model.")
     add_train_arguments(parser)
     args = parser.parse_args(argv)

@@ -47,8 +47,9 @@ __all__ = [
 def make_data(spec: dict[str, Any]) -> Task | TokenStream | ChatData:
     """Data from a config table: ``{"task": "mqar", ...}`` (see ``TASKS``), ``{"text": PATH}`` (byte
     level; ``"tokenizer": "world"`` or a tokenizer.json to tokenize) or ``{"binidx": PREFIX,
-    "vocab_size": V}``; ``eval_fraction`` for the last two; or ``{"sft": PATH}`` (chat jsonl, see
-    ``rwkv_zoo.data.sft``; ``"tokenizer"``: world by default)."""
+    "vocab_size": V}``; ``eval_fraction`` for the last two; ``{"sft": PATH}`` (chat jsonl, see
+    ``rwkv_zoo.data.sft``; ``"tokenizer"``: world by default); or ``{"corpus": "stdlib"}`` (the Python
+    standard library's sources split by file, see ``corpus``)."""
     spec = dict(spec)
     if "text" in spec:
         return text_file(spec.pop("text"), eval_fraction=spec.pop("eval_fraction", 0.01), **spec)
@@ -56,6 +57,11 @@ def make_data(spec: dict[str, Any]) -> Task | TokenStream | ChatData:
         return binidx(spec.pop("binidx"), **spec)
     if "sft" in spec:
         return sft_file(spec.pop("sft"), **spec)
+    if "corpus" in spec:
+        from rwkv_zoo.data.corpus import make_corpus
+
+        return make_corpus(spec)
     if "task" in spec:
         return make_task(spec)
-    raise ValueError(f"data needs one of 'task' ({', '.join(TASKS)}), 'text', 'binidx' or 'sft'; got {sorted(spec)}")
+    raise ValueError(f"data needs one of 'task' ({', '.join(TASKS)}), 'text', 'binidx', 'sft' or 'corpus'; "
+                     f"got {sorted(spec)}")

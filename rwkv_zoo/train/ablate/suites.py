@@ -1,0 +1,295 @@
+"""The built-in suites: each is an ordinary ablation config (TOML text), so a suite and a config file
+take the same path (``rwkv-zoo ablate --suite NAME --show-config`` prints it, to copy and edit).
+
+Every suite lists the causal softmax-attention baseline (registered name ``attn``) with
+``optional = true``: it is in the grid when a plugin registers that version, and left out with a note
+otherwise. Wall times are for 2 shared CPU cores (``jobs = 2``, one torch thread each); see
+docs/ablations.md for the measured ones.
+"""
+
+from __future__ import annotations
+
+# v4-v7 (+ attention) at one tiny shape on MQAR; each model at its best of three learning rates
+# (two seeds each). The README's main job.
+QUICK = """
+[ablate]
+name = "quick"
+description = "v4-v7 (+ attention) on MQAR, 2 x 64, each at its best of 3 learning rates, 2 seeds"
+seeds = [0, 1]
+lrs = [1e-3, 3e-3, 1e-2]
+lr_final_ratio = 0.1
+jobs = 2
+threads = 1
+
+[train]
+steps = 400
+batch_size = 16
+warmup_steps = 20
+schedule = "cosine"
+weight_decay = 0.0
+grad_clip = 1.0
+eval_batches = 4
+eval_batch_size = 64
+
+[[models]]
+model = "v4"
+n_layer = 2
+n_embd = 64
+
+[[models]]
+model = "v5"
+n_layer = 2
+n_embd = 64
+head_size = 16
+
+[[models]]
+model = "v6"
+n_layer = 2
+n_embd = 64
+head_size = 16
+
+[[models]]
+model = "v7"
+n_layer = 2
+n_embd = 64
+head_size = 16
+
+[[models]]
+model = "attn"
+optional = true
+n_layer = 2
+n_embd = 64
+head_size = 16
+
+[[tasks]]
+label = "mqar"
+task = "mqar"
+num_pairs = 8
+num_keys = 32
+num_values = 32
+seq_len = 32
+"""
+
+# Zoology-style: MQAR over model width x (pairs, sequence length); accuracy against state size.
+RECALL = """
+[ablate]
+name = "recall"
+description = "Zoology-style MQAR: width 32/64/128 x (4 pairs, T=16) and (8 pairs, T=32), 3 seeds, 2 learning rates"
+seeds = [0, 1, 2]
+lrs = [1e-3, 3e-3]
+lr_final_ratio = 0.1
+jobs = 2
+threads = 1
+
+[train]
+steps = 250
+batch_size = 16
+warmup_steps = 20
+schedule = "cosine"
+grad_clip = 1.0
+eval_batches = 2
+eval_batch_size = 64
+
+[[models]]
+model = "v4"
+n_layer = 2
+n_embd = [32, 64, 128]
+
+[[models]]
+model = "v5"
+n_layer = 2
+n_embd = [32, 64, 128]
+head_size = 16
+
+[[models]]
+model = "v6"
+n_layer = 2
+n_embd = [32, 64, 128]
+head_size = 16
+
+[[models]]
+model = "v7"
+n_layer = 2
+n_embd = [32, 64, 128]
+head_size = 16
+
+[[models]]
+model = "attn"
+optional = true
+n_layer = 2
+n_embd = [32, 64, 128]
+head_size = 16
+
+[[tasks]]
+label = "mqar-p4-T16"
+task = "mqar"
+num_pairs = 4
+num_keys = 64
+num_values = 64
+seq_len = 16
+
+[[tasks]]
+label = "mqar-p8-T32"
+task = "mqar"
+num_pairs = 8
+num_keys = 64
+num_values = 64
+seq_len = 32
+"""
+
+# Byte-level language modelling on the Python stdlib's sources (split by file), held-out bits per
+# byte, then the same held-out bytes read in windows of 4T and 16T with the state carried.
+TEXT = """
+[ablate]
+name = "text"
+description = "byte-level LM on the Python stdlib sources (split by file), bpb at T=128, 4T, 16T; 3 seeds"
+seeds = [0, 1, 2]
+lrs = [2e-3, 6e-3]
+lr_final_ratio = 0.1
+jobs = 2
+threads = 1
+
+[train]
+steps = 300
+batch_size = 16
+ctx_len = 128
+warmup_steps = 20
+schedule = "cosine"
+grad_clip = 1.0
+eval_batches = 16  # 32 KiB of held-out text, read at T, 4T and 16T
+eval_batch_size = 16
+
+[[models]]
+model = "v4"
+n_layer = 2
+n_embd = 64
+vocab_size = 256
+
+[[models]]
+model = "v5"
+n_layer = 2
+n_embd = 64
+head_size = 16
+vocab_size = 256
+
+[[models]]
+model = "v6"
+n_layer = 2
+n_embd = 64
+head_size = 16
+vocab_size = 256
+
+[[models]]
+model = "v7"
+n_layer = 2
+n_embd = 64
+head_size = 16
+vocab_size = 256
+
+[[models]]
+model = "attn"
+optional = true
+n_layer = 2
+n_embd = 64
+head_size = 16
+vocab_size = 256
+
+[[tasks]]
+label = "stdlib"
+corpus = "stdlib"
+heldout = 0.1
+max_bytes = 8000000
+extrapolate = [4, 16]
+"""
+
+# Hybrids (plugins/hybrids.py) against their parents: v6 and v7 with each other's time-mix, a v4
+# channel-mix under v7, and per-layer mixes.
+HYBRIDS = """
+[ablate]
+name = "hybrids"
+description = "v6/v7 time-mix and channel-mix swaps and per-layer mixes against their parents on MQAR; 3 seeds"
+seeds = [0, 1, 2]
+lrs = [2e-3, 6e-3]
+lr_final_ratio = 0.1
+jobs = 2
+threads = 1
+
+[train]
+steps = 300
+batch_size = 16
+warmup_steps = 20
+schedule = "cosine"
+grad_clip = 1.0
+eval_batches = 4
+eval_batch_size = 64
+
+[[models]]
+model = "v6"
+n_layer = 2
+n_embd = 64
+head_size = 16
+
+[[models]]
+model = "v7"
+n_layer = 2
+n_embd = 64
+head_size = 16
+
+[[models]]
+label = "v6+v7 time-mix"
+model = "v6"
+n_layer = 2
+n_embd = 64
+head_size = 16
+time_mix = "v7"
+
+[[models]]
+label = "v7+v6 time-mix"
+model = "v7"
+n_layer = 2
+n_embd = 64
+head_size = 16
+time_mix = "v6"
+
+[[models]]
+label = "v7+v4 channel-mix"
+model = "v7"
+n_layer = 2
+n_embd = 64
+head_size = 16
+channel_mix = "v4"
+
+[[models]]
+label = "layers v4,v7"
+model = "v7"
+n_layer = 2
+n_embd = 64
+head_size = 16
+layers = "v4,v7"
+
+[[models]]
+label = "layers v7,v4"
+model = "v7"
+n_layer = 2
+n_embd = 64
+head_size = 16
+layers = "v7,v4"
+
+[[models]]
+model = "attn"
+optional = true
+n_layer = 2
+n_embd = 64
+head_size = 16
+
+[[tasks]]
+label = "mqar"
+task = "mqar"
+num_pairs = 8
+num_keys = 32
+num_values = 32
+seq_len = 32
+"""
+
+SUITES = {"quick": QUICK, "recall": RECALL, "text": TEXT, "hybrids": HYBRIDS}
+DEFAULT_SUITE = "quick"
