@@ -24,6 +24,7 @@ from torch import Tensor
 
 from rwkv_zoo.backend import Backend, Kernel
 from rwkv_zoo.backends.cpu import kernels as cpu_kernels
+from rwkv_zoo.backends.cpu import train
 from rwkv_zoo.hookspecs import hookimpl
 
 PRIORITY = 2
@@ -63,14 +64,20 @@ def _wkv56(r, k, v, w, u, state, per_token: bool):
 
 
 def wkv5(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: Tensor):
+    if train.needs_grad(r, k, v, w, u, state):
+        return train.wkv5(r, k, v, w, u, state)
     return _wkv56(r, k, v, w, u, state, per_token=False)
 
 
 def wkv6(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: Tensor):
+    if train.needs_grad(r, k, v, w, u, state):
+        return train.wkv6(r, k, v, w, u, state)
     return _wkv56(r, k, v, w, u, state, per_token=True)
 
 
 def wkv7(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Tensor):
+    if train.needs_grad(r, w, k, v, a, b, state):
+        return train.wkv7(r, w, k, v, a, b, state)
     B, T, H, N = r.shape
     ins = [_c(t) for t in (r, w.float(), k, v, a, b, state)]
     y = torch.empty_like(ins[0])
@@ -79,12 +86,22 @@ def wkv7(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state
     return y, sT
 
 
+def _train_check(call) -> list[str]:
+    why = train.unavailable_reason() if call.requires_grad else None
+    return [f"its training kernels cannot run: {why}"] if why else []
+
+
 def make_backend() -> Backend:
     from rwkv_zoo.backends.cpu import fused
 
-    common = dict(devices=("cpu",), dtypes=(torch.float32,), supports_backward=False)
+    common = dict(devices=("cpu",), dtypes=(torch.float32,))
     fns = {"wkv4": wkv4, "wkv5": wkv5, "wkv6": wkv6, "wkv7": wkv7}
-    kernels = [Kernel(op, mode, fn, **common) for op, fn in fns.items() for mode in ("recurrent", "chunk")]
+    trained = ("wkv5", "wkv6", "wkv7")  # with a C++ backward (train.py)
+    kernels = [
+        Kernel(op, mode, fn, supports_backward=op in trained, check=_train_check if op in trained else None, **common)
+        for op, fn in fns.items()
+        for mode in ("recurrent", "chunk")
+    ]
     return Backend(
         name="cpu",
         kernels=kernels,
