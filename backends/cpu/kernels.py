@@ -153,7 +153,9 @@ def load_wkv_train() -> tuple[ctypes.CDLL | None, str | None]:
     lib.rz_wkv6_bwd.argtypes = [_P, _P, _P, _P, _INT, _P] + [_P] * 9 + [_I] * 5 + [_INT]
     lib.rz_wkv7_fwd.argtypes = [_P] * 10 + [_I] * 5 + [_INT]
     lib.rz_wkv7_bwd.argtypes = [_P] * 16 + [_I] * 5 + [_INT]
-    for fn in (lib.rz_wkv6_fwd, lib.rz_wkv6_bwd, lib.rz_wkv7_fwd, lib.rz_wkv7_bwd):
+    lib.rz_wkv4_fwd.argtypes = [_P] * 14 + [_I] * 3 + [_INT]
+    lib.rz_wkv4_bwd.argtypes = [_P] * 18 + [_I] * 3 + [_INT]
+    for fn in (lib.rz_wkv4_fwd, lib.rz_wkv4_bwd, lib.rz_wkv6_fwd, lib.rz_wkv6_bwd, lib.rz_wkv7_fwd, lib.rz_wkv7_bwd):
         fn.restype = None
     return lib, None
 

@@ -122,3 +122,35 @@ def wkv5(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: Tensor):
 
 def wkv7(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Tensor):
     return _WKV7.apply(*_f32(r, w, k, v, a, b, state))
+
+
+class _WKV4(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, u, k, v, a0, b0, p0):
+        B, T, C = k.shape
+        y = torch.empty_like(k)
+        aT, bT, pT = torch.empty_like(a0), torch.empty_like(b0), torch.empty_like(p0)
+        states = [torch.empty_like(k) for _ in range(3)]  # (a, b, p) entering every token
+        _lib().rz_wkv4_fwd(*(x.data_ptr() for x in (w, u, k, v, a0, b0, p0, y, aT, bT, pT, *states)), B, T, C,
+                           torch.get_num_threads())
+        ctx.save_for_backward(w, u, k, v, *states)
+        ctx.set_materialize_grads(False)
+        return y, aT, bT, pT
+
+    @staticmethod
+    def backward(ctx, dy, daT, dbT, dpT):
+        w, u, k, v, sa, sb, sp = ctx.saved_tensors
+        B, T, C = k.shape
+        dy = torch.zeros_like(k) if dy is None else _c(dy.float())
+        ends = [None if g is None else _c(g.float()) for g in (daT, dbT, dpT)]
+        dw, du = torch.empty(B, C), torch.empty(B, C)
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        da0, db0, dp0 = torch.empty(B, C), torch.empty(B, C), torch.empty(B, C)
+        _lib().rz_wkv4_bwd(*(x.data_ptr() for x in (w, u, k, v, sa, sb, sp, dy)), *(_ptr(g) for g in ends),
+                           *(x.data_ptr() for x in (dw, du, dk, dv, da0, db0, dp0)), B, T, C, torch.get_num_threads())
+        return dw.sum(0), du.sum(0), dk, dv, da0, db0, dp0
+
+
+def wkv4(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state):
+    y, a, b, p = _WKV4.apply(*_f32(w, u, k, v, *state))
+    return y, (a, b, p)

@@ -78,27 +78,29 @@ def bench(name: str, B: int, T: int, threads: int, repeats: int, adamw: bool, **
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats")
-    ap.add_argument("--versions", default="v4,v5,v6,v7")
+    ap.add_argument("--versions", default="v7,v6,v5,v4")
+    ap.add_argument("--skip-issue", action="store_true", help="only the ablation shape")
     args = ap.parse_args(argv)
     repeats = 2 if args.quick else 4
     versions = args.versions.split(",")
-    rows = []
     torch.set_num_threads(2)
     gf = gemm_gflops(16 * 512, 256, 1024, repeats)
-    print(f"fp32 GEMM, 2 threads: {gf:.1f} GFLOP/s (torch.matmul [8192, 256] x [256, 1024])")
-    for v in versions:
-        r = bench(v, 16, 512, 2, repeats, False, n_layer=4, n_embd=256, head_size=64, vocab_size=256)
-        limit = gf * 1e9 / (6 * r["params"])
-        rows.append((f"{v} issue 16x512 4x256 h64 2thr", r, limit))
-    for v in versions:
-        r = bench(f"{v}-tiny", 16, 32, 1, repeats * 4, True)
-        rows.append((f"{v} ablation 16x32 2x64 h16 1thr +adamw", r, None))
+    print(f"fp32 GEMM, 2 threads: {gf:.1f} GFLOP/s (torch.matmul [8192, 256] x [256, 1024])", flush=True)
     print(f"{'shape':40} {'cpu tok/s':>10} {'ref tok/s':>10} {'cpu/ref':>8} {'GEMM limit':>11} {'of limit':>9}")
-    for label, r, limit in rows:
+
+    def row(label, r, limit):
         c, ref = r["tok/s"]["cpu"], r["tok/s"]["reference"]
         lim = f"{limit:11.0f}" if limit else f"{'':11}"
         of = f"{c / limit:9.2f}" if limit else f"{'':9}"
-        print(f"{label:40} {c:10.0f} {ref:10.0f} {c / ref:8.2f} {lim} {of}")
+        print(f"{label:40} {c:10.0f} {ref:10.0f} {c / ref:8.2f} {lim} {of}", flush=True)
+
+    if not args.skip_issue:
+        for v in versions:
+            r = bench(v, 16, 512, 2, repeats, False, n_layer=4, n_embd=256, head_size=64, vocab_size=256)
+            row(f"{v} issue 16x512 4x256 h64 2thr", r, gf * 1e9 / (6 * r["params"]))
+    for v in versions:
+        r = bench(f"{v}-tiny", 16, 32, 1, repeats * 4, True)
+        row(f"{v} ablation 16x32 2x64 h16 1thr +adamw", r, None)
 
 
 if __name__ == "__main__":

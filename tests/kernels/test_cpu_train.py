@@ -18,7 +18,7 @@ from rwkv_zoo.testing import evaluate, rel_err
 pytestmark = [pytest.mark.kernel, needs(cpu_backend.unavailable_reason() or cpu_train.unavailable_reason(), CXX)]
 
 GATE = 1e-5  # fp32 against fp64 (PERF.md "Accuracy gates")
-TRAINED = ("wkv7", "wkv6", "wkv5")
+TRAINED = ("wkv7", "wkv6", "wkv5", "wkv4")
 
 
 def _case(op: str, B: int, T: int, H: int, N: int, seed: int, decay_scale: float = 1.0):
@@ -36,12 +36,16 @@ def _compare(op: str, inputs, upstream, drop: tuple[str, ...] = ()) -> dict[str,
     """Relative errors of the cpu kernel (fp32) against the reference chunk form in fp64 (exact to rounding),
     both under the loss sum(y * dy) + sum(state * dstate) without the terms named in ``drop``."""
     spec = get_op(op)
+    if "state" in drop:
+        drop = (*drop, *spec.state_names)
     up = {n: (torch.zeros_like(t) if n in drop else t) for n, t in upstream.items()}
 
     def cpu(*a):
         y, s = ops.call(op, *a[:-1], state=a[-1], backend="cpu")
         # A dropped term is not used at all, so autograd hands the kernel None for it.
-        return (y.detach() if "y" in drop else y), (s.detach() if "state" in drop else s)
+        if "state" in drop:
+            s = tuple(x.detach() for x in s) if isinstance(s, tuple) else s.detach()
+        return (y.detach() if "y" in drop else y), s
 
     ref = evaluate(lambda *a: ops.call(op, *a[:-1], state=a[-1], backend="reference", mode="chunk"), op, inputs, up)
     got = evaluate(cpu, op, spec.cast_inputs(inputs, torch.float32, "cpu"), up)
@@ -52,14 +56,15 @@ def _compare(op: str, inputs, upstream, drop: tuple[str, ...] = ()) -> dict[str,
         assert torch.isfinite(have).all(), f"{op}: {name} has NaN or Inf"
         assert have.shape == want.shape
         errors[name] = rel_err(have, want)
-    assert set(errors) >= {"y", "state", *(f"d{n}" for n in (*spec.arg_names, "state"))}
+    assert set(errors) >= {"y", *spec.state_names, *(f"d{n}" for n in (*spec.arg_names, *spec.state_names))}
     return errors
 
 
 @pytest.mark.parametrize("op", TRAINED)
 @pytest.mark.parametrize("N", [16, 32, 64])
 def test_every_gradient_matches_reference(op, N):
-    # B > 1, a random initial state, T = 37: two whole checkpoint chunks of 16 and a partial one.
+    # B > 1, a random initial state, T = 37: two whole checkpoint chunks of 16 and a partial one
+    # (wkv4 has no heads: C = H * N channels, a partial block of 64 when C = 32).
     H = 2 if N < 64 else 1
     inputs, upstream = _case(op, 2, 37, H, N, seed=N)
     errors = _compare(op, inputs, upstream)
@@ -75,7 +80,7 @@ def test_gradient_from_only_the_output_or_only_the_state(op):
         assert max(errors.values()) <= GATE, (drop, errors)
 
 
-@pytest.mark.parametrize("op", ["wkv6", "wkv5"])
+@pytest.mark.parametrize("op", ["wkv6", "wkv5", "wkv4"])
 @pytest.mark.parametrize("scale", [0.1, 10.0])
 def test_strong_and_weak_decay(op, scale):
     inputs, upstream = _case(op, 1, 33, 2, 16, seed=5, decay_scale=scale)
@@ -98,16 +103,17 @@ def test_dispatch_gives_gradient_calls_on_cpu_tensors_to_cpu(op):
     inputs = get_op(op).cast_inputs(get_op(op).random_inputs(1, 20, 1, 16), torch.float32, "cpu")
     leaves = [x.requires_grad_() for x in inputs]
     y, s = ops.call(op, *leaves[:-1], state=leaves[-1])
-    node = "_WKV7Backward" if op == "wkv7" else "_WKV6Backward"
-    assert type(y.grad_fn).__name__ == node and type(s.grad_fn).__name__ == node
-    (y.sum() + s.sum()).backward()
+    node = {"wkv7": "_WKV7Backward", "wkv4": "_WKV4Backward"}.get(op, "_WKV6Backward")
+    states = s if isinstance(s, tuple) else (s,)
+    assert type(y.grad_fn).__name__ == node and all(type(x.grad_fn).__name__ == node for x in states)
+    (y.sum() + sum(x.sum() for x in states)).backward()
     assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in leaves)
 
 
 def test_tiny_models_train_the_same_on_cpu_and_reference():
     # wkv5 shares wkv6's kernel (one decay per head); its op-level tests above cover the difference.
     tokens = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
-    for name in ("v7-tiny", "v6-tiny"):
+    for name in ("v7-tiny", "v6-tiny", "v4-tiny"):
         model = rwkv_zoo.randomize_(rwkv_zoo.build(name), seed=1)
         grads = {}
         for backend in ("cpu", "reference"):

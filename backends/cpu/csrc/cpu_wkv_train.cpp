@@ -323,6 +323,116 @@ void wkv7_bwd(const float* r, const float* w, const float* k, const float* v, co
     }
 }
 
+// ------------------------------------------------------------------------------------------------
+// wkv4, per channel: the state (a, b, p) stands for numerator a e^p and denominator b e^p. With only
+// three numbers per channel, the forward stores the state entering every token (sa, sb, sp [B, T, C])
+// and the backward is reverse mode over each step's formulas as written (the running maxima
+// included: a tie between the two sides of a max splits the gradient in half, as torch.maximum does).
+// w, u get per-sequence partial gradients [B, C].
+
+// One task per (sequence, block of WKV4_CB channels), walking t, the channels of the block in SIMD lanes.
+constexpr int64_t WKV4_CB = 64;
+
+void wkv4_fwd(const float* w, const float* u, const float* k, const float* v, const float* a0, const float* b0,
+              const float* p0, float* y, float* aT, float* bT, float* pT, float* sa, float* sb, float* sp,
+              int64_t B, int64_t T, int64_t C, int nthreads) {
+    const int64_t nblk = ceil_div(C, WKV4_CB);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t task = 0; task < B * nblk; ++task) {
+        const int64_t b = task / nblk, c0 = (task % nblk) * WKV4_CB;
+        const int64_t n = C - c0 < WKV4_CB ? C - c0 : WKV4_CB;
+        float A[WKV4_CB], Bs[WKV4_CB], P[WKV4_CB];
+        memcpy(A, a0 + b * C + c0, n * sizeof(float));
+        memcpy(Bs, b0 + b * C + c0, n * sizeof(float));
+        memcpy(P, p0 + b * C + c0, n * sizeof(float));
+        const float *wc = w + c0, *uc = u + c0;
+        for (int64_t t = 0; t < T; ++t) {
+            const int64_t base = (b * T + t) * C + c0;
+            memcpy(sa + base, A, n * sizeof(float));
+            memcpy(sb + base, Bs, n * sizeof(float));
+            memcpy(sp + base, P, n * sizeof(float));
+            const float *kt = k + base, *vt = v + base;
+            float* yt = y + base;
+#pragma omp simd
+            for (int64_t j = 0; j < n; ++j) {
+                const float kk = kt[j], vv = vt[j], p = P[j];
+                const float ww = uc[j] + kk, q = p > ww ? p : ww;
+                const float e1 = expf(p - q), e2 = expf(ww - q);
+                yt[j] = (e1 * A[j] + e2 * vv) / (e1 * Bs[j] + e2);
+                const float pw = p + wc[j], q2 = pw > kk ? pw : kk;
+                const float f1 = expf(pw - q2), f2 = expf(kk - q2);
+                A[j] = f1 * A[j] + f2 * vv;
+                Bs[j] = f1 * Bs[j] + f2;
+                P[j] = q2;
+            }
+        }
+        memcpy(aT + b * C + c0, A, n * sizeof(float));
+        memcpy(bT + b * C + c0, Bs, n * sizeof(float));
+        memcpy(pT + b * C + c0, P, n * sizeof(float));
+    }
+}
+
+// The share of g that max(x, y) passes to x (torch.maximum's backward: all of it to the larger side,
+// half to each on a tie).
+inline float max_share(float x, float y, float g) { return x > y ? g : (x == y ? 0.5f * g : 0.f); }
+
+// daT, dbT, dpT may be null (no gradient on the final state).
+void wkv4_bwd(const float* w, const float* u, const float* k, const float* v, const float* sa, const float* sb,
+              const float* sp, const float* dy, const float* daT, const float* dbT, const float* dpT, float* dw,
+              float* du, float* dk, float* dv, float* da0, float* db0, float* dp0, int64_t B, int64_t T, int64_t C,
+              int nthreads) {
+    const int64_t nblk = ceil_div(C, WKV4_CB);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t task = 0; task < B * nblk; ++task) {
+        const int64_t b = task / nblk, c0 = (task % nblk) * WKV4_CB;
+        const int64_t n = C - c0 < WKV4_CB ? C - c0 : WKV4_CB, s = b * C + c0;
+        float gA[WKV4_CB], gB[WKV4_CB], gP[WKV4_CB], gw[WKV4_CB], gu[WKV4_CB];
+        for (int64_t j = 0; j < n; ++j) {
+            gA[j] = daT ? daT[s + j] : 0.f, gB[j] = dbT ? dbT[s + j] : 0.f, gP[j] = dpT ? dpT[s + j] : 0.f;
+            gw[j] = 0.f, gu[j] = 0.f;
+        }
+        const float *wc = w + c0, *uc = u + c0;
+        for (int64_t t = T - 1; t >= 0; --t) {
+            const int64_t base = (b * T + t) * C + c0;
+#pragma omp simd
+            for (int64_t j = 0; j < n; ++j) {
+                const int64_t i = base + j;
+                const float A = sa[i], Bs = sb[i], P = sp[i], kk = k[i], vv = v[i];
+                // update: A' = f1 A + f2 v, B' = f1 B + f2, P' = q2 = max(P + w, k)
+                const float pw = P + wc[j], q2 = pw > kk ? pw : kk;
+                const float f1 = expf(pw - q2), f2 = expf(kk - q2);
+                const float gf1 = gA[j] * A + gB[j] * Bs, gf2 = gA[j] * vv + gB[j];
+                const float gq2 = gP[j] - gf1 * f1 - gf2 * f2;
+                const float gpw = gf1 * f1 + max_share(pw, kk, gq2);
+                float gk = gf2 * f2 + max_share(kk, pw, gq2), gv = gA[j] * f2;
+                float nA = gA[j] * f1, nB = gB[j] * f1, nP = gpw;
+                gw[j] += gpw;
+                // output: y = (e1 A + e2 v) / (e1 B + e2), e1 = exp(P - q), e2 = exp(u + k - q), q = max(P, u + k)
+                const float ww = uc[j] + kk, q = P > ww ? P : ww;
+                const float e1 = expf(P - q), e2 = expf(ww - q);
+                const float den = e1 * Bs + e2, yy = (e1 * A + e2 * vv) / den;
+                const float gnum = dy[i] / den, gden = -gnum * yy;
+                const float ge1 = gnum * A + gden * Bs, ge2 = gnum * vv + gden;
+                const float gq = -ge1 * e1 - ge2 * e2;
+                nA += gnum * e1;
+                nB += gden * e1;
+                gv += gnum * e2;
+                nP += ge1 * e1 + max_share(P, ww, gq);
+                const float gww = ge2 * e2 + max_share(ww, P, gq);
+                gu[j] += gww;
+                dk[i] = gk + gww;
+                dv[i] = gv;
+                gA[j] = nA, gB[j] = nB, gP[j] = nP;
+            }
+        }
+        memcpy(da0 + s, gA, n * sizeof(float));
+        memcpy(db0 + s, gB, n * sizeof(float));
+        memcpy(dp0 + s, gP, n * sizeof(float));
+        memcpy(dw + s, gw, n * sizeof(float));
+        memcpy(du + s, gu, n * sizeof(float));
+    }
+}
+
 }  // namespace
 
 #define RZ_BY_N(FN, ...)                         \
@@ -336,6 +446,19 @@ void wkv7_bwd(const float* r, const float* w, const float* k, const float* v, co
 extern "C" {
 
 int rz_wkv_train_abi_version() { return 1; }
+
+void rz_wkv4_fwd(const float* w, const float* u, const float* k, const float* v, const float* a0, const float* b0,
+                 const float* p0, float* y, float* aT, float* bT, float* pT, float* sa, float* sb, float* sp,
+                 int64_t B, int64_t T, int64_t C, int nthreads) {
+    wkv4_fwd(w, u, k, v, a0, b0, p0, y, aT, bT, pT, sa, sb, sp, B, T, C, nthreads);
+}
+
+void rz_wkv4_bwd(const float* w, const float* u, const float* k, const float* v, const float* sa, const float* sb,
+                 const float* sp, const float* dy, const float* daT, const float* dbT, const float* dpT, float* dw,
+                 float* du, float* dk, float* dv, float* da0, float* db0, float* dp0, int64_t B, int64_t T,
+                 int64_t C, int nthreads) {
+    wkv4_bwd(w, u, k, v, sa, sb, sp, dy, daT, dbT, dpT, dw, du, dk, dv, da0, db0, dp0, B, T, C, nthreads);
+}
 
 void rz_wkv6_fwd(const float* r, const float* k, const float* v, const float* w, int w_per_token, const float* u,
                  const float* s0, float* y, float* sT, float* ckpt, int64_t B, int64_t T, int64_t H, int64_t N,
