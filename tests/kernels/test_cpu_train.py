@@ -101,8 +101,9 @@ def test_dispatch_gives_gradient_calls_on_cpu_tensors_to_cpu(op):
     assert dispatch.select(call).backend == "cpu"
     # The real front-end with leaves that need gradients ends in the C++ backward.
     inputs = get_op(op).cast_inputs(get_op(op).random_inputs(1, 20, 1, 16), torch.float32, "cpu")
-    leaves = [x.requires_grad_() for x in inputs]
-    y, s = ops.call(op, *leaves[:-1], state=leaves[-1])
+    state = tuple(x.requires_grad_() for x in inputs[-1]) if op == "wkv4" else inputs[-1].requires_grad_()
+    leaves = [x.requires_grad_() for x in inputs[:-1]] + list(state if op == "wkv4" else [state])
+    y, s = ops.call(op, *inputs[:-1], state=state)
     node = {"wkv7": "_WKV7Backward", "wkv4": "_WKV4Backward"}.get(op, "_WKV6Backward")
     states = s if isinstance(s, tuple) else (s,)
     assert type(y.grad_fn).__name__ == node and all(type(x.grad_fn).__name__ == node for x in states)
@@ -111,9 +112,9 @@ def test_dispatch_gives_gradient_calls_on_cpu_tensors_to_cpu(op):
 
 
 def test_tiny_models_train_the_same_on_cpu_and_reference():
-    # wkv5 shares wkv6's kernel (one decay per head); its op-level tests above cover the difference.
-    tokens = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
-    for name in ("v7-tiny", "v6-tiny", "v4-tiny"):
+    # One version here: tests/models/test_paths.py trains every version through the cpu backend too.
+    tokens = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(0))
+    for name in ("v7-tiny",):
         model = rwkv_zoo.randomize_(rwkv_zoo.build(name), seed=1)
         grads = {}
         for backend in ("cpu", "reference"):
