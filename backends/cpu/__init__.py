@@ -1,17 +1,19 @@
-"""The ``cpu`` backend: forward-only WKV recurrences in C++ for inference on the CPU (prefill and decode).
+"""The ``cpu`` backend: WKV recurrences in C++ for the CPU, for inference (prefill and decode) and training.
 
-Kernels (``csrc/cpu_wkv.cpp``, built at first use by ``rwkv_zoo.backends.cpu.kernels`` with the system
-compiler, called through ``ctypes``): the literal recurrence of each op, one OpenMP task per (batch,
-head), the fp32 [K, V] state of a head in L1 while it walks t, loops vectorized by the compiler. It
-serves both modes: on a CPU at inference sizes the sequential recurrence does much less work than the
-chunked matrix form (whose pairwise-decay tensors cost more than the model's GEMMs for wkv4), so
-``chunk`` calls without gradients run the same loop. Accuracy is that of fp32 arithmetic on the
-literal formulas (≤ 1e-6 relative to the fp64 reference; ``rwkv_zoo.testing.check_backend``).
+Kernels (built at first use by ``rwkv_zoo.backends.cpu.kernels`` with the system compiler, called
+through ``ctypes``): the literal recurrence of each op, one OpenMP task per (batch, head) (wkv4: per
+sequence and block of channels), the fp32 [K, V] state of a head in L1 while it walks t, loops
+vectorized by the compiler. Calls without gradients run ``csrc/cpu_wkv.cpp``; on a CPU at inference
+sizes the sequential recurrence does much less work than the chunked matrix form (whose pairwise-decay
+tensors cost more than the model's GEMMs for wkv4), so ``chunk`` calls run the same loop. Calls that
+need gradients run ``csrc/cpu_wkv_train.cpp`` through autograd functions (``train.py``): the same
+forward, storing the state every 16 tokens, and a C++ backward that recomputes the states in between
+and gives every gradient, the initial state's included. Accuracy is that of fp32 arithmetic on the
+literal formulas (about 1e-7 to 1e-6 relative to the fp64 reference; ``rwkv_zoo.testing.check_backend``).
 
-Capabilities: CPU tensors, fp32 inputs, any T, B, H and head size; no backward (``supports_backward``
-is false, so dispatch gives training calls to a backend with gradients and says why). Priority 2: above
-``reference`` for the calls it can run. Unavailable (with the reason) where the kernels cannot be
-built: not x86-64 with AVX2, no C++ compiler, or ``RWKV_ZOO_CPU_KERNELS=0``.
+Capabilities: CPU tensors, fp32 inputs, any T, B, H and head size, with or without gradients.
+Priority 2: above ``reference`` for the calls it can run. Unavailable (with the reason) where the
+kernels cannot be built: not x86-64 with AVX2, no C++ compiler, or ``RWKV_ZOO_CPU_KERNELS=0``.
 
 It also provides a fused step (``fused.py``): every layer, the final norm and the head of a v4-v7
 model in one C++ call, which ``rwkv_zoo.fused`` chooses for inference without gradients.
@@ -24,6 +26,7 @@ from torch import Tensor
 
 from rwkv_zoo.backend import Backend, Kernel
 from rwkv_zoo.backends.cpu import kernels as cpu_kernels
+from rwkv_zoo.backends.cpu import train
 from rwkv_zoo.hookspecs import hookimpl
 
 PRIORITY = 2
@@ -42,6 +45,8 @@ def _lib():
 
 
 def wkv4(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state):
+    if train.needs_grad(w, u, k, v, *state):
+        return train.wkv4(w, u, k, v, state)
     B, T, C = k.shape
     w, u, k, v = _c(w.float()), _c(u.float()), _c(k), _c(v)
     a0, b0, p0 = (_c(s) for s in state)
@@ -63,14 +68,20 @@ def _wkv56(r, k, v, w, u, state, per_token: bool):
 
 
 def wkv5(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: Tensor):
+    if train.needs_grad(r, k, v, w, u, state):
+        return train.wkv5(r, k, v, w, u, state)
     return _wkv56(r, k, v, w, u, state, per_token=False)
 
 
 def wkv6(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: Tensor):
+    if train.needs_grad(r, k, v, w, u, state):
+        return train.wkv6(r, k, v, w, u, state)
     return _wkv56(r, k, v, w, u, state, per_token=True)
 
 
 def wkv7(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Tensor):
+    if train.needs_grad(r, w, k, v, a, b, state):
+        return train.wkv7(r, w, k, v, a, b, state)
     B, T, H, N = r.shape
     ins = [_c(t) for t in (r, w.float(), k, v, a, b, state)]
     y = torch.empty_like(ins[0])
@@ -79,18 +90,28 @@ def wkv7(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state
     return y, sT
 
 
+def _train_check(call) -> list[str]:
+    why = train.unavailable_reason() if call.requires_grad else None
+    return [f"its training kernels cannot run: {why}"] if why else []
+
+
 def make_backend() -> Backend:
     from rwkv_zoo.backends.cpu import fused
 
-    common = dict(devices=("cpu",), dtypes=(torch.float32,), supports_backward=False)
+    common = dict(devices=("cpu",), dtypes=(torch.float32,))
     fns = {"wkv4": wkv4, "wkv5": wkv5, "wkv6": wkv6, "wkv7": wkv7}
-    kernels = [Kernel(op, mode, fn, **common) for op, fn in fns.items() for mode in ("recurrent", "chunk")]
+    trained = ("wkv4", "wkv5", "wkv6", "wkv7")  # with a C++ backward (train.py)
+    kernels = [
+        Kernel(op, mode, fn, supports_backward=op in trained, check=_train_check if op in trained else None, **common)
+        for op, fn in fns.items()
+        for mode in ("recurrent", "chunk")
+    ]
     return Backend(
         name="cpu",
         kernels=kernels,
         priority=PRIORITY,
-        description="C++ WKV recurrences and a fused whole-model step for CPU inference (forward only, fp32; "
-        "built on first use)",
+        description="C++ WKV recurrences (forward and backward) and a fused whole-model step for CPU inference "
+        "(fp32; built on first use)",
         availability=unavailable_reason,
         steps=[fused.STEP],
     )

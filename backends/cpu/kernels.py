@@ -38,6 +38,7 @@ LIBRARIES = {
     "cpu_gemv": ("cpu_gemv.cpp", (), 3),
     "cpu_wkv": ("cpu_wkv.cpp", ("-ffast-math",), 1),
     "cpu_decode": ("cpu_decode.cpp", ("-ffast-math",), 3),
+    "cpu_wkv_train": ("cpu_wkv_train.cpp", ("-ffast-math",), 1),
 }
 
 _P, _I, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -137,6 +138,24 @@ def load_wkv() -> tuple[ctypes.CDLL | None, str | None]:
     lib.rz_wkv6.argtypes = [_P, _P, _P, _P, _INT, _P, _P, _P, _P, _I, _I, _I, _I, _INT]
     lib.rz_wkv7.argtypes = [_P] * 9 + [_I, _I, _I, _I, _INT]
     for fn in (lib.rz_wkv4, lib.rz_wkv6, lib.rz_wkv7):
+        fn.restype = None
+    return lib, None
+
+
+@functools.lru_cache(maxsize=1)
+def load_wkv_train() -> tuple[ctypes.CDLL | None, str | None]:
+    """The training WKV library (``csrc/cpu_wkv_train.cpp``: forward with checkpoints, backward) and None,
+    or None and why it cannot load."""
+    lib, why = _open("cpu_wkv_train", "rz_wkv_train_abi_version")
+    if lib is None:
+        return None, why
+    lib.rz_wkv6_fwd.argtypes = [_P, _P, _P, _P, _INT, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _INT]
+    lib.rz_wkv6_bwd.argtypes = [_P, _P, _P, _P, _INT, _P] + [_P] * 9 + [_I] * 5 + [_INT]
+    lib.rz_wkv7_fwd.argtypes = [_P] * 10 + [_I] * 5 + [_INT]
+    lib.rz_wkv7_bwd.argtypes = [_P] * 16 + [_I] * 5 + [_INT]
+    lib.rz_wkv4_fwd.argtypes = [_P] * 14 + [_I] * 3 + [_INT]
+    lib.rz_wkv4_bwd.argtypes = [_P] * 18 + [_I] * 3 + [_INT]
+    for fn in (lib.rz_wkv4_fwd, lib.rz_wkv4_bwd, lib.rz_wkv6_fwd, lib.rz_wkv6_bwd, lib.rz_wkv7_fwd, lib.rz_wkv7_bwd):
         fn.restype = None
     return lib, None
 

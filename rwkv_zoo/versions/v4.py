@@ -72,9 +72,9 @@ class V4TimeMix(nn.Module):
 
     def forward(self, x: Tensor, shift: Tensor, wkv, ctx: Context) -> tuple[Tensor, Tensor, tuple]:
         xx, new_shift = token_shift(x, shift)  # [B, T, C]
-        xk = x * self.time_mix_k + xx * (1 - self.time_mix_k)
-        xv = x * self.time_mix_v + xx * (1 - self.time_mix_v)
-        xr = x * self.time_mix_r + xx * (1 - self.time_mix_r)
+        # The three lerps as one elementwise pass over [3, B, T, C] (the same arithmetic per element).
+        mix = torch.stack([self.time_mix_k, self.time_mix_v, self.time_mix_r])
+        xk, xv, xr = (x * mix + xx * (1 - mix)).unbind(0)
         k, v = self.key(xk), self.value(xv)
         r = torch.sigmoid(self.receptance(xr))
         w = -torch.exp(self.time_decay.float())  # per-step log-decay, always negative

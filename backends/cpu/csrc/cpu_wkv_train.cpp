@@ -1,0 +1,488 @@
+// WKV forward and backward for training on the CPU, fp32: wkv7, wkv6 and wkv5 (wkv5 is wkv6 with one
+// log decay per head, w_per_token = 0).
+//
+// Why the sequential recurrence and not the chunked matrix form: at the sizes people train on a CPU
+// (head size 16-64, a few heads, T up to a few thousand) one (batch, head) task walking t with its
+// [K, V] state in L1 does ~4 N^2 flops per token forward and ~20 N^2 backward, all of it in loops the
+// compiler vectorizes, with no pairwise-decay tensors, no exp of pairwise spans and no scratch beyond
+// a few states. Measured against the PyTorch chunk kernels (tests/benchmarks/bench_cpu_train.py) the
+// WKV part then costs a few percent of a training step at 4 x 256; the model's GEMMs dominate.
+//
+// Backward needs the state before every token, read in reverse. Storing all T states would cost
+// T * N^2 floats per (batch, head); instead the forward stores the state entering every chunk of
+// `L` tokens (ckpt [B, H, ceil(T / L), K, V]) and the backward walks the chunks last to first,
+// recomputes the chunk's states from its checkpoint into a per-thread buffer ((L + 1) states, L2
+// sized), then walks the chunk's tokens backwards. The gradient of the final state (dsT, may be null)
+// seeds the running state gradient, and what is left of it at t = 0 is the initial state's gradient.
+//
+// Layouts: r, k, v, w, a, b, y and their gradients [B, T, H, N]; states [B, H, K, V] key-first, V
+// contiguous. Parameters shared across the batch (u [H, N]; wkv5's w [H, N]) get per-(batch, head)
+// partial gradients [B, H, N] that the caller sums over B: no atomics, one writer per element.
+// Formulas: backends/reference/recurrent.py (the oracle).
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <vector>
+
+namespace {
+
+// N fixed at compile time for the common head sizes (full unrolling, vectors in registers); NN = 0
+// takes it from the call.
+template <int NN>
+struct Dim {
+    int64_t n;
+    explicit Dim(int64_t n_) : n(NN ? NN : n_) {}
+    inline int64_t operator()() const { return NN ? NN : n; }
+};
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ------------------------------------------------------------------------------------------------
+// wkv6 / wkv5: y_t = r_t^T (S_{t-1} + diag(u) k_t v_t^T), S_t = diag(exp(w_t)) S_{t-1} + k_t v_t^T
+
+template <int NN>
+void wkv6_fwd(const float* r, const float* k, const float* v, const float* w, int w_per_token, const float* u,
+              const float* s0, float* y, float* sT, float* ckpt, int64_t B, int64_t T, int64_t H, int64_t N_,
+              int64_t L, int nthreads) {
+    const int64_t N = Dim<NN>(N_)();
+    const int64_t nc = ceil_div(T, L);
+#pragma omp parallel num_threads(nthreads)
+    {
+        std::vector<float> Sv(N * N), accv(N), decayv(N);
+        float* S = Sv.data();
+        float* acc = accv.data();
+        float* decay = decayv.data();
+#pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < B * H; ++bh) {
+            const int64_t b = bh / H, h = bh % H;
+            memcpy(S, s0 + bh * N * N, N * N * sizeof(float));
+            const float* uh = u + h * N;
+            if (!w_per_token)
+                for (int64_t i = 0; i < N; ++i) decay[i] = expf(w[h * N + i]);
+            for (int64_t t = 0; t < T; ++t) {
+                if (t % L == 0) memcpy(ckpt + (bh * nc + t / L) * N * N, S, N * N * sizeof(float));
+                const int64_t base = ((b * T + t) * H + h) * N;
+                const float *rt = r + base, *kt = k + base, *vt = v + base;
+                if (w_per_token) {
+                    const float* wt = w + base;
+#pragma omp simd
+                    for (int64_t i = 0; i < N; ++i) decay[i] = expf(wt[i]);
+                }
+                for (int64_t j = 0; j < N; ++j) acc[j] = 0.f;
+                for (int64_t i = 0; i < N; ++i) {
+                    const float ri = rt[i], ki = kt[i], uki = uh[i] * ki, di = decay[i];
+                    float* row = S + i * N;
+#pragma omp simd
+                    for (int64_t j = 0; j < N; ++j) {
+                        acc[j] += ri * (row[j] + uki * vt[j]);
+                        row[j] = row[j] * di + ki * vt[j];
+                    }
+                }
+                memcpy(y + base, acc, N * sizeof(float));
+            }
+            memcpy(sT + bh * N * N, S, N * N * sizeof(float));
+        }
+    }
+}
+
+// dw: [B, T, H, N] when w_per_token, else partial sums [B, H, N]; du: partial sums [B, H, N].
+template <int NN>
+void wkv6_bwd(const float* r, const float* k, const float* v, const float* w, int w_per_token, const float* u,
+              const float* ckpt, const float* dy, const float* dsT, float* dr, float* dk, float* dv, float* dw,
+              float* du, float* ds0, int64_t B, int64_t T, int64_t H, int64_t N_, int64_t L, int nthreads) {
+    const int64_t N = Dim<NN>(N_)();
+    const int64_t nc = ceil_div(T, L);
+#pragma omp parallel num_threads(nthreads)
+    {
+        std::vector<float> bufv(L * N * N), dSv(N * N), dvv(N), duv(N), dwv(N), decayv(N);
+        float *buf = bufv.data(), *dS = dSv.data(), *dvacc = dvv.data(), *duacc = duv.data(), *dwacc = dwv.data();
+        float* decay = decayv.data();
+#pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < B * H; ++bh) {
+            const int64_t b = bh / H, h = bh % H;
+            const float* uh = u + h * N;
+            if (dsT)
+                memcpy(dS, dsT + bh * N * N, N * N * sizeof(float));
+            else
+                memset(dS, 0, N * N * sizeof(float));
+            for (int64_t i = 0; i < N; ++i) duacc[i] = 0.f, dwacc[i] = 0.f;
+            if (!w_per_token)
+                for (int64_t i = 0; i < N; ++i) decay[i] = expf(w[h * N + i]);
+            for (int64_t c = nc - 1; c >= 0; --c) {
+                const int64_t t0 = c * L, len = (T - t0 < L) ? T - t0 : L;
+                // Recompute the states entering each token of the chunk: buf[m] = S_{t0 + m - 1}.
+                memcpy(buf, ckpt + (bh * nc + c) * N * N, N * N * sizeof(float));
+                for (int64_t m = 0; m + 1 < len; ++m) {
+                    const int64_t base = ((b * T + t0 + m) * H + h) * N;
+                    const float *kt = k + base, *vt = v + base;
+                    const float* prev = buf + m * N * N;
+                    float* next = buf + (m + 1) * N * N;
+                    for (int64_t i = 0; i < N; ++i) {
+                        const float di = w_per_token ? expf(w[base + i]) : decay[i], ki = kt[i];
+#pragma omp simd
+                        for (int64_t j = 0; j < N; ++j) next[i * N + j] = prev[i * N + j] * di + ki * vt[j];
+                    }
+                }
+                for (int64_t m = len - 1; m >= 0; --m) {
+                    const int64_t base = ((b * T + t0 + m) * H + h) * N;
+                    const float *rt = r + base, *kt = k + base, *vt = v + base, *dyt = dy + base;
+                    const float* S0 = buf + m * N * N;
+                    if (w_per_token) {
+                        const float* wt = w + base;
+#pragma omp simd
+                        for (int64_t i = 0; i < N; ++i) decay[i] = expf(wt[i]);
+                    }
+                    float vdy = 0.f, ruk = 0.f;
+#pragma omp simd reduction(+ : vdy)
+                    for (int64_t j = 0; j < N; ++j) vdy += vt[j] * dyt[j];
+                    for (int64_t j = 0; j < N; ++j) dvacc[j] = 0.f;
+                    for (int64_t i = 0; i < N; ++i) {
+                        const float ri = rt[i], ki = kt[i], di = decay[i];
+                        const float* s0r = S0 + i * N;
+                        float* g = dS + i * N;  // gradient of S_t, row i
+                        float s_dy = 0.f, g_v = 0.f, g_s = 0.f;
+#pragma omp simd reduction(+ : s_dy, g_v, g_s)
+                        for (int64_t j = 0; j < N; ++j) {
+                            s_dy += s0r[j] * dyt[j];
+                            g_v += g[j] * vt[j];
+                            g_s += g[j] * s0r[j];
+                            dvacc[j] += ki * g[j];
+                            g[j] = di * g[j] + ri * dyt[j];  // now the gradient of S_{t-1}
+                        }
+                        const float uk = uh[i] * ki;
+                        dr[base + i] = s_dy + uk * vdy;
+                        dk[base + i] = ri * uh[i] * vdy + g_v;
+                        duacc[i] += ri * ki * vdy;
+                        ruk += ri * uk;
+                        if (w_per_token)
+                            dw[base + i] = di * g_s;
+                        else
+                            dwacc[i] += di * g_s;
+                    }
+#pragma omp simd
+                    for (int64_t j = 0; j < N; ++j) dv[base + j] = dvacc[j] + ruk * dyt[j];
+                }
+            }
+            memcpy(ds0 + bh * N * N, dS, N * N * sizeof(float));
+            memcpy(du + bh * N, duacc, N * sizeof(float));
+            if (!w_per_token) memcpy(dw + bh * N, dwacc, N * sizeof(float));
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// wkv7: S_t = diag(exp(w_t)) S_{t-1} + b_t (a_t^T S_{t-1}) + k_t v_t^T, y_t = S_t^T r_t
+
+// One step: next = diag(d) prev + b sa^T + k v^T with sa = prev^T a (written to sa).
+template <int NN>
+inline void wkv7_step(const float* prev, float* next, const float* d, const float* a, const float* bb,
+                      const float* kt, const float* vt, float* sa, int64_t N_) {
+    const int64_t N = Dim<NN>(N_)();
+    for (int64_t j = 0; j < N; ++j) sa[j] = 0.f;
+    for (int64_t i = 0; i < N; ++i) {
+        const float ai = a[i];
+        const float* row = prev + i * N;
+#pragma omp simd
+        for (int64_t j = 0; j < N; ++j) sa[j] += ai * row[j];
+    }
+    for (int64_t i = 0; i < N; ++i) {
+        const float di = d[i], bi = bb[i], ki = kt[i];
+        const float* row = prev + i * N;
+        float* out = next + i * N;
+#pragma omp simd
+        for (int64_t j = 0; j < N; ++j) out[j] = row[j] * di + bi * sa[j] + ki * vt[j];
+    }
+}
+
+template <int NN>
+void wkv7_fwd(const float* r, const float* w, const float* k, const float* v, const float* a, const float* bb,
+              const float* s0, float* y, float* sT, float* ckpt, int64_t B, int64_t T, int64_t H, int64_t N_,
+              int64_t L, int nthreads) {
+    const int64_t N = Dim<NN>(N_)();
+    const int64_t nc = ceil_div(T, L);
+#pragma omp parallel num_threads(nthreads)
+    {
+        std::vector<float> Sv(N * N), sav(N), accv(N), decayv(N);
+        float *S = Sv.data(), *sa = sav.data(), *acc = accv.data(), *decay = decayv.data();
+#pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < B * H; ++bh) {
+            const int64_t b = bh / H, h = bh % H;
+            memcpy(S, s0 + bh * N * N, N * N * sizeof(float));
+            for (int64_t t = 0; t < T; ++t) {
+                if (t % L == 0) memcpy(ckpt + (bh * nc + t / L) * N * N, S, N * N * sizeof(float));
+                const int64_t base = ((b * T + t) * H + h) * N;
+                const float *rt = r + base, *wt = w + base, *kt = k + base, *vt = v + base, *at = a + base,
+                            *bt = bb + base;
+#pragma omp simd
+                for (int64_t i = 0; i < N; ++i) decay[i] = expf(wt[i]);
+                for (int64_t j = 0; j < N; ++j) sa[j] = 0.f, acc[j] = 0.f;
+                for (int64_t i = 0; i < N; ++i) {
+                    const float ai = at[i];
+                    const float* row = S + i * N;
+#pragma omp simd
+                    for (int64_t j = 0; j < N; ++j) sa[j] += ai * row[j];
+                }
+                for (int64_t i = 0; i < N; ++i) {
+                    const float di = decay[i], bi = bt[i], ki = kt[i], ri = rt[i];
+                    float* row = S + i * N;
+#pragma omp simd
+                    for (int64_t j = 0; j < N; ++j) {
+                        const float s = row[j] * di + bi * sa[j] + ki * vt[j];
+                        row[j] = s;
+                        acc[j] += ri * s;
+                    }
+                }
+                memcpy(y + base, acc, N * sizeof(float));
+            }
+            memcpy(sT + bh * N * N, S, N * N * sizeof(float));
+        }
+    }
+}
+
+// With G = dS_t + r_t dy_t^T (the gradient reaching S_t), sa = S_{t-1}^T a_t, d = exp(w_t):
+//   dr = S_t dy, dk = G v, dv = G^T k, db = G sa, dsa = G^T b, dw = d * rowsum(G o S_{t-1}),
+//   da = S_{t-1} dsa, dS_{t-1} = diag(d) G + a dsa^T.
+template <int NN>
+void wkv7_bwd(const float* r, const float* w, const float* k, const float* v, const float* a, const float* bb,
+              const float* ckpt, const float* dy, const float* dsT, float* dr, float* dw, float* dk, float* dv,
+              float* da, float* db, float* ds0, int64_t B, int64_t T, int64_t H, int64_t N_, int64_t L,
+              int nthreads) {
+    const int64_t N = Dim<NN>(N_)();
+    const int64_t nc = ceil_div(T, L);
+#pragma omp parallel num_threads(nthreads)
+    {
+        // buf[m] = S_{t0 + m - 1}; the state after the chunk's last token is buf[len].
+        std::vector<float> bufv((L + 1) * N * N), dSv(N * N), sav(L * N), decv(L * N), dvv(N), dsav(N);
+        float *buf = bufv.data(), *dS = dSv.data(), *saall = sav.data(), *decall = decv.data();
+        float *dvacc = dvv.data(), *dsa = dsav.data();
+#pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < B * H; ++bh) {
+            const int64_t b = bh / H, h = bh % H;
+            if (dsT)
+                memcpy(dS, dsT + bh * N * N, N * N * sizeof(float));
+            else
+                memset(dS, 0, N * N * sizeof(float));
+            for (int64_t c = nc - 1; c >= 0; --c) {
+                const int64_t t0 = c * L, len = (T - t0 < L) ? T - t0 : L;
+                memcpy(buf, ckpt + (bh * nc + c) * N * N, N * N * sizeof(float));
+                for (int64_t m = 0; m < len; ++m) {
+                    const int64_t base = ((b * T + t0 + m) * H + h) * N;
+                    float* d = decall + m * N;
+#pragma omp simd
+                    for (int64_t i = 0; i < N; ++i) d[i] = expf(w[base + i]);
+                    wkv7_step<NN>(buf + m * N * N, buf + (m + 1) * N * N, d, a + base, bb + base, k + base,
+                                  v + base, saall + m * N, N);
+                }
+                for (int64_t m = len - 1; m >= 0; --m) {
+                    const int64_t base = ((b * T + t0 + m) * H + h) * N;
+                    const float *rt = r + base, *kt = k + base, *vt = v + base, *at = a + base, *bt = bb + base;
+                    const float* dyt = dy + base;
+                    const float *S0 = buf + m * N * N, *S1 = buf + (m + 1) * N * N;
+                    const float *sa = saall + m * N, *d = decall + m * N;
+                    for (int64_t j = 0; j < N; ++j) dvacc[j] = 0.f, dsa[j] = 0.f;
+                    for (int64_t i = 0; i < N; ++i) {
+                        const float ri = rt[i], ki = kt[i], bi = bt[i];
+                        const float *s0r = S0 + i * N, *s1r = S1 + i * N;
+                        float* g = dS + i * N;
+                        float s_dy = 0.f, g_v = 0.f, g_sa = 0.f, g_s = 0.f;
+#pragma omp simd reduction(+ : s_dy, g_v, g_sa, g_s)
+                        for (int64_t j = 0; j < N; ++j) {
+                            const float gij = g[j] + ri * dyt[j];
+                            s_dy += s1r[j] * dyt[j];
+                            g_v += gij * vt[j];
+                            g_sa += gij * sa[j];
+                            g_s += gij * s0r[j];
+                            dvacc[j] += ki * gij;
+                            dsa[j] += bi * gij;
+                            g[j] = gij;
+                        }
+                        dr[base + i] = s_dy;
+                        dk[base + i] = g_v;
+                        db[base + i] = g_sa;
+                        dw[base + i] = d[i] * g_s;
+                    }
+                    memcpy(dv + base, dvacc, N * sizeof(float));
+                    for (int64_t i = 0; i < N; ++i) {
+                        const float di = d[i], ai = at[i];
+                        const float* s0r = S0 + i * N;
+                        float* g = dS + i * N;
+                        float s_dsa = 0.f;
+#pragma omp simd reduction(+ : s_dsa)
+                        for (int64_t j = 0; j < N; ++j) {
+                            s_dsa += s0r[j] * dsa[j];
+                            g[j] = di * g[j] + ai * dsa[j];
+                        }
+                        da[base + i] = s_dsa;
+                    }
+                }
+            }
+            memcpy(ds0 + bh * N * N, dS, N * N * sizeof(float));
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// wkv4, per channel: the state (a, b, p) stands for numerator a e^p and denominator b e^p. With only
+// three numbers per channel, the forward stores the state entering every token (sa, sb, sp [B, T, C])
+// and the backward is reverse mode over each step's formulas as written (the running maxima
+// included: a tie between the two sides of a max splits the gradient in half, as torch.maximum does).
+// w, u get per-sequence partial gradients [B, C].
+
+// One task per (sequence, block of WKV4_CB channels), walking t, the channels of the block in SIMD lanes.
+constexpr int64_t WKV4_CB = 64;
+
+void wkv4_fwd(const float* w, const float* u, const float* k, const float* v, const float* a0, const float* b0,
+              const float* p0, float* y, float* aT, float* bT, float* pT, float* sa, float* sb, float* sp,
+              int64_t B, int64_t T, int64_t C, int nthreads) {
+    const int64_t nblk = ceil_div(C, WKV4_CB);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t task = 0; task < B * nblk; ++task) {
+        const int64_t b = task / nblk, c0 = (task % nblk) * WKV4_CB;
+        const int64_t n = C - c0 < WKV4_CB ? C - c0 : WKV4_CB;
+        float A[WKV4_CB], Bs[WKV4_CB], P[WKV4_CB];
+        memcpy(A, a0 + b * C + c0, n * sizeof(float));
+        memcpy(Bs, b0 + b * C + c0, n * sizeof(float));
+        memcpy(P, p0 + b * C + c0, n * sizeof(float));
+        const float *wc = w + c0, *uc = u + c0;
+        for (int64_t t = 0; t < T; ++t) {
+            const int64_t base = (b * T + t) * C + c0;
+            memcpy(sa + base, A, n * sizeof(float));
+            memcpy(sb + base, Bs, n * sizeof(float));
+            memcpy(sp + base, P, n * sizeof(float));
+            const float *kt = k + base, *vt = v + base;
+            float* yt = y + base;
+#pragma omp simd
+            for (int64_t j = 0; j < n; ++j) {
+                const float kk = kt[j], vv = vt[j], p = P[j];
+                const float ww = uc[j] + kk, q = p > ww ? p : ww;
+                const float e1 = expf(p - q), e2 = expf(ww - q);
+                yt[j] = (e1 * A[j] + e2 * vv) / (e1 * Bs[j] + e2);
+                const float pw = p + wc[j], q2 = pw > kk ? pw : kk;
+                const float f1 = expf(pw - q2), f2 = expf(kk - q2);
+                A[j] = f1 * A[j] + f2 * vv;
+                Bs[j] = f1 * Bs[j] + f2;
+                P[j] = q2;
+            }
+        }
+        memcpy(aT + b * C + c0, A, n * sizeof(float));
+        memcpy(bT + b * C + c0, Bs, n * sizeof(float));
+        memcpy(pT + b * C + c0, P, n * sizeof(float));
+    }
+}
+
+// The share of g that max(x, y) passes to x (torch.maximum's backward: all of it to the larger side,
+// half to each on a tie).
+inline float max_share(float x, float y, float g) { return x > y ? g : (x == y ? 0.5f * g : 0.f); }
+
+// daT, dbT, dpT may be null (no gradient on the final state).
+void wkv4_bwd(const float* w, const float* u, const float* k, const float* v, const float* sa, const float* sb,
+              const float* sp, const float* dy, const float* daT, const float* dbT, const float* dpT, float* dw,
+              float* du, float* dk, float* dv, float* da0, float* db0, float* dp0, int64_t B, int64_t T, int64_t C,
+              int nthreads) {
+    const int64_t nblk = ceil_div(C, WKV4_CB);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t task = 0; task < B * nblk; ++task) {
+        const int64_t b = task / nblk, c0 = (task % nblk) * WKV4_CB;
+        const int64_t n = C - c0 < WKV4_CB ? C - c0 : WKV4_CB, s = b * C + c0;
+        float gA[WKV4_CB], gB[WKV4_CB], gP[WKV4_CB], gw[WKV4_CB], gu[WKV4_CB];
+        for (int64_t j = 0; j < n; ++j) {
+            gA[j] = daT ? daT[s + j] : 0.f, gB[j] = dbT ? dbT[s + j] : 0.f, gP[j] = dpT ? dpT[s + j] : 0.f;
+            gw[j] = 0.f, gu[j] = 0.f;
+        }
+        const float *wc = w + c0, *uc = u + c0;
+        for (int64_t t = T - 1; t >= 0; --t) {
+            const int64_t base = (b * T + t) * C + c0;
+#pragma omp simd
+            for (int64_t j = 0; j < n; ++j) {
+                const int64_t i = base + j;
+                const float A = sa[i], Bs = sb[i], P = sp[i], kk = k[i], vv = v[i];
+                // update: A' = f1 A + f2 v, B' = f1 B + f2, P' = q2 = max(P + w, k)
+                const float pw = P + wc[j], q2 = pw > kk ? pw : kk;
+                const float f1 = expf(pw - q2), f2 = expf(kk - q2);
+                const float gf1 = gA[j] * A + gB[j] * Bs, gf2 = gA[j] * vv + gB[j];
+                const float gq2 = gP[j] - gf1 * f1 - gf2 * f2;
+                const float gpw = gf1 * f1 + max_share(pw, kk, gq2);
+                float gk = gf2 * f2 + max_share(kk, pw, gq2), gv = gA[j] * f2;
+                float nA = gA[j] * f1, nB = gB[j] * f1, nP = gpw;
+                gw[j] += gpw;
+                // output: y = (e1 A + e2 v) / (e1 B + e2), e1 = exp(P - q), e2 = exp(u + k - q), q = max(P, u + k)
+                const float ww = uc[j] + kk, q = P > ww ? P : ww;
+                const float e1 = expf(P - q), e2 = expf(ww - q);
+                const float den = e1 * Bs + e2, yy = (e1 * A + e2 * vv) / den;
+                const float gnum = dy[i] / den, gden = -gnum * yy;
+                const float ge1 = gnum * A + gden * Bs, ge2 = gnum * vv + gden;
+                const float gq = -ge1 * e1 - ge2 * e2;
+                nA += gnum * e1;
+                nB += gden * e1;
+                gv += gnum * e2;
+                nP += ge1 * e1 + max_share(P, ww, gq);
+                const float gww = ge2 * e2 + max_share(ww, P, gq);
+                gu[j] += gww;
+                dk[i] = gk + gww;
+                dv[i] = gv;
+                gA[j] = nA, gB[j] = nB, gP[j] = nP;
+            }
+        }
+        memcpy(da0 + s, gA, n * sizeof(float));
+        memcpy(db0 + s, gB, n * sizeof(float));
+        memcpy(dp0 + s, gP, n * sizeof(float));
+        memcpy(dw + s, gw, n * sizeof(float));
+        memcpy(du + s, gu, n * sizeof(float));
+    }
+}
+
+}  // namespace
+
+#define RZ_BY_N(FN, ...)                         \
+    switch (N) {                                 \
+        case 16: FN<16>(__VA_ARGS__); break;     \
+        case 32: FN<32>(__VA_ARGS__); break;     \
+        case 64: FN<64>(__VA_ARGS__); break;     \
+        default: FN<0>(__VA_ARGS__); break;      \
+    }
+
+extern "C" {
+
+int rz_wkv_train_abi_version() { return 1; }
+
+void rz_wkv4_fwd(const float* w, const float* u, const float* k, const float* v, const float* a0, const float* b0,
+                 const float* p0, float* y, float* aT, float* bT, float* pT, float* sa, float* sb, float* sp,
+                 int64_t B, int64_t T, int64_t C, int nthreads) {
+    wkv4_fwd(w, u, k, v, a0, b0, p0, y, aT, bT, pT, sa, sb, sp, B, T, C, nthreads);
+}
+
+void rz_wkv4_bwd(const float* w, const float* u, const float* k, const float* v, const float* sa, const float* sb,
+                 const float* sp, const float* dy, const float* daT, const float* dbT, const float* dpT, float* dw,
+                 float* du, float* dk, float* dv, float* da0, float* db0, float* dp0, int64_t B, int64_t T,
+                 int64_t C, int nthreads) {
+    wkv4_bwd(w, u, k, v, sa, sb, sp, dy, daT, dbT, dpT, dw, du, dk, dv, da0, db0, dp0, B, T, C, nthreads);
+}
+
+void rz_wkv6_fwd(const float* r, const float* k, const float* v, const float* w, int w_per_token, const float* u,
+                 const float* s0, float* y, float* sT, float* ckpt, int64_t B, int64_t T, int64_t H, int64_t N,
+                 int64_t L, int nthreads) {
+    RZ_BY_N(wkv6_fwd, r, k, v, w, w_per_token, u, s0, y, sT, ckpt, B, T, H, N, L, nthreads)
+}
+
+void rz_wkv6_bwd(const float* r, const float* k, const float* v, const float* w, int w_per_token, const float* u,
+                 const float* ckpt, const float* dy, const float* dsT, float* dr, float* dk, float* dv, float* dw,
+                 float* du, float* ds0, int64_t B, int64_t T, int64_t H, int64_t N, int64_t L, int nthreads) {
+    RZ_BY_N(wkv6_bwd, r, k, v, w, w_per_token, u, ckpt, dy, dsT, dr, dk, dv, dw, du, ds0, B, T, H, N, L, nthreads)
+}
+
+void rz_wkv7_fwd(const float* r, const float* w, const float* k, const float* v, const float* a, const float* bb,
+                 const float* s0, float* y, float* sT, float* ckpt, int64_t B, int64_t T, int64_t H, int64_t N,
+                 int64_t L, int nthreads) {
+    RZ_BY_N(wkv7_fwd, r, w, k, v, a, bb, s0, y, sT, ckpt, B, T, H, N, L, nthreads)
+}
+
+void rz_wkv7_bwd(const float* r, const float* w, const float* k, const float* v, const float* a, const float* bb,
+                 const float* ckpt, const float* dy, const float* dsT, float* dr, float* dw, float* dk, float* dv,
+                 float* da, float* db, float* ds0, int64_t B, int64_t T, int64_t H, int64_t N, int64_t L,
+                 int nthreads) {
+    RZ_BY_N(wkv7_bwd, r, w, k, v, a, bb, ckpt, dy, dsT, dr, dw, dk, dv, da, db, ds0, B, T, H, N, L, nthreads)
+}
+
+}  // extern "C"

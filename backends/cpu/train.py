@@ -1,0 +1,156 @@
+"""Training on the CPU: the C++ WKV forward and backward of ``csrc/cpu_wkv_train.cpp`` as autograd functions.
+
+The ``cpu`` backend's kernels call ``wkv7`` / ``wkv6`` / ``wkv5`` here when a call needs gradients
+(``needs_grad``); calls without gradients keep the inference kernels of ``csrc/cpu_wkv.cpp``.
+
+The forward stores the state entering every chunk of ``CKPT_LEN`` tokens ([B, H, ceil(T / L), K, V]
+fp32: 1/L of what storing every state would cost); the backward recomputes each chunk's states from
+its checkpoint, last chunk first. Every input gets its gradient, the initial state included, and the
+gradient that flows into the final state (infctx chunking, a loss on the state) is taken into account.
+Casts and ``.contiguous()`` happen outside the ``autograd.Function``, so autograd brings each gradient
+back to its input's dtype and layout.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rwkv_zoo.backends.cpu import kernels as cpu_kernels
+
+# Tokens between checkpointed states. The backward keeps L + 1 states per thread (272 KiB at N = 64,
+# within L2) and recomputes L - 1 steps per chunk; 16 measured as fast as 32 and 64 with less memory.
+CKPT_LEN = 16
+
+
+def _lib():
+    return cpu_kernels.load_wkv_train()[0]
+
+
+def unavailable_reason() -> str | None:
+    return cpu_kernels.load_wkv_train()[1]
+
+
+def needs_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _c(x: Tensor) -> Tensor:
+    return x if x.is_contiguous() else x.contiguous()
+
+
+def _ptr(x: Tensor | None) -> int | None:
+    return None if x is None else x.data_ptr()
+
+
+def _ckpt(B: int, T: int, H: int, N: int) -> Tensor:
+    return torch.empty(B, H, -(-T // CKPT_LEN), N, N, dtype=torch.float32)
+
+
+class _WKV6(torch.autograd.Function):
+    """wkv6 (``per_token``) or wkv5 (``w`` [H, N]): inputs fp32 and contiguous."""
+
+    @staticmethod
+    def forward(ctx, r, k, v, w, u, s0, per_token: bool):
+        B, T, H, N = r.shape
+        y, sT, ckpt = torch.empty_like(r), torch.empty_like(s0), _ckpt(B, T, H, N)
+        _lib().rz_wkv6_fwd(r.data_ptr(), k.data_ptr(), v.data_ptr(), w.data_ptr(), int(per_token), u.data_ptr(),
+                           s0.data_ptr(), y.data_ptr(), sT.data_ptr(), ckpt.data_ptr(), B, T, H, N, CKPT_LEN,
+                           torch.get_num_threads())
+        ctx.save_for_backward(r, k, v, w, u, ckpt)
+        ctx.per_token = per_token
+        ctx.set_materialize_grads(False)
+        return y, sT
+
+    @staticmethod
+    def backward(ctx, dy, dsT):
+        r, k, v, w, u, ckpt = ctx.saved_tensors
+        B, T, H, N = r.shape
+        dy = torch.zeros_like(r) if dy is None else _c(dy.float())
+        dsT = None if dsT is None else _c(dsT.float())
+        dr, dk, dv = torch.empty_like(r), torch.empty_like(k), torch.empty_like(v)
+        dw = torch.empty_like(w) if ctx.per_token else torch.empty(B, H, N, dtype=torch.float32)
+        du = torch.empty(B, H, N, dtype=torch.float32)
+        ds0 = torch.empty(B, H, N, N, dtype=torch.float32)
+        _lib().rz_wkv6_bwd(r.data_ptr(), k.data_ptr(), v.data_ptr(), w.data_ptr(), int(ctx.per_token), u.data_ptr(),
+                           ckpt.data_ptr(), dy.data_ptr(), _ptr(dsT), dr.data_ptr(), dk.data_ptr(), dv.data_ptr(),
+                           dw.data_ptr(), du.data_ptr(), ds0.data_ptr(), B, T, H, N, CKPT_LEN,
+                           torch.get_num_threads())
+        # Shared parameters: the kernel wrote one partial sum per (batch, head).
+        if not ctx.per_token:
+            dw = dw.sum(0)
+        return dr, dk, dv, dw, du.sum(0), ds0, None
+
+
+class _WKV7(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, r, w, k, v, a, b, s0):
+        B, T, H, N = r.shape
+        y, sT, ckpt = torch.empty_like(r), torch.empty_like(s0), _ckpt(B, T, H, N)
+        _lib().rz_wkv7_fwd(r.data_ptr(), w.data_ptr(), k.data_ptr(), v.data_ptr(), a.data_ptr(), b.data_ptr(),
+                           s0.data_ptr(), y.data_ptr(), sT.data_ptr(), ckpt.data_ptr(), B, T, H, N, CKPT_LEN,
+                           torch.get_num_threads())
+        ctx.save_for_backward(r, w, k, v, a, b, ckpt)
+        ctx.set_materialize_grads(False)
+        return y, sT
+
+    @staticmethod
+    def backward(ctx, dy, dsT):
+        r, w, k, v, a, b, ckpt = ctx.saved_tensors
+        B, T, H, N = r.shape
+        dy = torch.zeros_like(r) if dy is None else _c(dy.float())
+        dsT = None if dsT is None else _c(dsT.float())
+        grads = [torch.empty_like(x) for x in (r, w, k, v, a, b)]
+        ds0 = torch.empty(B, H, N, N, dtype=torch.float32)
+        _lib().rz_wkv7_bwd(*(x.data_ptr() for x in (r, w, k, v, a, b, ckpt, dy)), _ptr(dsT),
+                           *(g.data_ptr() for g in grads), ds0.data_ptr(), B, T, H, N, CKPT_LEN,
+                           torch.get_num_threads())
+        return (*grads, ds0)
+
+
+def _f32(*xs: Tensor) -> list[Tensor]:
+    return [_c(x.float()) for x in xs]
+
+
+def wkv6(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: Tensor):
+    return _WKV6.apply(*_f32(r, k, v, w, u, state), True)
+
+
+def wkv5(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: Tensor):
+    return _WKV6.apply(*_f32(r, k, v, w, u, state), False)
+
+
+def wkv7(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Tensor):
+    return _WKV7.apply(*_f32(r, w, k, v, a, b, state))
+
+
+class _WKV4(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, u, k, v, a0, b0, p0):
+        B, T, C = k.shape
+        y = torch.empty_like(k)
+        aT, bT, pT = torch.empty_like(a0), torch.empty_like(b0), torch.empty_like(p0)
+        states = [torch.empty_like(k) for _ in range(3)]  # (a, b, p) entering every token
+        _lib().rz_wkv4_fwd(*(x.data_ptr() for x in (w, u, k, v, a0, b0, p0, y, aT, bT, pT, *states)), B, T, C,
+                           torch.get_num_threads())
+        ctx.save_for_backward(w, u, k, v, *states)
+        ctx.set_materialize_grads(False)
+        return y, aT, bT, pT
+
+    @staticmethod
+    def backward(ctx, dy, daT, dbT, dpT):
+        w, u, k, v, sa, sb, sp = ctx.saved_tensors
+        B, T, C = k.shape
+        dy = torch.zeros_like(k) if dy is None else _c(dy.float())
+        ends = [None if g is None else _c(g.float()) for g in (daT, dbT, dpT)]
+        dw, du = torch.empty(B, C), torch.empty(B, C)
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        da0, db0, dp0 = torch.empty(B, C), torch.empty(B, C), torch.empty(B, C)
+        _lib().rz_wkv4_bwd(*(x.data_ptr() for x in (w, u, k, v, sa, sb, sp, dy)), *(_ptr(g) for g in ends),
+                           *(x.data_ptr() for x in (dw, du, dk, dv, da0, db0, dp0)), B, T, C, torch.get_num_threads())
+        return dw.sum(0), du.sum(0), dk, dv, da0, db0, dp0
+
+
+def wkv4(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state):
+    y, a, b, p = _WKV4.apply(*_f32(w, u, k, v, *state))
+    return y, (a, b, p)

@@ -1,0 +1,107 @@
+"""CPU training speed: the ``cpu`` backend's C++ WKV training kernels against the ``reference`` backend.
+
+Not a test (pytest does not collect it): run it by hand and read the table::
+
+    python tests/benchmarks/bench_cpu_train.py            # both shapes
+    python tests/benchmarks/bench_cpu_train.py --quick    # fewer repeats
+
+Rows: tokens/s of one training step (forward, loss, backward; ``+adamw``: and the optimizer step) for
+each version at two shapes, with the model forced onto ``backend="cpu"`` and ``backend="reference"``
+(the pure-PyTorch chunk kernels: the old path) in the same run, and their ratio.
+
+- ``issue``: batch 16, T = 512, 4 layers x 256, head size 64, fp32, 2 threads. Its GEMM-bound limit is
+  the fp32 GEMM rate measured here (``torch.matmul`` of [B*T, 256] x [256, 1024], the size of the
+  model's projections) divided by 6 x the parameters without the embedding; ``of limit`` is tok/s
+  over that limit.
+- ``ablation``: the default ``rwkv-zoo ablate`` grid's models (``vN-tiny``: 2 layers x 64, head size
+  16) at its batch (16) and MQAR sequence length (32), one thread (each ablation worker runs one).
+
+Each time is the best of several repeats after a warm-up, and the two backends alternate, so a machine
+shared with other work still gives fair ratios (the absolute numbers are then low).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import rwkv_zoo
+
+
+def _best(fn, repeats: int) -> float:
+    fn()  # warm-up: builds the C++ kernels on first use, allocator, autograd caches
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def gemm_gflops(M: int, K: int, N: int, repeats: int) -> float:
+    a, b = torch.randn(M, K), torch.randn(K, N)
+    return 2 * M * K * N / _best(lambda: torch.matmul(a, b), repeats * 4) / 1e9
+
+
+def non_embedding_params(model) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if not n.startswith("emb."))
+
+
+def train_step(model, tokens, opt=None):
+    def step():
+        model.zero_grad(set_to_none=True)
+        logits, _ = model(tokens)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        if opt is not None:
+            opt.step()
+
+    return step
+
+
+def bench(name: str, B: int, T: int, threads: int, repeats: int, adamw: bool, **build) -> dict:
+    torch.set_num_threads(threads)
+    model = rwkv_zoo.randomize_(rwkv_zoo.build(name, **build), seed=0)
+    vocab = model.head.weight.shape[0]
+    tokens = torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4) if adamw else None
+    times = {"cpu": float("inf"), "reference": float("inf")}
+    for _ in range(2):  # alternate, so both see the same machine load
+        for backend in times:
+            model.backend = backend
+            times[backend] = min(times[backend], _best(train_step(model, tokens, opt), max(1, repeats // 2)))
+    return {"tok/s": {b: B * T / t for b, t in times.items()}, "params": non_embedding_params(model)}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repeats")
+    ap.add_argument("--versions", default="v7,v6,v5,v4")
+    ap.add_argument("--skip-issue", action="store_true", help="only the ablation shape")
+    args = ap.parse_args(argv)
+    repeats = 2 if args.quick else 4
+    versions = args.versions.split(",")
+    torch.set_num_threads(2)
+    gf = gemm_gflops(16 * 512, 256, 1024, repeats)
+    print(f"fp32 GEMM, 2 threads: {gf:.1f} GFLOP/s (torch.matmul [8192, 256] x [256, 1024])", flush=True)
+    print(f"{'shape':40} {'cpu tok/s':>10} {'ref tok/s':>10} {'cpu/ref':>8} {'GEMM limit':>11} {'of limit':>9}")
+
+    def row(label, r, limit):
+        c, ref = r["tok/s"]["cpu"], r["tok/s"]["reference"]
+        lim = f"{limit:11.0f}" if limit else f"{'':11}"
+        of = f"{c / limit:9.2f}" if limit else f"{'':9}"
+        print(f"{label:40} {c:10.0f} {ref:10.0f} {c / ref:8.2f} {lim} {of}", flush=True)
+
+    if not args.skip_issue:
+        for v in versions:
+            r = bench(v, 16, 512, 2, repeats, False, n_layer=4, n_embd=256, head_size=64, vocab_size=256)
+            row(f"{v} issue 16x512 4x256 h64 2thr", r, gf * 1e9 / (6 * r["params"]))
+    for v in versions:
+        r = bench(f"{v}-tiny", 16, 32, 1, repeats * 4, True)
+        row(f"{v} ablation 16x32 2x64 h16 1thr +adamw", r, None)
+
+
+if __name__ == "__main__":
+    main()

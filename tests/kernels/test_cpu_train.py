@@ -1,0 +1,126 @@
+"""The ``cpu`` backend's training kernels (csrc/cpu_wkv_train.cpp): outputs, final state and every
+gradient against the reference in fp64, and dispatch giving them gradient calls on CPU tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _deps import CXX, needs
+
+import rwkv_zoo
+from rwkv_zoo import dispatch, ops
+from rwkv_zoo.backends import cpu as cpu_backend
+from rwkv_zoo.backends.cpu import train as cpu_train
+from rwkv_zoo.dispatch import KernelCall
+from rwkv_zoo.opspec import get_op
+from rwkv_zoo.testing import evaluate, rel_err
+
+pytestmark = [pytest.mark.kernel, needs(cpu_backend.unavailable_reason() or cpu_train.unavailable_reason(), CXX)]
+
+GATE = 1e-5  # fp32 against fp64 (PERF.md "Accuracy gates")
+TRAINED = ("wkv7", "wkv6", "wkv5", "wkv4")
+
+
+def _case(op: str, B: int, T: int, H: int, N: int, seed: int, decay_scale: float = 1.0):
+    """fp64 inputs (random non-zero initial state last) and random fp64 upstream gradients."""
+    g = torch.Generator().manual_seed(seed)
+    spec = get_op(op)
+    inputs = spec.random_inputs(B, T, H, N, generator=g, decay_scale=decay_scale)
+    probe = evaluate(lambda *a: ops.call(op, *a[:-1], state=a[-1], backend="reference", mode="chunk"), op, inputs,
+                     None, grad=False)
+    upstream = {n: torch.randn(probe[n].shape, generator=g, dtype=torch.float64) for n in ("y", *spec.state_names)}
+    return inputs, upstream
+
+
+def _compare(op: str, inputs, upstream, drop: tuple[str, ...] = ()) -> dict[str, float]:
+    """Relative errors of the cpu kernel (fp32) against the reference chunk form in fp64 (exact to rounding),
+    both under the loss sum(y * dy) + sum(state * dstate) without the terms named in ``drop``."""
+    spec = get_op(op)
+    if "state" in drop:
+        drop = (*drop, *spec.state_names)
+    up = {n: (torch.zeros_like(t) if n in drop else t) for n, t in upstream.items()}
+
+    def cpu(*a):
+        y, s = ops.call(op, *a[:-1], state=a[-1], backend="cpu")
+        # A dropped term is not used at all, so autograd hands the kernel None for it.
+        if "state" in drop:
+            s = tuple(x.detach() for x in s) if isinstance(s, tuple) else s.detach()
+        return (y.detach() if "y" in drop else y), s
+
+    ref = evaluate(lambda *a: ops.call(op, *a[:-1], state=a[-1], backend="reference", mode="chunk"), op, inputs, up)
+    got = evaluate(cpu, op, spec.cast_inputs(inputs, torch.float32, "cpu"), up)
+    errors = {}
+    for name, want in ref.items():
+        have = got[name]
+        assert have is not None, f"{op}: no {name}"
+        assert torch.isfinite(have).all(), f"{op}: {name} has NaN or Inf"
+        assert have.shape == want.shape
+        errors[name] = rel_err(have, want)
+    assert set(errors) >= {"y", *spec.state_names, *(f"d{n}" for n in (*spec.arg_names, *spec.state_names))}
+    return errors
+
+
+@pytest.mark.parametrize("op", TRAINED)
+@pytest.mark.parametrize("N", [16, 32, 64])
+def test_every_gradient_matches_reference(op, N):
+    # B > 1, a random initial state, T = 37: two whole checkpoint chunks of 16 and a partial one
+    # (wkv4 has no heads: C = H * N channels, a partial block of 64 when C = 32).
+    H = 2 if N < 64 else 1
+    inputs, upstream = _case(op, 2, 37, H, N, seed=N)
+    errors = _compare(op, inputs, upstream)
+    assert max(errors.values()) <= GATE, errors
+
+
+@pytest.mark.parametrize("op", TRAINED)
+def test_gradient_from_only_the_output_or_only_the_state(op):
+    # Infctx chunking sends a gradient into the final state; a plain loss sends none (None, not zeros).
+    inputs, upstream = _case(op, 1, 20, 1, 16, seed=3)
+    for drop in (("state",), ("y",)):
+        errors = _compare(op, inputs, upstream, drop)
+        assert max(errors.values()) <= GATE, (drop, errors)
+
+
+@pytest.mark.parametrize("op", ["wkv6", "wkv5", "wkv4"])
+@pytest.mark.parametrize("scale", [0.1, 10.0])
+def test_strong_and_weak_decay(op, scale):
+    inputs, upstream = _case(op, 1, 33, 2, 16, seed=5, decay_scale=scale)
+    errors = _compare(op, inputs, upstream)
+    assert max(errors.values()) <= GATE, errors
+
+
+def test_one_token_and_exactly_one_chunk():
+    for T in (1, cpu_train.CKPT_LEN):
+        inputs, upstream = _case("wkv7", 1, T, 2, 16, seed=T)
+        errors = _compare("wkv7", inputs, upstream)
+        assert max(errors.values()) <= GATE, (T, errors)
+
+
+@pytest.mark.parametrize("op", TRAINED)
+def test_dispatch_gives_gradient_calls_on_cpu_tensors_to_cpu(op):
+    call = KernelCall(op, "chunk", "cpu", torch.float32, 16, 512, 4, 64, requires_grad=True, has_state=True)
+    assert dispatch.select(call).backend == "cpu"
+    # The real front-end with leaves that need gradients ends in the C++ backward.
+    inputs = get_op(op).cast_inputs(get_op(op).random_inputs(1, 20, 1, 16), torch.float32, "cpu")
+    state = tuple(x.requires_grad_() for x in inputs[-1]) if op == "wkv4" else inputs[-1].requires_grad_()
+    leaves = [x.requires_grad_() for x in inputs[:-1]] + list(state if op == "wkv4" else [state])
+    y, s = ops.call(op, *inputs[:-1], state=state)
+    node = {"wkv7": "_WKV7Backward", "wkv4": "_WKV4Backward"}.get(op, "_WKV6Backward")
+    states = s if isinstance(s, tuple) else (s,)
+    assert type(y.grad_fn).__name__ == node and all(type(x.grad_fn).__name__ == node for x in states)
+    (y.sum() + sum(x.sum() for x in states)).backward()
+    assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in leaves)
+
+
+def test_tiny_models_train_the_same_on_cpu_and_reference():
+    # One version here: tests/models/test_paths.py trains every version through the cpu backend too.
+    tokens = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(0))
+    for name in ("v7-tiny",):
+        model = rwkv_zoo.randomize_(rwkv_zoo.build(name), seed=1)
+        grads = {}
+        for backend in ("cpu", "reference"):
+            model.zero_grad()
+            model.backend = backend
+            logits, _ = model(tokens)
+            torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()).backward()
+            grads[backend] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        assert rel_err(grads["cpu"], grads["reference"]) < 1e-4, name
