@@ -254,7 +254,7 @@ def load(
 ):
     """Load a checkpoint of any registered format into a model (in eval mode).
 
-    ``weights="fp32" | "bf16" | "int8"`` prepares the model for inference with its projection weights
+    ``weights="fp32" | "bf16" | "int8" | "int4"`` prepares the model for inference with its projection weights
     in that format (``rwkv_zoo.inference.prepare_inference``; activations and state stay fp32).
 
     The format and version are detected; ``dtype=None`` keeps the checkpoint's dtype (that of
