@@ -69,8 +69,7 @@ def quantize_int4(weight: Tensor, group: int = INT4_GROUP) -> tuple[Tensor, Tens
 
 def dequantize_int4(q: Tensor, scale: Tensor, group: int = INT4_GROUP) -> Tensor:
     """``quantize_int4``'s inverse: fp32 [N, K]."""
-    N, K = q.shape
-    return (q.float() * scale.repeat_interleave(group, dim=1)[:, :K])
+    return q.float() * scale.repeat_interleave(group, dim=1)[:, : q.shape[1]]
 
 
 class InferenceLinear(nn.Module):

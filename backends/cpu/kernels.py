@@ -232,7 +232,7 @@ def _open(name: str, abi_symbol: str, isa: str | None) -> tuple[ctypes.CDLL | No
     return lib, None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load(isa: str | None = None) -> tuple[ctypes.CDLL | None, str | None]:
     """The GEMV library for ``isa`` (None: the selected one) and None, or None and why it cannot load."""
     lib, why = _open("cpu_gemv", "rz_abi_version", isa)
@@ -244,7 +244,7 @@ def _load(isa: str | None = None) -> tuple[ctypes.CDLL | None, str | None]:
     return lib, None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_wkv(isa: str | None = None) -> tuple[ctypes.CDLL | None, str | None]:
     """The WKV recurrence library (``csrc/cpu_wkv.cpp``) and None, or None and why it cannot load."""
     lib, why = _open("cpu_wkv", "rz_wkv_abi_version", isa)
@@ -278,7 +278,7 @@ class LayerP(ctypes.Structure):
     ]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_decode(isa: str | None = None) -> tuple[ctypes.CDLL | None, str | None]:
     """The whole-step decode library (``csrc/cpu_decode.cpp``) and None, or None and why it cannot load."""
     lib, why = _open("cpu_decode", "rz_decode_abi_version", isa)
@@ -287,6 +287,7 @@ def load_decode(isa: str | None = None) -> tuple[ctypes.CDLL | None, str | None]
     lib.rz_decode.argtypes = [ctypes.POINTER(LayerP), _I, _I, _I, _I, _P, _P, _P, _P, _P, ctypes.c_double,
                               ctypes.POINTER(Lin), _I, _P, ctypes.c_float, _INT]
     lib.rz_decode.restype = None
+    lib.rz_decode_isa.restype = ctypes.c_char_p
     return lib, None
 
 
