@@ -80,7 +80,7 @@ def _matrix_params(model) -> int:
     n = 0
     for name, t in (*model.named_parameters(), *model.named_buffers()):
         if t.dim() >= 2 and not name.startswith(("emb.", "head.")) and not name.endswith("scale"):
-            n += t.numel()
+            n += 2 * t.numel() if t.dtype == torch.uint8 else t.numel()  # uint8: packed int4, 2 per byte
     return n
 
 

@@ -214,3 +214,11 @@ def test_load_int4_generates(tmp_path):
     kl = torch.nn.functional.kl_div(torch.log_softmax(got, -1), torch.log_softmax(ref, -1), log_target=True,
                                     reduction="none").sum(-1).mean()
     assert float(kl) < 5e-2
+
+
+def test_cli_accepts_int4():
+    from rwkv_zoo.cli import make_parser
+
+    parser = make_parser()
+    for args in (["generate", "--prompt", "hi"], ["chat"], ["eval", "--text", "f.txt"], ["score", "--text", "f.txt"]):
+        assert parser.parse_args([*args, "v7-tiny", "--weights", "int4"]).weights == "int4"
