@@ -228,7 +228,6 @@ def _open(name: str, abi_symbol: str, isa: str | None) -> tuple[ctypes.CDLL | No
         return None, f"building the CPU kernels failed ({type(exc).__name__}: {exc})"
     if getattr(lib, abi_symbol)() != LIBRARIES[name][2]:
         return None, f"the cached {name} library has another ABI version; clear {cache_dir()}"
-    lib.rz_isa_built = isa
     return lib, None
 
 
