@@ -13,7 +13,8 @@ and the memory read bandwidth) and reports each result against the floor it impl
 Prefill runs one forward of ``--prefill`` tokens from the empty state and keeps the last logits (what
 the package's ``forward`` returns); decode feeds the argmax token back for ``--decode`` steps after a
 warm-up, at each ``--batch``. ``--kl`` adds the mean KL divergence of each weight format's next-token
-distribution from fp32 over a prompt and its continuation. Times are medians; ratios are only
+distribution from fp32 (bf16, int8, int4) over a prompt and its continuation. The CPU kernels' instruction
+set (``RWKV_ZOO_CPU_ISA``, inherited by the workers) is named in the header. Times are medians; ratios are only
 meaningful within one run (shared machines drift).
 
 This module measures and reports; ``rwkv_zoo.cli.bench`` turns the command's flags into ``report``'s
@@ -80,7 +81,7 @@ def _matrix_params(model) -> int:
     n = 0
     for name, t in (*model.named_parameters(), *model.named_buffers()):
         if t.dim() >= 2 and not name.startswith(("emb.", "head.")) and not name.endswith("scale"):
-            n += t.numel()
+            n += 2 * t.numel() if t.dtype == torch.uint8 else t.numel()  # uint8: packed int4, 2 per byte
     return n
 
 
@@ -322,7 +323,7 @@ def report(args: BenchOptions, spec: str, weights: list[str], batches: list[int]
     meta = rwkv_zoo.load(spec) if os.path.exists(spec) else rwkv_zoo.build(spec, device="meta")  # mmap: cheap
     c = meta.config
     print(f"model {args.model}: {meta.version}, {c.n_layer} x {c.n_embd}, vocab {c.vocab_size}; "
-          f"threads {args.threads}; CPU kernels: {cpu_kernels.unavailable_reason() or 'available'}")
+          f"threads {args.threads}; CPU kernels: {cpu_kernels.unavailable_reason() or cpu_kernels.describe_isa()}")
     mach = _run_worker("machine", {"C": c.n_embd, "F": c.dim_ffn, "threads": args.threads}, 600)
     print(f"machine: fp32 GEMM {mach['gemm_flops'] / 1e9:.0f} GFLOP/s at [512, {c.n_embd}] x "
           f"[{c.n_embd}, {c.dim_ffn}]; read bandwidth {mach['read_bytes_per_s'] / 1e9:.1f} GB/s")

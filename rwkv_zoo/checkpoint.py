@@ -280,7 +280,7 @@ def load(
 
     ``path`` may also be a training run folder (its newest checkpoint) or one checkpoint folder of it.
 
-    ``weights="fp32" | "bf16" | "int8"`` prepares the model for inference with its projection weights
+    ``weights="fp32" | "bf16" | "int8" | "int4"`` prepares the model for inference with its projection weights
     in that format (``rwkv_zoo.inference.prepare_inference``; activations and state stay fp32).
 
     The format and version are detected; ``dtype=None`` keeps the checkpoint's dtype (that of

@@ -1,8 +1,10 @@
-"""Inference weights: fp32, bf16 or int8 projections packed for the cpu backend's kernels.
+"""Inference weights: fp32, bf16, int8 or int4 projections packed for the cpu backend's kernels.
 
 ``prepare_inference(model, weights=...)`` replaces every ``nn.Linear`` of the blocks and the head by
-an ``InferenceLinear`` holding the weight in fp32, bf16 or int8 (symmetric, one fp32 scale per output
-channel: ``W[n, :] ~= scale[n] * q[n, :]``), packed in the tile layout of the cpu backend's kernels
+an ``InferenceLinear`` holding the weight in fp32, bf16, int8 (symmetric, one fp32 scale per output
+channel: ``W[n, :] ~= scale[n] * q[n, :]``) or int4 (symmetric, one fp32 scale per output channel and
+group of ``INT4_GROUP`` = 64 input columns, codes in [-8, 7], two per byte), packed in the tile layout
+of the cpu backend's kernels
 (``rwkv_zoo.backends.cpu.kernels``), whose kernels multiply any number of rows with it (weights
 streamed once per block of rows and widened in registers, fp32 accumulation). Activations and the
 state stay fp32. The model keeps its call signature, so everything that runs a model runs it.
@@ -20,9 +22,14 @@ from torch import Tensor, nn
 
 from rwkv_zoo import fused
 
-WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
+WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8, "int4": torch.uint8}
+# int4: input columns per scale. 64 is the trade-off measured on random and trained-like weights: 32
+# halves the rounding error's outliers but adds 0.125 byte per weight of scales (+25 % over 0.5 byte);
+# 128 saves 0.03 byte but lets one large weight coarsen twice as many others. fp32 scales (0.0625 byte
+# per weight) keep the kernels free of half-precision conversions.
+INT4_GROUP = 64
 
-__all__ = ["InferenceLinear", "prepare_inference", "quantize_int8"]
+__all__ = ["InferenceLinear", "prepare_inference", "quantize_int4", "quantize_int8"]
 
 
 def _kernels():
@@ -40,11 +47,37 @@ def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
     return q, scale
 
 
+def quantize_int4(weight: Tensor, group: int = INT4_GROUP) -> tuple[Tensor, Tensor]:
+    """Symmetric group-wise int4: ``weight [N, K] ~= scale[n, k // group] * q[n, k]`` with ``q`` int8 codes
+    in [-8, 7] and ``scale`` fp32 [N, ceil(K / group)].
+
+    Each group's scale maps its largest-magnitude weight to -8 (as llama.cpp's Q4_0 does): a step of
+    ``max |w| / 8`` instead of ``/ 7``, and the sign with the larger magnitude gets the extra code. A
+    weight's error is at most half a step, except weights of the other sign beyond 7 steps, which clamp
+    to 7: every error is at most one step, ``max |w| / 8`` of its group."""
+    w = weight.detach().float()
+    N, K = w.shape
+    pad = -K % group
+    wp = torch.cat([w, w.new_zeros(N, pad)], 1) if pad else w
+    g = wp.reshape(N, -1, group)
+    idx = g.abs().argmax(-1, keepdim=True)
+    scale = (g.gather(-1, idx) / -8.0).squeeze(-1)  # signed: the extreme weight becomes code -8
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = torch.round(g / safe[..., None]).clamp_(-8, 7).to(torch.int8)
+    return q.reshape(N, -1)[:, :K].contiguous(), scale
+
+
+def dequantize_int4(q: Tensor, scale: Tensor, group: int = INT4_GROUP) -> Tensor:
+    """``quantize_int4``'s inverse: fp32 [N, K]."""
+    return q.float() * scale.repeat_interleave(group, dim=1)[:, : q.shape[1]]
+
+
 class InferenceLinear(nn.Module):
-    """A bias-free linear layer for inference with its weight stored in fp32, bf16 or int8.
+    """A bias-free linear layer for inference with its weight stored in fp32, bf16, int8 or int4.
 
     The weight is kept in the CPU kernels' tile layout (``rwkv_zoo.backends.cpu.kernels.pack``) when its input width
-    is a multiple of 8, 16 for bf16 (every RWKV projection), else as [out, in].
+    is a multiple of 8, 16 for bf16 and 64 for int4 (every RWKV projection), else as [out, in] (int4:
+    int8 codes and [out, groups] scales, multiplied by torch after dequantizing).
     """
 
     def __init__(self, weight: Tensor, kind: str = "fp32"):
@@ -55,6 +88,14 @@ class InferenceLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         w = weight.detach()
         scale = None
+        if kind == "int4":
+            w, scale = quantize_int4(w)
+            self.packed = weight.device.type == "cpu" and w.shape[1] % INT4_GROUP == 0
+            if self.packed:
+                w, scale = _kernels().pack_int4(w, scale)
+            self.register_buffer("qweight", w.contiguous())
+            self.register_buffer("scale", scale.contiguous())
+            return
         if kind == "int8":
             w, scale = quantize_int8(w)
         else:
@@ -69,6 +110,10 @@ class InferenceLinear(nn.Module):
 
     def dequantized(self) -> Tensor:
         """The weight the kernels multiply with, as an fp32 [out, in] tensor."""
+        if self.kind == "int4":
+            q, s = (_kernels().unpack_int4(self.qweight, self.scale, self.out_features) if self.packed
+                    else (self.qweight, self.scale))
+            return dequantize_int4(q, s)
         w = _kernels().unpack(self.qweight, self.out_features) if self.packed else self.qweight
         w = w.float()
         return w * self.scale[: self.out_features, None] if self.scale is not None else w
@@ -92,7 +137,7 @@ class InferenceLinear(nn.Module):
 
 @torch.no_grad()
 def prepare_inference(model: nn.Module, weights: str = "fp32") -> nn.Module:
-    """Turn ``model`` (in place) into an inference model with ``weights`` in fp32, bf16 or int8.
+    """Turn ``model`` (in place) into an inference model with ``weights`` in fp32, bf16, int8 or int4.
 
     The model may be in any float dtype (a bf16 checkpoint loaded as is): each projection is
     converted on its own, and the remaining parameters become fp32 (activations and state are fp32).

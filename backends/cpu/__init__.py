@@ -12,8 +12,10 @@ and gives every gradient, the initial state's included. Accuracy is that of fp32
 literal formulas (about 1e-7 to 1e-6 relative to the fp64 reference; ``rwkv_zoo.testing.check_backend``).
 
 Capabilities: CPU tensors, fp32 inputs, any T, B, H and head size, with or without gradients.
-Priority 2: above ``reference`` for the calls it can run. Unavailable (with the reason) where the
-kernels cannot be built: not x86-64 with AVX2, no C++ compiler, or ``RWKV_ZOO_CPU_KERNELS=0``.
+Priority 2: above ``reference`` for the calls it can run. The kernels are built for the CPU's instruction
+set (portable C++ on any CPU, AVX2, AVX-512, VNNI, BF16; ``RWKV_ZOO_CPU_ISA`` overrides, see ``kernels``).
+Unavailable (with the reason) where they cannot be built: no C++ compiler, an ``RWKV_ZOO_CPU_ISA``
+this CPU cannot run, or ``RWKV_ZOO_CPU_KERNELS=0``.
 
 It also provides a fused step (``fused.py``): every layer, the final norm and the head of a v4-v7
 model in one C++ call, which ``rwkv_zoo.fused`` chooses for inference without gradients.
@@ -124,4 +126,6 @@ def rwkv_zoo_register_backends(register):
 
 @hookimpl
 def rwkv_zoo_update_env_info(info):
-    info["cpu backend"] = unavailable_reason() or "available (C++ kernels built)"
+    why = unavailable_reason()
+    info["cpu backend"] = why or "available (C++ kernels built)"
+    info["cpu kernels isa"] = cpu_kernels.describe_isa()

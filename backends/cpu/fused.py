@@ -8,7 +8,8 @@ reason is in ``rwkv_zoo.explain``.
 
 The C++ side is the same maths as the version files, one token at a time per sequence, with the WKV
 recurrence of ``csrc/cpu_wkv.cpp`` inline, fp32 activations and state, and matrix products through the
-tile kernels of ``csrc/cpu_gemv.cpp`` (fp32 / bf16 / int8 weights, fp32 accumulation).
+tile kernels of ``csrc/cpu_tiles.h`` (fp32 / bf16 / int8 / int4 weights, fp32 accumulation; the build
+for the CPU's instruction set, ``kernels.select_isa``).
 """
 
 from __future__ import annotations
@@ -148,8 +149,8 @@ class FusedDecode:
     """The whole model body in one C++ call (``csrc/cpu_decode.cpp``): every layer, the final norm and
     the head, in one OpenMP parallel region, for B sequences of T tokens (decode: T = 1; prefill: whole
     prompts in chunks of ``PREFILL_CHUNK``). Projections are read in the tile layout of
-    ``kernels.pack``: the packed buffers of a prepared model (``prepare_inference``: fp32, bf16 or
-    int8), or packed fp32 copies of a plain model's ``nn.Linear`` weights.
+    ``kernels.pack``: the packed buffers of a prepared model (``prepare_inference``: fp32, bf16,
+    int8 or int4), or packed fp32 copies of a plain model's ``nn.Linear`` weights.
     """
 
     def __init__(self, model: nn.Module, kinds: list[tuple[str, str]], lib):
@@ -185,7 +186,7 @@ class FusedDecode:
             # training, state_dict and save are untouched; the copy is rebuilt when the weight changes).
             mod = InferenceLinear(mod.weight, "fp32")
         self.keep.append(mod.qweight)
-        kind = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}[mod.qweight.dtype]
+        kind = kernels.KINDS[mod.qweight.dtype]
         scale = None
         if mod.scale is not None:
             self.keep.append(mod.scale)

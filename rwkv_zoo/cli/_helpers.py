@@ -25,7 +25,7 @@ __all__ = [
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # The formats rwkv_zoo.inference.prepare_inference accepts; spelled out here because argparse needs the
 # choices when the parser is built, and importing the inference module for that would slow every command.
-WEIGHTS = ("fp32", "bf16", "int8")
+WEIGHTS = ("fp32", "bf16", "int8", "int4")
 
 
 def error(prog: str, message: str, status: int = 2) -> int:
@@ -76,7 +76,7 @@ def load_model(spec: str, *, dtype: str | None = None, device: str | None = None
                weights: str | None = None):
     """A checkpoint path, or a model name built with random weights (said on stderr).
 
-    ``weights`` (fp32, bf16, int8) prepares the model for inference with its projections in that format;
+    ``weights`` (fp32, bf16, int8, int4) prepares the model for inference with its projections in that format;
     None keeps the weights as loaded or built.
     """
     import rwkv_zoo

@@ -60,7 +60,7 @@ def add_parsers(sub) -> None:
     p.add_argument("model", help="checkpoint file, or a model name (random weights, e.g. v4-pile-169M)")
     p.add_argument("--weights", default="default",
                    help="comma list of default (the model as loaded: fused step from fp32 weights), fp32, bf16, "
-                        "int8 (prepare_inference)")
+                        "int8, int4 (prepare_inference)")
     p.add_argument("--batch", default="1", help="comma list of decode batch sizes (default 1)")
     p.add_argument("--prefill", type=int, default=512, help="prefill length (0 skips it)")
     p.add_argument("--decode", type=int, default=64, help="decode steps timed per batch size")
@@ -69,7 +69,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--compare-llamacpp", action="append", metavar="FILE.gguf",
                    help="also run llama.cpp (llama-cpp-python) on this GGUF, same threads, batch 1; repeatable "
                         "(e.g. an F32 and a Q8_0 file from `rwkv-zoo convert MODEL out.gguf --gguf-type q8_0`)")
-    p.add_argument("--kl", action="store_true", help="mean logit KL of bf16/int8 weights against fp32")
+    p.add_argument("--kl", action="store_true", help="mean next-token KL of bf16/int8/int4 weights against fp32")
     p.add_argument("--long", type=int, default=0, metavar="N",
                    help="decode N more steps at batch 1 and report RSS after 100 and after N")
     p.add_argument("--repeat", type=int, default=1,

@@ -5,7 +5,7 @@ MODEL is a checkpoint file (``rwkv_zoo.load``) or a model name such as ``v7-tiny
 weights, for trying the commands). The tokenizer defaults to ``rwkv_zoo.tokenizers.default_tokenizer``'s
 choice, as in Python: World for 65,536-id models, bytes for small test models (only byte ids are
 sampled); Pile models need ``--tokenizer 20B_tokenizer.json`` unless a package ships it. Text written
-to a terminal shows control characters as escapes (``\\x1b``); newlines and tabs stay. ``--weights fp32|bf16|int8``
+to a terminal shows control characters as escapes (``\\x1b``); newlines and tabs stay. ``--weights fp32|bf16|int8|int4``
 prepares the model for inference with its projections in that format (``rwkv_zoo.load(path, weights=)``).
 """
 

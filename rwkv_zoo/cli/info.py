@@ -130,7 +130,16 @@ def cmd_backends(args: argparse.Namespace) -> int:
         provider = f"{b['provider']} ({b['distribution']})" if b.get("distribution") else b["provider"]
         rows.append([b["name"], provider, b["priority"], _format_ops(b["ops"]), status])
     print(table(["backend", "provider", "priority", "ops: modes", "status"], rows, "<<><<"))
+    if any(b["name"] == "cpu" for b in rwkv_zoo.list_backends()):
+        print(f"\n{_cpu_isa_line()}")
     return 0
+
+
+def _cpu_isa_line() -> str:
+    """Which build of the cpu backend's C++ kernels this process uses (the instruction set), and why."""
+    from rwkv_zoo.backends.cpu import kernels
+
+    return f"cpu kernels: {kernels.describe_isa()}"
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
@@ -173,6 +182,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     except (ValueError, BackendError) as exc:  # unknown model/size/backend, or the backend cannot run it
         raise UsageError(str(exc)) from exc
     print(text)
+    if "cpu" in text.backends or (text.execution and "'cpu-fused'" in text.execution):
+        print(_cpu_isa_line())
     return 0
 
 

@@ -280,7 +280,7 @@ def test_prepared_model_refuses_save_and_load_option(tmp_path):
     with pytest.raises(CheckpointError, match="prepared for inference"):
         rwkv_zoo.save(q, tmp_path / "again.pth")
     with pytest.raises(ValueError, match="weights must be one of"):
-        prepare_inference(model, "int4")
+        prepare_inference(model, "int3")
     bf = prepare_inference(_model("v6-tiny").to(torch.bfloat16), "int8")  # a bf16 model is widened
     assert bf.dtype == torch.float32 and bf.head.kind == "int8"
     tok = torch.tensor([[5, 6, 7]])

@@ -79,3 +79,8 @@ def server(model, tok):
 def client(server):
     openai = require("openai")
     return openai.OpenAI(base_url=server[1] + "/v1", api_key=API_KEY, timeout=30, max_retries=0)
+
+
+@pytest.fixture
+def server_api_key() -> str:
+    return API_KEY

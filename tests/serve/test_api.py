@@ -14,10 +14,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from _deps import require
-from conftest import API_KEY
 
 from rwkv_zoo.generation import generate
 from rwkv_zoo.serve import render_chat
+
+API_KEY = "test-key-3f9a"  # the key tests/serve/conftest.py's server accepts (test_api_key_matches checks)
+
 
 FINISH = {"length": "length", "stop_token": "stop", "stop_string": "stop"}
 TIMEOUT = 30
@@ -273,3 +275,7 @@ def test_models_health_and_metrics(server, client):
     assert samples[p + 'time_to_first_token_seconds_bucket{le="+Inf"}'] == samples[
         p + "time_to_first_token_seconds_count"]
     assert samples[p + 'http_requests_total{endpoint="/v1/completions",status="400"}'] >= 1
+
+
+def test_api_key_matches(server_api_key):
+    assert server_api_key == API_KEY

@@ -12,8 +12,9 @@
 // The maths is rwkv_zoo/inference.py's DecodeStep (itself checked against the model's modules), for
 // every version's time-mix and channel-mix so hybrids work: v4 (stable running-max WKV), v5/v6
 // (matrix state, per-channel decay, bonus u), v7 (delta-rule state with kk/a, v_first). Activations
-// and state are fp32; weights are fp32/bf16/int8 packed in the tile layout of cpu_tiles.h. The
-// LoRA matrices are packed fp32 as well (transposed to [out, in] by the caller).
+// and state are fp32; weights are fp32/bf16/int8/int4 packed in the tile layout of cpu_tiles.h (whose
+// build for this CPU's instruction set does the products). The LoRA matrices are packed fp32 as well
+// (transposed to [out, in] by the caller).
 // Built with -ffast-math so the exp/tanh/sigmoid loops vectorize; every input is finite.
 #include <math.h>
 #include <omp.h>
@@ -30,8 +31,8 @@ namespace {
 // All fields are 8 bytes wide so the ctypes mirror in rwkv_zoo/cpu_kernels.py has no padding to get wrong.
 struct Lin {
     const void* w;       // packed (rwkv_zoo.cpu_kernels.pack); null: absent
-    const float* scale;  // int8 only: [N] per output row
-    int64_t kind;        // 0 fp32, 1 bf16, 2 int8
+    const float* scale;  // int8: [N] per output row; int4: [N / 4, K / 64, 4]
+    int64_t kind;        // 0 fp32, 1 bf16, 2 int8, 3 int4 (rz::Kind)
     int64_t N;           // output rows (a multiple of 4: packed rows)
     int64_t K;           // input width (a multiple of 8; bf16: of 16)
 };
@@ -71,40 +72,6 @@ inline void layer_norm(const float* x, const float* w, const float* b, double ep
     for (int64_t i = 0; i < C; ++i) y[i] = (x[i] - mean) * rstd * w[i] + b[i];
 }
 
-struct Job {
-    const Lin* lin;
-    const float* x;
-    int64_t ldx;
-    float* y;
-    int64_t ldy;
-};
-
-template <typename WT>
-inline void run_tile(const Job& j, int64_t t, int64_t B) {
-    const Lin& L = *j.lin;
-    const WT* p = static_cast<const WT*>(L.w) + t * 4 * L.K;
-    rz::tile_rows(j.x, B, j.ldx, p, L.K, L.scale ? L.scale + 4 * t : nullptr, j.y + 4 * t, j.ldy);
-}
-
-// Several independent GEMVs in one work-sharing loop (called inside the parallel region; ends with
-// the loop's barrier). Tiles are handed out in dynamic chunks: on a shared machine one thread can lose
-// its core for a while, and the other then takes over its share.
-void gemvs(const Job* jobs, int n, int64_t B) {
-    int64_t start[8], total = 0;
-    for (int i = 0; i < n; ++i) start[i] = total, total += jobs[i].lin->N / 4;
-#pragma omp for schedule(dynamic, 8)
-    for (int64_t t = 0; t < total; ++t) {
-        int i = n - 1;
-        while (start[i] > t) --i;
-        const Job& j = jobs[i];
-        const int64_t lt = t - start[i];
-        switch (j.lin->kind) {
-            case 0: run_tile<float>(j, lt, B); break;
-            case 1: run_tile<uint16_t>(j, lt, B); break;
-            default: run_tile<int8_t>(j, lt, B); break;
-        }
-    }
-}
 
 // An uninitialized float buffer (every element is written before it is read; zeroing a prefill's
 // buffers would cost a pass over them).
@@ -115,18 +82,87 @@ struct Buf {
     float& operator[](int64_t i) { return p[i]; }
 };
 
-// Per-row buffers for M = nseq * T token rows ([nseq, T, C] flattened).
+// Per-row buffers for M = nseq * T token rows ([nseq, T, C] flattened). q: the activations of one
+// gemvs call prepared for this build's int8/bf16 kernels (rz::needs_prep; null where none are), 64-byte
+// aligned, qbytes per row of M (an upper bound over the calls: allocated, but only touched where used).
 struct Scratch {
     int64_t nseq, T, M, C;
     Buf xa, xf, xx, mixed, r, k, v, g, w, a, y, h, lo, ff, vfirst, kk;
-    Scratch(int64_t nseq_, int64_t T_, int64_t C_, int64_t F, int64_t D) : nseq(nseq_), T(T_), M(nseq_ * T_), C(C_) {
+    std::unique_ptr<uint8_t[]> qbuf;
+    uint8_t* q = nullptr;
+    Scratch(int64_t nseq_, int64_t T_, int64_t C_, int64_t F, int64_t D, int64_t qbytes)
+        : nseq(nseq_), T(T_), M(nseq_ * T_), C(C_) {
         for (auto* vec : {&xa, &xf, &xx, &r, &k, &v, &g, &w, &a, &y, &vfirst, &kk}) vec->resize(M * C);
         mixed.resize(6 * M * C);
         lo.resize(5 * M * C);
         h.resize(M * D);
         ff.resize(M * F);
+        if (qbytes) {
+            qbuf.reset(new uint8_t[M * qbytes + 64]);
+            q = qbuf.get() + (64 - reinterpret_cast<uintptr_t>(qbuf.get()) % 64) % 64;
+        }
     }
 };
+
+struct Job {
+    const Lin* lin;
+    const float* x;
+    int64_t ldx;
+    float* y;
+    int64_t ldy;
+};
+
+// Several independent GEMVs in one work-sharing loop (called inside the parallel region; ends with
+// the loop's barrier). Tiles are handed out in dynamic chunks: on a shared machine one thread can lose
+// its core for a while, and the other then takes over its share. Where this build's kernels take
+// prepared activations (VNNI int8, BF16 dot), every job's rows are converted first, in one loop.
+void gemvs(Scratch& s, const Job* jobs, int n, int64_t B) {
+    int64_t start[8], ldq[8], total = 0, off = 0;
+    uint8_t* xq[8];
+    bool any = false;
+    for (int i = 0; i < n; ++i) {
+        start[i] = total, total += jobs[i].lin->N / 4;
+        const int64_t kind = jobs[i].lin->kind;
+        xq[i] = nullptr, ldq[i] = 0;
+        if (s.q && rz::needs_prep(kind)) {
+            ldq[i] = rz::prep_row_bytes(kind, jobs[i].lin->K);
+            xq[i] = s.q + off;
+            off += B * ldq[i];
+            any = true;
+        }
+    }
+    if (any) {
+#pragma omp for
+        for (int64_t ib = 0; ib < n * B; ++ib) {
+            const int64_t i = ib / B, b = ib % B;
+            if (xq[i]) rz::prep_row(jobs[i].lin->kind, jobs[i].x + b * jobs[i].ldx, jobs[i].lin->K, xq[i] + b * ldq[i]);
+        }
+    }
+#pragma omp for schedule(dynamic, 8)
+    for (int64_t t = 0; t < total; ++t) {
+        int i = n - 1;
+        while (start[i] > t) --i;
+        const Job& j = jobs[i];
+        const Lin& L = *j.lin;
+        const int64_t lt = t - start[i];
+        rz::tile_rows(L.kind, j.x, B, j.ldx, xq[i], ldq[i], L.w, lt, L.K, L.scale, j.y + 4 * lt, j.ldy);
+    }
+}
+
+// Bytes per token row that gemvs may need for prepared activations in one call (0: this build needs none).
+int64_t prep_bytes_bound(const LayerP* layers, int64_t L, const Lin* head) {
+    if (!rz::needs_prep(rz::BF16) && !rz::needs_prep(rz::I8)) return 0;
+    auto one = [](const Lin& l) { return l.w ? rz::prep_row_bytes(rz::BF16, l.K) : 0; };  // bf16 needs the most
+    int64_t most = head ? one(*head) : 0;
+    for (int64_t i = 0; i < L; ++i) {
+        const LayerP& P = layers[i];
+        int64_t sum = 0;
+        for (const Lin* l : {&P.r, &P.k, &P.v, &P.o, &P.g, &P.fk, &P.fv, &P.fr}) sum += one(*l);
+        for (int j = 0; j < 5; ++j) sum += one(P.l1[j]) + one(P.l2[j]);
+        most = sum > most ? sum : most;
+    }
+    return most;
+}
 
 // xx[b, t] = src[b, t - 1], and the carried shift for t = 0; the last token's row becomes the next shift.
 void shift_rows(Scratch& s, const float* src, const float* carried, float* xx, float* next) {
@@ -219,7 +255,7 @@ void mix_kvrg(const LayerP& P, Scratch& s, const float* x, const float* xx, int 
     float* outs[4] = {s.k.data(), s.v.data(), s.r.data(), s.g.data()};
     Job jobs[4];
     for (int m = 0; m < n; ++m) jobs[m] = {lins[m], mixed + m * B * C, C, outs[m], C};
-    gemvs(jobs, n, B);
+    gemvs(s, jobs, n, B);
 }
 
 void time_mix(const LayerP& P, Scratch& s, const float* xx, float* const* st_in, float* const* st_out, bool& have_vfirst,
@@ -266,7 +302,7 @@ void time_mix(const LayerP& P, Scratch& s, const float* xx, float* const* st_in,
             }
         }
         const Job out = {&P.o, s.y.data(), C, s.g.data(), C};  // g reused as the output buffer
-        gemvs(&out, 1, B);
+        gemvs(s, &out, 1, B);
         return;
     }
     const float* S0 = st_in[2];
@@ -286,12 +322,12 @@ void time_mix(const LayerP& P, Scratch& s, const float* xx, float* const* st_in,
             for (int64_t i = 0; i < C; ++i) o[i] = xb[i] + (xxb[i] - xb[i]) * P.mix[i];
         }
         const Job j1 = {&P.l1[0], mixed, C, s.h.data(), D5};
-        gemvs(&j1, 1, B);
+        gemvs(s, &j1, 1, B);
 #pragma omp for
         for (int64_t i = 0; i < B * D5; ++i) s.h[i] = tanhf(s.h[i]);
         Job j2[5];
         for (int m = 0; m < 5; ++m) j2[m] = {&P.l2[m], s.h.data() + m * D, D5, s.lo.data() + m * B * C, C};
-        gemvs(j2, 5, B);
+        gemvs(s, j2, 5, B);
         // mixed[m] = x + (xx - x) * (maa[m] + lora[m]), m = w, k, v, r, g
 #pragma omp for
         for (int64_t mb = 0; mb < 5 * B; ++mb) {
@@ -308,11 +344,11 @@ void time_mix(const LayerP& P, Scratch& s, const float* xx, float* const* st_in,
                              {&P.r, mixed + 3 * B * C, C, s.r.data(), C},
                              {&P.g, mixed + 4 * B * C, C, s.g.data(), C},
                              {&P.l1[1], mixed, C, s.h.data(), Dw}};
-        gemvs(jobs, 5, B);
+        gemvs(s, jobs, 5, B);
 #pragma omp for
         for (int64_t i = 0; i < B * Dw; ++i) s.h[i] = tanhf(s.h[i]);
         const Job jd = {&P.l1[2], s.h.data(), Dw, s.w.data(), C};
-        gemvs(&jd, 1, B);
+        gemvs(s, &jd, 1, B);
 #pragma omp for
         for (int64_t i = 0; i < B * C; ++i) s.w[i] = -expf(P.w[i % C] + s.w[i]);
         logw = s.w.data();
@@ -333,7 +369,7 @@ void time_mix(const LayerP& P, Scratch& s, const float* xx, float* const* st_in,
                        {&P.l1[1], mixed + 4 * B * C, C, ha, Da},
                        {&P.l1[3], mixed + 5 * B * C, C, hg, Dg},
                        {&P.l1[2], mixed + 3 * B * C, C, hv, Dv}};
-        gemvs(jobs, have_vfirst ? 7 : 6, B);
+        gemvs(s, jobs, have_vfirst ? 7 : 6, B);
 #pragma omp for
         for (int64_t i = 0; i < B * Dw; ++i) hw[i] = tanhf(hw[i]);
 #pragma omp for
@@ -343,7 +379,7 @@ void time_mix(const LayerP& P, Scratch& s, const float* xx, float* const* st_in,
         float* lo_v = lo_a + B * C;
         Job j2[4] = {{&P.l2[0], hw, Dw, lo_w, C}, {&P.l2[1], ha, Da, lo_a, C}, {&P.l2[3], hg, Dg, s.g.data(), C},
                      {&P.l2[2], hv, Dv, lo_v, C}};
-        gemvs(j2, have_vfirst ? 4 : 3, B);
+        gemvs(s, j2, have_vfirst ? 4 : 3, B);
         const float DECAY_SCALE = 0.60653065971263342f;  // exp(-0.5), as rwkv_zoo/versions/v7.py
 #pragma omp for
         for (int64_t bh = 0; bh < B * H; ++bh) {
@@ -419,7 +455,7 @@ void time_mix(const LayerP& P, Scratch& s, const float* xx, float* const* st_in,
         }
     }
     const Job out = {&P.o, s.y.data(), C, s.g.data(), C};  // the gate is spent: its buffer takes the output
-    gemvs(&out, 1, B);
+    gemvs(s, &out, 1, B);
 }
 
 void channel_mix(const LayerP& P, Scratch& s, const float* xx) {
@@ -433,21 +469,24 @@ void channel_mix(const LayerP& P, Scratch& s, const float* xx) {
         if (rec) mix_row(x + b * C, xx + b * C, P.f_mr, C, mixed + (B + b) * C);
     }
     const Job jobs[2] = {{&P.fk, mixed, C, s.ff.data(), F}, {&P.fr, mixed + B * C, C, s.r.data(), C}};
-    gemvs(jobs, rec ? 2 : 1, B);
+    gemvs(s, jobs, rec ? 2 : 1, B);
 #pragma omp for
     for (int64_t i = 0; i < B * F; ++i) {
         const float t = s.ff[i] > 0.f ? s.ff[i] : 0.f;
         s.ff[i] = t * t;
     }
     const Job jv = {&P.fv, s.ff.data(), F, s.v.data(), C};
-    gemvs(&jv, 1, B);
+    gemvs(s, &jv, 1, B);
 }
 
 }  // namespace
 
 extern "C" {
 
-int rz_decode_abi_version() { return 3; }
+int rz_decode_abi_version() { return 4; }
+
+// The instruction set this build was compiled for (cpu_tiles.h's isa_name).
+const char* rz_decode_isa() { return rz::isa_name(); }
 
 // x [B, T, C]: the token embeddings (overwritten). Per layer l, st_in[5 l + j] / st_out[5 l + j] for
 // j = 0 att shift [B, C], 1 ffn shift [B, C], 2 the WKV state [B, H, N, N] or v4's a, then 3 b, 4 p
@@ -464,7 +503,7 @@ void rz_decode(const LayerP* layers, int64_t L, int64_t B, int64_t T, int64_t C,
         for (int i = 0; i < 5; ++i) d += P.l1[i].w ? P.l1[i].N : 0;
         D = d > D ? d : D;
     }
-    Scratch s(B, T, C, F, D);
+    Scratch s(B, T, C, F, D, prep_bytes_bound(layers, L, keep > 0 ? head : nullptr));
     const int64_t M = B * T;
 #pragma omp parallel num_threads(nthreads)
     {
@@ -514,7 +553,7 @@ void rz_decode(const LayerP* layers, int64_t L, int64_t B, int64_t T, int64_t C,
                 layer_norm(x + (b * T + t) * C, lnout_w, lnout_b, lnout_eps, C, s.xa.data() + j * C);
             }
             const Job jh = {head, s.xa.data(), C, logits, head->N};
-            gemvs(&jh, 1, B * keep);
+            gemvs(s, &jh, 1, B * keep);
         }
     }
 }

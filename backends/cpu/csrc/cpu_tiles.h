@@ -1,14 +1,176 @@
 // The GEMV tile kernels shared by csrc/cpu_gemv.cpp (one matrix per call) and csrc/cpu_decode.cpp
 // (a whole decode step per call). Layout and reasoning: the comment at the top of cpu_gemv.cpp.
+//
+// One source, several builds: rwkv_zoo.backends.cpu.kernels compiles it once per instruction set
+// (portable, avx2, avx512, avx512_vnni, avx512_bf16) with that ISA's -m flags and loads the build the
+// CPU can run. The code below picks its loops from the compiler's predefined macros, so a variant is
+// exactly "these sources with these flags" (no run-time branches inside the kernels):
+// - portable: plain C++ loops (-O3 vectorizes them for the baseline ISA, e.g. SSE2 or NEON);
+// - avx2: 256-bit FMA loops, weights widened to fp32 in registers;
+// - avx512: the same with 512-bit registers holding two tile rows each (fp32, bf16, int8);
+// - avx512_vnni: + int8 weights times int8-quantized activations with vpdpbusd (per-row activation
+//   scales, computed once per call), exact int32 sums;
+// - avx512_bf16: + vnni, and bf16 weights times bf16-rounded activations with vdpbf16ps.
+// int4 (groups of 64 columns, one fp32 scale each, two weights per byte) has portable and AVX2 loops;
+// the AVX-512 builds run the AVX2 loop.
 #pragma once
-#include <immintrin.h>
+#include <math.h>
 #include <omp.h>
 #include <stdint.h>
+#include <string.h>
 
 #include <type_traits>
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define RZ_AVX2 1
+#endif
+#if defined(RZ_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define RZ_AVX512 1
+#endif
+#if defined(RZ_AVX512) && defined(__AVX512VNNI__)
+#define RZ_VNNI 1
+#endif
+#if defined(RZ_VNNI) && defined(__AVX512BF16__)
+#define RZ_BF16DOT 1
+#endif
+
 namespace rz {
 
+// Weight kinds (cpu_decode.cpp's Lin.kind, rwkv_zoo.backends.cpu.kernels.KINDS).
+enum Kind : int64_t { F32 = 0, BF16 = 1, I8 = 2, I4 = 3 };
+constexpr int64_t I4_GROUP = 64;  // int4: columns per scale
+
+inline const char* isa_name() {
+#if defined(RZ_BF16DOT)
+    return "avx512_bf16";
+#elif defined(RZ_VNNI)
+    return "avx512_vnni";
+#elif defined(RZ_AVX512)
+    return "avx512";
+#elif defined(RZ_AVX2)
+    return "avx2";
+#else
+    return "portable";
+#endif
+}
+
+// ---- activations prepared once per call (VNNI: int8 with a per-row scale; BF16 dot: bf16 pairs) -------
+
+// Whether this build multiplies weights of `kind` with prepared activations instead of fp32 rows.
+inline bool needs_prep(int64_t kind) {
+#if defined(RZ_BF16DOT)
+    if (kind == BF16) return true;
+#endif
+#if defined(RZ_VNNI)
+    if (kind == I8) return true;
+#endif
+    (void)kind;
+    return false;
+}
+
+// Bytes of prepared activations per row of K inputs (64-byte aligned), and where the row's scale goes.
+inline int64_t prep_row_bytes(int64_t kind, int64_t K) {
+    const int64_t n = kind == BF16 ? 2 * K : K + 4;
+    return (n + 63) / 64 * 64;
+}
+
+inline uint16_t to_bf16(float f) {  // round to nearest even (inputs are finite)
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+// One row: BF16 -> pairs (x[k + j], x[k + 8 + j]) per 16 columns, the weights' interleave; I8 -> u8
+// values q + 128 (q = round(x / s), |q| <= 127, s = max|x| / 127) followed by the fp32 scale s.
+inline void prep_row(int64_t kind, const float* x, int64_t K, uint8_t* out) {
+    if (kind == BF16) {
+        uint16_t* q = reinterpret_cast<uint16_t*>(out);
+        for (int64_t k = 0; k < K; k += 16)
+            for (int j = 0; j < 8; ++j) {
+                q[k + 2 * j] = to_bf16(x[k + j]);
+                q[k + 2 * j + 1] = to_bf16(x[k + 8 + j]);
+            }
+        return;
+    }
+    float m = 0.f;
+    for (int64_t k = 0; k < K; ++k) m = fmaxf(m, fabsf(x[k]));
+    const float s = m > 0.f ? m / 127.f : 1.f, inv = 1.f / s;
+    for (int64_t k = 0; k < K; ++k) out[k] = (uint8_t)(int)(nearbyintf(x[k] * inv) + 128.f);
+    memcpy(out + K, &s, 4);
+}
+
+// ---- portable loops -----------------------------------------------------------------------------
+
+inline float widen(float w) { return w; }
+inline float widen(int8_t w) { return (float)w; }
+inline float bf16_bits(uint32_t hi) {
+    float f;
+    memcpy(&f, &hi, 4);
+    return f;
+}
+
+// Eight lanes per (row, input row), summed at the end: the compiler vectorizes the lane loop.
+template <int BT, typename WT>
+inline void tile_port(const float* x, int64_t ldx, const WT* p, int64_t K, const float* scale, float* y,
+                      int64_t ldy) {
+    float acc[4][BT][8] = {};
+    for (int64_t k = 0; k < K; k += 8, p += 32)
+        for (int r = 0; r < 4; ++r)
+            for (int b = 0; b < BT; ++b)
+                for (int l = 0; l < 8; ++l) acc[r][b][l] += widen(p[8 * r + l]) * x[b * ldx + k + l];
+    for (int r = 0; r < 4; ++r)
+        for (int b = 0; b < BT; ++b) {
+            float s = 0.f;
+            for (int l = 0; l < 8; ++l) s += acc[r][b][l];
+            y[b * ldy + r] = s * (scale ? scale[r] : 1.0f);
+        }
+}
+
+template <int BT>
+inline void tile_bf16_port(const float* x, int64_t ldx, const uint16_t* p, int64_t K, float* y, int64_t ldy) {
+    float acc[4][BT][8] = {};
+    for (int64_t k = 0; k < K; k += 16, p += 64)
+        for (int r = 0; r < 4; ++r)
+            for (int b = 0; b < BT; ++b)
+                for (int l = 0; l < 8; ++l)
+                    acc[r][b][l] += bf16_bits((uint32_t)p[16 * r + 2 * l] << 16) * x[b * ldx + k + l] +
+                                    bf16_bits((uint32_t)p[16 * r + 2 * l + 1] << 16) * x[b * ldx + k + 8 + l];
+    for (int r = 0; r < 4; ++r)
+        for (int b = 0; b < BT; ++b) {
+            float s = 0.f;
+            for (int l = 0; l < 8; ++l) s += acc[r][b][l];
+            y[b * ldy + r] = s;
+        }
+}
+
+// int4 tiles: per 8 columns, 16 bytes: row r's 4 bytes hold columns j (low nibble) and j + 4 (high),
+// stored as q + 8 (q in [-8, 7]); scales [K / 64, 4] per tile.
+template <int BT>
+inline void tile_i4_port(const float* x, int64_t ldx, const uint8_t* p, int64_t K, const float* sc, float* y,
+                         int64_t ldy) {
+    float acc[4][BT][8] = {};
+    for (int64_t g = 0; g < K; g += I4_GROUP, sc += 4)
+        for (int64_t k = g; k < g + I4_GROUP; k += 8, p += 16)
+            for (int r = 0; r < 4; ++r) {
+                float w[8];
+                for (int j = 0; j < 4; ++j) {
+                    w[j] = (float)((p[4 * r + j] & 15) - 8) * sc[r];
+                    w[j + 4] = (float)((p[4 * r + j] >> 4) - 8) * sc[r];
+                }
+                for (int b = 0; b < BT; ++b)
+                    for (int l = 0; l < 8; ++l) acc[r][b][l] += w[l] * x[b * ldx + k + l];
+            }
+    for (int r = 0; r < 4; ++r)
+        for (int b = 0; b < BT; ++b) {
+            float s = 0.f;
+            for (int l = 0; l < 8; ++l) s += acc[r][b][l];
+            y[b * ldy + r] = s;
+        }
+}
+
+// ---- AVX2 ---------------------------------------------------------------------------------------
+#if defined(RZ_AVX2)
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const int8_t* p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
@@ -71,20 +233,245 @@ inline void tile_bf16(const float* x, int64_t ldx, const uint16_t* p, int64_t K,
         for (int b = 0; b < BT; ++b) y[b * ldy + r] = hsum(acc[r][b]);
 }
 
-// One tile against B rows of x. Rows go in triples (12 accumulators + 3 inputs + 1 weight = the 16
-// AVX registers), then a pair or a single; the tile (4 x K weights) stays in L1/L2 between them.
-// bf16 goes in pairs (its two input halves per row take the registers a third row would need).
-template <typename WT>
-inline void tile_rows(const float* x, int64_t B, int64_t ldx, const WT* p, int64_t K, const float* s, float* y,
+// int4: the 16 bytes of a step hold all 4 rows; two masks split the nibbles, unpacks put each row's
+// 8 columns together, and each row is widened and scaled by its group's scale (decode reads half the
+// bytes of int8; the widening is the cost, as for bf16).
+template <int BT>
+inline void tile_i4(const float* x, int64_t ldx, const uint8_t* p, int64_t K, const float* sc, float* y,
+                    int64_t ldy) {
+    __m256 acc[4][BT];
+    for (int r = 0; r < 4; ++r)
+        for (int b = 0; b < BT; ++b) acc[r][b] = _mm256_setzero_ps();
+    const __m128i m4 = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
+    for (int64_t g = 0; g < K; g += I4_GROUP, sc += 4) {
+        __m256 s[4];
+        for (int r = 0; r < 4; ++r) s[r] = _mm256_set1_ps(sc[r]);
+        for (int64_t k = g; k < g + I4_GROUP; k += 8, p += 16) {
+            const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+            const __m128i lo = _mm_sub_epi8(_mm_and_si128(v, m4), eight);
+            const __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), m4), eight);
+            const __m128i r01 = _mm_unpacklo_epi32(lo, hi), r23 = _mm_unpackhi_epi32(lo, hi);
+            __m256 xs[BT];
+            for (int b = 0; b < BT; ++b) xs[b] = _mm256_loadu_ps(x + b * ldx + k);
+            const __m128i rows[4] = {r01, _mm_srli_si128(r01, 8), r23, _mm_srli_si128(r23, 8)};
+            for (int r = 0; r < 4; ++r) {
+                const __m256 w = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(rows[r])), s[r]);
+                for (int b = 0; b < BT; ++b) acc[r][b] = _mm256_fmadd_ps(w, xs[b], acc[r][b]);
+            }
+        }
+    }
+    for (int r = 0; r < 4; ++r)
+        for (int b = 0; b < BT; ++b) y[b * ldy + r] = hsum(acc[r][b]);
+}
+#endif  // RZ_AVX2
+
+// ---- AVX-512F: two tile rows per 512-bit register -------------------------------------------------
+#if defined(RZ_AVX512)
+inline __m512 dup256(__m256 v) { return _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(v))); }
+inline void hsum2(__m512 v, float* lo, float* hi) {
+    *lo = hsum(_mm512_castps512_ps256(v));
+    *hi = hsum(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+// fp32 / int8: a step's 32 weights (rows 0-3, 8 columns) are two registers, rows (0, 1) and (2, 3),
+// against the 8 inputs broadcast to both halves.
+template <int BT, typename WT>
+inline void tile512(const float* x, int64_t ldx, const WT* p, int64_t K, const float* scale, float* y,
+                    int64_t ldy) {
+    __m512 acc[2][BT];
+    for (int h = 0; h < 2; ++h)
+        for (int b = 0; b < BT; ++b) acc[h][b] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 8, p += 32) {
+        const __m512 w0 = load16(p), w1 = load16(p + 16);
+        for (int b = 0; b < BT; ++b) {
+            const __m512 xs = dup256(_mm256_loadu_ps(x + b * ldx + k));
+            acc[0][b] = _mm512_fmadd_ps(w0, xs, acc[0][b]);
+            acc[1][b] = _mm512_fmadd_ps(w1, xs, acc[1][b]);
+        }
+    }
+    for (int b = 0; b < BT; ++b) {
+        float v[4];
+        hsum2(acc[0][b], v, v + 1);
+        hsum2(acc[1][b], v + 2, v + 3);
+        for (int r = 0; r < 4; ++r) y[b * ldy + r] = v[r] * (scale ? scale[r] : 1.0f);
+    }
+}
+
+template <int BT>
+inline void tile512_bf16(const float* x, int64_t ldx, const uint16_t* p, int64_t K, float* y, int64_t ldy) {
+    __m512 acc[2][BT];
+    for (int h = 0; h < 2; ++h)
+        for (int b = 0; b < BT; ++b) acc[h][b] = _mm512_setzero_ps();
+    const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
+    for (int64_t k = 0; k < K; k += 16, p += 64) {
+        __m512 wl[2], wh[2];
+        for (int h = 0; h < 2; ++h) {
+            const __m512i w = _mm512_loadu_si512(p + 32 * h);
+            wl[h] = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+            wh[h] = _mm512_castsi512_ps(_mm512_and_si512(w, high));
+        }
+        for (int b = 0; b < BT; ++b) {
+            const __m512 xl = dup256(_mm256_loadu_ps(x + b * ldx + k)), xh = dup256(_mm256_loadu_ps(x + b * ldx + k + 8));
+            for (int h = 0; h < 2; ++h) {
+                acc[h][b] = _mm512_fmadd_ps(wl[h], xl, acc[h][b]);
+                acc[h][b] = _mm512_fmadd_ps(wh[h], xh, acc[h][b]);
+            }
+        }
+    }
+    for (int b = 0; b < BT; ++b) {
+        float v[4];
+        hsum2(acc[0][b], v, v + 1);
+        hsum2(acc[1][b], v + 2, v + 3);
+        for (int r = 0; r < 4; ++r) y[b * ldy + r] = v[r];
+    }
+}
+#endif  // RZ_AVX512
+
+// ---- AVX-512 VNNI: int8 x int8 -> int32 (vpdpbusd) -----------------------------------------------
+#if defined(RZ_VNNI)
+// xq: rows of prep_row (u8 = q + 128, then the row's fp32 scale), row stride ldq bytes. A step's 32
+// weight bytes are rows 0-3 x 8 columns; vpdpbusd sums 4 adjacent bytes into a 32-bit lane, so lanes
+// (2r, 2r + 1) hold row r against the 8 inputs broadcast as one 64-bit value. The +128 offset is taken
+// back out exactly with 128 * sum(w), accumulated by the same instruction from a constant.
+template <int BT>
+inline void tile_vnni(const uint8_t* xq, int64_t ldq, const int8_t* p, int64_t K, const float* scale, float* y,
                       int64_t ldy) {
+    __m256i acc[BT];
+    for (int b = 0; b < BT; ++b) acc[b] = _mm256_setzero_si256();
+    __m256i wsum = _mm256_setzero_si256();
+    const __m256i c128 = _mm256_set1_epi8((char)0x80);
+    for (int64_t k = 0; k < K; k += 8, p += 32) {
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+        wsum = _mm256_dpbusd_epi32(wsum, c128, w);
+        for (int b = 0; b < BT; ++b) {
+            int64_t xv;
+            memcpy(&xv, xq + b * ldq + k, 8);
+            acc[b] = _mm256_dpbusd_epi32(acc[b], _mm256_set1_epi64x(xv), w);
+        }
+    }
+    alignas(32) int32_t ws[8], a[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(ws), wsum);
+    for (int b = 0; b < BT; ++b) {
+        _mm256_store_si256(reinterpret_cast<__m256i*>(a), acc[b]);
+        float sx;
+        memcpy(&sx, xq + b * ldq + K, 4);
+        for (int r = 0; r < 4; ++r)
+            y[b * ldy + r] = (float)(a[2 * r] + a[2 * r + 1] - ws[2 * r] - ws[2 * r + 1]) * sx * scale[r];
+    }
+}
+#endif  // RZ_VNNI
+
+// ---- AVX-512 BF16: bf16 x bf16 -> fp32 (vdpbf16ps) -----------------------------------------------
+#if defined(RZ_BF16DOT)
+// xq: rows of prep_row (bf16 pairs in the weights' interleave), row stride ldq bytes. vdpbf16ps
+// multiplies the two bf16 halves of each 32-bit lane and adds both products to the fp32 lane: with
+// rows (0, 1) in one register and the 16 inputs of the step broadcast to both halves, one instruction
+// does 32 multiply-adds.
+template <int BT>
+inline void tile_bf16dot(const uint8_t* xq, int64_t ldq, const uint16_t* p, int64_t K, float* y, int64_t ldy) {
+    __m512 acc[2][BT];
+    for (int h = 0; h < 2; ++h)
+        for (int b = 0; b < BT; ++b) acc[h][b] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16, p += 64) {
+        const __m512i w0 = _mm512_loadu_si512(p), w1 = _mm512_loadu_si512(p + 32);
+        for (int b = 0; b < BT; ++b) {
+            const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * ldq + 2 * k));
+            const __m512i xs = _mm512_broadcast_i64x4(xv);
+            acc[0][b] = _mm512_dpbf16_ps(acc[0][b], (__m512bh)w0, (__m512bh)xs);
+            acc[1][b] = _mm512_dpbf16_ps(acc[1][b], (__m512bh)w1, (__m512bh)xs);
+        }
+    }
+    for (int b = 0; b < BT; ++b) {
+        float v[4];
+        hsum2(acc[0][b], v, v + 1);
+        hsum2(acc[1][b], v + 2, v + 3);
+        for (int r = 0; r < 4; ++r) y[b * ldy + r] = v[r];
+    }
+}
+#endif  // RZ_BF16DOT
+
+// ---- one tile against B rows of x ----------------------------------------------------------------
+
+// Calls f(integral_constant<BT>, first row) on groups of rows: groups of BIG while they fit, then at
+// most one group of each smaller power of 2 (BIG is a power of 2).
+template <int BIG, typename F>
+inline void row_groups(int64_t B, F&& f) {
     int64_t b = 0;
-    if constexpr (std::is_same<WT, uint16_t>::value) {
-        for (; b + 2 <= B; b += 2) tile_bf16<2>(x + b * ldx, ldx, p, K, y + b * ldy, ldy);
-        if (b < B) tile_bf16<1>(x + b * ldx, ldx, p, K, y + b * ldy, ldy);
-    } else {
-        for (; b + 3 <= B; b += 3) tile<3>(x + b * ldx, ldx, p, K, s, y + b * ldy, ldy);
-        if (B - b == 2) tile<2>(x + b * ldx, ldx, p, K, s, y + b * ldy, ldy);
-        if (B - b == 1) tile<1>(x + b * ldx, ldx, p, K, s, y + b * ldy, ldy);
+    for (; b + BIG <= B; b += BIG) f(std::integral_constant<int, BIG>(), b);
+    if constexpr (BIG > 1) {
+        if (b < B) row_groups<BIG / 2>(B - b, [&](auto bt, int64_t o) { f(bt, b + o); });
+    }
+}
+
+// Rows of x for one tile `t` of the packed matrix W (kind: F32, BF16, I8, I4). xq: the prepared rows
+// (needs_prep(kind)), with row stride ldq; else null. The tile (4 x K weights) stays in L1/L2 while
+// the groups of rows pass over it. Register budgets: AVX2 has 16 vector registers (fp32/int8 in
+// triples: 12 accumulators + 3 inputs + 1 weight; bf16 and int4 in pairs), AVX-512 has 32.
+inline void tile_rows(int64_t kind, const float* x, int64_t B, int64_t ldx, const uint8_t* xq, int64_t ldq,
+                      const void* W, int64_t t, int64_t K, const float* scale, float* y, int64_t ldy) {
+    const float* s = nullptr;
+    if (kind == I8) s = scale + 4 * t;
+    if (kind == I4) s = scale + t * 4 * (K / I4_GROUP);
+    (void)xq, (void)ldq;
+#if defined(RZ_VNNI)
+    if (kind == I8 && xq) {
+        const int8_t* p = static_cast<const int8_t*>(W) + t * 4 * K;
+        row_groups<8>(B, [&](auto bt, int64_t b) { tile_vnni<decltype(bt)::value>(xq + b * ldq, ldq, p, K, s, y + b * ldy, ldy); });
+        return;
+    }
+#endif
+#if defined(RZ_BF16DOT)
+    if (kind == BF16 && xq) {
+        const uint16_t* p = static_cast<const uint16_t*>(W) + t * 4 * K;
+        row_groups<4>(B, [&](auto bt, int64_t b) { tile_bf16dot<decltype(bt)::value>(xq + b * ldq, ldq, p, K, y + b * ldy, ldy); });
+        return;
+    }
+#endif
+    switch (kind) {
+        case F32:
+        case I8: {
+            auto run = [&](auto wt) {
+                using WT = decltype(wt);
+                const WT* p = static_cast<const WT*>(W) + t * 4 * K;
+#if defined(RZ_AVX512)
+                row_groups<4>(B, [&](auto bt, int64_t b) { tile512<decltype(bt)::value>(x + b * ldx, ldx, p, K, s, y + b * ldy, ldy); });
+#elif defined(RZ_AVX2)
+                int64_t b = 0;
+                for (; b + 3 <= B; b += 3) tile<3>(x + b * ldx, ldx, p, K, s, y + b * ldy, ldy);
+                if (B - b == 2) tile<2>(x + b * ldx, ldx, p, K, s, y + b * ldy, ldy);
+                if (B - b == 1) tile<1>(x + b * ldx, ldx, p, K, s, y + b * ldy, ldy);
+#else
+                row_groups<2>(B, [&](auto bt, int64_t b) { tile_port<decltype(bt)::value>(x + b * ldx, ldx, p, K, s, y + b * ldy, ldy); });
+#endif
+            };
+            if (kind == F32) run(float());
+            else run(int8_t());
+            return;
+        }
+        case BF16: {
+            const uint16_t* p = static_cast<const uint16_t*>(W) + t * 4 * K;
+#if defined(RZ_AVX512)
+            row_groups<2>(B, [&](auto bt, int64_t b) { tile512_bf16<decltype(bt)::value>(x + b * ldx, ldx, p, K, y + b * ldy, ldy); });
+#elif defined(RZ_AVX2)
+            row_groups<2>(B, [&](auto bt, int64_t b) { tile_bf16<decltype(bt)::value>(x + b * ldx, ldx, p, K, y + b * ldy, ldy); });
+#else
+            row_groups<2>(B, [&](auto bt, int64_t b) { tile_bf16_port<decltype(bt)::value>(x + b * ldx, ldx, p, K, y + b * ldy, ldy); });
+#endif
+            return;
+        }
+        default: {
+            const uint8_t* p = static_cast<const uint8_t*>(W) + t * 2 * K;
+#if defined(RZ_AVX2)
+            row_groups<2>(B, [&](auto bt, int64_t b) { tile_i4<decltype(bt)::value>(x + b * ldx, ldx, p, K, s, y + b * ldy, ldy); });
+#else
+            row_groups<2>(B, [&](auto bt, int64_t b) { tile_i4_port<decltype(bt)::value>(x + b * ldx, ldx, p, K, s, y + b * ldy, ldy); });
+#endif
+            return;
+        }
     }
 }
 

@@ -1,0 +1,224 @@
+"""The cpu backend's per-ISA kernel builds: every build this CPU runs against the portable one (GEMV in
+fp32/bf16/int8/int4 and the fused decode step), builds it cannot run compiled without running, the
+``RWKV_ZOO_CPU_ISA`` override (valid, invalid, unsupported), int4 quantization and ``load(weights="int4")``.
+
+Builds that quantize activations (VNNI int8, BF16 dot) are compared with looser tolerances: they round
+the activations on purpose (per-token int8, bf16), so they equal the portable fp32 arithmetic only up
+to that rounding."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from _deps import CXX, missing
+
+import rwkv_zoo
+from rwkv_zoo import inference
+from rwkv_zoo.backends.cpu import fused as cpu_fused
+from rwkv_zoo.backends.cpu import kernels
+from rwkv_zoo.inference import InferenceLinear, prepare_inference
+from rwkv_zoo.state import RWKVState
+
+KINDS = ("fp32", "bf16", "int8", "int4")
+RUNNABLE = kernels.runnable_isas()
+OTHERS = [isa for isa in kernels.ISAS if isa not in RUNNABLE]
+# Relative error allowed against the portable build: summation order only, except where a build
+# rounds the activations (per-token int8 with VNNI: ~1/254 of the row's largest input per element;
+# bf16: 2^-9 relative per element).
+TOL = {"fp32": 1e-5, "bf16": 1e-5, "int8": 1e-5, "int4": 1e-5}
+LOSSY = {("avx512_vnni", "int8"): 3e-2, ("avx512_bf16", "int8"): 3e-2, ("avx512_bf16", "bf16"): 1e-2}
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    """Build every runnable variant's GEMV and decode libraries at once (compilers run in parallel)."""
+    if kernels._static_reason() is not None:
+        missing(kernels._static_reason(), CXX)
+    loads = [fn for isa in RUNNABLE for fn in (lambda i=isa: kernels._load(i), lambda i=isa: kernels.load_decode(i))]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        for lib, why in pool.map(lambda f: f(), loads):
+            assert lib is not None, why
+
+
+def test_every_runnable_build_reports_its_isa():
+    assert RUNNABLE[0] == "portable"
+    for isa in RUNNABLE:
+        assert kernels._load(isa)[0].rz_isa().decode() == isa
+        assert kernels.load_decode(isa)[0].rz_decode_isa().decode() == isa
+    print(f"runnable here: {RUNNABLE}; compiled only: {OTHERS}")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gemv_variants_match_portable(kind):
+    g = torch.Generator().manual_seed(0)
+    for N, K, M in ((37, 128, 1), (8, 64, 5), (20, 192, 13)):
+        w = torch.randn(N, K, generator=g)
+        lin = InferenceLinear(w, kind)
+        assert lin.packed
+        x = torch.randn(M, K, generator=g)
+        exact = x @ lin.dequantized().t()
+        ref = kernels.gemv(x, lin.qweight, N, lin.scale, isa="portable")
+        assert _rel(ref, exact) < 1e-5, (kind, N, K, M)
+        for isa in RUNNABLE[1:]:
+            y = kernels.gemv(x, lin.qweight, N, lin.scale, isa=isa)
+            assert y.shape == (M, N)
+            assert _rel(y, ref) < LOSSY.get((isa, kind), TOL[kind]), (isa, kind, N, K, M)
+
+
+def _mixed_model():
+    """A v7 + v4 hybrid whose projections use every weight format: int4 in the time-mix of both
+    layers, int8 in the channel-mix, bf16 in the v7 output and the v4 receptance, fp32 elsewhere."""
+    model = rwkv_zoo.randomize_(rwkv_zoo.build("v6", layers="v7,v4", n_layer=2, n_embd=64, vocab_size=250,
+                                               head_size=16), seed=2).eval()
+    model = prepare_inference(model, "int4")
+    for block in model.blocks:
+        for name in ("key", "value"):
+            setattr(block.ffn, name, InferenceLinear(getattr(block.ffn, name).dequantized(), "int8"))
+    model.blocks[0].att.output = InferenceLinear(model.blocks[0].att.output.dequantized(), "bf16")
+    model.blocks[1].att.receptance = InferenceLinear(model.blocks[1].att.receptance.dequantized(), "bf16")
+    model.head = InferenceLinear(model.head.dequantized(), "fp32")
+    return model
+
+
+def test_decode_step_variants_match_portable():
+    model = _mixed_model()
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, 250, (2, 6), generator=g)
+    tok = torch.randint(0, 250, (2, 1), generator=g)
+    kinds, why = cpu_fused._kinds(model)
+    assert not why and [k for k, _ in kinds] == ["v7", "v4"]
+    outs = {}
+    for isa in RUNNABLE:
+        step = cpu_fused.FusedDecode(model, kinds, kernels.load_decode(isa)[0])
+        with torch.no_grad():
+            state = model.zero_state(2, wkv=False)
+            pre, layers = step(model.emb(prompt), state, True, 1)
+            dec, _ = step(model.emb(tok), RWKVState(layers, state.identity), False, 1)
+        outs[isa] = torch.cat([pre, dec], 1)
+    with torch.no_grad():  # the portable build equals the modules (torch on the dequantized weights)
+        model.fused_step = False
+        ref, st = model(prompt, logits_to_keep=1)
+        ref2, _ = model(tok, st)
+    assert _rel(outs["portable"], torch.cat([ref, ref2], 1)) < 1e-4
+    for isa in RUNNABLE[1:]:
+        lossy = max(v for (i, _), v in LOSSY.items() if i == isa) if isa in ("avx512_vnni", "avx512_bf16") else 1e-4
+        assert _rel(outs[isa], outs["portable"]) < lossy, isa
+
+
+def test_builds_this_cpu_cannot_run_still_compile():
+    """A variant that cannot run here is compiled (to an object file, at -O0: the instruction-set checks
+    of the intrinsics still apply), so a syntax or target error in its code cannot hide."""
+    with tempfile.TemporaryDirectory() as tmp, concurrent.futures.ThreadPoolExecutor(3) as pool:
+        list(pool.map(lambda isa: kernels.compile_check("cpu_gemv", isa, Path(tmp)), OTHERS))
+        assert len(list(Path(tmp).glob("*.o"))) == len(OTHERS)
+
+
+def test_compile_check_reports_errors(tmp_path, monkeypatch):
+    monkeypatch.setattr(kernels, "_compiler", lambda: "/bin/false")
+    with pytest.raises(RuntimeError, match="failed to compile cpu_gemv.cpp for avx512"):
+        kernels.compile_check("cpu_gemv", "avx512", tmp_path)
+
+
+def test_isa_selection_and_override():
+    avx2 = frozenset({"avx2", "fma"})
+    full = frozenset({*avx2, "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16"})
+    if kernels._is_x86():
+        assert kernels.select_isa("", avx2) == ("avx2", "the best this CPU runs")
+        assert kernels.select_isa("auto", full)[0] == "avx512_bf16"
+        assert kernels.select_isa(None, frozenset({*avx2, "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}))[0] \
+            == "avx512_vnni"
+        assert kernels.select_isa("AVX2", full) == ("avx2", "forced by RWKV_ZOO_CPU_ISA")
+        with pytest.raises(kernels.IsaError, match=r"avx512_vnni asks for .* this CPU lacks avx512f, avx512bw, "
+                                                   r"avx512vl, avx512_vnni \(it runs: portable, avx2\)"):
+            kernels.select_isa("avx512_vnni", avx2)
+    assert kernels.select_isa("portable", frozenset()) == ("portable", "forced by RWKV_ZOO_CPU_ISA")
+    with pytest.raises(kernels.IsaError, match="RWKV_ZOO_CPU_ISA='sse9' is not an instruction set"):
+        kernels.select_isa("sse9", avx2)
+
+
+@pytest.mark.parametrize("value", ["portable", "sse9", "avx512_bf16"])
+def test_override_env_var(monkeypatch, value):
+    if value == "avx512_bf16":  # a CPU without it (this one may have it)
+        monkeypatch.setattr(kernels, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    caches = (kernels._load, kernels.load_wkv, kernels.load_decode, kernels.load_wkv_train)
+    monkeypatch.setenv("RWKV_ZOO_CPU_ISA", value)
+    for c in caches:
+        c.cache_clear()
+    try:
+        if value == "portable":
+            assert kernels.unavailable_reason() is None and kernels.isa() == "portable"
+            assert kernels.describe_isa().startswith("portable (plain C++ loops")
+            lin = InferenceLinear(torch.randn(12, 64), "int4")
+            x = torch.randn(3, 64)
+            torch.testing.assert_close(lin(x), x @ lin.dequantized().t(), rtol=1e-5, atol=1e-5)
+        else:
+            why = kernels.unavailable_reason()
+            assert why and why.startswith("RWKV_ZOO_CPU_ISA=") and value in why and kernels.isa() is None
+            assert kernels.load_decode()[0] is None and kernels.load_wkv()[1] == why
+            assert kernels.describe_isa() == f"none: {why}"
+            lin = InferenceLinear(torch.randn(12, 64), "int8")  # the layers fall back to torch
+            x = torch.randn(3, 64)
+            torch.testing.assert_close(lin(x), x @ lin.dequantized().t())
+    finally:
+        monkeypatch.delenv("RWKV_ZOO_CPU_ISA")
+        for c in caches:
+            c.cache_clear()
+
+
+def test_int4_round_trip():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(10, 200, generator=g) * torch.rand(10, 1, generator=g)  # K = 200: a partial last group
+    q, s = inference.quantize_int4(w)
+    assert q.dtype == torch.int8 and q.shape == (10, 200) and s.shape == (10, 4)
+    assert int(q.min()) >= -8 and int(q.max()) <= 7
+    deq = inference.dequantize_int4(q, s)
+    wp = torch.cat([w, w.new_zeros(10, 56)], 1).reshape(10, 4, 64)
+    bound = wp.abs().amax(-1).repeat_interleave(64, 1)[:, :200] / 8  # one step, max|w| / 8 per group
+    assert bool(((deq - w).abs() <= bound * (1 + 1e-6)).all())
+    assert float((deq - w).abs().mean() / w.abs().mean()) < 0.12
+    # packing: exact round trip, rows padded to a tile (N = 10 -> 12)
+    q2, s2 = inference.quantize_int4(w[:, :192])
+    packed, scales = kernels.pack_int4(q2, s2)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 24, 4, 4) and scales.shape == (3, 3, 4)
+    uq, us = kernels.unpack_int4(packed, scales, 10)
+    assert torch.equal(uq, q2) and torch.equal(us, s2)
+    # an unpackable width (K % 64 != 0) keeps codes and scales and multiplies through torch
+    lin = InferenceLinear(w, "int4")
+    assert not lin.packed and lin.qweight.dtype == torch.int8
+    x = torch.randn(2, 200, generator=g)
+    torch.testing.assert_close(lin(x), x @ deq.t())
+
+
+def test_load_int4_generates(tmp_path):
+    path = tmp_path / "m.pth"
+    base = rwkv_zoo.randomize_(rwkv_zoo.build("v7-tiny"), seed=4).eval()
+    rwkv_zoo.save(base, path)
+    model = rwkv_zoo.load(path, weights="int4")
+    assert model.inference_weights == "int4" and model.head.kind == "int4"
+    assert model.blocks[0].att.key.qweight.dtype == torch.uint8 and model.blocks[0].att.key.packed
+    assert "'cpu-fused'" in rwkv_zoo.explain(model, (1, 1)).execution  # the fused step runs int4
+    out = rwkv_zoo.generate(model, [1, 2, 3], max_new_tokens=5, temperature=0)
+    assert len(out.tokens) == 5
+    prompt = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
+    with torch.no_grad():
+        ref, _ = base(prompt)
+        got, _ = model(prompt)
+    kl = torch.nn.functional.kl_div(torch.log_softmax(got, -1), torch.log_softmax(ref, -1), log_target=True,
+                                    reduction="none").sum(-1).mean()
+    assert float(kl) < 5e-2
+
+
+def test_cli_accepts_int4():
+    from rwkv_zoo.cli import make_parser
+
+    parser = make_parser()
+    for args in (["generate", "--prompt", "hi"], ["chat"], ["eval", "--text", "f.txt"], ["score", "--text", "f.txt"]):
+        assert parser.parse_args([*args, "v7-tiny", "--weights", "int4"]).weights == "int4"
