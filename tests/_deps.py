@@ -21,7 +21,7 @@ CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no", "o
 TEST_EXTRA = "pip install -e '.[test]' in .ci/run"
 EXAMPLE_PLUGIN = "pip install -e examples/third_party_backend in .ci/run"
 CORE = "pip install -e . in .ci/run (a dependency of rwkv-zoo itself)"
-CXX = "the CI machine's g++ (and an AVX2 CPU for the CPU kernels)"
+CXX = "the CI machine's g++ (the CPU kernels have a portable build for any CPU)"
 NVCC = "the CI machine's CUDA toolkit (nvcc and its headers)"
 
 
