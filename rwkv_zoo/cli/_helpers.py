@@ -16,8 +16,8 @@ from rwkv_zoo.errors import UsageError, parse_device, parse_dtype
 from rwkv_zoo.formatting import human_count, table
 
 __all__ = [
-    "DTYPES", "WEIGHTS", "UsageError", "add_weights_arg", "device_arg", "dtype_arg", "error", "human_count",
-    "load_model", "pick_tokenizer", "read_names_the_same_way", "table",
+    "DTYPES", "WEIGHTS", "UsageError", "add_weights_arg", "command_tokenizer", "device_arg", "dtype_arg", "error",
+    "human_count", "load_model", "pick_tokenizer", "read_names_the_same_way", "table",
 ]
 
 # The short names, for help texts. Every --dtype flag accepts every name rwkv_zoo.errors.parse_dtype
@@ -126,3 +126,15 @@ def add_weights_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", choices=WEIGHTS,
                    help="prepare for inference with the projection weights in this format (activations and "
                         "state stay fp32; default: the weights as loaded)")
+
+
+def command_tokenizer(model, name: str | None):
+    """The tokenizer named on the command line, else the one ``generate`` takes in Python for this model."""
+    from rwkv_zoo.tokenizers import TokenizerError, default_tokenizer
+
+    if name:
+        return pick_tokenizer(model, name)
+    try:
+        return default_tokenizer(model.config.vocab_size)
+    except TokenizerError as exc:
+        raise UsageError(str(exc)) from exc

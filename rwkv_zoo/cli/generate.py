@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 
-from rwkv_zoo.cli._helpers import DTYPES, UsageError, add_weights_arg, load_model, pick_tokenizer
+from rwkv_zoo.cli._helpers import DTYPES, UsageError, add_weights_arg, command_tokenizer, load_model
 from rwkv_zoo.data.sft import chat_prompt
 
 CHAT_COMMANDS = (
@@ -39,18 +39,6 @@ _CONTROL_ESCAPES = {
 
 def _for_terminal(text: str) -> str:
     return text.translate(_CONTROL_ESCAPES)
-
-
-def _tokenizer(model, name: str | None):
-    """The tokenizer named on the command line, else the one ``generate`` takes in Python for this model."""
-    from rwkv_zoo.tokenizers import TokenizerError, default_tokenizer
-
-    if name:
-        return pick_tokenizer(model, name)
-    try:
-        return default_tokenizer(model.config.vocab_size)
-    except TokenizerError as exc:
-        raise UsageError(str(exc)) from exc
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict:
@@ -120,7 +108,7 @@ def _save_state(state, path: str) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     model = load_model(args.model, dtype=args.dtype, device=args.device, seed=args.seed or 0, weights=args.weights)
-    tokenizer = _tokenizer(model, args.tokenizer)
+    tokenizer = command_tokenizer(model, args.tokenizer)
     prompt = args.prompt.encode().decode("unicode_escape") if args.escapes else args.prompt
     state = _load_state(args.load_state, model, 1) if args.load_state else None
     t0 = time.perf_counter()
@@ -149,7 +137,7 @@ class _Chat:
         self.args, self.out = args, out
         self.model = load_model(args.model, dtype=args.dtype, device=args.device, seed=args.seed or 0,
                                 weights=args.weights)
-        self.tokenizer = _tokenizer(self.model, args.tokenizer)
+        self.tokenizer = command_tokenizer(self.model, args.tokenizer)
         self.kwargs = _sampling_kwargs(args)
         self.kwargs["stop"] = [*self.kwargs["stop"], "\n\n"]
         # Generation options are checked now rather than at the first turn, which would end the chat.
@@ -264,7 +252,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rwkv_zoo.generation import score
 
     model = load_model(args.model, dtype=args.dtype, device=args.device, weights=args.weights)
-    tokenizer = _tokenizer(model, args.tokenizer)
+    tokenizer = command_tokenizer(model, args.tokenizer)
     with open(args.text, encoding="utf-8") as f:
         text = f.read()
     t0 = time.perf_counter()

@@ -15,18 +15,7 @@ import os
 import socket
 import sys
 
-from rwkv_zoo.cli._helpers import DTYPES, UsageError, add_weights_arg, load_model, pick_tokenizer
-
-
-def _tokenizer(model, name: str | None):
-    from rwkv_zoo.tokenizers import TokenizerError, default_tokenizer
-
-    if name:
-        return pick_tokenizer(model, name)
-    try:
-        return default_tokenizer(model.config.vocab_size)
-    except TokenizerError as exc:
-        raise UsageError(str(exc)) from exc
+from rwkv_zoo.cli._helpers import DTYPES, UsageError, add_weights_arg, command_tokenizer, load_model
 
 
 def _is_loopback(host: str) -> bool:
@@ -59,7 +48,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"warning: listening on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
     model = load_model(args.model, dtype=args.dtype, device=args.device, seed=args.seed, weights=args.weights)
-    tokenizer = _tokenizer(model, args.tokenizer)
+    tokenizer = command_tokenizer(model, args.tokenizer)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, chunk_len=args.chunk_len,
                     cache_bytes=args.cache_mb << 20, batching=args.batching)
     name = args.served_model_name or os.path.basename(args.model.rstrip("/\\"))
