@@ -179,7 +179,7 @@ def llamacpp(path: str, prefill: int, decode: int, threads: int) -> dict:
     llm = llama_cpp.Llama(model_path=path, n_ctx=max(prefill, 16 + decode) + 64, n_batch=max(prefill, 16),
                           n_ubatch=max(prefill, 16), n_threads=threads, n_threads_batch=threads, verbose=False)
     out: dict = {"impl": "llama.cpp", "weights": _gguf_file_type(path), "load_s": time.perf_counter() - t0,
-                 "weight_bytes": _gguf_step_bytes(path)}
+                 "weight_bytes": _gguf_step_bytes(path), "file": os.path.basename(path)}
     V = llm.n_vocab()
     g = torch.Generator().manual_seed(0)
 
@@ -428,6 +428,8 @@ def _print_table(rows, mach, batches, kls, args) -> None:
     for r in rows:
         if r.get("step"):
             print(f"rwkv_zoo {r['weights']}: {r['step']}")
+        if r.get("file"):  # two GGUFs may share a file type (a Q4_0 and a pure Q4_0)
+            print(f"llama.cpp {r['weights']}: {r['file']}")
     for w, v in kls.items():
         print(f"mean KL(fp32 || {w}) of next-token distributions: prefill {v['prefill']:.2e}, "
               f"decode {v['decode']:.2e}")

@@ -320,13 +320,13 @@ def write_gguf(tensors: Mapping[str, Tensor], path: str | Path, *, file_type: st
     file_type = file_type_of(file_type)
     if pure and file_type not in QUANTIZE_TYPES:
         raise CheckpointError(f"a pure GGUF is a quantizer's option ({', '.join(QUANTIZE_TYPES)}), not {file_type}'s")
+    llama_cpp = _llama_cpp(file_type) if needs_llama_cpp(file_type, pure) else None
     arch, out = gguf_tensors(tensors, version)
     path = Path(path)
     name = name or path.stem
-    if file_type in CONVERTER_TYPES or (pure and file_type == "q4_0"):
+    if llama_cpp is None:
         with atomic_path(path, suffix=".gguf") as tmp:
             return _write_file(tmp, arch, tensors, out, file_type, name)
-    llama_cpp = _llama_cpp(file_type)
     import tempfile
 
     import gguf
@@ -359,6 +359,17 @@ def _write_file(tmp: str, arch: str, tensors: Mapping[str, Tensor], out: Mapping
     w.write_tensors_to_file()
     w.close()
     return types
+
+
+def needs_llama_cpp(file_type: str, pure: bool = False) -> bool:
+    """Whether a ``file_type`` (``pure``) file is made by llama.cpp's quantizer (llama-cpp-python)."""
+    return file_type in QUANTIZE_TYPES and not (pure and file_type == "q4_0")
+
+
+def check_quantizer(file_type: str, pure: bool = False) -> None:
+    """Raise the one-line error ``write_gguf`` would, before any weights are read."""
+    if needs_llama_cpp(file_type, pure):
+        _llama_cpp(file_type)
 
 
 def _llama_cpp(file_type: str):

@@ -121,6 +121,10 @@ def _convert_gguf(args: argparse.Namespace, dst: Path, fmt) -> int:
         file_type = as_type
     if args.gguf_pure and file_type not in ("q4_0", "q4_k_m"):
         raise UsageError("--gguf-pure is llama-quantize's --pure: it goes with --gguf-type q4_0 or q4_k_m")
+    if file_type in ("q4_0", "q4_k_m"):
+        from rwkv_zoo.plugins.formats.gguf_format import check_quantizer
+
+        check_quantizer(file_type, args.gguf_pure)  # before reading the weights
     check_save_target(dst)
     model = rwkv_zoo.load(args.src)
     if model.version not in ("v6", "v7"):
