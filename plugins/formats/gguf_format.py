@@ -57,6 +57,14 @@ Tensor types, as the converter picks them: 1-D tensors, norms, ``time_mix_first`
 matrix (embedding and head included) takes the file type: F32, F16, BF16 or Q8_0. A matrix whose rows
 are not a multiple of Q8_0's 32-value block falls back to F16, as the converter does.
 
+4-bit files (``q4_0``, ``q4_k_m``): llama.cpp's converter writes none; its users run ``llama-quantize``
+on the F32 file, which picks each tensor's type itself (head Q6_K, LoRAs and mixes untouched, per-shape
+fallbacks) in ways that change between versions. So this writer writes the F32 file and runs that
+quantizer (``llama_model_quantize`` through llama-cpp-python) rather than imitating it. ``pure`` is
+``llama-quantize --pure``; a pure Q4_0 needs no llama.cpp: ``tensor_type`` follows the quantizer's
+rules (``quantizer_keeps``, from ``llama-quant.cpp``) and gguf's numpy Q4_0 is bit-identical to
+``quantize_row_q4_0_ref``.
+
 Metadata: ``general.architecture``, ``general.type``, ``general.name``, ``general.file_type``,
 ``general.quantization_version``; ``{arch}.context_length`` (1048576: RWKV has no context limit),
 ``embedding_length``, ``block_count``, ``feed_forward_length``, ``attention.head_count`` (0: llama.cpp
