@@ -360,7 +360,10 @@ def _write_file(tmp: str, arch: str, tensors: Mapping[str, Tensor], out: Mapping
     for key, t in out.items():
         data = t.detach().to(torch.float32).contiguous().numpy()
         qtype = tensor_type(key, data.shape, file_type)
-        w.add_tensor(key, quants.quantize(data, qtype), raw_dtype=qtype)
+        try:
+            w.add_tensor(key, quants.quantize(data, qtype), raw_dtype=qtype)
+        except NotImplementedError:  # older gguf releases quantize BF16 and Q8_0 only
+            raise CheckpointError(f"this gguf package cannot write {qtype.name}: pip install -U gguf") from None
         types[key] = qtype.name
     w.write_header_to_file()
     w.write_kv_data_to_file()
