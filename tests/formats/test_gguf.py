@@ -26,6 +26,7 @@ ALWAYS_F32 = ("time_mix_first", "time_mix_w1", "time_mix_w2", "time_mix_decay_w1
               "time_mix_lerp_fused")
 
 
+@functools.cache  # the tests only read the models; building one is most of a test's time
 def tiny(version, seed=1):
     return rwkv_zoo.randomize_(rwkv_zoo.build(version, size="tiny"), seed=seed).eval()
 
@@ -270,7 +271,7 @@ def assert_q4_0_close(values, w, name):
 
 
 def test_pure_q4_0_read_back_without_llama_cpp(tmp_path, capsys, monkeypatch):
-    model = tiny("v7", seed=3)
+    model = tiny("v7")
     rwkv_zoo.save(model, tmp_path / "m.safetensors")
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # the pure Q4_0 file must not need llama.cpp
     assert main(["convert", str(tmp_path / "m.safetensors"), str(tmp_path / "m.gguf"), "--gguf-type", "q4_0",
