@@ -13,9 +13,10 @@ and the memory read bandwidth) and reports each result against the floor it impl
 Prefill runs one forward of ``--prefill`` tokens from the empty state and keeps the last logits (what
 the package's ``forward`` returns); decode feeds the argmax token back for ``--decode`` steps after a
 warm-up, at each ``--batch``. ``--kl`` adds the mean KL divergence of each weight format's next-token
-distribution from fp32 (bf16, int8, int4) over a prompt and its continuation. The CPU kernels' instruction
-set (``RWKV_ZOO_CPU_ISA``, inherited by the workers) is named in the header. Times are medians; ratios are only
-meaningful within one run (shared machines drift).
+distribution from fp32 (bf16, int8, int4) over a prompt and its continuation, and of llama.cpp's on each
+``--compare-llamacpp`` GGUF (e.g. Q4_0) over the same tokens, against the same fp32 reference. The CPU
+kernels' instruction set (``RWKV_ZOO_CPU_ISA``, inherited by the workers) is named in the header. Times
+are medians; ratios are only meaningful within one run (shared machines drift).
 
 This module measures and reports; ``rwkv_zoo.cli.bench`` turns the command's flags into ``report``'s
 arguments. ``python -m rwkv_zoo.bench KIND JSON`` is the worker entry point.
@@ -178,7 +179,7 @@ def llamacpp(path: str, prefill: int, decode: int, threads: int) -> dict:
     llm = llama_cpp.Llama(model_path=path, n_ctx=max(prefill, 16 + decode) + 64, n_batch=max(prefill, 16),
                           n_ubatch=max(prefill, 16), n_threads=threads, n_threads_batch=threads, verbose=False)
     out: dict = {"impl": "llama.cpp", "weights": _gguf_file_type(path), "load_s": time.perf_counter() - t0,
-                 "weight_bytes": _gguf_step_bytes(path)}
+                 "weight_bytes": _gguf_step_bytes(path), "file": os.path.basename(path)}
     V = llm.n_vocab()
     g = torch.Generator().manual_seed(0)
 
@@ -231,8 +232,10 @@ def _gguf_step_bytes(path: str) -> int:
     return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors if t.name != "token_embd.weight")
 
 
-def kl(spec: str, weights: list[str], tokens: int, threads: int) -> dict:
-    """Mean KL(fp32 || weights) of the next-token distributions over a prompt and its greedy continuation."""
+def kl(spec: str, weights: list[str], tokens: int, threads: int, gguf: list[str] = ()) -> dict:
+    """Mean KL(fp32 || weights) of the next-token distributions over a prompt and its greedy continuation;
+    each of ``gguf`` (llama.cpp through llama-cpp-python) is measured against the same fp32 reference on
+    the same tokens, keyed ``"llama.cpp TYPE (file name)"``."""
     from rwkv_zoo.inference import prepare_inference
 
     torch.set_num_threads(threads)
@@ -251,6 +254,9 @@ def kl(spec: str, weights: list[str], tokens: int, threads: int) -> dict:
                 steps.append(lo)
         return torch.log_softmax(full[0].float(), -1), torch.log_softmax(torch.cat(steps, 1)[0].float(), -1)
 
+    def divergence(ref, other) -> float:
+        return (ref.exp() * (ref - other)).sum(-1).mean().item()
+
     ref_full, ref_step = run(prepare_inference(base, "fp32"))
     out = {}
     for w in weights:
@@ -258,11 +264,35 @@ def kl(spec: str, weights: list[str], tokens: int, threads: int) -> dict:
             continue
         model = prepare_inference(load_model(spec), w)
         full, step = run(model)
-        kl_full = (ref_full.exp() * (ref_full - full)).sum(-1).mean().item()
-        kl_step = (ref_step.exp() * (ref_step - step)).sum(-1).mean().item()
-        out[w] = {"prefill": kl_full, "decode": kl_step}
+        out[w] = {"prefill": divergence(ref_full, full), "decode": divergence(ref_step, step)}
         del model
+    for path in gguf:
+        full, step = _llamacpp_logprobs(path, prompt[0].tolist(), V, threads)
+        out[f"llama.cpp {_gguf_file_type(path)} ({os.path.basename(path)})"] = {
+            "prefill": divergence(ref_full, full), "decode": divergence(ref_step, step)}
     return out
+
+
+def _llamacpp_logprobs(path: str, tokens: list[int], vocab: int, threads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """llama.cpp's next-token log-probabilities [T, V] at every position of ``tokens``: the prompt in one
+    evaluation, then one token at a time from an empty state (as ``kl`` runs ours)."""
+    import llama_cpp
+    import numpy as np
+
+    T = len(tokens)
+    # logits_all: llama-cpp-python copies every position's logits into llm.scores (row i = after token i)
+    llm = llama_cpp.Llama(model_path=path, n_ctx=T + 16, n_batch=T, n_ubatch=T, logits_all=True, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
+    if llm.n_vocab() != vocab:
+        raise ValueError(f"{path}: llama.cpp's vocabulary is {llm.n_vocab()} tokens, the model's {vocab}; "
+                         f"convert the GGUF from the benchmarked checkpoint")
+    llm.eval(tokens)
+    full = np.array(llm.scores[:T], dtype=np.float32)
+    llm.reset()  # the next eval removes the sequence: the recurrent state starts empty
+    for t in tokens:
+        llm.eval([t])
+    step = np.array(llm.scores[:T], dtype=np.float32)
+    return (torch.log_softmax(torch.from_numpy(full), -1), torch.log_softmax(torch.from_numpy(step), -1))
 
 
 def machine(C: int, F: int, threads: int) -> dict:
@@ -341,8 +371,8 @@ def report(args: BenchOptions, spec: str, weights: list[str], batches: list[int]
         for i, (kind, kwargs) in enumerate(jobs):
             runs[i].append(_run_worker(kind, kwargs, 3600))
     rows = [_merge(r) for r in runs]
-    kls = _run_worker("kl", {"spec": spec, "weights": weights, "tokens": 64, "threads": args.threads}, 3600) \
-        if args.kl else {}
+    kls = _run_worker("kl", {"spec": spec, "weights": weights, "tokens": 64, "threads": args.threads,
+                             "gguf": list(args.compare_llamacpp)}, 3600) if args.kl else {}
     _print_table(rows, mach, batches, kls, args)
     if args.json:
         with open(args.json, "w") as f:
@@ -398,6 +428,8 @@ def _print_table(rows, mach, batches, kls, args) -> None:
     for r in rows:
         if r.get("step"):
             print(f"rwkv_zoo {r['weights']}: {r['step']}")
+        if r.get("file"):  # two GGUFs may share a file type (a Q4_0 and a pure Q4_0)
+            print(f"llama.cpp {r['weights']}: {r['file']}")
     for w, v in kls.items():
         print(f"mean KL(fp32 || {w}) of next-token distributions: prefill {v['prefill']:.2e}, "
               f"decode {v['decode']:.2e}")

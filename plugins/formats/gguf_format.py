@@ -57,6 +57,14 @@ Tensor types, as the converter picks them: 1-D tensors, norms, ``time_mix_first`
 matrix (embedding and head included) takes the file type: F32, F16, BF16 or Q8_0. A matrix whose rows
 are not a multiple of Q8_0's 32-value block falls back to F16, as the converter does.
 
+4-bit files (``q4_0``, ``q4_k_m``): llama.cpp's converter writes none; its users run ``llama-quantize``
+on the F32 file, which picks each tensor's type itself (head Q6_K, LoRAs and mixes untouched, per-shape
+fallbacks) in ways that change between versions. So this writer writes the F32 file and runs that
+quantizer (``llama_model_quantize`` through llama-cpp-python) rather than imitating it. ``pure`` is
+``llama-quantize --pure``; a pure Q4_0 needs no llama.cpp: ``tensor_type`` follows the quantizer's
+rules (``quantizer_keeps``, from ``llama-quant.cpp``) and gguf's numpy Q4_0 is bit-identical to
+``quantize_row_q4_0_ref``.
+
 Metadata: ``general.architecture``, ``general.type``, ``general.name``, ``general.file_type``,
 ``general.quantization_version``; ``{arch}.context_length`` (1048576: RWKV has no context limit),
 ``embedding_length``, ``block_count``, ``feed_forward_length``, ``attention.head_count`` (0: llama.cpp
@@ -93,8 +101,11 @@ from rwkv_zoo.checkpoint import Checkpoint, CheckpointError, CheckpointFormat, i
 from rwkv_zoo.fileio import atomic_path
 
 ARCH = {"v6": "rwkv6", "v7": "rwkv7"}
-FILE_TYPES = ("f32", "f16", "bf16", "q8_0")
+CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")  # what llama.cpp's convert_hf_to_gguf.py writes
+QUANTIZE_TYPES = ("q4_0", "q4_k_m")  # what llama.cpp's llama-quantize makes from an F32 GGUF
+FILE_TYPES = CONVERTER_TYPES + QUANTIZE_TYPES
 TYPE_KEY = "gguf_file_type"  # in ``write``'s metadata: which file type to write (else from the dtype)
+PURE_KEY = "gguf_pure"  # in ``write``'s metadata: "1" for llama-quantize's --pure
 CONTEXT_LENGTH = 1048576
 EOT_TOKEN = 261  # "\n\n" in the World vocabulary
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
@@ -103,10 +114,11 @@ _V7_LERPS = "rwkvag"
 
 
 def file_type_of(name: str) -> str:
-    """``f32``/``f16``/``bf16``/``q8_0`` from what a user types (torch dtype names included)."""
+    """``f32``/``f16``/``bf16``/``q8_0``/``q4_0``/``q4_k_m`` from what a user types (torch dtype names included)."""
     key = name.strip().lower().replace("-", "_").removeprefix("torch.")
     aliases = {"fp32": "f32", "float32": "f32", "float": "f32", "fp16": "f16", "float16": "f16",
-               "half": "f16", "bfloat16": "bf16", "q8": "q8_0", "int8": "q8_0"}
+               "half": "f16", "bfloat16": "bf16", "q8": "q8_0", "int8": "q8_0", "q4": "q4_0",
+               "q4_k": "q4_k_m"}
     key = aliases.get(key, key)
     if key not in FILE_TYPES:
         raise CheckpointError(f"GGUF file type {name!r} is not one of {', '.join(FILE_TYPES)}")
@@ -185,10 +197,30 @@ _ALWAYS_F32 = re.compile(r"\.(time_mix_first|time_mix_w1|time_mix_w2|time_mix_de
                          r"|time_mix_lerp_fused)\.weight$")
 
 
+# What llama.cpp's quantizer (llama-quant.cpp, tensor_allows_quantization) leaves as it is in the file it
+# quantizes, besides 1-D tensors and norms: every RWKV LoRA, the decay/value/iclr biases, the mixes.
+_QUANTIZER_KEEPS = re.compile(r"\.time_mix_(first|w0|w1|w2|v0|v1|v2|a0|a1|a2|g1|g2|decay_w1|decay_w2|lerp_fused)"
+                              r"\.weight$")
+
+
+def quantizer_keeps(name: str, shape: tuple[int, ...]) -> bool:
+    """Whether llama.cpp's quantizer copies tensor ``name`` unchanged (F32 in a file made from F32)."""
+    return (len(shape) < 2 or not name.endswith("weight") or name.endswith("_norm.weight")
+            or bool(_QUANTIZER_KEEPS.search(name)))
+
+
 def tensor_type(name: str, shape: tuple[int, ...], file_type: str):
-    """The GGML type llama.cpp's converter gives tensor ``name`` of ``shape`` in a ``file_type`` file."""
+    """The GGML type ``name`` of ``shape`` gets in a ``file_type`` file: llama.cpp's converter's choice for
+    f32/f16/bf16/q8_0; for q4_0, ``llama-quantize --pure``'s (every tensor it quantizes Q4_0, F16 where
+    rows do not split into 32-value blocks). Mixed files (plain q4_0, q4_k_m) are llama.cpp's to choose."""
     from gguf import GGMLQuantizationType as Q
 
+    if file_type == "q4_0":
+        if quantizer_keeps(name, shape):
+            return Q.F32
+        return Q.F16 if shape[-1] % 32 else Q.Q4_0
+    if file_type not in CONVERTER_TYPES:
+        raise CheckpointError(f"GGUF {file_type} tensor types are chosen by llama.cpp's quantizer")
     if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight") or _ALWAYS_F32.search(name):
         return Q.F32
     if file_type == "q8_0" and shape[-1] % 32:
@@ -260,7 +292,8 @@ def _metadata(w, arch: str, t: Mapping[str, Tensor], out: Mapping[str, Tensor], 
         w.add_value_residual_mix_lora_rank(out[f"blk.{v_layer}.time_mix_v1.weight"].shape[0])
         w.add_gate_lora_rank(t["blocks.0.att.g1"].shape[1])
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-             "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[file_type]
+             "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+             "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[file_type]
     w.add_file_type(int(ftype))
     tokens, types = _tokens(V)
     w.add_tokenizer_model("rwkv")
@@ -275,39 +308,118 @@ def _metadata(w, arch: str, t: Mapping[str, Tensor], out: Mapping[str, Tensor], 
 
 
 def write_gguf(tensors: Mapping[str, Tensor], path: str | Path, *, file_type: str = "f32",
-               version: str | None = None, name: str | None = None) -> dict[str, str]:
+               version: str | None = None, name: str | None = None, pure: bool = False) -> dict[str, str]:
     """Write official ``tensors`` (un-rescaled) as a llama.cpp GGUF file; returns ``{gguf name: type}``.
+
+    f32/f16/bf16/q8_0 are what llama.cpp's converter writes. q4_0 and q4_k_m are what ``llama-quantize``
+    makes from the F32 file: this writes that F32 file to a temporary folder next to ``path`` and runs
+    llama.cpp's own quantizer on it through llama-cpp-python, so its per-tensor choices (output in Q6_K,
+    LoRAs kept F32, fallbacks) are llama.cpp's of the installed version. ``pure=True`` with q4_0 is
+    ``llama-quantize --pure``: every tensor it quantizes becomes Q4_0, written here with gguf's numpy
+    quantizer (bit-identical to llama.cpp's ``quantize_row_q4_0_ref``; tests/formats/test_gguf.py checks
+    it against llama.cpp), so it needs no llama-cpp-python.
 
     Written to a temporary name next to ``path`` and renamed over it when complete."""
     try:
         import gguf
-        from gguf import quants
+        from gguf import quants  # noqa: F401
     except ImportError:
         raise CheckpointError("writing GGUF needs the gguf package: pip install 'rwkv-zoo[gguf]'") from None
     file_type = file_type_of(file_type)
+    if pure and file_type not in QUANTIZE_TYPES:
+        raise CheckpointError(f"a pure GGUF is a quantizer's option ({', '.join(QUANTIZE_TYPES)}), not {file_type}'s")
+    llama_cpp = _llama_cpp(file_type) if needs_llama_cpp(file_type, pure) else None
     arch, out = gguf_tensors(tensors, version)
-    types: dict[str, str] = {}
     path = Path(path)
-    with atomic_path(path, suffix=".gguf") as tmp:
-        w = gguf.GGUFWriter(tmp, arch)
-        w.add_type(gguf.GGUFType.MODEL)
-        w.add_name(name or path.stem)
-        _metadata(w, arch, tensors, out, file_type)
-        for key, t in out.items():
-            data = t.detach().to(torch.float32).contiguous().numpy()
-            qtype = tensor_type(key, data.shape, file_type)
+    name = name or path.stem
+    if llama_cpp is None:
+        with atomic_path(path, suffix=".gguf") as tmp:
+            return _write_file(tmp, arch, tensors, out, file_type, name)
+    import tempfile
+
+    import gguf
+
+    with atomic_path(path, suffix=".gguf") as tmp, \
+            tempfile.TemporaryDirectory(prefix=f".{path.name}.f32-", dir=path.parent) as folder:
+        f32 = Path(folder) / "f32.gguf"
+        _write_file(str(f32), arch, tensors, out, "f32", name)
+        _llama_quantize(llama_cpp, f32, Path(tmp), file_type, pure)
+        return {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp).tensors}
+
+
+def _write_file(tmp: str, arch: str, tensors: Mapping[str, Tensor], out: Mapping[str, Tensor], file_type: str,
+                name: str) -> dict[str, str]:
+    import gguf
+    from gguf import quants
+
+    types: dict[str, str] = {}
+    w = gguf.GGUFWriter(tmp, arch)
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(name)
+    _metadata(w, arch, tensors, out, file_type)
+    for key, t in out.items():
+        data = t.detach().to(torch.float32).contiguous().numpy()
+        qtype = tensor_type(key, data.shape, file_type)
+        try:
             w.add_tensor(key, quants.quantize(data, qtype), raw_dtype=qtype)
-            types[key] = qtype.name
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+        except NotImplementedError:  # older gguf releases quantize BF16 and Q8_0 only
+            raise CheckpointError(f"this gguf package cannot write {qtype.name}: pip install -U gguf") from None
+        types[key] = qtype.name
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
     return types
+
+
+def needs_llama_cpp(file_type: str, pure: bool = False) -> bool:
+    """Whether a ``file_type`` (``pure``) file is made by llama.cpp's quantizer (llama-cpp-python)."""
+    return file_type in QUANTIZE_TYPES and not (pure and file_type == "q4_0")
+
+
+def check_quantizer(file_type: str, pure: bool = False) -> None:
+    """Raise the one-line error ``write_gguf`` would, before any weights are read."""
+    if needs_llama_cpp(file_type, pure):
+        _llama_cpp(file_type)
+
+
+def _llama_cpp(file_type: str):
+    try:
+        import llama_cpp
+    except ImportError:
+        hint = " (or a pure Q4_0 without it: --gguf-pure)" if file_type == "q4_0" else ""
+        raise CheckpointError(f"GGUF {file_type} is made by llama.cpp's quantizer, which needs llama-cpp-python: "
+                              f"pip install llama-cpp-python{hint}") from None
+    return llama_cpp
+
+
+def _llama_quantize(llama_cpp, src: Path, dst: Path, file_type: str, pure: bool) -> None:
+    """``llama-quantize [--pure] src dst FILE_TYPE`` through llama-cpp-python's binding of the same function."""
+    import ctypes
+    import os
+    import tempfile
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = {"q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0, "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M}[file_type]
+    params.pure = pure
+    # llama.cpp logs a line per tensor on stderr (fd 2, from C): kept aside, shown only if it fails
+    with tempfile.TemporaryFile() as log:
+        saved = os.dup(2)
+        try:
+            os.dup2(log.fileno(), 2)
+            rc = llama_cpp.llama_model_quantize(os.fsencode(src), os.fsencode(dst), ctypes.byref(params))
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        if rc != 0:
+            log.seek(0)
+            tail = [x for x in log.read().decode(errors="replace").splitlines() if x.strip()][-1:]
+            raise CheckpointError(f"llama.cpp's quantizer failed ({file_type}, code {rc}): {' '.join(tail)}")
 
 
 class GGUFFormat(CheckpointFormat):
     name = "gguf"
-    description = "llama.cpp GGUF (RWKV-6 / RWKV-7; F32, F16, BF16, Q8_0), write only"
+    description = "llama.cpp GGUF (RWKV-6 / RWKV-7; F32, F16, BF16, Q8_0; Q4_0, Q4_K_M by llama.cpp), write only"
     writable = True
 
     def detect(self, path: Path) -> bool:
@@ -323,4 +435,5 @@ class GGUFFormat(CheckpointFormat):
     def write(self, tensors: Mapping[str, Tensor], path: Path, metadata: Mapping[str, str]) -> None:
         dtypes = {t.dtype for t in tensors.values()}
         default = "f16" if dtypes == {torch.float16} else "bf16" if dtypes == {torch.bfloat16} else "f32"
-        write_gguf(tensors, path, file_type=metadata.get(TYPE_KEY) or default, version=metadata.get("version"))
+        write_gguf(tensors, path, file_type=metadata.get(TYPE_KEY) or default, version=metadata.get("version"),
+                   pure=metadata.get(PURE_KEY) == "1")

@@ -68,8 +68,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--compare-official", action="store_true", help="also run BlinkDL's rwkv package (cpu fp32/bf16)")
     p.add_argument("--compare-llamacpp", action="append", metavar="FILE.gguf",
                    help="also run llama.cpp (llama-cpp-python) on this GGUF, same threads, batch 1; repeatable "
-                        "(e.g. an F32 and a Q8_0 file from `rwkv-zoo convert MODEL out.gguf --gguf-type q8_0`)")
-    p.add_argument("--kl", action="store_true", help="mean next-token KL of bf16/int8/int4 weights against fp32")
+                        "(e.g. F32, Q8_0 and Q4_0 files from `rwkv-zoo convert MODEL out.gguf --gguf-type q4_0`)")
+    p.add_argument("--kl", action="store_true", help="mean next-token KL of bf16/int8/int4 weights against fp32, "
+                                                     "and of llama.cpp on each --compare-llamacpp file")
     p.add_argument("--long", type=int, default=0, metavar="N",
                    help="decode N more steps at batch 1 and report RSS after 100 and after N")
     p.add_argument("--repeat", type=int, default=1,

@@ -11,7 +11,7 @@ from rwkv_zoo.cli._helpers import DTYPES, UsageError
 from rwkv_zoo.errors import parse_dtype
 
 TARGETS = {"official": "official-pth", "safetensors": "safetensors", "hf": "hf", "fla": "fla", "gguf": "gguf"}
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m")  # the last two: llama.cpp's quantizer
 
 
 def _human_bytes(n: float) -> str:
@@ -104,7 +104,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _convert_gguf(args: argparse.Namespace, dst: Path, fmt) -> int:
-    """GGUF takes llama.cpp's file types (f32, f16, bf16, q8_0) rather than a torch dtype."""
+    """GGUF takes llama.cpp's file types (f32, f16, bf16, q8_0; q4_0, q4_k_m) rather than a torch dtype."""
     import torch
 
     import rwkv_zoo
@@ -119,6 +119,12 @@ def _convert_gguf(args: argparse.Namespace, dst: Path, fmt) -> int:
             raise UsageError(f"--dtype {str(args.dtype).removeprefix('torch.')}: a GGUF file is one of "
                              f"{', '.join(GGUF_TYPES)} (--gguf-type)")
         file_type = as_type
+    if args.gguf_pure and file_type not in ("q4_0", "q4_k_m"):
+        raise UsageError("--gguf-pure is llama-quantize's --pure: it goes with --gguf-type q4_0 or q4_k_m")
+    if file_type in ("q4_0", "q4_k_m"):
+        from rwkv_zoo.plugins.formats.gguf_format import check_quantizer
+
+        check_quantizer(file_type, args.gguf_pure)  # before reading the weights
     check_save_target(dst)
     model = rwkv_zoo.load(args.src)
     if model.version not in ("v6", "v7"):
@@ -126,9 +132,12 @@ def _convert_gguf(args: argparse.Namespace, dst: Path, fmt) -> int:
     metadata = model_metadata(model)
     metadata["gguf_file_type"] = file_type or {"torch.float16": "f16", "torch.bfloat16": "bf16"}.get(
         str(model.dtype), "f32")
+    if args.gguf_pure:
+        metadata["gguf_pure"] = "1"
     fmt.write(official_tensors(model), dst, metadata)
+    pure = ", pure" if args.gguf_pure else ""
     print(f"{args.src} ({model.checkpoint_format}, {model.version}) -> {dst} (gguf, "
-          f"{metadata['gguf_file_type'].upper()}, {_human_bytes(dst.stat().st_size)})")
+          f"{metadata['gguf_file_type'].upper()}{pure}, {_human_bytes(dst.stat().st_size)})")
     return 0
 
 
@@ -183,7 +192,12 @@ def add_parsers(sub) -> None:
                                    f"for GGUF see --gguf-type")
     p.add_argument("--gguf-type", choices=GGUF_TYPES,
                    help="GGUF tensor type for the matrices (default: the --dtype / the model's dtype); llama.cpp's "
-                        "converter keeps norms, mixes, decay and LoRA-mix matrices F32 whatever this is")
+                        "converter keeps norms, mixes, decay and LoRA-mix matrices F32 whatever this is; q4_0 and "
+                        "q4_k_m are made by llama.cpp's quantizer from the F32 file (needs llama-cpp-python), "
+                        "as llama-quantize makes them")
+    p.add_argument("--gguf-pure", action="store_true",
+                   help="as llama-quantize --pure: every tensor the quantizer touches gets --gguf-type (no Q6_K "
+                        "output); q4_0 pure is written without llama-cpp-python")
     p.add_argument("--progress", action="store_true", help="always show the progress bar (default: files > 256 MB)")
     p.set_defaults(func=cmd_convert)
 

@@ -26,6 +26,7 @@ ALWAYS_F32 = ("time_mix_first", "time_mix_w1", "time_mix_w2", "time_mix_decay_w1
               "time_mix_lerp_fused")
 
 
+@functools.cache  # the tests only read the models; building one is most of a test's time
 def tiny(version, seed=1):
     return rwkv_zoo.randomize_(rwkv_zoo.build(version, size="tiny"), seed=seed).eval()
 
@@ -241,3 +242,157 @@ def test_bench_compare_llamacpp_refusals(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if not installed
     assert main(["bench", "v7-0.1B", "--compare-llamacpp", str(tmp_path / "m.gguf")]) == 2
     assert "--compare-llamacpp needs llama-cpp-python, which is not installed" in capsys.readouterr().err
+
+
+# --- 4-bit: Q4_0 (pure: gguf's numpy quantizer) and llama.cpp's own quantizer ------------------------
+
+# What llama.cpp's quantizer (llama-quant.cpp) never quantizes in an RWKV file, besides 1-D tensors and norms.
+QUANTIZER_KEEPS = ("time_mix_first", "time_mix_w0", "time_mix_w1", "time_mix_w2", "time_mix_v0", "time_mix_v1",
+                   "time_mix_v2", "time_mix_a0", "time_mix_a1", "time_mix_a2", "time_mix_g1", "time_mix_g2",
+                   "time_mix_decay_w1", "time_mix_decay_w2", "time_mix_lerp_fused")
+
+
+def kept_by_quantizer(name, shape):
+    return len(shape) == 1 or name.endswith(("_norm.weight", ".bias")) or name.split(".")[-2] in QUANTIZER_KEEPS
+
+
+def dequantized(t, shape):
+    return torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape).copy())
+
+
+def assert_q4_0_close(values, w, name):
+    # blocks of 32 along a row, scale d = (the value of largest magnitude) / -8 in fp16: codes 0..15 reach
+    # -8d..7d, so the far end of a block is off by up to one step |d|, the rest by half a step
+    blocks = w.reshape(-1, 32)
+    step = blocks.abs().amax(1, keepdim=True) / 8
+    err = (values.reshape(-1, 32) - blocks).abs()
+    assert (err <= step * (1 + 8 * 2**-11) + 1e-7).all(), name
+    assert (err <= step / 2 + 1e-6).float().mean() > 0.9, name  # most values within half a step
+
+
+def test_pure_q4_0_read_back_without_llama_cpp(tmp_path, capsys, monkeypatch):
+    model = tiny("v7")
+    rwkv_zoo.save(model, tmp_path / "m.safetensors")
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # the pure Q4_0 file must not need llama.cpp
+    assert main(["convert", str(tmp_path / "m.safetensors"), str(tmp_path / "m.gguf"), "--gguf-type", "q4_0",
+                 "--gguf-pure"]) == 0
+    assert "gguf, Q4_0, pure" in capsys.readouterr().out
+    r = gguf.GGUFReader(tmp_path / "m.gguf")
+    assert field(r, "general.file_type") == 2  # LLAMA_FTYPE_MOSTLY_Q4_0
+    want = expected(model)
+    got = {t.name: t for t in r.tensors}
+    assert sorted(got) == sorted(want)
+    n_q4 = 0
+    for name, w in want.items():
+        t = got[name]
+        assert list(t.shape) == list(reversed(w.shape)), name
+        values = dequantized(t, w.shape)
+        if kept_by_quantizer(name, tuple(w.shape)):
+            assert t.tensor_type.name == "F32", name
+            torch.testing.assert_close(values, w, rtol=0, atol=0, msg=name)
+        else:
+            assert t.tensor_type.name == "Q4_0", name  # every row of the tiny model splits into 32s
+            assert_q4_0_close(values, w, name)
+            n_q4 += 1
+    assert n_q4 == 2 + 2 * 6  # embedding, head, and per layer r, k, v, o and the two FFN matrices
+
+
+def test_q4_refusals(tmp_path, capsys, monkeypatch):
+    (tmp_path / "m.safetensors").write_bytes(b"not read: the options are refused before the weights are")
+    src = str(tmp_path / "m.safetensors")
+    assert main(["convert", src, str(tmp_path / "a.gguf"), "--gguf-type", "q8_0", "--gguf-pure"]) == 2
+    assert "--gguf-pure is llama-quantize's --pure" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if not installed
+    for file_type in ("q4_0", "q4_k_m"):
+        assert main(["convert", src, str(tmp_path / "b.gguf"), "--gguf-type", file_type]) == 1
+        err = capsys.readouterr().err
+        assert f"GGUF {file_type} is made by llama.cpp's quantizer, which needs llama-cpp-python" in err
+        assert len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]  # nothing half-written
+
+
+def head64_v7(seed, n_embd=256):
+    # head size 64 (llama.cpp's RWKV-7 graph matches the official one there; see above); n_embd 256 so
+    # rows split into the 256-value super-blocks of the K-quants (Q6_K output, Q4_K)
+    return rwkv_zoo.randomize_(rwkv_zoo.build("v7", n_layer=2, n_embd=n_embd, head_size=64, vocab_size=256),
+                               seed=seed).eval()
+
+
+@needs_llama_cpp
+def test_llama_cpp_quantizer_q4_0_q4_k_m_and_pure_is_bit_identical(tmp_path, capsys):
+    model = head64_v7(seed=7)
+    rwkv_zoo.save(model, tmp_path / "m.safetensors")
+    src = str(tmp_path / "m.safetensors")
+    want = expected(model)
+    for file_type in ("q4_0", "q4_k_m"):
+        assert main(["convert", src, str(tmp_path / f"{file_type}.gguf"), "--gguf-type", file_type]) == 0
+        assert f"gguf, {file_type.upper()}," in capsys.readouterr().out
+        r = gguf.GGUFReader(tmp_path / f"{file_type}.gguf")
+        assert field(r, "general.file_type") == {"q4_0": 2, "q4_k_m": 15}[file_type]
+        assert field(r, "general.architecture") == "rwkv7" and field(r, "rwkv7.wkv.head_size") == 64
+        got = {t.name: t for t in r.tensors}
+        assert sorted(got) == sorted(want)
+        for name, w in want.items():
+            t, kind = got[name], got[name].tensor_type.name
+            values = dequantized(t, w.shape)
+            if kept_by_quantizer(name, tuple(w.shape)):
+                assert kind == "F32", name
+                torch.testing.assert_close(values, w, rtol=0, atol=0, msg=name)
+            elif name == "output.weight":
+                assert kind == "Q6_K", name  # llama-quantize keeps the head at 6 bits in Q4 mixtures
+                assert (values - w).abs().max() <= w.abs().max() / 32, name
+            elif file_type == "q4_0":
+                assert kind == "Q4_0", name
+                assert_q4_0_close(values, w, name)
+            else:  # Q4_K_M: Q4_K (its mixture bumps attn_v/ffn_down to Q6_K: RWKV matrices have neither name)
+                assert kind in ("Q4_K", "Q6_K"), name
+                assert (values - w).abs().max() <= w.abs().max() / 6, name
+        if file_type == "q4_k_m":
+            assert {t.tensor_type.name for t in r.tensors} >= {"Q4_K", "Q6_K"}
+
+    # pure Q4_0 written by gguf's numpy quantizer == llama.cpp's quantizer with --pure, tensor for tensor
+    assert main(["convert", src, str(tmp_path / "f32.gguf")]) == 0
+    assert main(["convert", src, str(tmp_path / "pure.gguf"), "--gguf-type", "q4_0", "--gguf-pure"]) == 0
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.pure = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0, True
+    import ctypes
+
+    assert llama_cpp.llama_model_quantize(str(tmp_path / "f32.gguf").encode(), str(tmp_path / "ref.gguf").encode(),
+                                          ctypes.byref(params)) == 0
+    ours = {t.name: t for t in gguf.GGUFReader(tmp_path / "pure.gguf").tensors}
+    ref = {t.name: t for t in gguf.GGUFReader(tmp_path / "ref.gguf").tensors}
+    assert sorted(ours) == sorted(ref)
+    for name, t in ref.items():
+        assert ours[name].tensor_type == t.tensor_type, name
+        assert np.asarray(ours[name].data).tobytes() == np.asarray(t.data).tobytes(), name
+    assert {t.tensor_type.name for t in ref.values()} == {"F32", "Q4_0"}
+
+
+@needs_llama_cpp
+def test_bench_kl_measures_llama_cpp_on_the_same_tokens(tmp_path):
+    from rwkv_zoo.bench import _print_table, kl
+
+    model = head64_v7(seed=8, n_embd=128)
+    rwkv_zoo.save(model, tmp_path / "m.pth")
+    rwkv_zoo.save(model, tmp_path / "f32.gguf", format="gguf")
+    assert main(["convert", str(tmp_path / "m.pth"), str(tmp_path / "q4.gguf"), "--gguf-type", "q4_0",
+                 "--gguf-pure"]) == 0
+    out = kl(str(tmp_path / "m.pth"), ["fp32"], tokens=12, threads=1,
+             gguf=[str(tmp_path / "f32.gguf"), str(tmp_path / "q4.gguf")])
+    f32, q4 = out["llama.cpp F32 (f32.gguf)"], out["llama.cpp Q4_0 (q4.gguf)"]
+    # F32: the same function, position for position (a shifted row would be far off)
+    assert abs(f32["prefill"]) < 1e-6 and abs(f32["decode"]) < 1e-6
+    # Q4_0: a real, small divergence, the same whether the prompt is evaluated at once or token by token
+    assert 1e-4 < q4["prefill"] < 0.5 and q4["decode"] == pytest.approx(q4["prefill"], rel=0.05)
+    mach = {"read_bytes_per_s": 1e9, "gemm_flops": 1e9}
+    row = {"impl": "llama.cpp", "weights": "Q4_0", "decode": {"1": 0.01}, "peak_rss": 1, "file": "q4.gguf"}
+    import argparse
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        _print_table([row], mach, [1], out, argparse.Namespace(prefill=0))
+    assert f"mean KL(fp32 || llama.cpp Q4_0 (q4.gguf)) of next-token distributions: prefill {q4['prefill']:.2e}" \
+        in buf.getvalue()
+    assert "llama.cpp Q4_0: q4.gguf" in buf.getvalue()
