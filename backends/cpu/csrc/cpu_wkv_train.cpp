@@ -433,6 +433,90 @@ void wkv4_bwd(const float* w, const float* u, const float* k, const float* v, co
     }
 }
 
+// ------------------------------------------------------------------------------------------------
+// Token shift and its lerps in one pass: out[f, b, t] = lerp of x[b, t] and prev[b, t] with weights
+// m = mix[f] (+ dyn[f, b, t] when dyn is given, v6's data-dependent part), prev[b, t] = x[b, t - 1]
+// (shift[b] at t = 0). form 0 (v6, v7): x + (prev - x) * m; form 1 (v4, v5): x * m + prev * (1 - m),
+// the same arithmetic per element as the PyTorch expressions they replace. At the ablation shapes the
+// PyTorch version was a dozen memory-bound ops over [F, B, T, C] per block, forward and backward.
+// Layouts: x [B, T, C], shift [B, C], mix [F, C], dyn and out [F, B, T, C]; the backward writes dx,
+// dshift, ddyn (when dyn) and per-sequence partial sums dmix [B, F, C] that the caller sums over B.
+
+void shift_mix_fwd(const float* x, const float* shift, const float* mix, const float* dyn, float* out, int form,
+                   int64_t F, int64_t B, int64_t T, int64_t C, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t b = 0; b < B; ++b) {
+        for (int64_t t = 0; t < T; ++t) {
+            const float* xt = x + (b * T + t) * C;
+            const float* pt = t ? xt - C : shift + b * C;
+            for (int64_t f = 0; f < F; ++f) {
+                const int64_t o = ((f * B + b) * T + t) * C;
+                const float* mf = mix + f * C;
+                const float* df = dyn ? dyn + o : nullptr;
+                float* ot = out + o;
+                if (form == 0) {
+#pragma omp simd
+                    for (int64_t c = 0; c < C; ++c) {
+                        const float m = df ? mf[c] + df[c] : mf[c];
+                        ot[c] = xt[c] + (pt[c] - xt[c]) * m;
+                    }
+                } else {
+#pragma omp simd
+                    for (int64_t c = 0; c < C; ++c) ot[c] = xt[c] * mf[c] + pt[c] * (1.f - mf[c]);
+                }
+            }
+        }
+    }
+}
+
+void shift_mix_bwd(const float* g, const float* x, const float* shift, const float* mix, const float* dyn, int form,
+                   float* dx, float* dshift, float* dmix, float* ddyn, int64_t F, int64_t B, int64_t T, int64_t C,
+                   int nthreads) {
+#pragma omp parallel num_threads(nthreads)
+    {
+        std::vector<float> carryv(C), prevgv(C);
+        float *carry = carryv.data(), *prevg = prevgv.data();  // gradient of prev[b, t + 1], of prev[b, t]
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < B; ++b) {
+            float* dm = dmix + b * F * C;
+            memset(dm, 0, F * C * sizeof(float));
+            memset(carry, 0, C * sizeof(float));
+            for (int64_t t = T - 1; t >= 0; --t) {
+                const float* xt = x + (b * T + t) * C;
+                const float* pt = t ? xt - C : shift + b * C;
+                float* dxt = dx + (b * T + t) * C;
+                for (int64_t c = 0; c < C; ++c) dxt[c] = carry[c], prevg[c] = 0.f;
+                for (int64_t f = 0; f < F; ++f) {
+                    const int64_t o = ((f * B + b) * T + t) * C;
+                    const float *gt = g + o, *mf = mix + f * C;
+                    float* dmf = dm + f * C;
+                    if (form == 0) {
+                        const float* df = dyn ? dyn + o : nullptr;
+                        float* ddf = ddyn ? ddyn + o : nullptr;
+#pragma omp simd
+                        for (int64_t c = 0; c < C; ++c) {
+                            const float m = df ? mf[c] + df[c] : mf[c], gm = gt[c] * m, gd = gt[c] * (pt[c] - xt[c]);
+                            dxt[c] += gt[c] - gm;
+                            prevg[c] += gm;
+                            dmf[c] += gd;
+                            if (ddf) ddf[c] = gd;
+                        }
+                    } else {
+#pragma omp simd
+                        for (int64_t c = 0; c < C; ++c) {
+                            dxt[c] += gt[c] * mf[c];
+                            prevg[c] += gt[c] * (1.f - mf[c]);
+                            dmf[c] += gt[c] * (xt[c] - pt[c]);
+                        }
+                    }
+                }
+                memcpy(carry, prevg, C * sizeof(float));
+            }
+            memcpy(dshift + b * C, carry, C * sizeof(float));
+        }
+    }
+}
+
 }  // namespace
 
 #define RZ_BY_N(FN, ...)                         \
@@ -445,7 +529,18 @@ void wkv4_bwd(const float* w, const float* u, const float* k, const float* v, co
 
 extern "C" {
 
-int rz_wkv_train_abi_version() { return 1; }
+int rz_wkv_train_abi_version() { return 2; }
+
+void rz_shift_mix_fwd(const float* x, const float* shift, const float* mix, const float* dyn, float* out, int form,
+                      int64_t F, int64_t B, int64_t T, int64_t C, int nthreads) {
+    shift_mix_fwd(x, shift, mix, dyn, out, form, F, B, T, C, nthreads);
+}
+
+void rz_shift_mix_bwd(const float* g, const float* x, const float* shift, const float* mix, const float* dyn,
+                      int form, float* dx, float* dshift, float* dmix, float* ddyn, int64_t F, int64_t B, int64_t T,
+                      int64_t C, int nthreads) {
+    shift_mix_bwd(g, x, shift, mix, dyn, form, dx, dshift, dmix, ddyn, F, B, T, C, nthreads);
+}
 
 void rz_wkv4_fwd(const float* w, const float* u, const float* k, const float* v, const float* a0, const float* b0,
                  const float* p0, float* y, float* aT, float* bT, float* pT, float* sa, float* sb, float* sp,
