@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rwkv_zoo import ops
-from rwkv_zoo.backends.cpu.train import shift_mix
+from rwkv_zoo.backends.cpu.train import relu_sq, shift_mix
 from rwkv_zoo.hookspecs import hookimpl
 from rwkv_zoo.model import (
     GROUPNORM_EPS,
@@ -184,7 +184,7 @@ class V7ChannelMix(nn.Module):
         self.value = nn.Linear(F_, C, bias=False)
 
     def forward(self, x: Tensor, shift: Tensor, ctx: Context) -> tuple[Tensor, Tensor]:
-        k = torch.relu(self.key(shift_mix(x, shift, [self.x_k], backend=ctx.backend)[0])).square()
+        k = relu_sq(self.key(shift_mix(x, shift, [self.x_k], backend=ctx.backend)[0]), backend=ctx.backend)
         new_shift = x[:, -1]
         return self.value(k), new_shift
 
