@@ -11,8 +11,8 @@ each version at two shapes, with the model forced onto ``backend="cpu"`` and ``b
 (the pure-PyTorch chunk kernels: the old path) in the same run, and their ratio.
 
 - ``issue``: batch 16, T = 512, 4 layers x 256, head size 64, fp32, 2 threads. Its GEMM-bound limit is
-  the fp32 GEMM rate measured here (``torch.matmul`` of [B*T, 256] x [256, 1024], the size of the
-  model's projections) divided by 6 x the parameters without the embedding; ``of limit`` is tok/s
+  the fp32 GEMM rate measured here (``torch.matmul`` of [B*T, 256] by the model's projection shapes,
+  the best of several trials each) divided by 6 x the parameters without the embedding; ``of limit`` is tok/s
   over that limit.
 - ``ablation``: the default ``rwkv-zoo ablate`` grid's models (``vN-tiny``: 2 layers x 64, head size
   16) at its batch (16) and MQAR sequence length (32), one thread (each ablation worker runs one).
@@ -47,9 +47,16 @@ def _best(fn, repeats: int) -> float:
     return best
 
 
-def gemm_gflops(M: int, K: int, N: int, repeats: int) -> float:
-    a, b = torch.randn(M, K), torch.randn(K, N)
-    return 2 * M * K * N / _best(lambda: torch.matmul(a, b), repeats * 4) / 1e9
+def gemm_gflops(M: int, C: int, F: int, repeats: int) -> float:
+    """The fp32 GEMM rate on the model's own projection shapes ([M, C] x [C, C], [M, C] x [C, F] and
+    [M, F] x [F, C], M = batch x T): total flops over the sum of each shape's best time of several
+    trials, so one slow trial on a shared machine does not lower the limit."""
+    flops, seconds = 0.0, 0.0
+    for k, n in ((C, C), (C, F), (F, C)):
+        a, b = torch.randn(M, k), torch.randn(k, n)
+        flops += 2 * M * k * n
+        seconds += _best(lambda a=a, b=b: torch.matmul(a, b), max(8, repeats * 4))
+    return flops / seconds / 1e9
 
 
 def non_embedding_params(model) -> int:
@@ -138,7 +145,8 @@ def main(argv=None) -> None:
     versions = args.versions.split(",")
     torch.set_num_threads(2)
     gf = gemm_gflops(16 * 512, 256, 1024, repeats)
-    print(f"fp32 GEMM, 2 threads: {gf:.1f} GFLOP/s (torch.matmul [8192, 256] x [256, 1024])", flush=True)
+    print(f"fp32 GEMM, 2 threads: {gf:.1f} GFLOP/s (torch.matmul, [8192, 256] x the model's [256, 256], "
+          f"[256, 1024], [1024, 256]; best of several trials each)", flush=True)
     print(f"{'shape':40} {'cpu tok/s':>10} {'ref tok/s':>10} {'cpu/ref':>8} {'GEMM limit':>11} {'of limit':>9}")
 
     def row(label, r, limit):
