@@ -33,7 +33,10 @@ def _lib():
         lib.rz_shift_mix_bwd.argtypes = [P] * 5 + [INT] + [P] * 4 + [I] * 4 + [INT]
         lib.rz_relu_sq_fwd.argtypes = [P, P, I, INT]
         lib.rz_relu_sq_bwd.argtypes = [P, P, P, I, INT]
-        for fn in (lib.rz_shift_mix_fwd, lib.rz_shift_mix_bwd, lib.rz_relu_sq_fwd, lib.rz_relu_sq_bwd):
+        lib.rz_head_norm_fwd.argtypes = [P, P, P, ctypes.c_float, P, P, P, I, I, I, INT]
+        lib.rz_head_norm_bwd.argtypes = [P] * 8 + [I, I, I, INT]
+        for fn in (lib.rz_shift_mix_fwd, lib.rz_shift_mix_bwd, lib.rz_relu_sq_fwd, lib.rz_relu_sq_bwd,
+                   lib.rz_head_norm_fwd, lib.rz_head_norm_bwd):
             fn.restype = None
         lib._rz_shift_mix_typed = True
     return lib
@@ -249,3 +252,38 @@ def relu_sq(x: Tensor, backend: str | None = None) -> Tensor:
     if backend != "reference" and _fusable(x):
         return _ReluSq.apply(_c(x))
     return torch.relu(x).square()
+
+
+class _HeadNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, weight, bias, eps: float):
+        B, T, H, N = y.shape
+        out = torch.empty(B, T, H * N, dtype=torch.float32)
+        mean, rstd = torch.empty(B * T * H), torch.empty(B * T * H)
+        _lib().rz_head_norm_fwd(y.data_ptr(), weight.data_ptr(), bias.data_ptr(), eps, out.data_ptr(),
+                                mean.data_ptr(), rstd.data_ptr(), B * T, H, N, torch.get_num_threads())
+        ctx.save_for_backward(y, weight, mean, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        y, weight, mean, rstd = ctx.saved_tensors
+        B, T, H, N = y.shape
+        g = _c(g.float())
+        n = torch.get_num_threads()
+        dy = torch.empty_like(y)
+        dw, db = torch.empty(n, H * N), torch.empty(n, H * N)
+        _lib().rz_head_norm_bwd(y.data_ptr(), weight.data_ptr(), mean.data_ptr(), rstd.data_ptr(), g.data_ptr(),
+                                dy.data_ptr(), dw.data_ptr(), db.data_ptr(), B * T, H, N, n)
+        return dy, dw.sum(0), db.sum(0), None
+
+
+def head_group_norm(y: Tensor, ln_x: torch.nn.GroupNorm, backend: str | None = None) -> Tensor:
+    """GroupNorm over each head of ``y`` [B, T, H, N] in fp32 (``rwkv_zoo.model.head_group_norm``);
+    returns [B, T, H * N] fp32. One C++ pass each way for fp32 CPU tensors, PyTorch otherwise."""
+    w, b = ln_x.weight, ln_x.bias
+    if backend != "reference" and _fusable(y, w, b):
+        return _HeadNorm.apply(_c(y), _c(w), _c(b), float(ln_x.eps))
+    B, T, H, N = y.shape
+    out = torch.nn.functional.group_norm(y.float().reshape(B * T, H * N), H, w.float(), b.float(), ln_x.eps)
+    return out.view(B, T, H * N)

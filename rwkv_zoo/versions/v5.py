@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rwkv_zoo import ops
-from rwkv_zoo.backends.cpu.train import shift_mix
+from rwkv_zoo.backends.cpu.train import head_group_norm, shift_mix
 from rwkv_zoo.hookspecs import hookimpl
 from rwkv_zoo.model import (
     GROUPNORM_EPS,
@@ -27,7 +27,6 @@ from rwkv_zoo.model import (
     RWKVConfig,
     channel_ramp,
     ffn_3p5x,
-    head_group_norm,
     layer_ratios,
     official_param_groups,
     orthogonal_,
@@ -97,7 +96,7 @@ class V5TimeMix(nn.Module):
         g = F.silu(self.gate(xg))
         w = -torch.exp(self.time_decay.float())  # [H, N] log of exp(-exp(d))
         y, wkv = ops.wkv5(r, k, v, w, self.time_faaaa.float(), wkv, mode=ctx.mode, backend=ctx.backend)
-        y = head_group_norm(y, self.ln_x).to(x.dtype)
+        y = head_group_norm(y, self.ln_x, backend=ctx.backend).to(x.dtype)
         return self.output(y * g), new_shift, wkv
 
     @torch.no_grad()

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rwkv_zoo import ops
-from rwkv_zoo.backends.cpu.train import relu_sq, shift_mix
+from rwkv_zoo.backends.cpu.train import head_group_norm, relu_sq, shift_mix
 from rwkv_zoo.hookspecs import hookimpl
 from rwkv_zoo.model import (
     GROUPNORM_EPS,
@@ -30,7 +30,6 @@ from rwkv_zoo.model import (
     RWKVConfig,
     channel_ramp,
     ffn_3p5x,
-    head_group_norm,
     layer_ratios,
     official_param_groups,
     orthogonal_,
@@ -112,7 +111,7 @@ class V6TimeMix(nn.Module):
         ww = self.time_decay.float() + (torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2).float()
         w = -torch.exp(ww).view(B, T, H, N)  # log of exp(-exp(ww)), fp32
         y, wkv = ops.wkv6(r, k, v, w, self.time_faaaa.float(), wkv, mode=ctx.mode, backend=ctx.backend)
-        y = head_group_norm(y, self.ln_x).to(x.dtype)
+        y = head_group_norm(y, self.ln_x, backend=ctx.backend).to(x.dtype)
         return self.output(y * g), new_shift, wkv
 
     @torch.no_grad()

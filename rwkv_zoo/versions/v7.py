@@ -27,14 +27,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rwkv_zoo import ops
-from rwkv_zoo.backends.cpu.train import relu_sq, shift_mix
+from rwkv_zoo.backends.cpu.train import head_group_norm, relu_sq, shift_mix
 from rwkv_zoo.hookspecs import hookimpl
 from rwkv_zoo.model import (
     GROUPNORM_EPS,
     Block,
     RWKVConfig,
     channel_ramp,
-    head_group_norm,
     layer_ratios,
     official_param_groups,
     orthogonal_,
@@ -134,7 +133,7 @@ class V7TimeMix(nn.Module):
         ah = a.view(B, T, H, N)
         y, wkv = ops.wkv7(rh, logw.view(B, T, H, N), kh, vh, -kk, kk * ah, wkv,
                           mode=ctx.mode, backend=ctx.backend)
-        y = head_group_norm(y, self.ln_x).to(x.dtype)
+        y = head_group_norm(y, self.ln_x, backend=ctx.backend).to(x.dtype)
         bonus = (rh * kh * self.r_k).sum(-1, keepdim=True) * vh  # [B, T, H, N]
         y = y + bonus.reshape(B, T, C)
         return self.output(y * g), new_shift, wkv

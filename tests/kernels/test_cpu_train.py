@@ -181,3 +181,22 @@ def test_cpu_training_step_is_fused_and_deterministic():
         runs.append(torch.cat([p.detach().flatten() for p in tr.params]))
     assert torch.equal(runs[0], runs[1])
     assert rel_err(runs[0], runs[2]) < 1e-5
+
+
+def test_head_group_norm_matches_pytorch_in_fp64():
+    g = torch.Generator().manual_seed(6)
+    ln = torch.nn.GroupNorm(4, 64, eps=64e-5)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5, generator=g)
+        ln.bias.uniform_(-0.5, 0.5, generator=g)
+    ln64 = torch.nn.GroupNorm(4, 64, eps=64e-5).double()
+    ln64.load_state_dict(ln.state_dict())
+    y = torch.randn(3, 5, 4, 16, generator=g)
+    up = torch.randn(3, 5, 64, generator=g, dtype=torch.float64)
+    got, want = [], []
+    for norm, x, out in ((ln, y.clone().requires_grad_(), got), (ln64, y.double().requires_grad_(), want)):
+        o = cpu_train.head_group_norm(x, norm)  # fp64 takes PyTorch's GroupNorm
+        grads = torch.autograd.grad(o, [x, norm.weight, norm.bias], up.to(o.dtype))
+        out.extend(t.detach().double() for t in (o, *grads))
+    for have, ref in zip(got, want, strict=True):
+        assert rel_err(have, ref) < GATE
