@@ -96,9 +96,10 @@ void wkv6_bwd(const float* r, const float* k, const float* v, const float* w, in
     const int64_t nc = ceil_div(T, L);
 #pragma omp parallel num_threads(nthreads)
     {
-        std::vector<float> bufv(L * N * N), dSv(N * N), dvv(N), duv(N), dwv(N), decayv(N);
+        // decall[m]: the chunk's per-token decays exp(w), computed once (vectorized) for both passes.
+        std::vector<float> bufv(L * N * N), dSv(N * N), dvv(N), duv(N), dwv(N), decayv(N), decv(L * N);
         float *buf = bufv.data(), *dS = dSv.data(), *dvacc = dvv.data(), *duacc = duv.data(), *dwacc = dwv.data();
-        float* decay = decayv.data();
+        float *decay = decayv.data(), *decall = decv.data();
 #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < B * H; ++bh) {
             const int64_t b = bh / H, h = bh % H;
@@ -114,13 +115,21 @@ void wkv6_bwd(const float* r, const float* k, const float* v, const float* w, in
                 const int64_t t0 = c * L, len = (T - t0 < L) ? T - t0 : L;
                 // Recompute the states entering each token of the chunk: buf[m] = S_{t0 + m - 1}.
                 memcpy(buf, ckpt + (bh * nc + c) * N * N, N * N * sizeof(float));
+                if (w_per_token)
+                    for (int64_t m = 0; m < len; ++m) {
+                        const float* wt = w + ((b * T + t0 + m) * H + h) * N;
+                        float* dm = decall + m * N;
+#pragma omp simd
+                        for (int64_t i = 0; i < N; ++i) dm[i] = expf(wt[i]);
+                    }
                 for (int64_t m = 0; m + 1 < len; ++m) {
                     const int64_t base = ((b * T + t0 + m) * H + h) * N;
                     const float *kt = k + base, *vt = v + base;
                     const float* prev = buf + m * N * N;
                     float* next = buf + (m + 1) * N * N;
+                    const float* dm = w_per_token ? decall + m * N : decay;
                     for (int64_t i = 0; i < N; ++i) {
-                        const float di = w_per_token ? expf(w[base + i]) : decay[i], ki = kt[i];
+                        const float di = dm[i], ki = kt[i];
 #pragma omp simd
                         for (int64_t j = 0; j < N; ++j) next[i * N + j] = prev[i * N + j] * di + ki * vt[j];
                     }
@@ -129,11 +138,7 @@ void wkv6_bwd(const float* r, const float* k, const float* v, const float* w, in
                     const int64_t base = ((b * T + t0 + m) * H + h) * N;
                     const float *rt = r + base, *kt = k + base, *vt = v + base, *dyt = dy + base;
                     const float* S0 = buf + m * N * N;
-                    if (w_per_token) {
-                        const float* wt = w + base;
-#pragma omp simd
-                        for (int64_t i = 0; i < N; ++i) decay[i] = expf(wt[i]);
-                    }
+                    if (w_per_token) memcpy(decay, decall + m * N, N * sizeof(float));
                     float vdy = 0.f, ruk = 0.f;
 #pragma omp simd reduction(+ : vdy)
                     for (int64_t j = 0; j < N; ++j) vdy += vt[j] * dyt[j];
