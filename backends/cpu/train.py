@@ -13,6 +13,8 @@ back to its input's dtype and layout.
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 from torch import Tensor
 
@@ -24,7 +26,20 @@ CKPT_LEN = 16
 
 
 def _lib():
-    return cpu_kernels.load_wkv_train()[0]
+    lib = cpu_kernels.load_wkv_train()[0]
+    if lib is not None and not getattr(lib, "_rz_shift_mix_typed", False):
+        P, I, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        lib.rz_shift_mix_fwd.argtypes = [P] * 5 + [INT] + [I] * 4 + [INT]
+        lib.rz_shift_mix_bwd.argtypes = [P] * 5 + [INT] + [P] * 4 + [I] * 4 + [INT]
+        lib.rz_relu_sq_fwd.argtypes = [P, P, I, INT]
+        lib.rz_relu_sq_bwd.argtypes = [P, P, P, I, INT]
+        lib.rz_head_norm_fwd.argtypes = [P, P, P, ctypes.c_float, P, P, P, I, I, I, INT]
+        lib.rz_head_norm_bwd.argtypes = [P] * 8 + [I, I, I, INT]
+        for fn in (lib.rz_shift_mix_fwd, lib.rz_shift_mix_bwd, lib.rz_relu_sq_fwd, lib.rz_relu_sq_bwd,
+                   lib.rz_head_norm_fwd, lib.rz_head_norm_bwd):
+            fn.restype = None
+        lib._rz_shift_mix_typed = True
+    return lib
 
 
 def unavailable_reason() -> str | None:
@@ -154,3 +169,121 @@ class _WKV4(torch.autograd.Function):
 def wkv4(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state):
     y, a, b, p = _WKV4.apply(*_f32(w, u, k, v, *state))
     return y, (a, b, p)
+
+
+# ------------------------------------------------------------------------------------------------
+# Token shift and the lerps of a block in one C++ pass (csrc/cpu_wkv_train.cpp ``shift_mix``).
+
+
+class _ShiftMix(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, shift, mix, dyn, form: int):
+        B, T, C = x.shape
+        F_ = mix.shape[0]
+        out = torch.empty(F_, B, T, C, dtype=torch.float32)
+        _lib().rz_shift_mix_fwd(x.data_ptr(), shift.data_ptr(), mix.data_ptr(), _ptr(dyn), out.data_ptr(), form,
+                                F_, B, T, C, torch.get_num_threads())
+        ctx.save_for_backward(x, shift, mix, dyn)
+        ctx.form = form
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, shift, mix, dyn = ctx.saved_tensors
+        B, T, C = x.shape
+        F_ = mix.shape[0]
+        g = _c(g.float())
+        dx, dshift = torch.empty_like(x), torch.empty_like(shift)
+        dmix = torch.empty(B, F_, C, dtype=torch.float32)
+        ddyn = None if dyn is None else torch.empty_like(dyn)
+        _lib().rz_shift_mix_bwd(g.data_ptr(), x.data_ptr(), shift.data_ptr(), mix.data_ptr(), _ptr(dyn), ctx.form,
+                                dx.data_ptr(), dshift.data_ptr(), dmix.data_ptr(), _ptr(ddyn), F_, B, T, C,
+                                torch.get_num_threads())
+        return dx, dshift, dmix.sum(0), ddyn, None
+
+
+def _fusable(*xs: Tensor | None) -> bool:
+    return all(x is None or (x.device.type == "cpu" and x.dtype == torch.float32) for x in xs) and \
+        cpu_kernels.load_wkv_train()[0] is not None
+
+
+def shift_mix(x: Tensor, shift: Tensor, mixes: list[Tensor], dyn: Tensor | None = None, form: str = "delta",
+              backend: str | None = None) -> Tensor:
+    """Token shift and F lerps in one pass: [F, B, T, C] from ``x`` [B, T, C] and ``shift`` [B, C].
+
+    With ``prev`` the previous token's ``x`` (``shift`` at t = 0) and ``m`` mix f (each [..., C], plus
+    ``dyn[f]`` [F, B, T, C] when given): ``form="delta"`` (v6, v7) is ``x + (prev - x) * m``,
+    ``form="lerp"`` (v4, v5; no ``dyn``) ``x * m + prev * (1 - m)``. fp32 CPU tensors go through the C++
+    kernel with exact gradients; anything else (CUDA, bf16, no compiler, a model forced onto
+    ``backend="reference"``: plain PyTorch throughout) through the same PyTorch expression. The new
+    shift state is ``x[:, -1]``.
+    """
+    C = x.shape[-1]
+    mix = torch.stack([m.reshape(C) for m in mixes])  # [F, C]
+    if backend != "reference" and _fusable(x, shift, mix, dyn):
+        return _ShiftMix.apply(_c(x), _c(shift), mix, None if dyn is None else _c(dyn), 0 if form == "delta" else 1)
+    prev = torch.cat([shift.to(x.dtype).unsqueeze(1), x[:, :-1]], dim=1)
+    mix = mix.view(-1, 1, 1, C)
+    if form == "delta":
+        return x + (prev - x) * (mix if dyn is None else mix + dyn)
+    return x * mix + prev * (1 - mix)
+
+
+class _ReluSq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.empty_like(x)
+        _lib().rz_relu_sq_fwd(x.data_ptr(), y.data_ptr(), x.numel(), torch.get_num_threads())
+        ctx.save_for_backward(x)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        g = _c(g.float())
+        dx = torch.empty_like(x)
+        _lib().rz_relu_sq_bwd(x.data_ptr(), g.data_ptr(), dx.data_ptr(), x.numel(), torch.get_num_threads())
+        return dx
+
+
+def relu_sq(x: Tensor, backend: str | None = None) -> Tensor:
+    """``relu(x) ** 2`` (the channel-mix activation): one C++ pass forward and backward for fp32 CPU
+    tensors, the PyTorch expression otherwise (and under ``backend="reference"``)."""
+    if backend != "reference" and _fusable(x):
+        return _ReluSq.apply(_c(x))
+    return torch.relu(x).square()
+
+
+class _HeadNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, weight, bias, eps: float):
+        B, T, H, N = y.shape
+        out = torch.empty(B, T, H * N, dtype=torch.float32)
+        mean, rstd = torch.empty(B * T * H), torch.empty(B * T * H)
+        _lib().rz_head_norm_fwd(y.data_ptr(), weight.data_ptr(), bias.data_ptr(), eps, out.data_ptr(),
+                                mean.data_ptr(), rstd.data_ptr(), B * T, H, N, torch.get_num_threads())
+        ctx.save_for_backward(y, weight, mean, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        y, weight, mean, rstd = ctx.saved_tensors
+        B, T, H, N = y.shape
+        g = _c(g.float())
+        n = torch.get_num_threads()
+        dy = torch.empty_like(y)
+        dw, db = torch.empty(n, H * N), torch.empty(n, H * N)
+        _lib().rz_head_norm_bwd(y.data_ptr(), weight.data_ptr(), mean.data_ptr(), rstd.data_ptr(), g.data_ptr(),
+                                dy.data_ptr(), dw.data_ptr(), db.data_ptr(), B * T, H, N, n)
+        return dy, dw.sum(0), db.sum(0), None
+
+
+def head_group_norm(y: Tensor, ln_x: torch.nn.GroupNorm, backend: str | None = None) -> Tensor:
+    """GroupNorm over each head of ``y`` [B, T, H, N] in fp32 (``rwkv_zoo.model.head_group_norm``);
+    returns [B, T, H * N] fp32. One C++ pass each way for fp32 CPU tensors, PyTorch otherwise."""
+    w, b = ln_x.weight, ln_x.bias
+    if backend != "reference" and _fusable(y, w, b):
+        return _HeadNorm.apply(_c(y), _c(w), _c(b), float(ln_x.eps))
+    B, T, H, N = y.shape
+    out = torch.nn.functional.group_norm(y.float().reshape(B * T, H * N), H, w.float(), b.float(), ln_x.eps)
+    return out.view(B, T, H * N)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from rwkv_zoo import ops
+from rwkv_zoo.backends.cpu.train import relu_sq, shift_mix
 from rwkv_zoo.hookspecs import hookimpl
 from rwkv_zoo.model import (
     RWKV,
@@ -29,7 +30,6 @@ from rwkv_zoo.model import (
     layer_ratios,
     official_param_groups,
     orthogonal_,
-    token_shift,
 )
 from rwkv_zoo.protocols import Context
 from rwkv_zoo.registry import SizePreset, VersionSpec
@@ -71,10 +71,10 @@ class V4TimeMix(nn.Module):
         return ops.zero_state4(batch_size, self.time_decay.shape[0], device)
 
     def forward(self, x: Tensor, shift: Tensor, wkv, ctx: Context) -> tuple[Tensor, Tensor, tuple]:
-        xx, new_shift = token_shift(x, shift)  # [B, T, C]
-        # The three lerps as one elementwise pass over [3, B, T, C] (the same arithmetic per element).
-        mix = torch.stack([self.time_mix_k, self.time_mix_v, self.time_mix_r])
-        xk, xv, xr = (x * mix + xx * (1 - mix)).unbind(0)
+        # Token shift and the three lerps as one pass over [3, B, T, C] (the same arithmetic per element).
+        new_shift = x[:, -1]
+        mixes = [self.time_mix_k, self.time_mix_v, self.time_mix_r]
+        xk, xv, xr = shift_mix(x, shift, mixes, form="lerp", backend=ctx.backend).unbind(0)
         k, v = self.key(xk), self.value(xv)
         r = torch.sigmoid(self.receptance(xr))
         w = -torch.exp(self.time_decay.float())  # per-step log-decay, always negative
@@ -112,10 +112,9 @@ class V4ChannelMix(nn.Module):
         self.value = nn.Linear(F, C, bias=False)
 
     def forward(self, x: Tensor, shift: Tensor, ctx: Context) -> tuple[Tensor, Tensor]:
-        xx, new_shift = token_shift(x, shift)
-        xk = x * self.time_mix_k + xx * (1 - self.time_mix_k)
-        xr = x * self.time_mix_r + xx * (1 - self.time_mix_r)
-        k = torch.relu(self.key(xk)).square()  # relu^2 (square: x*x, 2.5x faster than pow on CPU)
+        xk, xr = shift_mix(x, shift, [self.time_mix_k, self.time_mix_r], form="lerp", backend=ctx.backend).unbind(0)
+        new_shift = x[:, -1]
+        k = relu_sq(self.key(xk), backend=ctx.backend)  # relu^2: one C++ pass on a CPU
         return torch.sigmoid(self.receptance(xr)) * self.value(k), new_shift
 
     @torch.no_grad()

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rwkv_zoo import ops
+from rwkv_zoo.backends.cpu.train import head_group_norm, shift_mix
 from rwkv_zoo.hookspecs import hookimpl
 from rwkv_zoo.model import (
     GROUPNORM_EPS,
@@ -26,11 +27,9 @@ from rwkv_zoo.model import (
     RWKVConfig,
     channel_ramp,
     ffn_3p5x,
-    head_group_norm,
     layer_ratios,
     official_param_groups,
     orthogonal_,
-    token_shift,
 )
 from rwkv_zoo.protocols import Context
 from rwkv_zoo.registry import SizePreset, VersionSpec
@@ -87,17 +86,17 @@ class V5TimeMix(nn.Module):
     def forward(self, x: Tensor, shift: Tensor, wkv: Tensor, ctx: Context) -> tuple[Tensor, Tensor, Tensor]:
         B, T, _ = x.shape
         H, N = self.time_decay.shape
-        xx, new_shift = token_shift(x, shift)
-        # The four lerps as one elementwise pass over [4, B, T, C] (the same arithmetic per element).
-        mix = torch.stack([self.time_mix_k, self.time_mix_v, self.time_mix_r, self.time_mix_g])
-        xk, xv, xr, xg = (x * mix + xx * (1 - mix)).unbind(0)
+        # Token shift and the four lerps as one pass over [4, B, T, C] (the same arithmetic per element).
+        new_shift = x[:, -1]
+        mixes = [self.time_mix_k, self.time_mix_v, self.time_mix_r, self.time_mix_g]
+        xk, xv, xr, xg = shift_mix(x, shift, mixes, form="lerp", backend=ctx.backend).unbind(0)
         r = self.receptance(xr).view(B, T, H, N)
         k = self.key(xk).view(B, T, H, N)
         v = self.value(xv).view(B, T, H, N)
         g = F.silu(self.gate(xg))
         w = -torch.exp(self.time_decay.float())  # [H, N] log of exp(-exp(d))
         y, wkv = ops.wkv5(r, k, v, w, self.time_faaaa.float(), wkv, mode=ctx.mode, backend=ctx.backend)
-        y = head_group_norm(y, self.ln_x).to(x.dtype)
+        y = head_group_norm(y, self.ln_x, backend=ctx.backend).to(x.dtype)
         return self.output(y * g), new_shift, wkv
 
     @torch.no_grad()

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rwkv_zoo import ops
+from rwkv_zoo.backends.cpu.train import head_group_norm, relu_sq, shift_mix
 from rwkv_zoo.hookspecs import hookimpl
 from rwkv_zoo.model import (
     GROUPNORM_EPS,
@@ -29,11 +30,9 @@ from rwkv_zoo.model import (
     RWKVConfig,
     channel_ramp,
     ffn_3p5x,
-    head_group_norm,
     layer_ratios,
     official_param_groups,
     orthogonal_,
-    token_shift,
 )
 from rwkv_zoo.protocols import Context
 from rwkv_zoo.registry import SizePreset, VersionSpec
@@ -96,15 +95,15 @@ class V6TimeMix(nn.Module):
     def forward(self, x: Tensor, shift: Tensor, wkv: Tensor, ctx: Context) -> tuple[Tensor, Tensor, Tensor]:
         B, T, _ = x.shape
         H, N = self.time_faaaa.shape
-        xx, new_shift = token_shift(x, shift)
-        dx = xx - x
-        h = torch.tanh((x + dx * self.time_maa_x) @ self.time_maa_w1)  # [B, T, 5*Dm]
+        new_shift = x[:, -1]
+        xx = shift_mix(x, shift, [self.time_maa_x], backend=ctx.backend)[0]
+        h = torch.tanh(xx @ self.time_maa_w1)  # [B, T, 5*Dm]
         h = h.view(B, T, 5, -1).transpose(1, 2)  # [B, 5, T, Dm]
         m = torch.einsum("bftd,fdc->fbtc", h, self.time_maa_w2)  # rows w, k, v, r, g: [5, B, T, C]
-        # The five lerps as one elementwise pass over [5, B, T, C] (the same arithmetic per element as
-        # five separate ones: fewer, larger ops for small training shapes).
-        maa = torch.stack([self.time_maa_w, self.time_maa_k, self.time_maa_v, self.time_maa_r, self.time_maa_g])
-        xw, xk, xv, xr, xg = (x + dx * (maa + m)).unbind(0)
+        # Token shift and the five lerps as one pass over [5, B, T, C] (the same arithmetic per element as
+        # five separate ones; one C++ op forward and one backward on a CPU).
+        maa = [self.time_maa_w, self.time_maa_k, self.time_maa_v, self.time_maa_r, self.time_maa_g]
+        xw, xk, xv, xr, xg = shift_mix(x, shift, maa, m, backend=ctx.backend).unbind(0)
         r = self.receptance(xr).view(B, T, H, N)
         k = self.key(xk).view(B, T, H, N)
         v = self.value(xv).view(B, T, H, N)
@@ -112,7 +111,7 @@ class V6TimeMix(nn.Module):
         ww = self.time_decay.float() + (torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2).float()
         w = -torch.exp(ww).view(B, T, H, N)  # log of exp(-exp(ww)), fp32
         y, wkv = ops.wkv6(r, k, v, w, self.time_faaaa.float(), wkv, mode=ctx.mode, backend=ctx.backend)
-        y = head_group_norm(y, self.ln_x).to(x.dtype)
+        y = head_group_norm(y, self.ln_x, backend=ctx.backend).to(x.dtype)
         return self.output(y * g), new_shift, wkv
 
     @torch.no_grad()
@@ -156,11 +155,9 @@ class V6ChannelMix(nn.Module):
         self.value = nn.Linear(F_, C, bias=False)
 
     def forward(self, x: Tensor, shift: Tensor, ctx: Context) -> tuple[Tensor, Tensor]:
-        xx, new_shift = token_shift(x, shift)
-        dx = xx - x
-        xk = x + dx * self.time_maa_k
-        xr = x + dx * self.time_maa_r
-        k = torch.relu(self.key(xk)).square()  # relu^2 (square: x*x, 2.5x faster than pow on CPU)
+        xk, xr = shift_mix(x, shift, [self.time_maa_k, self.time_maa_r], backend=ctx.backend).unbind(0)
+        new_shift = x[:, -1]
+        k = relu_sq(self.key(xk), backend=ctx.backend)  # relu^2: one C++ pass on a CPU
         return torch.sigmoid(self.receptance(xr)) * self.value(k), new_shift
 
     @torch.no_grad()

@@ -27,17 +27,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rwkv_zoo import ops
+from rwkv_zoo.backends.cpu.train import head_group_norm, relu_sq, shift_mix
 from rwkv_zoo.hookspecs import hookimpl
 from rwkv_zoo.model import (
     GROUPNORM_EPS,
     Block,
     RWKVConfig,
     channel_ramp,
-    head_group_norm,
     layer_ratios,
     official_param_groups,
     orthogonal_,
-    token_shift,
 )
 from rwkv_zoo.protocols import Context
 from rwkv_zoo.registry import SizePreset, VersionSpec
@@ -113,12 +112,12 @@ class V7TimeMix(nn.Module):
     def forward(self, x: Tensor, shift: Tensor, wkv: Tensor, ctx: Context) -> tuple[Tensor, Tensor, Tensor]:
         B, T, C = x.shape
         H, N = self.r_k.shape
-        xx, new_shift = token_shift(x, shift)
-        dx = xx - x
-        # The six lerps as one elementwise pass over [6, B, T, C] (the same arithmetic per element as six
-        # separate ones: fewer, larger ops for small training shapes).
-        mix = torch.stack([self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g])  # [6, 1, 1, C]
-        xr, xw, xk, xv, xa, xg = (x + dx * mix).unbind(0)
+        # Token shift and the six lerps in one pass over [6, B, T, C] (the same arithmetic per element as
+        # six separate ones; one C++ op forward and one backward on a CPU).
+        new_shift = x[:, -1]
+        mixes = [self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g]
+        mixed = shift_mix(x, shift, mixes, backend=ctx.backend)
+        xr, xw, xk, xv, xa, xg = mixed.unbind(0)
         r, k, v = self.receptance(xr), self.key(xk), self.value(xv)  # [B, T, C]
         z = self.w0 + torch.tanh(xw @ self.w1) @ self.w2
         logw = -DECAY_SCALE * torch.sigmoid(z.float())  # log of the per-step decay, fp32
@@ -134,7 +133,7 @@ class V7TimeMix(nn.Module):
         ah = a.view(B, T, H, N)
         y, wkv = ops.wkv7(rh, logw.view(B, T, H, N), kh, vh, -kk, kk * ah, wkv,
                           mode=ctx.mode, backend=ctx.backend)
-        y = head_group_norm(y, self.ln_x).to(x.dtype)
+        y = head_group_norm(y, self.ln_x, backend=ctx.backend).to(x.dtype)
         bonus = (rh * kh * self.r_k).sum(-1, keepdim=True) * vh  # [B, T, H, N]
         y = y + bonus.reshape(B, T, C)
         return self.output(y * g), new_shift, wkv
@@ -184,8 +183,8 @@ class V7ChannelMix(nn.Module):
         self.value = nn.Linear(F_, C, bias=False)
 
     def forward(self, x: Tensor, shift: Tensor, ctx: Context) -> tuple[Tensor, Tensor]:
-        xx, new_shift = token_shift(x, shift)
-        k = torch.relu(self.key(x + (xx - x) * self.x_k)).square()
+        k = relu_sq(self.key(shift_mix(x, shift, [self.x_k], backend=ctx.backend)[0]), backend=ctx.backend)
+        new_shift = x[:, -1]
         return self.value(k), new_shift
 
     @torch.no_grad()

@@ -124,3 +124,79 @@ def test_tiny_models_train_the_same_on_cpu_and_reference():
             torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()).backward()
             grads[backend] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
         assert rel_err(grads["cpu"], grads["reference"]) < 1e-4, name
+
+
+@pytest.mark.parametrize(("form", "F", "dyn"), [("delta", 6, False), ("delta", 5, True), ("lerp", 3, False)])
+def test_shift_mix_matches_pytorch_in_fp64(form, F, dyn):
+    # The fused token shift + lerps (v6/v7 "delta" form with v6's data-dependent part, v4/v5 "lerp"
+    # form): values and every gradient against the PyTorch expression in fp64.
+    g = torch.Generator().manual_seed(3)
+    B, T, C = 3, 9, 40
+    leaves = [torch.randn(B, T, C, generator=g), torch.randn(B, C, generator=g),
+              *(torch.rand(1, 1, C, generator=g) for _ in range(F))]
+    if dyn:
+        leaves.append(0.1 * torch.randn(F, B, T, C, generator=g))
+    up = torch.randn(F, B, T, C, generator=g, dtype=torch.float64)
+
+    def run(xs, backend):
+        xs = [x.clone().requires_grad_() for x in xs]
+        out = cpu_train.shift_mix(xs[0], xs[1], xs[2:2 + F], xs[2 + F] if dyn else None, form, backend=backend)
+        grads = torch.autograd.grad(out, xs, up.to(out.dtype))
+        return out.detach().double(), [d.double() for d in grads]
+
+    got, got_grads = run(leaves, None)
+    want, want_grads = run([x.double() for x in leaves], "reference")
+    assert rel_err(got, want) < GATE
+    for have, ref in zip(got_grads, want_grads, strict=True):
+        assert rel_err(have, ref) < GATE
+
+
+def test_relu_sq_matches_pytorch_in_fp64():
+    x = torch.randn(4, 8, 96, generator=torch.Generator().manual_seed(4))
+    up = torch.randn(4, 8, 96, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    a, b = x.clone().requires_grad_(), x.double().requires_grad_()
+    ya, yb = cpu_train.relu_sq(a), cpu_train.relu_sq(b)  # fp64 takes the PyTorch expression
+    (ya.double() * up).sum().backward()
+    (yb * up).sum().backward()
+    assert rel_err(ya.double(), yb) < GATE and rel_err(a.grad.double(), b.grad) < GATE
+
+
+def test_cpu_training_step_is_fused_and_deterministic():
+    # The trainer's CPU optimizer is the fused AdamW; its run equals the for-loop AdamW's within fp32
+    # rounding, and two runs with one thread count are bit-identical.
+    from rwkv_zoo.train.trainer import TrainConfig, Trainer
+
+    cfg = {"model": "v7", "model_options": {"n_layer": 1, "n_embd": 32, "head_size": 16}, "steps": 3,
+           "batch_size": 4, "progress": False, "threads": 1, "lr": 1e-2,
+           "data": {"task": "mqar", "num_pairs": 2, "num_keys": 8, "num_values": 8, "seq_len": 16}}
+    runs = []
+    for fused in (True, True, False):
+        tr = Trainer(TrainConfig.from_dict(cfg))
+        assert tr.optimizer.defaults["fused"] is True
+        if not fused:
+            groups = [{k: v for k, v in g.items() if k != "fused"} for g in tr.optimizer.param_groups]
+            tr.optimizer = torch.optim.AdamW(groups, fused=False, foreach=False)
+        for _ in range(2):
+            tr.train_step()
+        runs.append(torch.cat([p.detach().flatten() for p in tr.params]))
+    assert torch.equal(runs[0], runs[1])
+    assert rel_err(runs[0], runs[2]) < 1e-5
+
+
+def test_head_group_norm_matches_pytorch_in_fp64():
+    g = torch.Generator().manual_seed(6)
+    ln = torch.nn.GroupNorm(4, 64, eps=64e-5)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5, generator=g)
+        ln.bias.uniform_(-0.5, 0.5, generator=g)
+    ln64 = torch.nn.GroupNorm(4, 64, eps=64e-5).double()
+    ln64.load_state_dict(ln.state_dict())
+    y = torch.randn(3, 5, 4, 16, generator=g)
+    up = torch.randn(3, 5, 64, generator=g, dtype=torch.float64)
+    got, want = [], []
+    for norm, x, out in ((ln, y.clone().requires_grad_(), got), (ln64, y.double().requires_grad_(), want)):
+        o = cpu_train.head_group_norm(x, norm)  # fp64 takes PyTorch's GroupNorm
+        grads = torch.autograd.grad(o, [x, norm.weight, norm.bias], up.to(o.dtype))
+        out.extend(t.detach().double() for t in (o, *grads))
+    for have, ref in zip(got, want, strict=True):
+        assert rel_err(have, ref) < GATE

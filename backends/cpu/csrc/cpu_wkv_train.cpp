@@ -96,9 +96,10 @@ void wkv6_bwd(const float* r, const float* k, const float* v, const float* w, in
     const int64_t nc = ceil_div(T, L);
 #pragma omp parallel num_threads(nthreads)
     {
-        std::vector<float> bufv(L * N * N), dSv(N * N), dvv(N), duv(N), dwv(N), decayv(N);
+        // decall[m]: the chunk's per-token decays exp(w), computed once (vectorized) for both passes.
+        std::vector<float> bufv(L * N * N), dSv(N * N), dvv(N), duv(N), dwv(N), decayv(N), decv(L * N);
         float *buf = bufv.data(), *dS = dSv.data(), *dvacc = dvv.data(), *duacc = duv.data(), *dwacc = dwv.data();
-        float* decay = decayv.data();
+        float *decay = decayv.data(), *decall = decv.data();
 #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < B * H; ++bh) {
             const int64_t b = bh / H, h = bh % H;
@@ -114,13 +115,21 @@ void wkv6_bwd(const float* r, const float* k, const float* v, const float* w, in
                 const int64_t t0 = c * L, len = (T - t0 < L) ? T - t0 : L;
                 // Recompute the states entering each token of the chunk: buf[m] = S_{t0 + m - 1}.
                 memcpy(buf, ckpt + (bh * nc + c) * N * N, N * N * sizeof(float));
+                if (w_per_token)
+                    for (int64_t m = 0; m < len; ++m) {
+                        const float* wt = w + ((b * T + t0 + m) * H + h) * N;
+                        float* dm = decall + m * N;
+#pragma omp simd
+                        for (int64_t i = 0; i < N; ++i) dm[i] = expf(wt[i]);
+                    }
                 for (int64_t m = 0; m + 1 < len; ++m) {
                     const int64_t base = ((b * T + t0 + m) * H + h) * N;
                     const float *kt = k + base, *vt = v + base;
                     const float* prev = buf + m * N * N;
                     float* next = buf + (m + 1) * N * N;
+                    const float* dm = w_per_token ? decall + m * N : decay;
                     for (int64_t i = 0; i < N; ++i) {
-                        const float di = w_per_token ? expf(w[base + i]) : decay[i], ki = kt[i];
+                        const float di = dm[i], ki = kt[i];
 #pragma omp simd
                         for (int64_t j = 0; j < N; ++j) next[i * N + j] = prev[i * N + j] * di + ki * vt[j];
                     }
@@ -129,11 +138,7 @@ void wkv6_bwd(const float* r, const float* k, const float* v, const float* w, in
                     const int64_t base = ((b * T + t0 + m) * H + h) * N;
                     const float *rt = r + base, *kt = k + base, *vt = v + base, *dyt = dy + base;
                     const float* S0 = buf + m * N * N;
-                    if (w_per_token) {
-                        const float* wt = w + base;
-#pragma omp simd
-                        for (int64_t i = 0; i < N; ++i) decay[i] = expf(wt[i]);
-                    }
+                    if (w_per_token) memcpy(decay, decall + m * N, N * sizeof(float));
                     float vdy = 0.f, ruk = 0.f;
 #pragma omp simd reduction(+ : vdy)
                     for (int64_t j = 0; j < N; ++j) vdy += vt[j] * dyt[j];
@@ -433,6 +438,203 @@ void wkv4_bwd(const float* w, const float* u, const float* k, const float* v, co
     }
 }
 
+// ------------------------------------------------------------------------------------------------
+// Token shift and its lerps in one pass: out[f, b, t] = lerp of x[b, t] and prev[b, t] with weights
+// m = mix[f] (+ dyn[f, b, t] when dyn is given, v6's data-dependent part), prev[b, t] = x[b, t - 1]
+// (shift[b] at t = 0). form 0 (v6, v7): x + (prev - x) * m; form 1 (v4, v5): x * m + prev * (1 - m),
+// the same arithmetic per element as the PyTorch expressions they replace. At the ablation shapes the
+// PyTorch version was a dozen memory-bound ops over [F, B, T, C] per block, forward and backward.
+// Layouts: x [B, T, C], shift [B, C], mix [F, C], dyn and out [F, B, T, C]; the backward writes dx,
+// dshift, ddyn (when dyn) and per-sequence partial sums dmix [B, F, C] that the caller sums over B.
+
+// One (sequence, token) row of the forward: FORM 0 delta, 1 lerp; DYN: dyn given (delta only). The
+// branches are template parameters so that the inner loops vectorize.
+template <int FORM, bool DYN>
+inline void shift_mix_row(const float* xt, const float* pt, const float* mix, const float* dyn, float* out,
+                          int64_t F, int64_t stride, int64_t C) {
+    for (int64_t f = 0; f < F; ++f) {
+        const float* mf = mix + f * C;
+        const float* df = DYN ? dyn + f * stride : nullptr;
+        float* ot = out + f * stride;
+        if (FORM == 0) {
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) {
+                const float m = DYN ? mf[c] + df[c] : mf[c];
+                ot[c] = xt[c] + (pt[c] - xt[c]) * m;
+            }
+        } else {
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) ot[c] = xt[c] * mf[c] + pt[c] * (1.f - mf[c]);
+        }
+    }
+}
+
+template <int FORM, bool DYN>
+void shift_mix_fwd_t(const float* x, const float* shift, const float* mix, const float* dyn, float* out, int64_t F,
+                     int64_t B, int64_t T, int64_t C, int nthreads) {
+    const int64_t stride = B * T * C;  // between the F planes of out and dyn
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t b = 0; b < B; ++b) {
+        for (int64_t t = 0; t < T; ++t) {
+            const float* xt = x + (b * T + t) * C;
+            const float* pt = t ? xt - C : shift + b * C;
+            const int64_t o = (b * T + t) * C;
+            shift_mix_row<FORM, DYN>(xt, pt, mix, DYN ? dyn + o : nullptr, out + o, F, stride, C);
+        }
+    }
+}
+
+void shift_mix_fwd(const float* x, const float* shift, const float* mix, const float* dyn, float* out, int form,
+                   int64_t F, int64_t B, int64_t T, int64_t C, int nthreads) {
+    if (form == 1)
+        shift_mix_fwd_t<1, false>(x, shift, mix, nullptr, out, F, B, T, C, nthreads);
+    else if (dyn)
+        shift_mix_fwd_t<0, true>(x, shift, mix, dyn, out, F, B, T, C, nthreads);
+    else
+        shift_mix_fwd_t<0, false>(x, shift, mix, nullptr, out, F, B, T, C, nthreads);
+}
+
+template <int FORM, bool DYN>
+void shift_mix_bwd_t(const float* g, const float* x, const float* shift, const float* mix, const float* dyn,
+                     float* dx, float* dshift, float* dmix, float* ddyn, int64_t F, int64_t B, int64_t T, int64_t C,
+                     int nthreads) {
+    const int64_t stride = B * T * C;
+#pragma omp parallel num_threads(nthreads)
+    {
+        std::vector<float> carryv(C), prevgv(C);
+        float *carry = carryv.data(), *prevg = prevgv.data();  // gradient of prev[b, t + 1], of prev[b, t]
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < B; ++b) {
+            float* dm = dmix + b * F * C;
+            memset(dm, 0, F * C * sizeof(float));
+            memset(carry, 0, C * sizeof(float));
+            for (int64_t t = T - 1; t >= 0; --t) {
+                const float* xt = x + (b * T + t) * C;
+                const float* pt = t ? xt - C : shift + b * C;
+                float* dxt = dx + (b * T + t) * C;
+                for (int64_t c = 0; c < C; ++c) dxt[c] = carry[c], prevg[c] = 0.f;
+                const int64_t o = (b * T + t) * C;
+                for (int64_t f = 0; f < F; ++f) {
+                    const float *gt = g + f * stride + o, *mf = mix + f * C;
+                    float* dmf = dm + f * C;
+                    if (FORM == 0) {
+                        const float* df = DYN ? dyn + f * stride + o : nullptr;
+                        float* ddf = DYN ? ddyn + f * stride + o : nullptr;
+#pragma omp simd
+                        for (int64_t c = 0; c < C; ++c) {
+                            const float m = DYN ? mf[c] + df[c] : mf[c];
+                            const float gm = gt[c] * m, gd = gt[c] * (pt[c] - xt[c]);
+                            dxt[c] += gt[c] - gm;
+                            prevg[c] += gm;
+                            dmf[c] += gd;
+                            if (DYN) ddf[c] = gd;
+                        }
+                    } else {
+#pragma omp simd
+                        for (int64_t c = 0; c < C; ++c) {
+                            dxt[c] += gt[c] * mf[c];
+                            prevg[c] += gt[c] * (1.f - mf[c]);
+                            dmf[c] += gt[c] * (xt[c] - pt[c]);
+                        }
+                    }
+                }
+                memcpy(carry, prevg, C * sizeof(float));
+            }
+            memcpy(dshift + b * C, carry, C * sizeof(float));
+        }
+    }
+}
+
+void shift_mix_bwd(const float* g, const float* x, const float* shift, const float* mix, const float* dyn, int form,
+                   float* dx, float* dshift, float* dmix, float* ddyn, int64_t F, int64_t B, int64_t T, int64_t C,
+                   int nthreads) {
+    if (form == 1)
+        shift_mix_bwd_t<1, false>(g, x, shift, mix, nullptr, dx, dshift, dmix, nullptr, F, B, T, C, nthreads);
+    else if (dyn)
+        shift_mix_bwd_t<0, true>(g, x, shift, mix, dyn, dx, dshift, dmix, ddyn, F, B, T, C, nthreads);
+    else
+        shift_mix_bwd_t<0, false>(g, x, shift, mix, nullptr, dx, dshift, dmix, nullptr, F, B, T, C, nthreads);
+}
+
+// The channel-mix activation relu(x)^2 and its gradient 2 relu(x) g, one pass each (PyTorch spent five
+// ops on it: clamp, square, and in backward two multiplies and a threshold).
+void relu_sq_fwd(const float* x, float* y, int64_t n, int nthreads) {
+#pragma omp parallel for simd schedule(static) num_threads(nthreads)
+    for (int64_t i = 0; i < n; ++i) {
+        const float r = x[i] > 0.f ? x[i] : 0.f;
+        y[i] = r * r;
+    }
+}
+
+void relu_sq_bwd(const float* x, const float* g, float* dx, int64_t n, int nthreads) {
+#pragma omp parallel for simd schedule(static) num_threads(nthreads)
+    for (int64_t i = 0; i < n; ++i) dx[i] = x[i] > 0.f ? 2.f * x[i] * g[i] : 0.f;
+}
+
+// GroupNorm over each head of the WKV output (v5-v7's ln_x): y [R, H, N] (R = B * T rows), weight and
+// bias [H * N]; out [R, H * N]; mean and rstd [R, H] saved for the backward. PyTorch's GroupNorm spent
+// ~1 ms forward and backward on [512, 64] with 4 groups, ~50x the memory traffic's time.
+void head_norm_fwd(const float* y, const float* wt, const float* bs, float eps, float* out, float* mean,
+                   float* rstd, int64_t R, int64_t H, int64_t N, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t rh = 0; rh < R * H; ++rh) {
+        const int64_t h = rh % H;
+        const float* x = y + rh * N;
+        float* o = out + rh * N;
+        float s = 0.f;
+#pragma omp simd reduction(+ : s)
+        for (int64_t i = 0; i < N; ++i) s += x[i];
+        const float mu = s / N;
+        float v = 0.f;
+#pragma omp simd reduction(+ : v)
+        for (int64_t i = 0; i < N; ++i) v += (x[i] - mu) * (x[i] - mu);
+        const float r = 1.f / sqrtf(v / N + eps);
+        const float *w = wt + h * N, *b = bs + h * N;
+#pragma omp simd
+        for (int64_t i = 0; i < N; ++i) o[i] = (x[i] - mu) * r * w[i] + b[i];
+        mean[rh] = mu, rstd[rh] = r;
+    }
+}
+
+// dw, db: per-thread partial sums [nthreads, H * N] that the caller sums (fixed order: deterministic
+// for a fixed thread count).
+void head_norm_bwd(const float* y, const float* wt, const float* mean, const float* rstd, const float* g, float* dy,
+                   float* dw, float* db, int64_t R, int64_t H, int64_t N, int nthreads) {
+    const int64_t C = H * N;
+    memset(dw, 0, nthreads * C * sizeof(float));
+    memset(db, 0, nthreads * C * sizeof(float));
+#pragma omp parallel num_threads(nthreads)
+    {
+        const int tid = omp_get_thread_num();
+        float *pdw = dw + tid * C, *pdb = db + tid * C;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < R; ++r) {
+            for (int64_t h = 0; h < H; ++h) {
+                const int64_t rh = r * H + h;
+                const float *x = y + rh * N, *gg = g + rh * N, *w = wt + h * N;
+                float* d = dy + rh * N;
+                const float mu = mean[rh], rs = rstd[rh];
+                float sd = 0.f, sdx = 0.f;
+#pragma omp simd reduction(+ : sd, sdx)
+                for (int64_t i = 0; i < N; ++i) {
+                    const float xh = (x[i] - mu) * rs, dxh = gg[i] * w[i];
+                    sd += dxh;
+                    sdx += dxh * xh;
+                }
+                sd /= N, sdx /= N;
+                float *qw = pdw + h * N, *qb = pdb + h * N;
+#pragma omp simd
+                for (int64_t i = 0; i < N; ++i) {
+                    const float xh = (x[i] - mu) * rs;
+                    d[i] = rs * (gg[i] * w[i] - sd - xh * sdx);
+                    qw[i] += gg[i] * xh;
+                    qb[i] += gg[i];
+                }
+            }
+        }
+    }
+}
+
 }  // namespace
 
 #define RZ_BY_N(FN, ...)                         \
@@ -445,7 +647,34 @@ void wkv4_bwd(const float* w, const float* u, const float* k, const float* v, co
 
 extern "C" {
 
-int rz_wkv_train_abi_version() { return 1; }
+int rz_wkv_train_abi_version() { return 2; }
+
+void rz_head_norm_fwd(const float* y, const float* wt, const float* bs, float eps, float* out, float* mean,
+                      float* rstd, int64_t R, int64_t H, int64_t N, int nthreads) {
+    head_norm_fwd(y, wt, bs, eps, out, mean, rstd, R, H, N, nthreads);
+}
+
+void rz_head_norm_bwd(const float* y, const float* wt, const float* mean, const float* rstd, const float* g,
+                      float* dy, float* dw, float* db, int64_t R, int64_t H, int64_t N, int nthreads) {
+    head_norm_bwd(y, wt, mean, rstd, g, dy, dw, db, R, H, N, nthreads);
+}
+
+void rz_relu_sq_fwd(const float* x, float* y, int64_t n, int nthreads) { relu_sq_fwd(x, y, n, nthreads); }
+
+void rz_relu_sq_bwd(const float* x, const float* g, float* dx, int64_t n, int nthreads) {
+    relu_sq_bwd(x, g, dx, n, nthreads);
+}
+
+void rz_shift_mix_fwd(const float* x, const float* shift, const float* mix, const float* dyn, float* out, int form,
+                      int64_t F, int64_t B, int64_t T, int64_t C, int nthreads) {
+    shift_mix_fwd(x, shift, mix, dyn, out, form, F, B, T, C, nthreads);
+}
+
+void rz_shift_mix_bwd(const float* g, const float* x, const float* shift, const float* mix, const float* dyn,
+                      int form, float* dx, float* dshift, float* dmix, float* ddyn, int64_t F, int64_t B, int64_t T,
+                      int64_t C, int nthreads) {
+    shift_mix_bwd(g, x, shift, mix, dyn, form, dx, dshift, dmix, ddyn, F, B, T, C, nthreads);
+}
 
 void rz_wkv4_fwd(const float* w, const float* u, const float* k, const float* v, const float* a0, const float* b0,
                  const float* p0, float* y, float* aT, float* bT, float* pT, float* sa, float* sb, float* sp,
