@@ -129,6 +129,9 @@ class Backend:
     provider: str = field(default="", compare=False)  # the plugin that registered it (set on registration)
     # Whole-model inference steps (rwkv_zoo.fused.FusedStep), chosen by rwkv_zoo.fused.select.
     steps: list[Any] = field(default_factory=list)
+    # Faster versions of the blocks' small layer ops (rwkv_zoo.layerops: name -> function, NotImplemented
+    # for a call it cannot run).
+    layer_ops: dict[str, Callable[..., Any]] = field(default_factory=dict)
 
     def unavailable_reason(self) -> str | None:
         """A sentence saying why this backend cannot run at all here, or None when it can."""

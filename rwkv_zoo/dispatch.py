@@ -34,6 +34,8 @@ __all__ = [
     "KernelCall",
     "Selection",
     "auto_mode",
+    "backends_generation",
+    "explicit_backend",
     "get_backends",
     "list_backends",
     "select",
@@ -58,6 +60,12 @@ def get_backends() -> dict[str, Backend]:
     if _backends.generation != before:
         _selection_cache.clear()  # keys carry the generation; this only frees the stale ones
     return found
+
+
+def backends_generation() -> int:
+    """A number that changes whenever the set of registered backends does (for callers' caches)."""
+    get_backends()
+    return _backends.generation
 
 
 def list_backends() -> list[dict]:
@@ -105,6 +113,12 @@ def _explicit(backend: str | None) -> tuple[str | None, str]:
     if env:
         return env, "RWKV_ZOO_BACKEND"
     return None, ""
+
+
+def explicit_backend(backend: str | None = None) -> str | None:
+    """The backend chosen explicitly for a call (``backend=``, then ``use_backend()``, then
+    ``RWKV_ZOO_BACKEND``), or None for automatic selection."""
+    return _explicit(backend)[0]
 
 
 def auto_mode(T: int) -> tuple[str, str]:

@@ -207,26 +207,14 @@ def _fusable(*xs: Tensor | None) -> bool:
         cpu_kernels.load_wkv_train()[0] is not None
 
 
-def shift_mix(x: Tensor, shift: Tensor, mixes: list[Tensor], dyn: Tensor | None = None, form: str = "delta",
-              backend: str | None = None) -> Tensor:
-    """Token shift and F lerps in one pass: [F, B, T, C] from ``x`` [B, T, C] and ``shift`` [B, C].
+# The cpu backend's ``layer_ops`` (rwkv_zoo.layerops defines them and falls back to PyTorch on
+# NotImplemented: other devices and dtypes, or no compiler).
 
-    With ``prev`` the previous token's ``x`` (``shift`` at t = 0) and ``m`` mix f (each [..., C], plus
-    ``dyn[f]`` [F, B, T, C] when given): ``form="delta"`` (v6, v7) is ``x + (prev - x) * m``,
-    ``form="lerp"`` (v4, v5; no ``dyn``) ``x * m + prev * (1 - m)``. fp32 CPU tensors go through the C++
-    kernel with exact gradients; anything else (CUDA, bf16, no compiler, a model forced onto
-    ``backend="reference"``: plain PyTorch throughout) through the same PyTorch expression. The new
-    shift state is ``x[:, -1]``.
-    """
-    C = x.shape[-1]
-    mix = torch.stack([m.reshape(C) for m in mixes])  # [F, C]
-    if backend != "reference" and _fusable(x, shift, mix, dyn):
-        return _ShiftMix.apply(_c(x), _c(shift), mix, None if dyn is None else _c(dyn), 0 if form == "delta" else 1)
-    prev = torch.cat([shift.to(x.dtype).unsqueeze(1), x[:, :-1]], dim=1)
-    mix = mix.view(-1, 1, 1, C)
-    if form == "delta":
-        return x + (prev - x) * (mix if dyn is None else mix + dyn)
-    return x * mix + prev * (1 - mix)
+
+def shift_mix(x: Tensor, shift: Tensor, mix: Tensor, dyn: Tensor | None, form: str):
+    if not _fusable(x, shift, mix, dyn):
+        return NotImplemented
+    return _ShiftMix.apply(_c(x), _c(shift), mix, None if dyn is None else _c(dyn), 0 if form == "delta" else 1)
 
 
 class _ReluSq(torch.autograd.Function):
@@ -246,12 +234,8 @@ class _ReluSq(torch.autograd.Function):
         return dx
 
 
-def relu_sq(x: Tensor, backend: str | None = None) -> Tensor:
-    """``relu(x) ** 2`` (the channel-mix activation): one C++ pass forward and backward for fp32 CPU
-    tensors, the PyTorch expression otherwise (and under ``backend="reference"``)."""
-    if backend != "reference" and _fusable(x):
-        return _ReluSq.apply(_c(x))
-    return torch.relu(x).square()
+def relu_sq(x: Tensor):
+    return _ReluSq.apply(_c(x)) if _fusable(x) else NotImplemented
 
 
 class _HeadNorm(torch.autograd.Function):
@@ -278,12 +262,7 @@ class _HeadNorm(torch.autograd.Function):
         return dy, dw.sum(0), db.sum(0), None
 
 
-def head_group_norm(y: Tensor, ln_x: torch.nn.GroupNorm, backend: str | None = None) -> Tensor:
-    """GroupNorm over each head of ``y`` [B, T, H, N] in fp32 (``rwkv_zoo.model.head_group_norm``);
-    returns [B, T, H * N] fp32. One C++ pass each way for fp32 CPU tensors, PyTorch otherwise."""
-    w, b = ln_x.weight, ln_x.bias
-    if backend != "reference" and _fusable(y, w, b):
-        return _HeadNorm.apply(_c(y), _c(w), _c(b), float(ln_x.eps))
-    B, T, H, N = y.shape
-    out = torch.nn.functional.group_norm(y.float().reshape(B * T, H * N), H, w.float(), b.float(), ln_x.eps)
-    return out.view(B, T, H * N)
+def head_group_norm(y: Tensor, weight: Tensor, bias: Tensor, eps: float):
+    if not _fusable(y, weight, bias):
+        return NotImplemented
+    return _HeadNorm.apply(_c(y), _c(weight), _c(bias), eps)

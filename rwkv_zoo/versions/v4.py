@@ -20,8 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from rwkv_zoo import ops
-from rwkv_zoo.backends.cpu.train import relu_sq, shift_mix
 from rwkv_zoo.hookspecs import hookimpl
+from rwkv_zoo.layerops import relu_sq, shift_mix
 from rwkv_zoo.model import (
     RWKV,
     Block,
@@ -114,7 +114,7 @@ class V4ChannelMix(nn.Module):
     def forward(self, x: Tensor, shift: Tensor, ctx: Context) -> tuple[Tensor, Tensor]:
         xk, xr = shift_mix(x, shift, [self.time_mix_k, self.time_mix_r], form="lerp", backend=ctx.backend).unbind(0)
         new_shift = x[:, -1]
-        k = relu_sq(self.key(xk), backend=ctx.backend)  # relu^2: one C++ pass on a CPU
+        k = relu_sq(self.key(xk), backend=ctx.backend)
         return torch.sigmoid(self.receptance(xr)) * self.value(k), new_shift
 
     @torch.no_grad()

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rwkv_zoo import ops
-from rwkv_zoo.backends.cpu.train import head_group_norm, shift_mix
 from rwkv_zoo.hookspecs import hookimpl
+from rwkv_zoo.layerops import head_group_norm, shift_mix
 from rwkv_zoo.model import (
     GROUPNORM_EPS,
     Block,

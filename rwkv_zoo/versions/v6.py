@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rwkv_zoo import ops
-from rwkv_zoo.backends.cpu.train import head_group_norm, relu_sq, shift_mix
 from rwkv_zoo.hookspecs import hookimpl
+from rwkv_zoo.layerops import head_group_norm, relu_sq, shift_mix
 from rwkv_zoo.model import (
     GROUPNORM_EPS,
     Block,
@@ -157,7 +157,7 @@ class V6ChannelMix(nn.Module):
     def forward(self, x: Tensor, shift: Tensor, ctx: Context) -> tuple[Tensor, Tensor]:
         xk, xr = shift_mix(x, shift, [self.time_maa_k, self.time_maa_r], backend=ctx.backend).unbind(0)
         new_shift = x[:, -1]
-        k = relu_sq(self.key(xk), backend=ctx.backend)  # relu^2: one C++ pass on a CPU
+        k = relu_sq(self.key(xk), backend=ctx.backend)
         return torch.sigmoid(self.receptance(xr)) * self.value(k), new_shift
 
     @torch.no_grad()

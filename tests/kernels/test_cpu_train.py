@@ -8,7 +8,7 @@ import torch
 from _deps import CXX, needs
 
 import rwkv_zoo
-from rwkv_zoo import dispatch, ops
+from rwkv_zoo import dispatch, layerops, ops
 from rwkv_zoo.backends import cpu as cpu_backend
 from rwkv_zoo.backends.cpu import train as cpu_train
 from rwkv_zoo.dispatch import KernelCall
@@ -140,11 +140,11 @@ def test_shift_mix_matches_pytorch_in_fp64(form, F, dyn):
 
     def run(xs, backend):
         xs = [x.clone().requires_grad_() for x in xs]
-        out = cpu_train.shift_mix(xs[0], xs[1], xs[2:2 + F], xs[2 + F] if dyn else None, form, backend=backend)
+        out = layerops.shift_mix(xs[0], xs[1], xs[2:2 + F], xs[2 + F] if dyn else None, form, backend=backend)
         grads = torch.autograd.grad(out, xs, up.to(out.dtype))
         return out.detach().double(), [d.double() for d in grads]
 
-    got, got_grads = run(leaves, None)
+    got, got_grads = run(leaves, "cpu")
     want, want_grads = run([x.double() for x in leaves], "reference")
     assert rel_err(got, want) < GATE
     for have, ref in zip(got_grads, want_grads, strict=True):
@@ -155,7 +155,7 @@ def test_relu_sq_matches_pytorch_in_fp64():
     x = torch.randn(4, 8, 96, generator=torch.Generator().manual_seed(4))
     up = torch.randn(4, 8, 96, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     a, b = x.clone().requires_grad_(), x.double().requires_grad_()
-    ya, yb = cpu_train.relu_sq(a), cpu_train.relu_sq(b)  # fp64 takes the PyTorch expression
+    ya, yb = layerops.relu_sq(a, backend="cpu"), layerops.relu_sq(b, backend="reference")
     (ya.double() * up).sum().backward()
     (yb * up).sum().backward()
     assert rel_err(ya.double(), yb) < GATE and rel_err(a.grad.double(), b.grad) < GATE
@@ -194,9 +194,25 @@ def test_head_group_norm_matches_pytorch_in_fp64():
     y = torch.randn(3, 5, 4, 16, generator=g)
     up = torch.randn(3, 5, 64, generator=g, dtype=torch.float64)
     got, want = [], []
-    for norm, x, out in ((ln, y.clone().requires_grad_(), got), (ln64, y.double().requires_grad_(), want)):
-        o = cpu_train.head_group_norm(x, norm)  # fp64 takes PyTorch's GroupNorm
+    for norm, x, out, be in ((ln, y.clone().requires_grad_(), got, "cpu"),
+                             (ln64, y.double().requires_grad_(), want, "reference")):
+        o = layerops.head_group_norm(x, norm, backend=be)
         grads = torch.autograd.grad(o, [x, norm.weight, norm.bias], up.to(o.dtype))
         out.extend(t.detach().double() for t in (o, *grads))
     for have, ref in zip(got, want, strict=True):
         assert rel_err(have, ref) < GATE
+
+
+def test_layer_ops_follow_the_explicit_backend_choice():
+    # Versions call rwkv_zoo.layerops, never a backend: the cpu backend offers its versions through
+    # Backend.layer_ops, "reference" is plain PyTorch, and a call the cpu version cannot run (fp64)
+    # falls back to the definition.
+    assert layerops.implementations("shift_mix", "reference") == ()
+    assert layerops.implementations("relu_sq", "cpu") == (cpu_train.relu_sq,)
+    assert cpu_train.relu_sq in layerops.implementations("relu_sq")  # automatic: by priority
+    with dispatch.use_backend("reference"):
+        assert layerops.implementations("head_group_norm") == ()
+    x = torch.randn(5, 7, dtype=torch.float64)
+    assert cpu_train.relu_sq(x) is NotImplemented
+    assert torch.equal(layerops.relu_sq(x, backend="cpu"), torch.relu(x).square())
+    assert set(layerops.LAYER_OPS) == set(dispatch.get_backends()["cpu"].layer_ops)

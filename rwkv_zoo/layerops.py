@@ -1,0 +1,98 @@
+"""The small per-layer ops the blocks share, each defined here in PyTorch and made faster by backends.
+
+A block spends much of a small training step in memory-bound elementwise ops and their autograd nodes
+(a dozen for the token shift and lerps of one v6 block). These functions are what the versions call:
+
+- ``shift_mix(x, shift, mixes, dyn=None, form="delta")``: token shift and F lerps in one op;
+- ``relu_sq(x)``: the channel-mix activation ``relu(x) ** 2``;
+- ``head_group_norm(y, ln_x)``: GroupNorm over each head of ``y`` [B, T, H, N] (``ln_x`` of v5-v7).
+
+Speed is a backend's business: a backend lists faster versions in ``Backend.layer_ops`` (name -> function
+with the signature of ``LAYER_OP_SIGNATURES``), each returning ``NotImplemented`` for a call it cannot run
+(another device or dtype, its library not built), and must give the same values and gradients as the
+definition here (tests/kernels compare them). Which backend runs follows dispatch's explicit choice
+(``backend=``, ``use_backend()``, ``RWKV_ZOO_BACKEND``): ``reference`` is plain PyTorch, a named backend
+uses its own version where it has one, and with no choice the available backends are asked in priority
+order. The first one that does not answer ``NotImplemented`` runs the call; none: the definition here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from rwkv_zoo import dispatch
+from rwkv_zoo.model import head_group_norm as _head_group_norm_torch
+
+__all__ = ["LAYER_OPS", "LAYER_OP_SIGNATURES", "head_group_norm", "relu_sq", "shift_mix"]
+
+# What a backend's version receives (already stacked and checked by the function here).
+LAYER_OP_SIGNATURES = {
+    "shift_mix": "(x [B, T, C], shift [B, C], mix [F, C], dyn [F, B, T, C] or None, form) -> [F, B, T, C]",
+    "relu_sq": "(x [...]) -> [...]",
+    "head_group_norm": "(y [B, T, H, N], weight [H*N], bias [H*N], eps float) -> [B, T, H*N] fp32",
+}
+LAYER_OPS = tuple(LAYER_OP_SIGNATURES)
+
+_cache: dict[tuple, tuple[Callable, ...]] = {}
+
+
+def implementations(name: str, backend: str | None = None) -> tuple[Callable, ...]:
+    """The backends' versions of layer op ``name`` to try, in order, for this explicit choice (cached
+    per backend-registry generation; availability is judged once per generation)."""
+    chosen = dispatch.explicit_backend(backend)
+    backends = dispatch.get_backends()
+    key = (name, chosen, dispatch.backends_generation())
+    fns = _cache.get(key)
+    if fns is None:
+        if chosen == "reference":
+            fns = ()
+        else:
+            cands = [backends[chosen]] if chosen in backends else [] if chosen else \
+                sorted(backends.values(), key=lambda b: (-b.priority, b.name))
+            fns = tuple(b.layer_ops[name] for b in cands if name in b.layer_ops and b.unavailable_reason() is None)
+        if len(_cache) > 64:  # stale generations
+            _cache.clear()
+        _cache[key] = fns
+    return fns
+
+
+def shift_mix(x: Tensor, shift: Tensor, mixes: list[Tensor], dyn: Tensor | None = None, form: str = "delta",
+              backend: str | None = None) -> Tensor:
+    """Token shift and F lerps in one op: [F, B, T, C] from ``x`` [B, T, C] and ``shift`` [B, C].
+
+    With ``prev`` the previous token's ``x`` (``shift`` at t = 0) and ``m`` mix f (each [..., C], plus
+    ``dyn[f]`` [F, B, T, C] when given): ``form="delta"`` (v6, v7) is ``x + (prev - x) * m``,
+    ``form="lerp"`` (v4, v5; no ``dyn``) ``x * m + prev * (1 - m)``. The new shift state is ``x[:, -1]``.
+    """
+    C = x.shape[-1]
+    mix = torch.stack([m.reshape(C) for m in mixes])  # [F, C]
+    for fn in implementations("shift_mix", backend):
+        out = fn(x, shift, mix, dyn, form)
+        if out is not NotImplemented:
+            return out
+    prev = torch.cat([shift.to(x.dtype).unsqueeze(1), x[:, :-1]], dim=1)
+    mix = mix.view(-1, 1, 1, C)
+    if form == "delta":
+        return x + (prev - x) * (mix if dyn is None else mix + dyn)
+    return x * mix + prev * (1 - mix)
+
+
+def relu_sq(x: Tensor, backend: str | None = None) -> Tensor:
+    """``relu(x) ** 2``, the channel-mix activation."""
+    for fn in implementations("relu_sq", backend):
+        out = fn(x)
+        if out is not NotImplemented:
+            return out
+    return torch.relu(x).square()
+
+
+def head_group_norm(y: Tensor, ln_x: torch.nn.GroupNorm, backend: str | None = None) -> Tensor:
+    """GroupNorm over each head of ``y`` [B, T, H, N] in fp32; returns [B, T, H * N] fp32."""
+    for fn in implementations("head_group_norm", backend):
+        out = fn(y, ln_x.weight, ln_x.bias, float(ln_x.eps))
+        if out is not NotImplemented:
+            return out
+    return _head_group_norm_torch(y, ln_x)
