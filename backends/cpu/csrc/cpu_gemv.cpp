@@ -31,7 +31,7 @@ void gemv(int64_t kind, const float* x, int64_t B, int64_t K, int64_t ldx, const
     int64_t rb = (2 * 1024 * 1024 / 4) / K;
     rb = rb < 3 ? 3 : rb - rb % 3;
     // Builds whose kernels take quantized activations (cpu_tiles.h's needs_prep) convert every row once.
-    const bool prep = rz::needs_prep(kind);
+    const bool prep = rz::needs_prep(kind, K);
     const int64_t ldq = prep ? rz::prep_row_bytes(kind, K) : 0;
     std::unique_ptr<uint8_t[]> xq(prep ? new uint8_t[B * ldq + 64] : nullptr);
     uint8_t* q = prep ? xq.get() + (64 - reinterpret_cast<uintptr_t>(xq.get()) % 64) % 64 : nullptr;
@@ -57,7 +57,7 @@ void gemv(int64_t kind, const float* x, int64_t B, int64_t K, int64_t ldx, const
 
 extern "C" {
 
-int rz_abi_version() { return 4; }
+int rz_abi_version() { return 5; }
 
 // The instruction set this build was compiled for (cpu_tiles.h's isa_name).
 const char* rz_isa() { return rz::isa_name(); }
