@@ -31,7 +31,7 @@ OTHERS = [isa for isa in kernels.ISAS if isa not in RUNNABLE]
 # rounds the activations (int8 dots: ~1/254 of the largest input of each block of 32 per element;
 # bf16: 2^-9 relative per element).
 TOL = {"fp32": 1e-5, "bf16": 1e-5, "int8": 1e-5, "int4": 1e-5}
-LOSSY = {(isa, "int8"): 1e-2 for isa in ("avx2", "avx512", "avx512_vnni", "avx512_bf16")}
+LOSSY = {(isa, kind): 1e-2 for isa in ("avx2", "avx512", "avx512_vnni", "avx512_bf16") for kind in ("int8", "int4")}
 LOSSY[("avx512_bf16", "bf16")] = 1e-2
 QBLK = 32  # cpu_tiles.h's activation block
 
@@ -76,37 +76,43 @@ def test_gemv_variants_match_portable(kind):
             assert _rel(y, ref) < LOSSY.get((isa, kind), TOL[kind]), (isa, kind, N, K, M)
 
 
-def _int8_dot_reference(x, lin):
+def _dot_reference(x, lin):
     """What the integer dots compute: activations rounded to int8 per block of QBLK columns (scale =
-    the block's max|x| / 127), exact integer products, fp32 scales applied afterwards."""
+    the block's max|x| / 127), exact integer products with the weights' codes, fp32 scales afterwards."""
     M, K = x.shape
     xb = x.double().reshape(M, K // QBLK, QBLK)
     s = xb.abs().amax(-1, keepdim=True) / 127
     q = torch.round(xb / torch.where(s > 0, s, torch.ones_like(s)))
-    wq, sw = inference.quantize_int8(lin.dequantized())  # the stored codes again (exactly representable)
+    if lin.kind == "int8":
+        wq, sw = inference.quantize_int8(lin.dequantized())  # the stored codes again (exactly representable)
+        sw = sw.double()[:, None].expand(-1, K // QBLK)
+    else:
+        wq, sw = kernels.unpack_int4(lin.qweight, lin.scale, lin.out_features)
+        sw = sw.double().repeat_interleave(kernels.I4_GROUP // QBLK, 1)
     wb = wq.double().reshape(-1, K // QBLK, QBLK)
-    return torch.einsum("mbk,nbk,mb->mn", q, wb, s[..., 0]) * sw.double()
+    return torch.einsum("mbk,nbk,mb,nb->mn", q, wb, s[..., 0], sw)
 
 
-@pytest.mark.parametrize("isa", [i for i in RUNNABLE if i != "portable"])
-def test_int8_dot_equals_its_quantization(isa):
-    """The integer dot of the AVX2 / AVX-512 builds equals the block quantization done in torch up to
-    fp32 rounding, including the extremes where a 16-bit pair sum of vpmaddubsw would saturate if the
-    sign trick did not keep both operands within 127."""
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_integer_dots_equal_their_quantization(kind):
+    """The integer dots of the x86 builds equal the block quantization done in torch up to fp32
+    rounding, including the extremes where a 16-bit pair sum of vpmaddubsw would saturate if the sign
+    trick (int8) or the unsigned codes (int4) did not keep the products in range."""
     g = torch.Generator().manual_seed(5)
     N, K = 12, 256
     w = torch.randn(N, K, generator=g)
-    w[0] = -1.0  # every code -127 (|w| = 127 with x's sign flipped: pair sums of 2 * 127 * 127)
+    w[0] = -1.0  # int8: every code -127; int4: every code -8
     w[1, ::2], w[1, 1::2] = 1.0, -1.0
-    lin = InferenceLinear(w, "int8")
+    lin = InferenceLinear(w, kind)
     x = torch.randn(7, K, generator=g)
     x[0] = 3.0  # every code 127
     x[1, :QBLK] = 0.0  # a block of zeros (scale 0)
     x[2, ::2] = -5.0
-    y = kernels.gemv(x, lin.qweight, N, lin.scale, isa=isa).double()
-    ref = _int8_dot_reference(x, lin)
-    assert float((y - ref).abs().max() / ref.abs().max()) < 1e-6, isa
-    assert y[0, 0] == pytest.approx(-K * 3.0, rel=1e-6)
+    ref = _dot_reference(x, lin)
+    assert ref[0, 0] == pytest.approx(-K * 3.0, rel=1e-6)
+    for isa in RUNNABLE[1:]:
+        y = kernels.gemv(x, lin.qweight, N, lin.scale, isa=isa).double()
+        assert float((y - ref).abs().max() / ref.abs().max()) < 1e-6, isa
 
 
 def _mixed_model():

@@ -76,16 +76,16 @@ inline bool needs_prep(int64_t kind, int64_t K) {
     if (kind == BF16) return true;
 #endif
 #if defined(RZ_AVX2)
-    if (kind == I8 && K % QBLK == 0) return true;
+    if ((kind == I8 || kind == I4) && K % QBLK == 0) return true;
 #endif
     (void)kind, (void)K;
     return false;
 }
 
-// Bytes of prepared activations per row of K inputs (64-byte aligned): bf16 pairs, or K int8 codes and
-// K / QBLK fp32 scales.
+// Bytes of prepared activations per row of K inputs (64-byte aligned): bf16 pairs; I8: K int8 codes and
+// K / QBLK fp32 scales; I4: 2 K codes (each 8 twice, see prep_row) and K / QBLK (scale, sum) pairs.
 inline int64_t prep_row_bytes(int64_t kind, int64_t K) {
-    const int64_t n = kind == BF16 ? 2 * K : K + 4 * (K / QBLK);
+    const int64_t n = kind == BF16 ? 2 * K : kind == I4 ? 2 * K + 8 * (K / QBLK) : K + 4 * (K / QBLK);
     return (n + 63) / 64 * 64;
 }
 
@@ -97,7 +97,9 @@ inline uint16_t to_bf16(float f) {  // round to nearest even (inputs are finite)
 
 // One row: BF16 -> pairs (x[k + j], x[k + 8 + j]) per 16 columns, the weights' interleave; I8 -> per
 // block of QBLK columns, codes q = round(x / s) (|q| <= 127, s = the block's max|x| / 127) stored as
-// q + XQ_OFFSET, then the K / QBLK fp32 scales.
+// q + XQ_OFFSET, then the K / QBLK fp32 scales; I4 -> the same codes (signed, no offset), each run of 8
+// written twice ([x0..7, x0..7, x8..15, x8..15] per 16 columns: one load meets two steps of int4
+// weights, rows (0, 1) or (2, 3)), then per block the fp32 scale and the int32 4 * sum(q).
 inline void prep_row(int64_t kind, const float* x, int64_t K, uint8_t* out) {
     if (kind == BF16) {
         uint16_t* q = reinterpret_cast<uint16_t*>(out);
@@ -106,6 +108,25 @@ inline void prep_row(int64_t kind, const float* x, int64_t K, uint8_t* out) {
                 q[k + 2 * j] = to_bf16(x[k + j]);
                 q[k + 2 * j + 1] = to_bf16(x[k + 8 + j]);
             }
+        return;
+    }
+    if (kind == I4) {
+        int8_t* q = reinterpret_cast<int8_t*>(out);
+        for (int64_t k0 = 0; k0 < K; k0 += QBLK) {
+            float m = 0.f;
+            for (int64_t k = k0; k < k0 + QBLK; ++k) m = fmaxf(m, fabsf(x[k]));
+            const float s = m > 0.f ? m / 127.f : 1.f, inv = 1.f / s;
+            int32_t sum = 0;
+            for (int64_t k = k0; k < k0 + QBLK; ++k) {
+                const int v = (int)nearbyintf(x[k] * inv);
+                const int64_t j = k % 16, base = 2 * (k - j) + (j < 8 ? 0 : 16);
+                q[base + j % 8] = q[base + 8 + j % 8] = (int8_t)v;
+                sum += v;
+            }
+            sum *= 4;
+            memcpy(out + 2 * K + 8 * (k0 / QBLK), &s, 4);
+            memcpy(out + 2 * K + 8 * (k0 / QBLK) + 4, &sum, 4);
+        }
         return;
     }
     for (int64_t k0 = 0; k0 < K; k0 += QBLK) {
@@ -318,6 +339,61 @@ inline void tile_i8dot(const uint8_t* xq, int64_t ldq, const int8_t* p, int64_t 
         for (int r = 0; r < 4; ++r) y[b * ldy + r] = (a[2 * r] + a[2 * r + 1]) * scale[r];
     }
 }
+
+// int4 weights x int8 activations (prep_row's I4 layout): a 32-byte load is two steps (16 columns) of
+// the tile. Masks and a shift split the nibbles (codes c = q + 8 in [0, 15]) and 32-bit unpacks put rows
+// (0, 1) of both steps in one register and rows (2, 3) in another, each byte against the activation
+// byte of its column. vpmaddubsw takes the codes as the unsigned operand: 2 * 15 * 127 never saturates
+// int16, and no sign trick is needed; the +8 offset comes back out per block as 8 * sum(q) (rows show
+// up in both 128-bit halves, hence 4 * sum per half). With VNNI, vpdpbusd does the three integer steps
+// in one. Each block of QBLK columns is scaled by the activation scale times the weights' group scales.
+template <int BT>
+inline void tile_i4dot(const uint8_t* xq, int64_t ldq, const uint8_t* p, int64_t K, const float* sc, float* y,
+                       int64_t ldy) {
+    static_assert(I4_GROUP % QBLK == 0, "a weight group holds whole activation blocks");
+    __m256 facc[BT];
+    for (int b = 0; b < BT; ++b) facc[b] = _mm256_setzero_ps();
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+#if !defined(RZ_VNNI)
+    const __m256i ones = _mm256_set1_epi16(1);
+#endif
+    __m256 sw = _mm256_setzero_ps();
+    for (int64_t k0 = 0; k0 < K; k0 += QBLK) {
+        if (k0 % I4_GROUP == 0) sw = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(sc + 4 * (k0 / I4_GROUP)));
+        __m256i acc[BT][2];
+        for (int b = 0; b < BT; ++b) acc[b][0] = acc[b][1] = _mm256_setzero_si256();
+        for (int64_t k = k0; k < k0 + QBLK; k += 16, p += 32) {
+            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+            const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            const __m256i w[2] = {_mm256_unpacklo_epi32(lo, hi), _mm256_unpackhi_epi32(lo, hi)};
+            for (int b = 0; b < BT; ++b) {
+                const __m256i xs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * ldq + 2 * k));
+                for (int h = 0; h < 2; ++h) {
+#if defined(RZ_VNNI)
+                    acc[b][h] = _mm256_dpbusd_epi32(acc[b][h], w[h], xs);
+#else
+                    acc[b][h] = _mm256_add_epi32(acc[b][h], _mm256_madd_epi16(_mm256_maddubs_epi16(w[h], xs), ones));
+#endif
+                }
+            }
+        }
+        for (int b = 0; b < BT; ++b) {
+            const uint8_t* meta = xq + b * ldq + 2 * K + 8 * (k0 / QBLK);
+            float sx;
+            int32_t off;
+            memcpy(&sx, meta, 4);
+            memcpy(&off, meta + 4, 4);
+            // lanes [r0, r1, r2, r3] per 128-bit half (one step each), less the offset
+            const __m256i rows = _mm256_sub_epi32(_mm256_hadd_epi32(acc[b][0], acc[b][1]), _mm256_set1_epi32(off));
+            facc[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(rows), _mm256_mul_ps(sw, _mm256_set1_ps(sx)), facc[b]);
+        }
+    }
+    alignas(32) float a[8];
+    for (int b = 0; b < BT; ++b) {
+        _mm256_store_ps(a, facc[b]);
+        for (int r = 0; r < 4; ++r) y[b * ldy + r] = a[r] + a[4 + r];
+    }
+}
 #endif  // RZ_AVX2
 
 // ---- AVX-512F: two tile rows per 512-bit register -------------------------------------------------
@@ -488,6 +564,13 @@ inline void tile_rows(int64_t kind, const float* x, int64_t B, int64_t ldx, cons
     if (kind == I8 && xq) {  // the AVX2 and AVX-512F builds: the 256-bit sign-trick dot
         const int8_t* p = static_cast<const int8_t*>(W) + t * 4 * K;
         row_groups<4>(B, [&](auto bt, int64_t b) { tile_i8dot<decltype(bt)::value>(xq + b * ldq, ldq, p, K, s, y + b * ldy, ldy); });
+        return;
+    }
+#endif
+#if defined(RZ_AVX2)
+    if (kind == I4 && xq) {  // every x86 build but portable (the VNNI ones with vpdpbusd)
+        const uint8_t* p = static_cast<const uint8_t*>(W) + t * 2 * K;
+        row_groups<2>(B, [&](auto bt, int64_t b) { tile_i4dot<decltype(bt)::value>(xq + b * ldq, ldq, p, K, s, y + b * ldy, ldy); });
         return;
     }
 #endif
