@@ -228,6 +228,13 @@ def test_int4_round_trip():
     wp = torch.cat([w, w.new_zeros(10, 56)], 1).reshape(10, 4, 64)
     bound = wp.abs().amax(-1).repeat_interleave(64, 1)[:, :200] / 8  # one step, max|w| / 8 per group
     assert bool(((deq - w).abs() <= bound * (1 + 1e-6)).all())
+    # least-squares refits: no group's squared error above the absmax scale's, and less in all
+    q2, s2 = inference.quantize_int4(w, refits=2)
+    q0, s0 = q, s
+    err = (inference.dequantize_int4(q2, s2) - w).square()
+    err0 = (inference.dequantize_int4(q0, s0) - w).square()
+    per_group = lambda e: torch.cat([e, e.new_zeros(10, 56)], 1).reshape(10, 4, 64).sum(-1)  # noqa: E731
+    assert bool((per_group(err) <= per_group(err0) * (1 + 1e-6)).all()) and float(err.sum()) < float(err0.sum())
     assert float((deq - w).abs().mean() / w.abs().mean()) < 0.12
     # packing: exact round trip, rows padded to a tile (N = 10 -> 12)
     q2, s2 = inference.quantize_int4(w[:, :192])
