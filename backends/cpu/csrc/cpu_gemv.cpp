@@ -7,8 +7,8 @@
 // int8 weight-only matmul is slower than fp32. These loops stream the weights once, widen them to fp32
 // in registers (bf16: a 16-bit shift; int8: sign-extend and convert), and multiply them with every
 // row of x while they sit in L1, accumulating in fp32. Built once per instruction set (cpu_tiles.h:
-// portable, AVX2, AVX-512, VNNI, BF16; the VNNI and BF16 builds multiply int8 / bf16 weights with
-// activations quantized once per call); compiled at first use (backends/cpu/kernels.py), called
+// portable, AVX2, AVX-512, VNNI, BF16; the x86 builds multiply int8 / int4 weights with activations
+// quantized to int8 once per call, in integer dots, and the BF16 build bf16 weights with bf16 ones); compiled at first use (backends/cpu/kernels.py), called
 // through ctypes, no torch headers.
 //
 // Layout: weights are packed in tiles of 4 output rows, [N / 4, K / 8, 4, 8] (bf16: [N / 4, K / 16, 4,

@@ -5,14 +5,15 @@
 // (portable, avx2, avx512, avx512_vnni, avx512_bf16) with that ISA's -m flags and loads the build the
 // CPU can run. The code below picks its loops from the compiler's predefined macros, so a variant is
 // exactly "these sources with these flags" (no run-time branches inside the kernels):
-// - portable: plain C++ loops (-O3 vectorizes them for the baseline ISA, e.g. SSE2 or NEON);
-// - avx2: 256-bit FMA loops, weights widened to fp32 in registers;
-// - avx512: the same with 512-bit registers holding two tile rows each (fp32, bf16, int8);
-// - avx512_vnni: + int8 weights times int8-quantized activations with vpdpbusd (per-row activation
-//   scales, computed once per call), exact int32 sums;
+// - portable: plain C++ loops (-O3 vectorizes them for the baseline ISA, e.g. SSE2 or NEON), fp32
+//   activations for every weight format (the reference the other builds are tested against);
+// - avx2: 256-bit FMA loops for fp32 and bf16 weights (widened in registers); int8 and int4 weights
+//   times int8-quantized activations (blocks of QBLK = 32 columns, one fp32 scale each, computed once
+//   per call) with vpmaddubsw / vpmaddwd, exact int32 sums per block;
+// - avx512: fp32 and bf16 with 512-bit registers holding two tile rows each; int8 / int4 as avx2;
+// - avx512_vnni: the same integer dots with vpdpbusd;
 // - avx512_bf16: + vnni, and bf16 weights times bf16-rounded activations with vdpbf16ps.
-// int4 (groups of 64 columns, one fp32 scale each, two weights per byte) has portable and AVX2 loops;
-// the AVX-512 builds run the AVX2 loop.
+// int4: groups of 64 columns, one fp32 scale each, two weights per byte.
 #pragma once
 #include <math.h>
 #include <omp.h>
@@ -55,7 +56,7 @@ inline const char* isa_name() {
 #endif
 }
 
-// ---- activations prepared once per call (VNNI: int8 with a per-row scale; BF16 dot: bf16 pairs) -------
+// ---- activations prepared once per call (integer dots: int8 per block of 32; BF16 dot: bf16 pairs) ----
 
 // Activations of integer dots are quantized in blocks of QBLK columns, each with its own fp32 scale
 // (as llama.cpp's Q8_0 does): per-token scales cost v7-0.1B (random weights) a next-token KL of 9.6e-4
@@ -545,7 +546,7 @@ inline void row_groups(int64_t B, F&& f) {
 }
 
 // Rows of x for one tile `t` of the packed matrix W (kind: F32, BF16, I8, I4). xq: the prepared rows
-// (needs_prep(kind)), with row stride ldq; else null. The tile (4 x K weights) stays in L1/L2 while
+// (needs_prep(kind, K)), with row stride ldq; else null (fp32 activations). The tile (4 x K weights) stays in L1/L2 while
 // the groups of rows pass over it. Register budgets: AVX2 has 16 vector registers (fp32/int8 in
 // triples: 12 accumulators + 3 inputs + 1 weight; bf16 and int4 in pairs), AVX-512 has 32.
 inline void tile_rows(int64_t kind, const float* x, int64_t B, int64_t ldx, const uint8_t* xq, int64_t ldq,
