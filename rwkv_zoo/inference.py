@@ -47,24 +47,39 @@ def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
     return q, scale
 
 
-def quantize_int4(weight: Tensor, group: int = INT4_GROUP) -> tuple[Tensor, Tensor]:
+def _int4_codes(g: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """Codes of groups ``g`` [..., group] at ``scale`` [..., 1] (0 stays 0) and their squared error [..., 1]."""
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = torch.round(g / safe).clamp_(-8, 7)
+    return q, (g - q * scale).square_().sum(-1, keepdim=True)
+
+
+def quantize_int4(weight: Tensor, group: int = INT4_GROUP, refits: int = 0) -> tuple[Tensor, Tensor]:
     """Symmetric group-wise int4: ``weight [N, K] ~= scale[n, k // group] * q[n, k]`` with ``q`` int8 codes
     in [-8, 7] and ``scale`` fp32 [N, ceil(K / group)].
 
-    Each group's scale maps its largest-magnitude weight to -8 (as llama.cpp's Q4_0 does): a step of
-    ``max |w| / 8`` instead of ``/ 7``, and the sign with the larger magnitude gets the extra code. A
-    weight's error is at most half a step, except weights of the other sign beyond 7 steps, which clamp
-    to 7: every error is at most one step, ``max |w| / 8`` of its group."""
+    Each group's scale is llama.cpp's Q4_0 one: the largest-magnitude weight mapped to -8, a step of
+    ``max |w| / 8``, the sign with the larger magnitude getting the extra code (every error at most
+    one step). ``refits`` > 0 then takes, that many times, the least-squares scale of the codes
+    (``sum(w q) / sum(q q)``) and rounds again, keeping whichever scale has the smaller squared error
+    (no group gets worse). Off by default: on random Gaussian weights (groups of 64) one refit cuts
+    the squared error by 3.4 % and two by 6 % (a 13-candidate search: 10 %, next-token KL on v7-0.1B
+    4.1e-2 -> 3.7e-2) for 2.8x and 4.3x the quantization time, which ``load(weights="int4")`` pays on
+    every load."""
     w = weight.detach().float()
     N, K = w.shape
     pad = -K % group
     wp = torch.cat([w, w.new_zeros(N, pad)], 1) if pad else w
     g = wp.reshape(N, -1, group)
-    idx = g.abs().argmax(-1, keepdim=True)
-    scale = (g.gather(-1, idx) / -8.0).squeeze(-1)  # signed: the extreme weight becomes code -8
-    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-    q = torch.round(g / safe[..., None]).clamp_(-8, 7).to(torch.int8)
-    return q.reshape(N, -1)[:, :K].contiguous(), scale
+    best = g.gather(-1, g.abs().argmax(-1, keepdim=True)) / -8.0
+    q, best_err = _int4_codes(g, best)
+    for _ in range(refits):
+        fit = (g * q).sum(-1, keepdim=True) / (q * q).sum(-1, keepdim=True).clamp_min(1e-30)
+        q_fit, err = _int4_codes(g, fit)
+        better = err < best_err
+        best, best_err = torch.where(better, fit, best), torch.where(better, err, best_err)
+        q = torch.where(better, q_fit, q)
+    return q.to(torch.int8).reshape(N, -1)[:, :K].contiguous(), best.squeeze(-1)
 
 
 def dequantize_int4(q: Tensor, scale: Tensor, group: int = INT4_GROUP) -> Tensor:

@@ -8,9 +8,10 @@ and accumulate in fp32, for any number of rows of input (OpenMP threads = ``torc
 Instruction sets: every library is built once per ISA from the same sources with that ISA's flags
 (``ISAS``; ``csrc/cpu_tiles.h`` picks its loops from the compiler's macros), and the process loads the
 best build the CPU runs, judged by the flags the kernel reports (``/proc/cpuinfo``):
-``portable`` (plain C++, any CPU), ``avx2`` (AVX2 + FMA), ``avx512`` (F/BW/VL), ``avx512_vnni`` (+
-int8 weights times int8-quantized activations with ``vpdpbusd``) and ``avx512_bf16`` (+ VNNI, and bf16
-weights times bf16-rounded activations with ``vdpbf16ps``). ``RWKV_ZOO_CPU_ISA=<name>`` forces one
+``portable`` (plain C++, any CPU, fp32 activations), ``avx2`` (AVX2 + FMA; int8 and int4 weights times
+activations quantized to int8 per block of 32 columns, in integer dots with ``vpmaddubsw``),
+``avx512`` (F/BW/VL), ``avx512_vnni`` (the integer dots with ``vpdpbusd``) and ``avx512_bf16`` (+ VNNI,
+and bf16 weights times bf16-rounded activations with ``vdpbf16ps``). ``RWKV_ZOO_CPU_ISA=<name>`` forces one
 (``auto`` or unset: the best); a name that is not an ISA, or one this CPU lacks, makes the kernels
 unavailable with that reason (``rwkv-zoo info`` / ``backends`` show it) rather than crashing in an
 illegal instruction.
@@ -51,7 +52,7 @@ _AVX512 = (*_AVX2, "-mavx512f", "-mavx512bw", "-mavx512vl")
 # AVX512_BF16 has VNNI), so one build serves both int8 and bf16 weights on such a CPU.
 ISAS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
     "portable": ((), (), "plain C++ loops (no intrinsics; any CPU)"),
-    "avx2": (_AVX2, ("avx2", "fma"), "AVX2 + FMA"),
+    "avx2": (_AVX2, ("avx2", "fma"), "AVX2 + FMA (int8/int4 weights x int8 activations, vpmaddubsw)"),
     "avx512": (_AVX512, ("avx2", "fma", "avx512f", "avx512bw", "avx512vl"), "AVX-512F/BW/VL"),
     "avx512_vnni": ((*_AVX512, "-mavx512vnni"),
                     ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
@@ -64,9 +65,9 @@ ISA_ENV = "RWKV_ZOO_CPU_ISA"
 # name -> (source, extra flags, ABI version). The WKV loops need -ffast-math so expf vectorizes (libmvec);
 # the GEMV kernels do not use it, so their sums keep IEEE semantics.
 LIBRARIES = {
-    "cpu_gemv": ("cpu_gemv.cpp", (), 4),
+    "cpu_gemv": ("cpu_gemv.cpp", (), 5),
     "cpu_wkv": ("cpu_wkv.cpp", ("-ffast-math",), 1),
-    "cpu_decode": ("cpu_decode.cpp", ("-ffast-math",), 4),
+    "cpu_decode": ("cpu_decode.cpp", ("-ffast-math",), 5),
     "cpu_wkv_train": ("cpu_wkv_train.cpp", ("-ffast-math",), 2),
 }
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2, torch.uint8: 3}  # uint8: packed int4

@@ -5,6 +5,7 @@ against ``F.linear``, their fallback, flat decode memory, and ``rwkv-zoo bench``
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -52,6 +53,14 @@ def _state_err(s1, s2):
                for a, b in zip(l1.tensors(), l2.tensors(), strict=True) if b.norm() > 0)
 
 
+def _force_isa(monkeypatch, isa):
+    """Load the ``isa`` build from here on (fresh caches; the originals keep their libraries)."""
+    monkeypatch.setenv("RWKV_ZOO_CPU_ISA", isa)
+    monkeypatch.setattr(cpu_kernels, "_load", functools.cache(cpu_kernels._load.__wrapped__))
+    monkeypatch.setattr(cpu_kernels, "load_wkv", functools.cache(cpu_kernels.load_wkv.__wrapped__))
+    monkeypatch.setattr(cpu_kernels, "load_decode", functools.cache(cpu_kernels.load_decode.__wrapped__))
+
+
 def _ran_fused(model, B=1, T=1) -> bool:
     return fused.select(model, fused.StepCall("cpu", model.dtype, B, T)).backend == "cpu"
 
@@ -59,12 +68,19 @@ def _ran_fused(model, B=1, T=1) -> bool:
 @needs_kernels
 @pytest.mark.parametrize("weights", [None, "fp32", "bf16", "int8"])
 @pytest.mark.parametrize("name", [*MODELS, "hybrid"])
-def test_fused_decode_equals_the_modules(name, weights):
+def test_fused_decode_equals_the_modules(name, weights, monkeypatch):
     """Token by token from a prefilled state and from the empty state, B = 1, 3 and 17 (odd tile counts)."""
+    if weights == "int8":
+        # The AVX2 / AVX-512 builds multiply int8 weights with int8-quantized activations: the step's
+        # fp32 ops (fast-math) round differently from the modules', and where that flips an activation's
+        # rounding the outputs part by a quantization step. The portable build keeps fp32 activations, so
+        # the two paths still agree to rounding there (tests/kernels/test_cpu_isa.py covers the dots).
+        _force_isa(monkeypatch, "portable")
     model = _model(name)
     if weights:
         prepare_inference(model, weights)
     assert _ran_fused(model), fused.select(model, fused.StepCall("cpu", model.dtype, 1, 1)).reason
+    tol = 1e-5
     g = torch.Generator().manual_seed(0)
     V = model.config.vocab_size
     for B in (1, 3, 17):
@@ -75,10 +91,10 @@ def test_fused_decode_equals_the_modules(name, weights):
         model.fused_step = True
         slow, s_slow = _decode(model, steps, state, fused_step=False)
         fast, s_fast = _decode(model, steps, state, fused_step=True)
-        assert _rel(fast, slow) < 1e-5 and _state_err(s_fast, s_slow) < 1e-5, B
+        assert _rel(fast, slow) < tol and _state_err(s_fast, s_slow) < tol, B
         slow0, _ = _decode(model, steps[:, :2], None, fused_step=False)
         fast0, _ = _decode(model, steps[:, :2], None, fused_step=True)
-        assert _rel(fast0, slow0) < 1e-5, B
+        assert _rel(fast0, slow0) < tol, B
 
 
 @needs_kernels

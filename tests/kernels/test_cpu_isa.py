@@ -2,9 +2,10 @@
 fp32/bf16/int8/int4 and the fused decode step), builds it cannot run compiled without running, the
 ``RWKV_ZOO_CPU_ISA`` override (valid, invalid, unsupported), int4 quantization and ``load(weights="int4")``.
 
-Builds that quantize activations (VNNI int8, BF16 dot) are compared with looser tolerances: they round
-the activations on purpose (per-token int8, bf16), so they equal the portable fp32 arithmetic only up
-to that rounding."""
+Builds that quantize activations (int8 weights on AVX2 and AVX-512: int8 activations in blocks of 32
+columns; BF16 dot) are compared with looser tolerances: they round the activations on purpose, so they
+equal the portable fp32 arithmetic only up to that rounding; the int8 dot is also checked exactly
+against the same quantization done in torch."""
 
 from __future__ import annotations
 
@@ -27,10 +28,12 @@ KINDS = ("fp32", "bf16", "int8", "int4")
 RUNNABLE = kernels.runnable_isas()
 OTHERS = [isa for isa in kernels.ISAS if isa not in RUNNABLE]
 # Relative error allowed against the portable build: summation order only, except where a build
-# rounds the activations (per-token int8 with VNNI: ~1/254 of the row's largest input per element;
+# rounds the activations (int8 dots: ~1/254 of the largest input of each block of 32 per element;
 # bf16: 2^-9 relative per element).
 TOL = {"fp32": 1e-5, "bf16": 1e-5, "int8": 1e-5, "int4": 1e-5}
-LOSSY = {("avx512_vnni", "int8"): 3e-2, ("avx512_bf16", "int8"): 3e-2, ("avx512_bf16", "bf16"): 1e-2}
+LOSSY = {(isa, kind): 1e-2 for isa in ("avx2", "avx512", "avx512_vnni", "avx512_bf16") for kind in ("int8", "int4")}
+LOSSY[("avx512_bf16", "bf16")] = 1e-2
+QBLK = 32  # cpu_tiles.h's activation block
 
 
 def _rel(a, b):
@@ -73,6 +76,45 @@ def test_gemv_variants_match_portable(kind):
             assert _rel(y, ref) < LOSSY.get((isa, kind), TOL[kind]), (isa, kind, N, K, M)
 
 
+def _dot_reference(x, lin):
+    """What the integer dots compute: activations rounded to int8 per block of QBLK columns (scale =
+    the block's max|x| / 127), exact integer products with the weights' codes, fp32 scales afterwards."""
+    M, K = x.shape
+    xb = x.double().reshape(M, K // QBLK, QBLK)
+    s = xb.abs().amax(-1, keepdim=True) / 127
+    q = torch.round(xb / torch.where(s > 0, s, torch.ones_like(s)))
+    if lin.kind == "int8":
+        wq, sw = inference.quantize_int8(lin.dequantized())  # the stored codes again (exactly representable)
+        sw = sw.double()[:, None].expand(-1, K // QBLK)
+    else:
+        wq, sw = kernels.unpack_int4(lin.qweight, lin.scale, lin.out_features)
+        sw = sw.double().repeat_interleave(kernels.I4_GROUP // QBLK, 1)
+    wb = wq.double().reshape(-1, K // QBLK, QBLK)
+    return torch.einsum("mbk,nbk,mb,nb->mn", q, wb, s[..., 0], sw)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_integer_dots_equal_their_quantization(kind):
+    """The integer dots of the x86 builds equal the block quantization done in torch up to fp32
+    rounding, including the extremes where a 16-bit pair sum of vpmaddubsw would saturate if the sign
+    trick (int8) or the unsigned codes (int4) did not keep the products in range."""
+    g = torch.Generator().manual_seed(5)
+    N, K = 12, 256
+    w = torch.randn(N, K, generator=g)
+    w[0] = -1.0  # int8: every code -127; int4: every code -8
+    w[1, ::2], w[1, 1::2] = 1.0, -1.0
+    lin = InferenceLinear(w, kind)
+    x = torch.randn(7, K, generator=g)
+    x[0] = 3.0  # every code 127
+    x[1, :QBLK] = 0.0  # a block of zeros (scale 0)
+    x[2, ::2] = -5.0
+    ref = _dot_reference(x, lin)
+    assert ref[0, 0] == pytest.approx(-K * 3.0, rel=1e-6)
+    for isa in RUNNABLE[1:]:
+        y = kernels.gemv(x, lin.qweight, N, lin.scale, isa=isa).double()
+        assert float((y - ref).abs().max() / ref.abs().max()) < 1e-6, isa
+
+
 def _mixed_model():
     """A v7 + v4 hybrid whose projections use every weight format: int4 in the time-mix of both
     layers, int8 in the channel-mix, bf16 in the v7 output and the v4 receptance, fp32 elsewhere."""
@@ -88,7 +130,7 @@ def _mixed_model():
     return model
 
 
-def test_decode_step_variants_match_portable():
+def test_decode_step_variants_match_portable(monkeypatch):
     model = _mixed_model()
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, 250, (2, 6), generator=g)
@@ -103,13 +145,16 @@ def test_decode_step_variants_match_portable():
             pre, layers = step(model.emb(prompt), state, True, 1)
             dec, _ = step(model.emb(tok), RWKVState(layers, state.identity), False, 1)
         outs[isa] = torch.cat([pre, dec], 1)
-    with torch.no_grad():  # the portable build equals the modules (torch on the dequantized weights)
+    # the portable build equals the modules running the portable GEMV (fp32 activations everywhere)
+    gemv = kernels.gemv
+    monkeypatch.setattr(kernels, "gemv", lambda *a, **k: gemv(*a, **{**k, "isa": "portable"}))
+    with torch.no_grad():
         model.fused_step = False
         ref, st = model(prompt, logits_to_keep=1)
         ref2, _ = model(tok, st)
     assert _rel(outs["portable"], torch.cat([ref, ref2], 1)) < 1e-4
     for isa in RUNNABLE[1:]:
-        lossy = max(v for (i, _), v in LOSSY.items() if i == isa) if isa in ("avx512_vnni", "avx512_bf16") else 1e-4
+        lossy = max((v for (i, _), v in LOSSY.items() if i == isa), default=1e-4)
         assert _rel(outs[isa], outs["portable"]) < lossy, isa
 
 
@@ -183,6 +228,13 @@ def test_int4_round_trip():
     wp = torch.cat([w, w.new_zeros(10, 56)], 1).reshape(10, 4, 64)
     bound = wp.abs().amax(-1).repeat_interleave(64, 1)[:, :200] / 8  # one step, max|w| / 8 per group
     assert bool(((deq - w).abs() <= bound * (1 + 1e-6)).all())
+    # least-squares refits: no group's squared error above the absmax scale's, and less in all
+    q2, s2 = inference.quantize_int4(w, refits=2)
+    q0, s0 = q, s
+    err = (inference.dequantize_int4(q2, s2) - w).square()
+    err0 = (inference.dequantize_int4(q0, s0) - w).square()
+    per_group = lambda e: torch.cat([e, e.new_zeros(10, 56)], 1).reshape(10, 4, 64).sum(-1)  # noqa: E731
+    assert bool((per_group(err) <= per_group(err0) * (1 + 1e-6)).all()) and float(err.sum()) < float(err0.sum())
     assert float((deq - w).abs().mean() / w.abs().mean()) < 0.12
     # packing: exact round trip, rows padded to a tile (N = 10 -> 12)
     q2, s2 = inference.quantize_int4(w[:, :192])

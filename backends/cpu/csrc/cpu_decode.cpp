@@ -124,7 +124,7 @@ void gemvs(Scratch& s, const Job* jobs, int n, int64_t B) {
         start[i] = total, total += jobs[i].lin->N / 4;
         const int64_t kind = jobs[i].lin->kind;
         xq[i] = nullptr, ldq[i] = 0;
-        if (s.q && rz::needs_prep(kind)) {
+        if (s.q && rz::needs_prep(kind, jobs[i].lin->K)) {
             ldq[i] = rz::prep_row_bytes(kind, jobs[i].lin->K);
             xq[i] = s.q + off;
             off += B * ldq[i];
@@ -151,8 +151,7 @@ void gemvs(Scratch& s, const Job* jobs, int n, int64_t B) {
 
 // Bytes per token row that gemvs may need for prepared activations in one call (0: this build needs none).
 int64_t prep_bytes_bound(const LayerP* layers, int64_t L, const Lin* head) {
-    if (!rz::needs_prep(rz::BF16) && !rz::needs_prep(rz::I8)) return 0;
-    auto one = [](const Lin& l) { return l.w ? rz::prep_row_bytes(rz::BF16, l.K) : 0; };  // bf16 needs the most
+    auto one = [](const Lin& l) { return l.w && rz::needs_prep(l.kind, l.K) ? rz::prep_row_bytes(l.kind, l.K) : 0; };
     int64_t most = head ? one(*head) : 0;
     for (int64_t i = 0; i < L; ++i) {
         const LayerP& P = layers[i];
@@ -483,7 +482,7 @@ void channel_mix(const LayerP& P, Scratch& s, const float* xx) {
 
 extern "C" {
 
-int rz_decode_abi_version() { return 4; }
+int rz_decode_abi_version() { return 5; }
 
 // The instruction set this build was compiled for (cpu_tiles.h's isa_name).
 const char* rz_decode_isa() { return rz::isa_name(); }

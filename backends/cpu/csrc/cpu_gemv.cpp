@@ -7,8 +7,8 @@
 // int8 weight-only matmul is slower than fp32. These loops stream the weights once, widen them to fp32
 // in registers (bf16: a 16-bit shift; int8: sign-extend and convert), and multiply them with every
 // row of x while they sit in L1, accumulating in fp32. Built once per instruction set (cpu_tiles.h:
-// portable, AVX2, AVX-512, VNNI, BF16; the VNNI and BF16 builds multiply int8 / bf16 weights with
-// activations quantized once per call); compiled at first use (backends/cpu/kernels.py), called
+// portable, AVX2, AVX-512, VNNI, BF16; the x86 builds multiply int8 / int4 weights with activations
+// quantized to int8 once per call, in integer dots, and the BF16 build bf16 weights with bf16 ones); compiled at first use (backends/cpu/kernels.py), called
 // through ctypes, no torch headers.
 //
 // Layout: weights are packed in tiles of 4 output rows, [N / 4, K / 8, 4, 8] (bf16: [N / 4, K / 16, 4,
@@ -31,7 +31,7 @@ void gemv(int64_t kind, const float* x, int64_t B, int64_t K, int64_t ldx, const
     int64_t rb = (2 * 1024 * 1024 / 4) / K;
     rb = rb < 3 ? 3 : rb - rb % 3;
     // Builds whose kernels take quantized activations (cpu_tiles.h's needs_prep) convert every row once.
-    const bool prep = rz::needs_prep(kind);
+    const bool prep = rz::needs_prep(kind, K);
     const int64_t ldq = prep ? rz::prep_row_bytes(kind, K) : 0;
     std::unique_ptr<uint8_t[]> xq(prep ? new uint8_t[B * ldq + 64] : nullptr);
     uint8_t* q = prep ? xq.get() + (64 - reinterpret_cast<uintptr_t>(xq.get()) % 64) % 64 : nullptr;
@@ -57,7 +57,7 @@ void gemv(int64_t kind, const float* x, int64_t B, int64_t K, int64_t ldx, const
 
 extern "C" {
 
-int rz_abi_version() { return 4; }
+int rz_abi_version() { return 5; }
 
 // The instruction set this build was compiled for (cpu_tiles.h's isa_name).
 const char* rz_isa() { return rz::isa_name(); }
