@@ -65,6 +65,7 @@ label = "attn+shift"
 model = "attn"
 optional = true
 token_shift = true
+window = 32  # = T: the whole sequence, and the state is the KV cache it really needs
 n_layer = 2
 n_embd = 64
 head_size = 16
@@ -129,6 +130,7 @@ label = "attn+shift"
 model = "attn"
 optional = true
 token_shift = true
+window = 64  # = T: the whole sequence, and the state is the KV cache it really needs
 n_layer = 2
 n_embd = [32, 64, 128]
 head_size = 16
