@@ -17,6 +17,16 @@ entries of a sequence that has seen ``p < W`` tokens are the last ``p`` slots. K
 rotated, so a cached key never needs its position again. A layer's window is W tokens; the model's
 receptive field is ``n_layer * (W - 1) + 1`` tokens, since each layer looks W - 1 tokens further back.
 
+``token_shift = True`` (off by default; the ablation suites turn it on) feeds q, k and v a per-channel
+lerp of this token and the previous one, ``x + (x_prev - x) * mu_{q,k,v}`` (RWKV's token shift, a
+kernel-2 causal convolution; ``att.x_q``, ``att.x_k``, ``att.x_v`` [1, 1, C], initialised like RWKV-7's
+``x_k``), read from the shift state that every layer carries anyway. Zoology's MQAR models put a short
+convolution before every sequence mixer for the same reason: a key can then carry the token before it,
+so one attention layer recalls "the value after key k" without first learning a previous-token head.
+Every RWKV version has this shift built in; without it the baseline measures how fast attention learns a
+previous-token head, not how well it recalls (MQAR, 2 x 64, T = 32, 400 steps: 0.12 accuracy without,
+1.00 with; docs/ablations.md).
+
 Paths: a fresh sequence (``wkv is None``) runs ``torch.nn.functional.scaled_dot_product_attention``
 over the input with a causal mask (``is_causal`` when T <= W, a banded mask beyond); a carried state
 runs the same call over ``[buffer, new keys]`` with a mask that admits exactly the same keys, so a
@@ -30,16 +40,19 @@ Channel-mix: ``W_v relu(W_k x)^2`` at width 4 C, no token shift. ReLU² (Primer,
 activation RWKV's own channel-mix uses, with the same two matrices and the same width as the v4/v7
 channel-mix, so parameter counts match an RWKV layer's channel-mix exactly and the comparison isolates
 the time-mix; SwiGLU would need a third matrix and a 8/3 C width to match. The shift states are kept as
-the contract says (the last token's normed input) but nothing reads them.
+the contract says (the last token's normed input); only ``token_shift`` reads the time-mix's.
 
-Initialisation: GPT-2/nanoGPT (every projection N(0, 0.02), the two projections into the residual
-N(0, 0.02 / sqrt(2 L))); embedding, norms and head as every RWKV version (the shared scaffolding).
+Initialisation: fan-in scaled normals (every projection N(0, 1/sqrt(fan_in)), the two projections into
+the residual that divided by sqrt(2 L), as GPT-2 does); embedding, norms and head as every RWKV version
+(the shared scaffolding). GPT-2's constant 0.02 equals 1/sqrt(fan_in) only near width 2500: at the
+ablation widths it is 3-6x smaller, so q.k stays ~0.1 and attention stays uniform for hundreds of steps.
 
 Checkpoints: no release exists, so this file's key layout is the official one (``att.query``,
 ``att.key``, ``att.value``, ``att.output``, ``ffn.key``, ``ffn.value``; ``detect`` claims files with
 ``att.query``). Keys alone do not show the head size, window or RoPE base: rwkv_zoo safetensors keep
 them in their metadata; a ``.pth`` loads with the head size of the shared preset of its width
-(``min(64, C/4)``, a divisor of C) and the default window and base.
+(``min(64, C/4)``, a divisor of C), ``token_shift`` when it has ``att.x_k``, and the default window and
+base.
 """
 
 from __future__ import annotations
@@ -53,19 +66,28 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rwkv_zoo.hookspecs import hookimpl
-from rwkv_zoo.model import Block, RWKVConfig
+from rwkv_zoo.model import Block, RWKVConfig, channel_ramp, layer_ratios, token_shift
 from rwkv_zoo.protocols import Context
 from rwkv_zoo.registry import SizePreset, VersionSpec
 
 NAME = "attn"
 WORLD_VOCAB = 65536
-INIT_STD = 0.02  # GPT-2
+
+
+def fan_in_std(fan_in: int) -> float:
+    """1/sqrt(fan_in): unit-variance outputs from unit-variance (LayerNorm'd) inputs. GPT-2's fixed 0.02
+    is this scale at width ~2500; at the ablation widths (32-128) it is 3-6x smaller, which leaves q.k at
+    ~0.1 and attention uniform for hundreds of steps (MQAR, 2 x 64: 0.14 accuracy after 400 steps)."""
+    return 1.0 / math.sqrt(fan_in)
 
 
 @dataclass
 class AttnConfig(RWKVConfig):
     window: int = 256  # keys each query attends to (itself included): the state holds this many per layer
     rope_theta: float = 10000.0  # RoPE base
+    # q, k and v read a per-channel lerp of this token and the previous one (RWKV's token shift, a
+    # kernel-2 causal convolution), as Zoology puts a short convolution in front of every MQAR mixer
+    token_shift: bool = False
 
     version: ClassVar[str] = NAME
 
@@ -76,6 +98,8 @@ class AttnConfig(RWKVConfig):
         if self.head_size % 2:
             raise ValueError(f"{NAME} config: RoPE rotates pairs of channels, so head_size must be even, "
                              f"got {self.head_size}")
+        if not isinstance(self.token_shift, bool):
+            raise ValueError(f"{NAME} config: token_shift must be true or false, got {self.token_shift!r}")
         if not isinstance(self.rope_theta, int | float) or self.rope_theta <= 1:
             raise ValueError(f"{NAME} config: rope_theta must be a number > 1, got {self.rope_theta!r}")
 
@@ -131,6 +155,9 @@ class AttnTimeMix(nn.Module):
         self.key = nn.Linear(C, C, bias=False)
         self.value = nn.Linear(C, C, bias=False)
         self.output = nn.Linear(C, C, bias=False)
+        self.shifted = config.token_shift
+        if self.shifted:
+            self.x_q, self.x_k, self.x_v = (nn.Parameter(torch.empty(1, 1, C)) for _ in range(3))
 
     def zero_wkv(self, batch_size: int, device) -> tuple[Tensor, Tensor, Tensor]:
         """(keys [B, H, W, N] fp32, values [B, H, W, N] fp32, tokens seen [B] int64), all zero."""
@@ -145,7 +172,14 @@ class AttnTimeMix(nn.Module):
         def heads(t: Tensor) -> Tensor:  # [B, T, C] -> [B, H, T, N]
             return t.view(B, T, H, N).transpose(1, 2)
 
-        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+        if self.shifted:
+            xx, new_shift = token_shift(x, shift)
+            dx = xx - x
+            xq, xk, xv = x + dx * self.x_q, x + dx * self.x_k, x + dx * self.x_v
+        else:
+            xq = xk = xv = x
+            new_shift = x[:, -1]
+        q, k, v = heads(self.query(xq)), heads(self.key(xk)), heads(self.value(xv))
         if wkv is None:
             start = torch.zeros(B, device=x.device, dtype=torch.long)
         else:
@@ -166,13 +200,21 @@ class AttnTimeMix(nn.Module):
             y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=carried_mask(start, T, W))
         out = self.output(y.transpose(1, 2).reshape(B, T, C))
         new = (_last(k_all, W), _last(v_all, W), start + T)
-        return out, x[:, -1], new
+        return out, new_shift, new
 
     @torch.no_grad()
     def init_weights(self) -> None:
+        C = self.query.weight.shape[1]
         for lin in (self.query, self.key, self.value):
-            nn.init.normal_(lin.weight, 0.0, INIT_STD)
-        nn.init.normal_(self.output.weight, 0.0, INIT_STD / math.sqrt(2 * self.n_layer))
+            nn.init.normal_(lin.weight, 0.0, fan_in_std(C))
+        nn.init.normal_(self.output.weight, 0.0, fan_in_std(C) / math.sqrt(2 * self.n_layer))
+        if self.shifted:
+            # RWKV-7's key mix: from all previous token (channel 0) to almost none (the last channel), so
+            # every head starts with both tokens at hand
+            _, r1 = layer_ratios(self.layer_id, self.n_layer)
+            mix = 1 - channel_ramp(C).view(1, 1, C) ** (0.7 * r1)
+            for p in (self.x_q, self.x_k, self.x_v):
+                p.copy_(mix)
 
 
 def _last(t: Tensor, W: int) -> Tensor:
@@ -200,8 +242,9 @@ class AttnMLP(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        nn.init.normal_(self.key.weight, 0.0, INIT_STD)
-        nn.init.normal_(self.value.weight, 0.0, INIT_STD / math.sqrt(2 * self.n_layer))
+        F_, C = self.key.weight.shape
+        nn.init.normal_(self.key.weight, 0.0, fan_in_std(C))
+        nn.init.normal_(self.value.weight, 0.0, fan_in_std(F_) / math.sqrt(2 * self.n_layer))
 
 
 class AttnBlock(Block):
@@ -241,7 +284,7 @@ def detect(shapes) -> dict | None:
     """Files with ``blocks.0.att.query.weight`` (no RWKV version has a query projection)."""
     if "blocks.0.att.query.weight" not in shapes or "emb.weight" not in shapes:
         return None
-    return {"head_size": preset_head_size(shapes["emb.weight"][1])}
+    return {"head_size": preset_head_size(shapes["emb.weight"][1]), "token_shift": "blocks.0.att.x_k" in shapes}
 
 
 SPEC = VersionSpec(

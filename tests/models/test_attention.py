@@ -31,8 +31,9 @@ def toks(B, T, V=97, seed=0):
     return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
-def test_parallel_equals_token_by_token_equals_split_across_the_window():
-    model = small()
+@pytest.mark.parametrize("shift", [False, True])
+def test_parallel_equals_token_by_token_equals_split_across_the_window(shift):
+    model = small(token_shift=shift)
     x = toks(2, 3 * W + 5)
     T = x.shape[1]
     with torch.no_grad():
@@ -194,7 +195,24 @@ def test_bf16_model_keeps_an_fp32_buffer():
 
 
 @pytest.mark.parametrize(("opts", "match"), [({"window": 0}, "window must be a positive int"),
-                                             ({"head_size": 15, "n_embd": 60}, "head_size must be even")])
+                                             ({"head_size": 15, "n_embd": 60}, "head_size must be even"),
+                                             ({"token_shift": 1}, "token_shift must be true or false")])
 def test_bad_config_is_one_clear_error(opts, match):
     with pytest.raises(ValueError, match=match):
         rwkv_zoo.build("attn", n_layer=1, **{"n_embd": 64, **opts})
+
+
+@pytest.mark.parametrize("C", [32, 256])
+def test_fresh_projections_are_fan_in_scaled_at_every_width(C):
+    # GPT-2's constant 0.02 left q.k ~0.1 at the ablation widths, so attention stayed uniform for hundreds
+    # of steps: every projection's std is 1/sqrt(fan_in), the two into the residual also / sqrt(2 L).
+    torch.manual_seed(0)
+    m = rwkv_zoo.build("attn", n_layer=2, n_embd=C, head_size=16, vocab_size=97, token_shift=True)
+    att, ffn = m.blocks[1].att, m.blocks[1].ffn
+    for w, want in ((att.query.weight, C**-0.5), (att.key.weight, C**-0.5), (ffn.key.weight, C**-0.5),
+                    (att.output.weight, C**-0.5 / 2), (ffn.value.weight, (4 * C) ** -0.5 / 2)):
+        assert float(w.detach().std()) == pytest.approx(want, rel=0.1)
+    # the shift mixes span "all previous token" to "almost none" in the first layer
+    mix = m.blocks[0].att.x_k.flatten()
+    assert float(mix[0]) == 1.0 and float(mix[-1]) < 0.1
+    assert rel(m.blocks[0].att.x_q, m.blocks[0].att.x_k) == 0
