@@ -22,8 +22,9 @@ from rwkv_zoo.errors import ConfigError
 from rwkv_zoo.train._toml import tomllib
 from rwkv_zoo.train.trainer import TrainConfig
 
-# Bumped when what a cell computes changes, so old cached cells are not reused.
-CELL_FORMAT = 1
+# Bumped when what a cell computes changes, so old cached cells are not reused. 2: attn's fan-in init,
+# and the CPU training path (C++ layer ops, fused AdamW) that rounds differently.
+CELL_FORMAT = 2
 EXPANDABLE = ("n_layer", "n_embd", "head_size")
 ABLATE_KEYS = ("name", "description", "seeds", "lrs", "lr_final_ratio", "jobs", "threads", "device", "out_dir")
 DATA_KINDS = ("task", "text", "binidx", "corpus")
