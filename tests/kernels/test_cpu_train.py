@@ -140,7 +140,9 @@ def test_shift_mix_matches_pytorch_in_fp64(form, F, dyn):
 
     def run(xs, backend):
         xs = [x.clone().requires_grad_() for x in xs]
-        out = layerops.shift_mix(xs[0], xs[1], xs[2:2 + F], xs[2 + F] if dyn else None, form, backend=backend)
+        outs = layerops.shift_mix(xs[0], xs[1], xs[2:2 + F], xs[2 + F] if dyn else None, form, backend=backend)
+        assert len(outs) == F
+        out = torch.stack(outs)
         grads = torch.autograd.grad(out, xs, up.to(out.dtype))
         return out.detach().double(), [d.double() for d in grads]
 
