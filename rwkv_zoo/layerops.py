@@ -3,7 +3,7 @@
 A block spends much of a small training step in memory-bound elementwise ops and their autograd nodes
 (a dozen for the token shift and lerps of one v6 block). These functions are what the versions call:
 
-- ``shift_mix(x, shift, mixes, dyn=None, form="delta")``: token shift and F lerps in one op;
+- ``shift_mix(x, shift, mixes, dyn=None, form="delta")``: token shift and F lerps in one op (F tensors);
 - ``relu_sq(x)``: the channel-mix activation ``relu(x) ** 2``;
 - ``head_group_norm(y, ln_x)``: GroupNorm over each head of ``y`` [B, T, H, N] (``ln_x`` of v5-v7).
 
@@ -30,7 +30,7 @@ __all__ = ["LAYER_OPS", "LAYER_OP_SIGNATURES", "head_group_norm", "relu_sq", "sh
 
 # What a backend's version receives (already stacked and checked by the function here).
 LAYER_OP_SIGNATURES = {
-    "shift_mix": "(x [B, T, C], shift [B, C], mix [F, C], dyn [F, B, T, C] or None, form) -> [F, B, T, C]",
+    "shift_mix": "(x [B, T, C], shift [B, C], mix [F, C], dyn [F, B, T, C] or None, form) -> F x [B, T, C]",
     "relu_sq": "(x [...]) -> [...]",
     "head_group_norm": "(y [B, T, H, N], weight [H*N], bias [H*N], eps float) -> [B, T, H*N] fp32",
 }
@@ -60,12 +60,14 @@ def implementations(name: str, backend: str | None = None) -> tuple[Callable, ..
 
 
 def shift_mix(x: Tensor, shift: Tensor, mixes: list[Tensor], dyn: Tensor | None = None, form: str = "delta",
-              backend: str | None = None) -> Tensor:
-    """Token shift and F lerps in one op: [F, B, T, C] from ``x`` [B, T, C] and ``shift`` [B, C].
+              backend: str | None = None) -> tuple[Tensor, ...]:
+    """Token shift and F lerps in one op: F tensors [B, T, C] from ``x`` [B, T, C] and ``shift`` [B, C].
 
     With ``prev`` the previous token's ``x`` (``shift`` at t = 0) and ``m`` mix f (each [..., C], plus
     ``dyn[f]`` [F, B, T, C] when given): ``form="delta"`` (v6, v7) is ``x + (prev - x) * m``,
     ``form="lerp"`` (v4, v5; no ``dyn``) ``x * m + prev * (1 - m)``. The new shift state is ``x[:, -1]``.
+    A tuple rather than one [F, B, T, C] tensor: callers use the F results separately, and unbinding a
+    tensor costs autograd a stack (a copy of all F gradients) in the backward.
     """
     C = x.shape[-1]
     mix = torch.stack([m.reshape(C) for m in mixes])  # [F, C]
@@ -76,8 +78,8 @@ def shift_mix(x: Tensor, shift: Tensor, mixes: list[Tensor], dyn: Tensor | None 
     prev = torch.cat([shift.to(x.dtype).unsqueeze(1), x[:, :-1]], dim=1)
     mix = mix.view(-1, 1, 1, C)
     if form == "delta":
-        return x + (prev - x) * (mix if dyn is None else mix + dyn)
-    return x * mix + prev * (1 - mix)
+        return (x + (prev - x) * (mix if dyn is None else mix + dyn)).unbind(0)
+    return (x * mix + prev * (1 - mix)).unbind(0)
 
 
 def relu_sq(x: Tensor, backend: str | None = None) -> Tensor:

@@ -175,28 +175,34 @@ def wkv4(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state):
 # Token shift and the lerps of a block in one C++ pass (csrc/cpu_wkv_train.cpp ``shift_mix``).
 
 
+def _ptrs(ts) -> ctypes.Array:
+    return (ctypes.c_void_p * len(ts))(*(t.data_ptr() for t in ts))
+
+
 class _ShiftMix(torch.autograd.Function):
+    # F separate outputs (not one [F, B, T, C] tensor the caller unbinds): autograd then hands the
+    # backward the F upstream gradients as they are, where unbind's backward would stack them (a copy).
     @staticmethod
     def forward(ctx, x, shift, mix, dyn, form: int):
         B, T, C = x.shape
         F_ = mix.shape[0]
-        out = torch.empty(F_, B, T, C, dtype=torch.float32)
-        _lib().rz_shift_mix_fwd(x.data_ptr(), shift.data_ptr(), mix.data_ptr(), _ptr(dyn), out.data_ptr(), form,
+        outs = tuple(torch.empty(B, T, C, dtype=torch.float32) for _ in range(F_))
+        _lib().rz_shift_mix_fwd(x.data_ptr(), shift.data_ptr(), mix.data_ptr(), _ptr(dyn), _ptrs(outs), form,
                                 F_, B, T, C, torch.get_num_threads())
         ctx.save_for_backward(x, shift, mix, dyn)
         ctx.form = form
-        return out
+        return outs
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, *gs):
         x, shift, mix, dyn = ctx.saved_tensors
         B, T, C = x.shape
         F_ = mix.shape[0]
-        g = _c(g.float())
+        gs = [_c(g.float()) for g in gs]
         dx, dshift = torch.empty_like(x), torch.empty_like(shift)
         dmix = torch.empty(B, F_, C, dtype=torch.float32)
         ddyn = None if dyn is None else torch.empty_like(dyn)
-        _lib().rz_shift_mix_bwd(g.data_ptr(), x.data_ptr(), shift.data_ptr(), mix.data_ptr(), _ptr(dyn), ctx.form,
+        _lib().rz_shift_mix_bwd(_ptrs(gs), x.data_ptr(), shift.data_ptr(), mix.data_ptr(), _ptr(dyn), ctx.form,
                                 dx.data_ptr(), dshift.data_ptr(), dmix.data_ptr(), _ptr(ddyn), F_, B, T, C,
                                 torch.get_num_threads())
         return dx, dshift, dmix.sum(0), ddyn, None

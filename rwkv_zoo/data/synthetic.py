@@ -125,8 +125,9 @@ class MQAR(Task):
         pairs = self.pairs
         which = torch.randint(0, len(pairs), (n,), generator=g) if len(pairs) > 1 else torch.zeros(n, dtype=torch.long)
         for i, P in enumerate(pairs):
-            rows = (which == i).nonzero().squeeze(1)
-            m = len(rows)
+            # One count (the common case): every row, written in place rather than gathered and put back.
+            rows = slice(None) if len(pairs) == 1 else (which == i).nonzero().squeeze(1)
+            m = n if len(pairs) == 1 else len(rows)
             if m == 0:
                 continue
             keys = _random_subsets(m, self.num_keys, P, g) + 2
@@ -141,12 +142,13 @@ class MQAR(Task):
             block[:, : 2 * P] = ctx
             block.scatter_(1, where, keys.gather(1, order))
             block.scatter_(1, where + 1, values.gather(1, order))
-            seq[rows] = block
             sup = supervised[rows]
             sup.scatter_(1, where + 1, True)
-            supervised[rows] = sup
-        inputs, targets = seq[:, :-1], seq[:, 1:].clone()
-        targets[~supervised[:, 1:]] = IGNORE
+            if len(pairs) > 1:  # advanced indexing gave copies
+                seq[rows] = block
+                supervised[rows] = sup
+        inputs = seq[:, :-1]
+        targets = torch.where(supervised[:, 1:], seq[:, 1:], IGNORE)
         return inputs, targets
 
     def eval_variants(self) -> dict[str, Task]:

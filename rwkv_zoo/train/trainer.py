@@ -322,6 +322,20 @@ class TrainResult:
         return asdict(self)
 
 
+def _clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
+    """``clip_grad_norm_(params, max_norm, foreach=True)`` with the same result bit for bit, minus its
+    multiply of every gradient by exactly 1.0 when the norm is under ``max_norm`` (most steps): at the
+    ablation sizes that multiply was about half of the clipping's time."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    coef = max_norm / (total + 1e-6)
+    if not bool(coef >= 1.0):  # clip_grad_norm_ scales by min(coef, 1); a NaN norm scales too
+        torch._foreach_mul_(grads, coef)
+    return float(total)
+
+
 class Trainer:
     """One training run (see the module docstring). ``fit()`` trains to ``config.steps`` and returns a
     ``TrainResult``; ``train_step()``, ``evaluate()``, ``save_checkpoint()`` and ``load_checkpoint()``
@@ -481,8 +495,10 @@ class Trainer:
 
         total, _ = chunked_backward(self.model, inputs, targets, cfg.chunk_len, loss_fn,
                                     truncated=cfg.truncated_bptt, sync=self._sync, forward=self._forward)
-        if cfg.grad_clip > 0:
-            gnorm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip, foreach=self._foreach_clip))
+        if cfg.grad_clip > 0 and self._foreach_clip:
+            gnorm = _clip_grad_norm(self.params, cfg.grad_clip)
+        elif cfg.grad_clip > 0:
+            gnorm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip, foreach=False))
         else:
             gnorm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.params
                                                                 if p.grad is not None])))

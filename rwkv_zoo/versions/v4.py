@@ -74,7 +74,7 @@ class V4TimeMix(nn.Module):
         # Token shift and the three lerps as one pass over [3, B, T, C] (the same arithmetic per element).
         new_shift = x[:, -1]
         mixes = [self.time_mix_k, self.time_mix_v, self.time_mix_r]
-        xk, xv, xr = shift_mix(x, shift, mixes, form="lerp", backend=ctx.backend).unbind(0)
+        xk, xv, xr = shift_mix(x, shift, mixes, form="lerp", backend=ctx.backend)
         k, v = self.key(xk), self.value(xv)
         r = torch.sigmoid(self.receptance(xr))
         w = -torch.exp(self.time_decay.float())  # per-step log-decay, always negative
@@ -112,7 +112,7 @@ class V4ChannelMix(nn.Module):
         self.value = nn.Linear(F, C, bias=False)
 
     def forward(self, x: Tensor, shift: Tensor, ctx: Context) -> tuple[Tensor, Tensor]:
-        xk, xr = shift_mix(x, shift, [self.time_mix_k, self.time_mix_r], form="lerp", backend=ctx.backend).unbind(0)
+        xk, xr = shift_mix(x, shift, [self.time_mix_k, self.time_mix_r], form="lerp", backend=ctx.backend)
         new_shift = x[:, -1]
         k = relu_sq(self.key(xk), backend=ctx.backend)
         return torch.sigmoid(self.receptance(xr)) * self.value(k), new_shift

@@ -89,7 +89,7 @@ class V5TimeMix(nn.Module):
         # Token shift and the four lerps as one pass over [4, B, T, C] (the same arithmetic per element).
         new_shift = x[:, -1]
         mixes = [self.time_mix_k, self.time_mix_v, self.time_mix_r, self.time_mix_g]
-        xk, xv, xr, xg = shift_mix(x, shift, mixes, form="lerp", backend=ctx.backend).unbind(0)
+        xk, xv, xr, xg = shift_mix(x, shift, mixes, form="lerp", backend=ctx.backend)
         r = self.receptance(xr).view(B, T, H, N)
         k = self.key(xk).view(B, T, H, N)
         v = self.value(xv).view(B, T, H, N)

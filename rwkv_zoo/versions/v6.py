@@ -103,7 +103,7 @@ class V6TimeMix(nn.Module):
         # Token shift and the five lerps as one pass over [5, B, T, C] (the same arithmetic per element as
         # five separate ones; one C++ op forward and one backward on a CPU).
         maa = [self.time_maa_w, self.time_maa_k, self.time_maa_v, self.time_maa_r, self.time_maa_g]
-        xw, xk, xv, xr, xg = shift_mix(x, shift, maa, m, backend=ctx.backend).unbind(0)
+        xw, xk, xv, xr, xg = shift_mix(x, shift, maa, m, backend=ctx.backend)
         r = self.receptance(xr).view(B, T, H, N)
         k = self.key(xk).view(B, T, H, N)
         v = self.value(xv).view(B, T, H, N)
@@ -155,7 +155,7 @@ class V6ChannelMix(nn.Module):
         self.value = nn.Linear(F_, C, bias=False)
 
     def forward(self, x: Tensor, shift: Tensor, ctx: Context) -> tuple[Tensor, Tensor]:
-        xk, xr = shift_mix(x, shift, [self.time_maa_k, self.time_maa_r], backend=ctx.backend).unbind(0)
+        xk, xr = shift_mix(x, shift, [self.time_maa_k, self.time_maa_r], backend=ctx.backend)
         new_shift = x[:, -1]
         k = relu_sq(self.key(xk), backend=ctx.backend)
         return torch.sigmoid(self.receptance(xr)) * self.value(k), new_shift

@@ -116,8 +116,7 @@ class V7TimeMix(nn.Module):
         # six separate ones; one C++ op forward and one backward on a CPU).
         new_shift = x[:, -1]
         mixes = [self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g]
-        mixed = shift_mix(x, shift, mixes, backend=ctx.backend)
-        xr, xw, xk, xv, xa, xg = mixed.unbind(0)
+        xr, xw, xk, xv, xa, xg = shift_mix(x, shift, mixes, backend=ctx.backend)
         r, k, v = self.receptance(xr), self.key(xk), self.value(xv)  # [B, T, C]
         z = self.w0 + torch.tanh(xw @ self.w1) @ self.w2
         logw = -DECAY_SCALE * torch.sigmoid(z.float())  # log of the per-step decay, fp32

@@ -140,7 +140,9 @@ def test_shift_mix_matches_pytorch_in_fp64(form, F, dyn):
 
     def run(xs, backend):
         xs = [x.clone().requires_grad_() for x in xs]
-        out = layerops.shift_mix(xs[0], xs[1], xs[2:2 + F], xs[2 + F] if dyn else None, form, backend=backend)
+        outs = layerops.shift_mix(xs[0], xs[1], xs[2:2 + F], xs[2 + F] if dyn else None, form, backend=backend)
+        assert len(outs) == F
+        out = torch.stack(outs)
         grads = torch.autograd.grad(out, xs, up.to(out.dtype))
         return out.detach().double(), [d.double() for d in grads]
 
@@ -216,3 +218,21 @@ def test_layer_ops_follow_the_explicit_backend_choice():
     assert cpu_train.relu_sq(x) is NotImplemented
     assert torch.equal(layerops.relu_sq(x, backend="cpu"), torch.relu(x).square())
     assert set(layerops.LAYER_OPS) == set(dispatch.get_backends()["cpu"].layer_ops)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 10.0])
+def test_trainer_clipping_matches_clip_grad_norm(scale):
+    # The trainer's clipping skips clip_grad_norm_'s multiply by exactly 1.0 under the limit: the same
+    # norm and the same gradients bit for bit, clipped (scale 10) or not (scale 1e-3).
+    from rwkv_zoo.train.trainer import _clip_grad_norm
+
+    g = torch.Generator().manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in [(64, 64), (64,), (3, 5)]]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    for p, q in zip(ours, ref, strict=True):
+        p.grad = torch.randn(p.shape, generator=g) * scale
+        q.grad = p.grad.clone()
+    norm = _clip_grad_norm(ours, 1.0)
+    assert norm == float(torch.nn.utils.clip_grad_norm_(ref, 1.0, foreach=True))
+    assert (norm > 1.0) == (scale > 1)
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(ours, ref, strict=True))

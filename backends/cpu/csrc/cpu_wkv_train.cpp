@@ -444,18 +444,20 @@ void wkv4_bwd(const float* w, const float* u, const float* k, const float* v, co
 // (shift[b] at t = 0). form 0 (v6, v7): x + (prev - x) * m; form 1 (v4, v5): x * m + prev * (1 - m),
 // the same arithmetic per element as the PyTorch expressions they replace. At the ablation shapes the
 // PyTorch version was a dozen memory-bound ops over [F, B, T, C] per block, forward and backward.
-// Layouts: x [B, T, C], shift [B, C], mix [F, C], dyn and out [F, B, T, C]; the backward writes dx,
-// dshift, ddyn (when dyn) and per-sequence partial sums dmix [B, F, C] that the caller sums over B.
+// Layouts: x [B, T, C], shift [B, C], mix [F, C], dyn [F, B, T, C]; out and the backward's g are F
+// separate [B, T, C] planes (pointer arrays), so the caller neither stacks the F upstream gradients nor
+// unbinds the output (a copy of all F planes per call in autograd's unbind backward). The backward writes
+// dx, dshift, ddyn (when dyn) and per-sequence partial sums dmix [B, F, C] that the caller sums over B.
 
 // One (sequence, token) row of the forward: FORM 0 delta, 1 lerp; DYN: dyn given (delta only). The
 // branches are template parameters so that the inner loops vectorize.
 template <int FORM, bool DYN>
-inline void shift_mix_row(const float* xt, const float* pt, const float* mix, const float* dyn, float* out,
-                          int64_t F, int64_t stride, int64_t C) {
+inline void shift_mix_row(const float* xt, const float* pt, const float* mix, const float* dyn,
+                          float* const* out, int64_t o, int64_t F, int64_t stride, int64_t C) {
     for (int64_t f = 0; f < F; ++f) {
         const float* mf = mix + f * C;
-        const float* df = DYN ? dyn + f * stride : nullptr;
-        float* ot = out + f * stride;
+        const float* df = DYN ? dyn + f * stride + o : nullptr;
+        float* ot = out[f] + o;
         if (FORM == 0) {
 #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
@@ -470,7 +472,8 @@ inline void shift_mix_row(const float* xt, const float* pt, const float* mix, co
 }
 
 template <int FORM, bool DYN>
-void shift_mix_fwd_t(const float* x, const float* shift, const float* mix, const float* dyn, float* out, int64_t F,
+void shift_mix_fwd_t(const float* x, const float* shift, const float* mix, const float* dyn, float* const* out,
+                     int64_t F,
                      int64_t B, int64_t T, int64_t C, int nthreads) {
     const int64_t stride = B * T * C;  // between the F planes of out and dyn
 #pragma omp parallel for schedule(static) num_threads(nthreads)
@@ -479,12 +482,13 @@ void shift_mix_fwd_t(const float* x, const float* shift, const float* mix, const
             const float* xt = x + (b * T + t) * C;
             const float* pt = t ? xt - C : shift + b * C;
             const int64_t o = (b * T + t) * C;
-            shift_mix_row<FORM, DYN>(xt, pt, mix, DYN ? dyn + o : nullptr, out + o, F, stride, C);
+            shift_mix_row<FORM, DYN>(xt, pt, mix, dyn, out, o, F, stride, C);
         }
     }
 }
 
-void shift_mix_fwd(const float* x, const float* shift, const float* mix, const float* dyn, float* out, int form,
+void shift_mix_fwd(const float* x, const float* shift, const float* mix, const float* dyn, float* const* out,
+                   int form,
                    int64_t F, int64_t B, int64_t T, int64_t C, int nthreads) {
     if (form == 1)
         shift_mix_fwd_t<1, false>(x, shift, mix, nullptr, out, F, B, T, C, nthreads);
@@ -495,7 +499,7 @@ void shift_mix_fwd(const float* x, const float* shift, const float* mix, const f
 }
 
 template <int FORM, bool DYN>
-void shift_mix_bwd_t(const float* g, const float* x, const float* shift, const float* mix, const float* dyn,
+void shift_mix_bwd_t(const float* const* g, const float* x, const float* shift, const float* mix, const float* dyn,
                      float* dx, float* dshift, float* dmix, float* ddyn, int64_t F, int64_t B, int64_t T, int64_t C,
                      int nthreads) {
     const int64_t stride = B * T * C;
@@ -515,7 +519,7 @@ void shift_mix_bwd_t(const float* g, const float* x, const float* shift, const f
                 for (int64_t c = 0; c < C; ++c) dxt[c] = carry[c], prevg[c] = 0.f;
                 const int64_t o = (b * T + t) * C;
                 for (int64_t f = 0; f < F; ++f) {
-                    const float *gt = g + f * stride + o, *mf = mix + f * C;
+                    const float *gt = g[f] + o, *mf = mix + f * C;
                     float* dmf = dm + f * C;
                     if (FORM == 0) {
                         const float* df = DYN ? dyn + f * stride + o : nullptr;
@@ -545,7 +549,7 @@ void shift_mix_bwd_t(const float* g, const float* x, const float* shift, const f
     }
 }
 
-void shift_mix_bwd(const float* g, const float* x, const float* shift, const float* mix, const float* dyn, int form,
+void shift_mix_bwd(const float* const* g, const float* x, const float* shift, const float* mix, const float* dyn, int form,
                    float* dx, float* dshift, float* dmix, float* ddyn, int64_t F, int64_t B, int64_t T, int64_t C,
                    int nthreads) {
     if (form == 1)
@@ -647,7 +651,7 @@ void head_norm_bwd(const float* y, const float* wt, const float* mean, const flo
 
 extern "C" {
 
-int rz_wkv_train_abi_version() { return 2; }
+int rz_wkv_train_abi_version() { return 3; }
 
 void rz_head_norm_fwd(const float* y, const float* wt, const float* bs, float eps, float* out, float* mean,
                       float* rstd, int64_t R, int64_t H, int64_t N, int nthreads) {
@@ -665,12 +669,13 @@ void rz_relu_sq_bwd(const float* x, const float* g, float* dx, int64_t n, int nt
     relu_sq_bwd(x, g, dx, n, nthreads);
 }
 
-void rz_shift_mix_fwd(const float* x, const float* shift, const float* mix, const float* dyn, float* out, int form,
+void rz_shift_mix_fwd(const float* x, const float* shift, const float* mix, const float* dyn, float* const* out,
+                      int form,
                       int64_t F, int64_t B, int64_t T, int64_t C, int nthreads) {
     shift_mix_fwd(x, shift, mix, dyn, out, form, F, B, T, C, nthreads);
 }
 
-void rz_shift_mix_bwd(const float* g, const float* x, const float* shift, const float* mix, const float* dyn,
+void rz_shift_mix_bwd(const float* const* g, const float* x, const float* shift, const float* mix, const float* dyn,
                       int form, float* dx, float* dshift, float* dmix, float* ddyn, int64_t F, int64_t B, int64_t T,
                       int64_t C, int nthreads) {
     shift_mix_bwd(g, x, shift, mix, dyn, form, dx, dshift, dmix, ddyn, F, B, T, C, nthreads);
