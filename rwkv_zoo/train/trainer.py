@@ -784,7 +784,7 @@ class Trainer:
 def _fused_adamw(params: list[Tensor], device: str, world: int) -> bool | None:
     """``fused=True`` for a single-process CPU run: one C++ kernel per parameter instead of a dozen
     small ops each (the optimizer was 10-15 % of a step at the ablation shapes); its updates equal the
-    for-loop implementation's within fp32 rounding (tests/train/test_train_speed.py). Elsewhere the
+    for-loop implementation's within fp32 rounding (tests/kernels/test_cpu_train.py). Elsewhere the
     default (CUDA picks foreach itself; sharded parameters keep the reference path)."""
     if world != 1 or torch.device(device).type != "cpu":
         return None
