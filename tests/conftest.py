@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 
 import _deps
 import pytest
@@ -35,6 +36,11 @@ _ci_skips: list[tuple[str, str]] = []
 
 
 def pytest_configure(config):
+    # A shell that starts the suite in the background (`nohup ... &`, some CI runners) hands it SIGINT
+    # ignored, and every child inherits that: the Ctrl-C tests (chat, training stop) would then time out
+    # for a reason outside the code. Python's own handler here also makes exec'd children start at default.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     config.addinivalue_line("markers", "ci_dependency(reason, install): skip, or under CI=true fail, when reason "
                                        "is not None (tests/_deps.py)")
 
