@@ -16,7 +16,9 @@ warm-up, at each ``--batch``. ``--kl`` adds the mean KL divergence of each weigh
 distribution from fp32 (bf16, int8, int4) over a prompt and its continuation, and of llama.cpp's on each
 ``--compare-llamacpp`` GGUF (e.g. Q4_0) over the same tokens, against the same fp32 reference. The CPU
 kernels' instruction set (``RWKV_ZOO_CPU_ISA``, inherited by the workers) is named in the header. Times
-are medians; ratios are only meaningful within one run (shared machines drift).
+are medians over ``--repeat`` rounds (odd rounds run the configurations in reverse order); ratios are only
+meaningful within one run (shared machines drift), and those against llama.cpp are paired by round: each
+of our weight formats over the llama.cpp file of the same precision (``LLAMACPP_COUNTERPART``).
 
 This module measures and reports; ``rwkv_zoo.cli.bench`` turns the command's flags into ``report``'s
 arguments. ``python -m rwkv_zoo.bench KIND JSON`` is the worker entry point.
@@ -365,19 +367,69 @@ def report(args: BenchOptions, spec: str, weights: list[str], batches: list[int]
                  for w in ("fp32", "bf16") if w in weights or w == "fp32"]
     jobs += [("llamacpp", {"path": f, **common}) for f in args.compare_llamacpp]
     # Round-robin repeats: on a shared machine load drifts over minutes, so every configuration gets
-    # samples from every period, and each number is the median over repeats.
+    # samples from every period, and each number is the median over repeats. Odd rounds run the jobs in
+    # reverse order, so a drift inside a round favours neither the first configurations nor the last.
     runs: list[list[dict]] = [[] for _ in jobs]
-    for _ in range(args.repeat):
-        for i, (kind, kwargs) in enumerate(jobs):
+    for rnd in range(args.repeat):
+        order = range(len(jobs)) if rnd % 2 == 0 else reversed(range(len(jobs)))
+        for i in order:
+            kind, kwargs = jobs[i]
             runs[i].append(_run_worker(kind, kwargs, 3600))
     rows = [_merge(r) for r in runs]
+    pairs = paired_ratios(jobs, runs)
     kls = _run_worker("kl", {"spec": spec, "weights": weights, "tokens": 64, "threads": args.threads,
                              "gguf": list(args.compare_llamacpp)}, 3600) if args.kl else {}
     _print_table(rows, mach, batches, kls, args)
+    _print_pairs(pairs)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": mach, "rows": rows, "kl": kls, "model": args.model}, f, indent=1)
+            json.dump({"machine": mach, "rows": rows, "kl": kls, "model": args.model, "vs_llamacpp": pairs},
+                      f, indent=1)
     return 0
+
+
+# Which llama.cpp file types answer which of our weight formats (same bits per weight, roughly).
+LLAMACPP_COUNTERPART = {"fp32": ("F32",), "bf16": ("BF16", "F16"), "int8": ("Q8_0",),
+                        "int4": ("Q4_0", "Q4_1", "Q4_K_M", "Q4_K_S")}
+
+
+def paired_ratios(jobs: list[tuple[str, dict]], runs: list[list[dict]]) -> list[dict]:
+    """Speed of each of our weight formats over llama.cpp's same-precision file, paired by round.
+
+    Rounds run every configuration once, one after another, so a round's two samples share the
+    machine's load of that minute; the ratio of a pair is steadier than the ratio of two medians taken
+    over different minutes. For each pair: the median of the per-round ratios and their range
+    (> 1: rwkv_zoo faster). ``default`` weights are fp32.
+    """
+    out = []
+    for i, (kind, _) in enumerate(jobs):
+        if kind != "ours":
+            continue
+        ours_w = runs[i][0]["weights"]
+        for j, (kind2, _) in enumerate(jobs):
+            if kind2 != "llamacpp" or runs[j][0]["weights"] not in LLAMACPP_COUNTERPART.get(
+                    "fp32" if ours_w == "default" else ours_w, ()):
+                continue
+            rec = {"ours": ours_w, "llamacpp": runs[j][0]["weights"], "file": runs[j][0].get("file", ""),
+                   "rounds": len(runs[i])}
+            for key, get in (("decode", lambda s: s["decode"]["1"]), ("prefill", lambda s: s.get("prefill_s"))):
+                ratios = [get(b) / get(a) for a, b in zip(runs[i], runs[j], strict=True) if get(a) and get(b)]
+                if ratios:
+                    rec[key] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+            out.append(rec)
+    return out
+
+
+def _print_pairs(pairs: list[dict]) -> None:
+    if not pairs:
+        return
+    n = pairs[0]["rounds"]
+    print(f"rwkv_zoo over llama.cpp, same precision, paired by round (median of {n} per-round ratio(s), "
+          f"min-max; > 1 = rwkv_zoo faster):")
+    for p in pairs:
+        parts = [f"{k} {p[k]['median']:.2f}x ({p[k]['min']:.2f}-{p[k]['max']:.2f})" for k in ("decode", "prefill")
+                 if k in p]
+        print(f"  {p['ours']:<7} vs {p['llamacpp']:<6} ({p['file']}): " + ", ".join(parts))
 
 
 def _merge(samples: list[dict]) -> dict:

@@ -438,3 +438,40 @@ def test_explain_says_how_inference_runs():
     model.backend = "reference"  # an explicit choice of a backend without a fused step: the modules
     assert rwkv_zoo.explain(model, (2, 1)).execution.startswith("the modules, layer by layer")
     assert "has no fused step" in rwkv_zoo.explain(model, (2, 1)).execution
+
+
+def test_bench_pairs_each_round_with_llama_cpp_and_alternates_the_order(monkeypatch, capsys):
+    """Ratios against llama.cpp come from samples of the same round, and odd rounds run the jobs in
+    reverse, so drift over a run cannot favour one side."""
+    from rwkv_zoo import bench
+
+    order, clock = [], iter(range(100))
+
+    def fake_worker(kind, kwargs, timeout):
+        order.append(kind)
+        if kind == "machine":
+            return {"gemm_flops": 1e11, "read_bytes_per_s": 2e10}
+        t = next(clock)  # each round slower than the last: a drifting machine
+        if kind == "ours":
+            return {"impl": "rwkv_zoo", "weights": kwargs["weights"], "decode": {"1": 0.010 * (1 + t)},
+                    "prefill_s": 1.0 * (1 + t), "peak_rss": 1}
+        return {"impl": "llama.cpp", "weights": "Q8_0", "file": "q8.gguf", "decode": {"1": 0.012 * (1 + t)},
+                "prefill_s": 1.5 * (1 + t), "peak_rss": 1}
+
+    monkeypatch.setattr(bench, "_run_worker", fake_worker)
+    opts = bench.BenchOptions(model="v7-tiny", threads=1, prefill=8, decode=2, repeat=3,
+                              compare_llamacpp=("q8.gguf",))
+    assert bench.report(opts, "v7-tiny", ["fp32", "int8"], [1]) == 0
+    assert order == ["machine", "ours", "ours", "llamacpp", "llamacpp", "ours", "ours", "ours", "ours",
+                     "llamacpp"]
+    pairs = bench.paired_ratios([("ours", {"weights": "int8"}), ("llamacpp", {})],
+                                [[{"weights": "int8", "decode": {"1": 1.0}, "prefill_s": 2.0},
+                                  {"weights": "int8", "decode": {"1": 4.0}, "prefill_s": 2.0}],
+                                 [{"weights": "Q8_0", "decode": {"1": 1.5}, "prefill_s": 3.0},
+                                  {"weights": "Q8_0", "decode": {"1": 4.0}, "prefill_s": 5.0}]])
+    assert pairs == [{"ours": "int8", "llamacpp": "Q8_0", "file": "", "rounds": 2,
+                      "decode": {"median": 1.25, "min": 1.0, "max": 1.5},
+                      "prefill": {"median": 2.0, "min": 1.5, "max": 2.5}}]
+    out = capsys.readouterr().out
+    # fp32 has no F32 file here: only int8 is paired with the Q8_0 file
+    assert "int8    vs Q8_0   (q8.gguf): decode" in out and "fp32    vs" not in out
