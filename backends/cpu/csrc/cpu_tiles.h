@@ -324,19 +324,25 @@ inline void tile_i8dot(const uint8_t* xq, int64_t ldq, const int8_t* p, int64_t 
     __m256 facc[BT];
     for (int b = 0; b < BT; ++b) facc[b] = _mm256_setzero_ps();
     const __m256i ones = _mm256_set1_epi16(1);
-    for (int64_t k0 = 0; k0 < K; k0 += QBLK) {
-        __m256i iacc[BT];
-        for (int b = 0; b < BT; ++b) iacc[b] = _mm256_setzero_si256();
+    for (int64_t k0 = 0; k0 < K; k0 += QBLK, p += 4 * QBLK) {
         _mm_prefetch(reinterpret_cast<const char*>(p) + RZ_PF_BYTES, _MM_HINT_T0);
         _mm_prefetch(reinterpret_cast<const char*>(p) + RZ_PF_BYTES + 64, _MM_HINT_T0);
-        for (int64_t k = k0; k < k0 + QBLK; k += 8, p += 32) {
-            const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+        // The block's 4 steps unrolled, each sum started by its first step: the rolled loop compiled to a
+        // register move per row and step on top of the 4 vector instructions per 32 products (the limit
+        // here: the pipes and the 6-wide dispatch of Zen 3 are busy, not memory). Same sums, 1.02x int8
+        // prefill (v7-0.1B, one thread, CPU time, under load).
+        __m256i iacc[BT];
+#pragma GCC unroll 4
+        for (int st = 0; st < QBLK / 8; ++st) {
+            const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * st));
             const __m256i aw = _mm256_abs_epi8(w);
+#pragma GCC unroll 8
             for (int b = 0; b < BT; ++b) {
                 int64_t xv;
-                memcpy(&xv, xq + b * ldq + k, 8);
+                memcpy(&xv, xq + b * ldq + k0 + 8 * st, 8);
                 const __m256i xs = _mm256_sign_epi8(_mm256_set1_epi64x(xv), w);
-                iacc[b] = _mm256_add_epi32(iacc[b], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, xs), ones));
+                const __m256i d = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, xs), ones);
+                iacc[b] = st == 0 ? d : _mm256_add_epi32(iacc[b], d);
             }
         }
         for (int b = 0; b < BT; ++b) {
