@@ -65,9 +65,9 @@ ISA_ENV = "RWKV_ZOO_CPU_ISA"
 # name -> (source, extra flags, ABI version). The WKV loops need -ffast-math so expf vectorizes (libmvec);
 # the GEMV kernels do not use it, so their sums keep IEEE semantics.
 LIBRARIES = {
-    "cpu_gemv": ("cpu_gemv.cpp", (), 5),
+    "cpu_gemv": ("cpu_gemv.cpp", (), 6),
     "cpu_wkv": ("cpu_wkv.cpp", ("-ffast-math",), 1),
-    "cpu_decode": ("cpu_decode.cpp", ("-ffast-math",), 5),
+    "cpu_decode": ("cpu_decode.cpp", ("-ffast-math",), 6),
     "cpu_wkv_train": ("cpu_wkv_train.cpp", ("-ffast-math",), 3),
 }
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2, torch.uint8: 3}  # uint8: packed int4

@@ -115,6 +115,37 @@ def test_integer_dots_equal_their_quantization(kind):
         assert float((y - ref).abs().max() / ref.abs().max()) < 1e-6, isa
 
 
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_integer_dots_every_row_count_and_tail(kind):
+    """Prefill shapes: every row-group size the tile kernels split M into (4-row groups and their 2- and
+    1-row tails: M = 1, 3, 4, 5, 17, 64), output counts that leave a padded tile (N % 4 != 0), and an
+    input width that is not a multiple of the activation block (int8, K = 72: fp32 activations). Each
+    runnable build equals the torch emulation of its quantization (within 1e-6 of the largest output)
+    where it quantizes, and the portable build within the rounding of the activations everywhere."""
+    g = torch.Generator().manual_seed(11)
+    shapes = ((37, 128), (6, 192)) if kind == "int8" else ((37, 128), (10, 192))
+    if kind == "int8":
+        shapes += ((13, 72),)
+    for N, K in shapes:
+        lin = InferenceLinear(torch.randn(N, K, generator=g), kind)
+        assert lin.packed
+        x = torch.randn(64, K, generator=g)
+        x[3, :QBLK] = 0.0  # a block whose scale is 0
+        quantizes = K % QBLK == 0
+        ref_q = _dot_reference(x, lin) if quantizes else None
+        ref_p = kernels.gemv(x, lin.qweight, N, lin.scale, isa="portable")
+        for M in (1, 3, 4, 5, 17, 64):
+            for isa in RUNNABLE[1:]:
+                y = kernels.gemv(x[:M], lin.qweight, N, lin.scale, isa=isa)
+                assert y.shape == (M, N)
+                assert _rel(y, ref_p[:M]) < 1e-2, (isa, kind, N, K, M)
+                if quantizes:
+                    err = (y.double() - ref_q[:M]).abs().max() / ref_q[:M].abs().max()
+                    assert float(err) < 1e-6, (isa, kind, N, K, M)
+                else:
+                    assert _rel(y, ref_p[:M]) < 1e-5, (isa, kind, N, K, M)
+
+
 def _mixed_model():
     """A v7 + v4 hybrid whose projections use every weight format: int4 in the time-mix of both
     layers, int8 in the channel-mix, bf16 in the v7 output and the v4 receptance, fp32 elsewhere."""

@@ -482,7 +482,7 @@ void channel_mix(const LayerP& P, Scratch& s, const float* xx) {
 
 extern "C" {
 
-int rz_decode_abi_version() { return 5; }
+int rz_decode_abi_version() { return 6; }
 
 // The instruction set this build was compiled for (cpu_tiles.h's isa_name).
 const char* rz_decode_isa() { return rz::isa_name(); }

@@ -57,7 +57,7 @@ void gemv(int64_t kind, const float* x, int64_t B, int64_t K, int64_t ldx, const
 
 extern "C" {
 
-int rz_abi_version() { return 5; }
+int rz_abi_version() { return 6; }
 
 // The instruction set this build was compiled for (cpu_tiles.h's isa_name).
 const char* rz_isa() { return rz::isa_name(); }
