@@ -17,8 +17,9 @@ positions and the new per-layer states. Like an op kernel it declares what it ca
 A step decides from the model's **exact** module classes (never ``isinstance``): a subclass that
 changes the maths of a time-mix never inherits its parent's fused step. What a step builds from the
 weights (packed copies) is cached on the model per weight version (the sum of the tensors' version
-counters, which every in-place update bumps) and dropped by ``invalidate`` when tensors are moved or
-replaced (``model.to``, ``load_state_dict(assign=True)``, ``prepare_inference``).
+counters, which in-place updates bump, plus a count of fused optimizer steps, which do not) and
+dropped by ``invalidate`` when tensors are moved or replaced (``model.to``, ``load_state_dict(assign=True)``,
+``prepare_inference``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from rwkv_zoo import dispatch, pluginmanager
 
@@ -172,10 +174,26 @@ def _tensors(model: nn.Module) -> list[Tensor]:
     return [t for t in (*model.parameters(), *model.buffers()) if not t.is_inference()]
 
 
-def _fingerprint(tensors: list[Tensor]) -> int:
+# Optimizer steps with ``fused=True`` (torch's fused AdamW/Adam kernels) write the parameters without
+# bumping their version counters (torch 2.13), so a fingerprint of versions alone would keep serving
+# the packed copies of the weights before such a step. Every fused step anywhere is counted instead;
+# an unrelated optimizer only costs one rebuild.
+_fused_optimizer_steps = 0
+
+
+def _count_fused_step(optimizer: torch.optim.Optimizer, *_args: Any) -> None:
+    global _fused_optimizer_steps
+    if any(g.get("fused") for g in optimizer.param_groups):
+        _fused_optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_fused_step)
+
+
+def _fingerprint(tensors: list[Tensor]) -> tuple[int, int]:
     # Version counters only grow, so their sum changes whenever any tensor is updated in place (an
     # optimizer step, set_rescale, load_state_dict's copy). Per token this costs ~1 us per tensor.
-    return sum(t._version for t in tensors)
+    return sum(t._version for t in tensors), _fused_optimizer_steps
 
 
 def runner(model: nn.Module, sel: StepSelection) -> Runner:

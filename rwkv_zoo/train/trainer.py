@@ -39,7 +39,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import rwkv_zoo
-from rwkv_zoo import fused
 from rwkv_zoo.data import IGNORE, Task, TokenStream, bits_per_byte, make_data
 from rwkv_zoo.train import distributed
 from rwkv_zoo.train.infctx import chunk_bounds, chunked_backward
@@ -504,10 +503,6 @@ class Trainer:
             gnorm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.params
                                                                 if p.grad is not None])))
         self.optimizer.step()
-        # A fused whole-model step (rwkv_zoo.fused) built by an earlier evaluation is cached per weight
-        # version, but the fused CPU AdamW updates parameters without bumping their version counters
-        # (torch 2.13): without this, every evaluation after the first would run the old weights.
-        fused.invalidate(self.module)
         self.optimizer.zero_grad(set_to_none=True)
         (loss,) = distributed.all_reduce_sum([total])
         self.step += 1

@@ -24,3 +24,23 @@ def test_second_evaluation_uses_the_trained_weights():
     # and the weights did move between the evaluations (else the test proves nothing)
     assert t.evals[0]["loss"] != direct["loss"]
 
+
+
+def test_a_users_fused_adamw_step_reaches_the_cached_inference_step():
+    """The same for a plain training loop: torch's fused AdamW, then inference, in one process."""
+    import torch
+
+    import rwkv_zoo
+
+    model = rwkv_zoo.build("v7", n_layer=2, n_embd=32, head_size=16, vocab_size=64)
+    x = torch.randint(0, 64, (1, 6))
+    with torch.no_grad():
+        model(x)  # builds and caches the fused step (where the cpu backend has one)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    model(x)[0].float().square().mean().backward()
+    opt.step()
+    with torch.no_grad():
+        cached = model(x)[0]
+        model.fused_step = False
+        direct = model(x)[0]
+    torch.testing.assert_close(cached, direct, rtol=1e-4, atol=1e-5)
