@@ -5,7 +5,15 @@ A block spends much of a small training step in memory-bound elementwise ops and
 
 - ``shift_mix(x, shift, mixes, dyn=None, form="delta")``: token shift and F lerps in one op (F tensors);
 - ``relu_sq(x)``: the channel-mix activation ``relu(x) ** 2``;
-- ``head_group_norm(y, ln_x)``: GroupNorm over each head of ``y`` [B, T, H, N] (``ln_x`` of v5-v7).
+- ``head_group_norm(y, ln_x)``: GroupNorm over each head of ``y`` [B, T, H, N] (``ln_x`` of v5-v7);
+- ``channel_mix(x, shift, mixes, key, value, receptance, form)``: the whole v4-v6 channel mix
+  ``sigmoid(x_r W_r) * (relu(x_k W_k)^2 W_v)`` with its token shift (v7's without the receptance);
+- ``ddlerp(x, shift, maa_x, maas, w1, w2)``: v6's data-dependent token shift (LoRA mix and five lerps);
+- ``lora_decay(x, decay, w1, w2)``: v6's data-dependent log-decay ``-exp(decay + tanh(x W1) W2)``.
+
+The last three are a block's whole sub-path: one op where PyTorch runs a dozen, so a backend can give
+each a single autograd node with a hand-written backward (at the ablation shapes a step's time was
+mostly the per-op and per-node overhead of such paths, not their arithmetic).
 
 Speed is a backend's business: a backend lists faster versions in ``Backend.layer_ops`` (name -> function
 with the signature of ``LAYER_OP_SIGNATURES``), each returning ``NotImplemented`` for a call it cannot run
@@ -21,18 +29,24 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from rwkv_zoo import dispatch
 from rwkv_zoo.model import head_group_norm as _head_group_norm_torch
 
-__all__ = ["LAYER_OPS", "LAYER_OP_SIGNATURES", "head_group_norm", "relu_sq", "shift_mix"]
+__all__ = ["LAYER_OPS", "LAYER_OP_SIGNATURES", "channel_mix", "ddlerp", "head_group_norm", "linear_weights",
+           "lora_decay", "relu_sq", "shift_mix"]
 
 # What a backend's version receives (already stacked and checked by the function here).
 LAYER_OP_SIGNATURES = {
     "shift_mix": "(x [B, T, C], shift [B, C], mix [F, C], dyn [F, B, T, C] or None, form) -> F x [B, T, C]",
     "relu_sq": "(x [...]) -> [...]",
     "head_group_norm": "(y [B, T, H, N], weight [H*N], bias [H*N], eps float) -> [B, T, H*N] fp32",
+    "channel_mix": "(x [B, T, C], shift [B, C], mix [M, C], key [F, C], value [C, F], receptance [C, C] or None, "
+                   "form) -> [B, T, C]",
+    "ddlerp": "(x [B, T, C], shift [B, C], maa_x [1, C], maa [M, C], w1 [C, M*D], w2 [M, D, C]) -> M x [B, T, C]",
+    "lora_decay": "(x [B, T, C], decay [C], w1 [C, D], w2 [D, C]) -> [B, T, C] fp32",
 }
 LAYER_OPS = tuple(LAYER_OP_SIGNATURES)
 
@@ -98,3 +112,67 @@ def head_group_norm(y: Tensor, ln_x: torch.nn.GroupNorm, backend: str | None = N
         if out is not NotImplemented:
             return out
     return _head_group_norm_torch(y, ln_x)
+
+
+def linear_weights(*mods: torch.nn.Module) -> tuple[Tensor, ...] | None:
+    """The weights of plain bias-free ``nn.Linear`` layers without hooks, or None when any is something
+    else (a peft LoRA wrapper, a quantized inference layer): ops that take weights would skip what such a
+    module adds, so a block calls its modules instead."""
+    for m in mods:
+        if type(m) is not torch.nn.Linear or m.bias is not None or m._forward_hooks or m._forward_pre_hooks:
+            return None
+    return tuple(m.weight for m in mods)
+
+
+def channel_mix(x: Tensor, shift: Tensor, mixes: list[Tensor], key: Tensor, value: Tensor,
+                receptance: Tensor | None, form: str = "lerp", backend: str | None = None) -> Tensor:
+    """The channel mix with its token shift: ``sigmoid(x_r R^T) * (relu(x_k K^T) ** 2 V^T)`` [B, T, C].
+
+    ``x_k, x_r = shift_mix(x, shift, mixes, form=form)``; ``key`` [F, C], ``value`` [C, F] and
+    ``receptance`` [C, C] are ``nn.Linear`` weights. ``receptance=None`` (and one mix): the gate-less
+    ``relu(x_k K^T) ** 2 V^T`` of v7. The new shift state is ``x[:, -1]``, as for ``shift_mix``.
+    """
+    fns = implementations("channel_mix", backend)
+    if fns:
+        C = x.shape[-1]
+        mix = torch.stack([m.reshape(C) for m in mixes])  # [M, C]
+        for fn in fns:
+            out = fn(x, shift, mix, key, value, receptance, form)
+            if out is not NotImplemented:
+                return out
+    xs = shift_mix(x, shift, mixes, form=form, backend=backend)
+    v = F.linear(relu_sq(F.linear(xs[0], key), backend=backend), value)
+    return v if receptance is None else torch.sigmoid(F.linear(xs[1], receptance)) * v
+
+
+def ddlerp(x: Tensor, shift: Tensor, maa_x: Tensor, maas: list[Tensor], w1: Tensor, w2: Tensor,
+           backend: str | None = None) -> tuple[Tensor, ...]:
+    """v6's data-dependent token shift: M tensors [B, T, C] (v6: M = 5, rows w, k, v, r, g).
+
+    ``xx = x + (prev - x) * maa_x``, ``h = tanh(xx W1)`` [B, T, M*D] split into M rows of D, and row
+    f's lerp weight ``maas[f] + h_f W2[f]`` (``w1`` [C, M*D], ``w2`` [M, D, C]) in ``shift_mix``'s
+    delta form.
+    """
+    B, T, C = x.shape
+    fns = implementations("ddlerp", backend)
+    if fns:
+        maa = torch.stack([m.reshape(C) for m in maas])  # [M, C]
+        for fn in fns:
+            out = fn(x, shift, maa_x.reshape(1, C), maa, w1, w2)
+            if out is not NotImplemented:
+                return out
+    xx = shift_mix(x, shift, [maa_x], backend=backend)[0]
+    h = torch.tanh(xx @ w1).view(B, T, len(maas), -1).transpose(1, 2)  # [B, M, T, D]
+    m = torch.einsum("bftd,fdc->fbtc", h, w2)  # [M, B, T, C]
+    return shift_mix(x, shift, maas, m, backend=backend)
+
+
+def lora_decay(x: Tensor, decay: Tensor, w1: Tensor, w2: Tensor, backend: str | None = None) -> Tensor:
+    """v6's log-decay per token and channel, fp32 [B, T, C]: ``-exp(decay + tanh(x W1) W2)``
+    (``decay`` C values, ``w1`` [C, D], ``w2`` [D, C]); the decay itself is ``exp`` of it."""
+    C = x.shape[-1]
+    for fn in implementations("lora_decay", backend):
+        out = fn(x, decay.reshape(C), w1, w2)
+        if out is not NotImplemented:
+            return out
+    return -torch.exp(decay.float() + (torch.tanh(x @ w1) @ w2).float())

@@ -272,3 +272,147 @@ def head_group_norm(y: Tensor, weight: Tensor, bias: Tensor, eps: float):
     if not _fusable(y, weight, bias):
         return NotImplemented
     return _HeadNorm.apply(_c(y), _c(weight), _c(bias), eps)
+
+
+# ------------------------------------------------------------------------------------------------
+# Whole sub-paths of a block as one autograd node each: the forward runs the same GEMMs and
+# elementwise kernels as the PyTorch definition (rwkv_zoo.layerops), the backward is written out, so
+# autograd keeps one node and the few tensors the backward needs instead of a dozen nodes, each with
+# its own saved inputs and Python-side dispatch (most of a step's time at the ablation shapes).
+
+_sigmoid_bwd = torch.ops.aten.sigmoid_backward
+_tanh_bwd = torch.ops.aten.tanh_backward
+
+
+def _shift_mix_fwd(x: Tensor, shift: Tensor, mix: Tensor, dyn: Tensor | None, form: int) -> tuple[Tensor, ...]:
+    B, T, C = x.shape
+    outs = tuple(torch.empty(B, T, C, dtype=torch.float32) for _ in range(mix.shape[0]))
+    _lib().rz_shift_mix_fwd(x.data_ptr(), shift.data_ptr(), mix.data_ptr(), _ptr(dyn), _ptrs(outs), form,
+                            mix.shape[0], B, T, C, torch.get_num_threads())
+    return outs
+
+
+def _shift_mix_bwd(gs, x: Tensor, shift: Tensor, mix: Tensor, dyn: Tensor | None, form: int):
+    """(dx, dshift, dmix [M, C], ddyn or None) of ``_shift_mix_fwd`` for upstream gradients ``gs``."""
+    B, T, C = x.shape
+    M = mix.shape[0]
+    dx, dshift = torch.empty_like(x), torch.empty_like(shift)
+    dmix = torch.empty(B, M, C, dtype=torch.float32)
+    ddyn = None if dyn is None else torch.empty_like(dyn)
+    _lib().rz_shift_mix_bwd(_ptrs(gs), x.data_ptr(), shift.data_ptr(), mix.data_ptr(), _ptr(dyn), form,
+                            dx.data_ptr(), dshift.data_ptr(), dmix.data_ptr(), _ptr(ddyn), M, B, T, C,
+                            torch.get_num_threads())
+    return dx, dshift, dmix.sum(0), ddyn
+
+
+def _relu_sq(k: Tensor) -> Tensor:
+    kk = torch.empty_like(k)
+    _lib().rz_relu_sq_fwd(k.data_ptr(), kk.data_ptr(), k.numel(), torch.get_num_threads())
+    return kk
+
+
+class _ChannelMix(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, shift, mix, wk, wv, wr, form: int):
+        B, T, C = x.shape
+        xs = _shift_mix_fwd(x, shift, mix, None, form)
+        k = torch.mm(xs[0].view(B * T, C), wk.t())  # [B*T, F]
+        kk = _relu_sq(k)
+        v = torch.mm(kk, wv.t())  # [B*T, C]
+        if wr is None:
+            r, out = None, v
+        else:
+            r = torch.mm(xs[1].view(B * T, C), wr.t()).sigmoid_()
+            out = r * v
+        ctx.save_for_backward(x, shift, mix, wk, wv, wr, k, kk, r, None if wr is None else v, *xs)
+        ctx.form = form
+        return out.view(B, T, C)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, shift, mix, wk, wv, wr, k, kk, r, v, *xs = ctx.saved_tensors
+        B, T, C = x.shape
+        g = _c(g.float()).view(B * T, C)
+        if wr is None:
+            gv, dwr, gs = g, None, []
+        else:
+            gv = g * r
+            gr = _sigmoid_bwd(g * v, r)
+            dwr = torch.mm(gr.t(), xs[1].view(B * T, C))
+            gs = [torch.mm(gr, wr).view(B, T, C)]
+        dwv = torch.mm(gv.t(), kk)
+        dkk = torch.mm(gv, wv)
+        dk = torch.empty_like(k)
+        _lib().rz_relu_sq_bwd(k.data_ptr(), dkk.data_ptr(), dk.data_ptr(), k.numel(), torch.get_num_threads())
+        dwk = torch.mm(dk.t(), xs[0].view(B * T, C))
+        gs.insert(0, torch.mm(dk, wk).view(B, T, C))
+        dx, dshift, dmix, _ = _shift_mix_bwd(gs, x, shift, mix, None, ctx.form)
+        return dx, dshift, dmix, dwk, dwv, dwr, None
+
+
+def channel_mix(x: Tensor, shift: Tensor, mix: Tensor, key: Tensor, value: Tensor, receptance: Tensor | None,
+                form: str):
+    if not _fusable(x, shift, mix, key, value, receptance) or mix.shape[0] != (1 if receptance is None else 2):
+        return NotImplemented
+    return _ChannelMix.apply(_c(x), _c(shift), _c(mix), _c(key), _c(value), None if receptance is None else
+                             _c(receptance), 0 if form == "delta" else 1)
+
+
+class _DDLerp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, shift, maa_x, maa, w1, w2):
+        B, T, C = x.shape
+        M, D, _ = w2.shape
+        (xx,) = _shift_mix_fwd(x, shift, maa_x, None, 0)
+        h = torch.mm(xx.view(B * T, C), w1).tanh_()  # [B*T, M*D]
+        m = torch.bmm(h.view(B * T, M, D).transpose(0, 1), w2)  # [M, B*T, C]
+        outs = _shift_mix_fwd(x, shift, maa, m, 0)
+        ctx.save_for_backward(x, shift, maa_x, maa, w1, w2, xx, h, m)
+        return outs
+
+    @staticmethod
+    def backward(ctx, *gs):
+        x, shift, maa_x, maa, w1, w2, xx, h, m = ctx.saved_tensors
+        B, T, C = x.shape
+        M, D, _ = w2.shape
+        gs = [torch.zeros_like(x) if g is None else _c(g.float()) for g in gs]
+        dx, dshift, dmaa, dm = _shift_mix_bwd(gs, x, shift, maa, m, 0)
+        hm = h.view(B * T, M, D).transpose(0, 1)  # [M, B*T, D]
+        dw2 = torch.bmm(hm.transpose(1, 2), dm)  # [M, D, C]
+        dh = torch.bmm(dm, w2.transpose(1, 2)).transpose(0, 1).reshape(B * T, M * D)
+        dh = _tanh_bwd(dh, h)
+        dw1 = torch.mm(xx.view(B * T, C).t(), dh)  # [C, M*D]
+        dxx = torch.mm(dh, w1.t()).view(B, T, C)
+        dx2, dshift2, dmaa_x, _ = _shift_mix_bwd([dxx], x, shift, maa_x, None, 0)
+        return dx.add_(dx2), dshift.add_(dshift2), dmaa_x, dmaa, dw1, dw2
+
+
+def ddlerp(x: Tensor, shift: Tensor, maa_x: Tensor, maa: Tensor, w1: Tensor, w2: Tensor):
+    if not _fusable(x, shift, maa_x, maa, w1, w2):
+        return NotImplemented
+    return _DDLerp.apply(_c(x), _c(shift), _c(maa_x), _c(maa), _c(w1), _c(w2))
+
+
+class _LoraDecay(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, decay, w1, w2):
+        B, T, C = x.shape
+        h = torch.mm(x.view(B * T, C), w1).tanh_()  # [B*T, D]
+        e = torch.mm(h, w2).add_(decay).exp_()  # [B*T, C]: decay + h W2, as the definition adds them
+        ctx.save_for_backward(x, w1, w2, h, e)
+        return e.neg().view(B, T, C)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w1, w2, h, e = ctx.saved_tensors
+        B, T, C = x.shape
+        dz = _c(g.float()).view(B * T, C).neg() * e  # through -exp(z): -g exp(z)
+        dw2 = torch.mm(h.t(), dz)
+        dh = _tanh_bwd(torch.mm(dz, w2.t()), h)
+        return torch.mm(dh, w1.t()).view(B, T, C), dz.sum(0), torch.mm(x.view(B * T, C).t(), dh), dw2
+
+
+def lora_decay(x: Tensor, decay: Tensor, w1: Tensor, w2: Tensor):
+    if not _fusable(x, decay, w1, w2):
+        return NotImplemented
+    return _LoraDecay.apply(_c(x), _c(decay), _c(w1), _c(w2))
