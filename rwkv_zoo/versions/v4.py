@@ -74,9 +74,9 @@ class V4TimeMix(nn.Module):
         # Token shift and the three lerps as one pass over [3, B, T, C] (the same arithmetic per element).
         new_shift = x[:, -1]
         mixes = [self.time_mix_k, self.time_mix_v, self.time_mix_r]
-        xk, xv, xr = shift_mix(x, shift, mixes, form="lerp", backend=ctx.backend)
-        k, v = self.key(xk), self.value(xv)
-        r = torch.sigmoid(self.receptance(xr))
+        k, v, r = shift_mix(x, shift, mixes, form="lerp", backend=ctx.backend,
+                            project=[self.key, self.value, self.receptance])
+        r = torch.sigmoid(r)
         w = -torch.exp(self.time_decay.float())  # per-step log-decay, always negative
         y, wkv = ops.wkv4(w, self.time_first.float(), k, v, wkv, mode=ctx.mode, backend=ctx.backend)
         return self.output(r * y.to(r.dtype)), new_shift, wkv

@@ -23,7 +23,15 @@ from torch import Tensor, nn
 
 from rwkv_zoo import ops
 from rwkv_zoo.hookspecs import hookimpl
-from rwkv_zoo.layerops import channel_mix, ddlerp, head_group_norm, linear_weights, lora_decay, relu_sq, shift_mix
+from rwkv_zoo.layerops import (
+    channel_mix,
+    ddlerp,
+    head_group_norm,
+    linear_weights,
+    lora_decay,
+    relu_sq,
+    shift_mix,
+)
 from rwkv_zoo.model import (
     GROUPNORM_EPS,
     Block,
@@ -99,12 +107,10 @@ class V6TimeMix(nn.Module):
         # The LoRA mix, token shift and five lerps (rows w, k, v, r, g) as one op, and the decay LoRA as
         # another: one autograd node each on a CPU.
         maa = [self.time_maa_w, self.time_maa_k, self.time_maa_v, self.time_maa_r, self.time_maa_g]
-        xw, xk, xv, xr, xg = ddlerp(x, shift, self.time_maa_x, maa, self.time_maa_w1, self.time_maa_w2,
-                                    backend=ctx.backend)
-        r = self.receptance(xr).view(B, T, H, N)
-        k = self.key(xk).view(B, T, H, N)
-        v = self.value(xv).view(B, T, H, N)
-        g = F.silu(self.gate(xg))
+        xw, k, v, r, g = ddlerp(x, shift, self.time_maa_x, maa, self.time_maa_w1, self.time_maa_w2,
+                                backend=ctx.backend, project=[None, self.key, self.value, self.receptance, self.gate])
+        r, k, v = r.view(B, T, H, N), k.view(B, T, H, N), v.view(B, T, H, N)
+        g = F.silu(g)
         # log of exp(-exp(ww)), fp32
         w = lora_decay(xw, self.time_decay, self.time_decay_w1, self.time_decay_w2, backend=ctx.backend)
         w = w.view(B, T, H, N)
