@@ -236,3 +236,120 @@ def test_trainer_clipping_matches_clip_grad_norm(scale):
     assert norm == float(torch.nn.utils.clip_grad_norm_(ref, 1.0, foreach=True))
     assert (norm > 1.0) == (scale > 1)
     assert all(torch.equal(p.grad, q.grad) for p, q in zip(ours, ref, strict=True))
+
+
+def _fp64_check(build, seed: int):
+    """``build(leaves, backend) -> (outputs, grad_leaves)`` run with fp32 leaves on "cpu" and fp64 leaves on
+    "reference" (plain PyTorch, exact to rounding): every output and every gradient within GATE, under
+    random fp64 upstream gradients."""
+    got = []
+    for backend, dtype in (("cpu", torch.float32), ("reference", torch.float64)):
+        g = torch.Generator().manual_seed(seed)
+        outs, leaves = build(dtype, backend, g)
+        ups = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype) for o in outs]
+        grads = torch.autograd.grad(outs, leaves, ups)
+        got.append([t.detach().double() for t in (*outs, *grads)])
+    assert len(got[0]) == len(got[1])
+    for i, (have, ref) in enumerate(zip(*got, strict=True)):
+        assert rel_err(have, ref) < GATE, i
+
+
+def _rand(g, *shape, dtype, scale=1.0):
+    return (scale * torch.randn(*shape, generator=g)).to(dtype).requires_grad_()
+
+
+def _linear(w: torch.Tensor) -> torch.nn.Linear:
+    """A bias-free nn.Linear with weight ``w`` (its weight is the leaf to differentiate)."""
+    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    lin.weight = torch.nn.Parameter(w.detach())
+    return lin
+
+
+@pytest.mark.parametrize(("form", "gated"), [("lerp", True), ("delta", True), ("delta", False)])
+def test_channel_mix_matches_pytorch_in_fp64(form, gated):
+    # The whole channel mix (v4/v5 lerp, v6 delta; v7's gate-less form) as one node: its value and the
+    # gradients of x, the shift state, the mixes and the three weights.
+    B, T, C, F = 3, 7, 32, 56
+
+    def build(dtype, backend, g):
+        x, shift = _rand(g, B, T, C, dtype=dtype), _rand(g, B, C, dtype=dtype)
+        mixes = [torch.rand(1, 1, C, generator=g).to(dtype).requires_grad_() for _ in range(2 if gated else 1)]
+        wk, wv = _rand(g, F, C, dtype=dtype, scale=0.3), _rand(g, C, F, dtype=dtype, scale=0.3)
+        wr = _rand(g, C, C, dtype=dtype, scale=0.3) if gated else None
+        out = layerops.channel_mix(x, shift, mixes, wk, wv, wr, form=form, backend=backend)
+        return [out], [x, shift, *mixes, wk, wv, *([wr] if gated else [])]
+
+    _fp64_check(build, 11)
+
+
+@pytest.mark.parametrize("dyn", [False, True])
+def test_shift_mix_with_projections_matches_pytorch_in_fp64(dyn):
+    # shift_mix(project=...): the projections in the same node; None rows come back unprojected.
+    B, T, C, O = 2, 9, 32, 48
+
+    def build(dtype, backend, g):
+        x, shift = _rand(g, B, T, C, dtype=dtype), _rand(g, B, C, dtype=dtype)
+        mixes = [torch.rand(1, 1, C, generator=g).to(dtype).requires_grad_() for _ in range(3)]
+        d = _rand(g, 3, B, T, C, dtype=dtype, scale=0.1) if dyn else None
+        l0, l2 = _linear(_rand(g, C, C, dtype=dtype, scale=0.3)), _linear(_rand(g, O, C, dtype=dtype, scale=0.3))
+        outs = layerops.shift_mix(x, shift, mixes, d, "delta" if dyn else "lerp", backend=backend,
+                                  project=[l0, None, l2])
+        assert [o.shape[-1] for o in outs] == [C, C, O]
+        return list(outs), [x, shift, *mixes, *([d] if dyn else []), l0.weight, l2.weight]
+
+    _fp64_check(build, 12)
+
+
+def test_ddlerp_and_lora_decay_match_pytorch_in_fp64():
+    # v6's LoRA mix path (with the projections of four of its five rows) and its decay LoRA; inputs
+    # large enough that tanh runs on both sides of the C++ version's series/exp switch.
+    B, T, C, M, D, Dd = 2, 8, 32, 5, 8, 16
+
+    def build(dtype, backend, g):
+        x, shift = _rand(g, B, T, C, dtype=dtype), _rand(g, B, C, dtype=dtype)
+        maa_x, *maas = [torch.rand(1, 1, C, generator=g).to(dtype).requires_grad_() for _ in range(M + 1)]
+        w1, w2 = _rand(g, C, M * D, dtype=dtype, scale=0.5), _rand(g, M, D, C, dtype=dtype, scale=0.5)
+        lins = [_linear(_rand(g, C, C, dtype=dtype, scale=0.3)) for _ in range(M - 1)]
+        xw, *rest = layerops.ddlerp(x, shift, maa_x, maas, w1, w2, backend=backend, project=[None, *lins])
+        decay, d1, d2 = (_rand(g, 1, 1, C, dtype=dtype), _rand(g, C, Dd, dtype=dtype, scale=0.5),
+                         _rand(g, Dd, C, dtype=dtype, scale=0.5))
+        w = layerops.lora_decay(xw, decay, d1, d2, backend=backend)
+        return [xw, *rest, w], [x, shift, maa_x, *maas, w1, w2, *(lin.weight for lin in lins), decay, d1, d2]
+
+    _fp64_check(build, 13)
+
+
+def test_linears_match_pytorch_in_fp64():
+    def build(dtype, backend, g):
+        xs = [_rand(g, 2, 5, 24, dtype=dtype) for _ in range(3)]
+        ws = [_rand(g, n, 24, dtype=dtype, scale=0.3) for n in (24, 40, 8)]
+        return list(layerops.linears(xs, ws, backend=backend)), [*xs, *ws]
+
+    _fp64_check(build, 14)
+
+
+def test_block_ops_fall_back_for_wrapped_projections_and_other_dtypes():
+    # A projection that is not a plain nn.Linear (a LoRA wrapper, a hook) runs its own forward, and the
+    # cpu versions decline fp64 (the PyTorch definition runs).
+    torch.manual_seed(0)
+    x, shift, mix = torch.randn(2, 4, 16), torch.randn(2, 16), torch.rand(1, 1, 16)
+    lin = torch.nn.Linear(16, 16, bias=False)
+    seen = []
+    hooked = torch.nn.Linear(16, 16, bias=False)
+    hooked.register_forward_hook(lambda m, a, out: seen.append(out.shape))
+    assert layerops.linear_weights(lin) == (lin.weight,) and layerops.linear_weights(lin, hooked) is None
+    (out,) = layerops.shift_mix(x, shift, [mix], form="lerp", backend="cpu", project=[hooked])
+    assert seen == [torch.Size([2, 4, 16])]
+    want = hooked(x * mix + torch.cat([shift[:, None], x[:, :-1]], 1) * (1 - mix))
+    assert rel_err(out, want) < GATE
+    x64 = x.double()
+    assert cpu_train.channel_mix(x64, shift.double(), [mix.double()], lin.weight.double(), lin.weight.double(),
+                                 None, "delta") is NotImplemented
+    got = layerops.channel_mix(x64, shift.double(), [mix.double()], lin.weight.double(), lin.weight.double(), None,
+                               form="delta", backend="cpu")
+    ref = layerops.channel_mix(x64, shift.double(), [mix.double()], lin.weight.double(), lin.weight.double(), None,
+                               form="delta", backend="reference")
+    assert got.dtype == torch.float64 and torch.equal(got, ref)
+    for name in ("channel_mix", "ddlerp", "lora_decay", "linears"):
+        assert layerops.implementations(name, "reference") == ()
+        assert layerops.implementations(name, "cpu") == (getattr(cpu_train, name),)
