@@ -116,9 +116,7 @@ def make_backend() -> Backend:
         "(fp32; built on first use)",
         availability=unavailable_reason,
         steps=[fused.STEP],
-        layer_ops={"shift_mix": train.shift_mix, "relu_sq": train.relu_sq, "head_group_norm": train.head_group_norm,
-                   "channel_mix": train.channel_mix, "ddlerp": train.ddlerp, "lora_decay": train.lora_decay,
-                   "linears": train.linears},
+        layer_ops={"shift_mix": train.shift_mix, "relu_sq": train.relu_sq, "head_group_norm": train.head_group_norm},
     )
 
 

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from rwkv_zoo import ops
 from rwkv_zoo.hookspecs import hookimpl
-from rwkv_zoo.layerops import channel_mix, linear_weights, relu_sq, shift_mix
+from rwkv_zoo.layerops import relu_sq, shift_mix
 from rwkv_zoo.model import (
     RWKV,
     Block,
@@ -74,9 +74,9 @@ class V4TimeMix(nn.Module):
         # Token shift and the three lerps as one pass over [3, B, T, C] (the same arithmetic per element).
         new_shift = x[:, -1]
         mixes = [self.time_mix_k, self.time_mix_v, self.time_mix_r]
-        k, v, r = shift_mix(x, shift, mixes, form="lerp", backend=ctx.backend,
-                            project=[self.key, self.value, self.receptance])
-        r = torch.sigmoid(r)
+        xk, xv, xr = shift_mix(x, shift, mixes, form="lerp", backend=ctx.backend)
+        k, v = self.key(xk), self.value(xv)
+        r = torch.sigmoid(self.receptance(xr))
         w = -torch.exp(self.time_decay.float())  # per-step log-decay, always negative
         y, wkv = ops.wkv4(w, self.time_first.float(), k, v, wkv, mode=ctx.mode, backend=ctx.backend)
         return self.output(r * y.to(r.dtype)), new_shift, wkv
@@ -112,12 +112,8 @@ class V4ChannelMix(nn.Module):
         self.value = nn.Linear(F, C, bias=False)
 
     def forward(self, x: Tensor, shift: Tensor, ctx: Context) -> tuple[Tensor, Tensor]:
-        mixes = [self.time_mix_k, self.time_mix_r]
+        xk, xr = shift_mix(x, shift, [self.time_mix_k, self.time_mix_r], form="lerp", backend=ctx.backend)
         new_shift = x[:, -1]
-        weights = linear_weights(self.key, self.value, self.receptance)
-        if weights is not None:  # the whole path as one op (one autograd node on a CPU)
-            return channel_mix(x, shift, mixes, *weights, form="lerp", backend=ctx.backend), new_shift
-        xk, xr = shift_mix(x, shift, mixes, form="lerp", backend=ctx.backend)
         k = relu_sq(self.key(xk), backend=ctx.backend)
         return torch.sigmoid(self.receptance(xr)) * self.value(k), new_shift
 

@@ -89,10 +89,11 @@ class V5TimeMix(nn.Module):
         # Token shift and the four lerps as one pass over [4, B, T, C] (the same arithmetic per element).
         new_shift = x[:, -1]
         mixes = [self.time_mix_k, self.time_mix_v, self.time_mix_r, self.time_mix_g]
-        k, v, r, g = shift_mix(x, shift, mixes, form="lerp", backend=ctx.backend,
-                               project=[self.key, self.value, self.receptance, self.gate])
-        r, k, v = r.view(B, T, H, N), k.view(B, T, H, N), v.view(B, T, H, N)
-        g = F.silu(g)
+        xk, xv, xr, xg = shift_mix(x, shift, mixes, form="lerp", backend=ctx.backend)
+        r = self.receptance(xr).view(B, T, H, N)
+        k = self.key(xk).view(B, T, H, N)
+        v = self.value(xv).view(B, T, H, N)
+        g = F.silu(self.gate(xg))
         w = -torch.exp(self.time_decay.float())  # [H, N] log of exp(-exp(d))
         y, wkv = ops.wkv5(r, k, v, w, self.time_faaaa.float(), wkv, mode=ctx.mode, backend=ctx.backend)
         y = head_group_norm(y, self.ln_x, backend=ctx.backend).to(x.dtype)

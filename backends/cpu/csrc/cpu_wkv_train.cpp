@@ -575,22 +575,6 @@ void relu_sq_bwd(const float* x, const float* g, float* dx, int64_t n, int nthre
     for (int64_t i = 0; i < n; ++i) dx[i] = x[i] > 0.f ? 2.f * x[i] * g[i] : 0.f;
 }
 
-// tanh of v6's LoRA paths (their hidden [B * T, D] activations): PyTorch's CPU tanh cost more than the
-// GEMM feeding it (~4 ns per element). One vectorized expf per element: tanh(a) = (1 - e) / (1 + e),
-// e = exp(-2 |a|) <= 1 (no overflow), and below |a| = 1/4, where 1 - e cancels, the odd series to a^11
-// (truncation < 1e-9 relative); within a few fp32 ulps of tanh everywhere.
-void tanh_fwd(const float* x, float* y, int64_t n, int nthreads) {
-#pragma omp parallel for simd schedule(static) num_threads(nthreads)
-    for (int64_t i = 0; i < n; ++i) {
-        const float a = fabsf(x[i]), a2 = a * a;
-        const float e = expf(-2.f * a);
-        const float big = (1.f - e) / (1.f + e);
-        const float small = a * (1.f + a2 * (-1.f / 3.f + a2 * (2.f / 15.f + a2 * (-17.f / 315.f + a2 * (
-            62.f / 2835.f + a2 * (-1382.f / 155925.f))))));
-        y[i] = copysignf(a < 0.25f ? small : big, x[i]);
-    }
-}
-
 // GroupNorm over each head of the WKV output (v5-v7's ln_x): y [R, H, N] (R = B * T rows), weight and
 // bias [H * N]; out [R, H * N]; mean and rstd [R, H] saved for the backward. PyTorch's GroupNorm spent
 // ~1 ms forward and backward on [512, 64] with 4 groups, ~50x the memory traffic's time.
@@ -667,9 +651,7 @@ void head_norm_bwd(const float* y, const float* wt, const float* mean, const flo
 
 extern "C" {
 
-int rz_wkv_train_abi_version() { return 4; }
-
-void rz_tanh_fwd(const float* x, float* y, int64_t n, int nthreads) { tanh_fwd(x, y, n, nthreads); }
+int rz_wkv_train_abi_version() { return 3; }
 
 void rz_head_norm_fwd(const float* y, const float* wt, const float* bs, float eps, float* out, float* mean,
                       float* rstd, int64_t R, int64_t H, int64_t N, int nthreads) {
