@@ -16,6 +16,7 @@
 // integer dots of every x86 build when K % 32 == 0; bf16 weights through vdpbf16ps); those lossy paths
 // are also checked exactly (1e-6 of the largest output) against the same rounding done here in double.
 #include <dlfcn.h>
+#include <fcntl.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -23,7 +24,9 @@
 #include <string.h>
 #include <sys/mount.h>
 #include <sys/reboot.h>
+#include <sys/klog.h>
 #include <sys/stat.h>
+#include <termios.h>
 #include <unistd.h>
 
 #include <string>
@@ -320,6 +323,16 @@ bool lossy(const char* isa, int kind, int64_t K) {
 
 int failures = 0;
 
+// PID 1 at the end: let the serial port send what is queued (the power-off does not wait for it), then
+// power the machine off (ACPI; bochs quits on it).
+void power_off() {
+    fflush(stdout);
+    tcdrain(1);
+    sleep(1);
+    sync();
+    reboot(RB_POWER_OFF);
+}
+
 void report(bool ok, const char* isa, const std::string& kernel, const std::string& detail) {
     printf("%s %-12s %-12s %s\n", ok ? "PASS" : "FAIL", isa, kernel.c_str(), detail.c_str());
     fflush(stdout);
@@ -383,11 +396,19 @@ bool run_decode(const char* isa, void* port_lib, void* lib, int threads, bool mi
 int main(int argc, char** argv) {
     const bool pid1 = getpid() == 1;
     if (pid1) {
+        // An initramfs without device nodes leaves init without a console: mount devtmpfs and take the
+        // kernel's console (console=ttyS0, the serial port bochs writes to a file) as stdin/out/err.
+        mkdir("/dev", 0755);
+        mount("devtmpfs", "/dev", "devtmpfs", 0, nullptr);
+        const int fd = open("/dev/console", O_RDWR);
+        if (fd >= 0) dup2(fd, 0), dup2(fd, 1), dup2(fd, 2);
         mkdir("/proc", 0755);
         mount("proc", "/proc", "proc", 0, nullptr);
     }
-    const std::string dir = argc > 1 ? argv[1] : "/rz";
-    const int threads = argc > 2 ? atoi(argv[2]) : 2;
+    // As PID 1 the arguments are kernel command-line words (e.g. "nokaslr"): ignore them.
+    const std::string dir = argc > 1 && !pid1 ? argv[1] : "/rz";
+    const int threads = argc > 2 && !pid1 ? atoi(argv[2]) : 2;
+    setvbuf(stdout, nullptr, _IOLBF, 0);
     printf("ISA-HARNESS-BEGIN libdir=%s threads=%d\n", dir.c_str(), threads);
     printf("cpuid:");
     for (const char* f : {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avx512bf16"})
@@ -398,14 +419,26 @@ int main(int argc, char** argv) {
         while (fgets(line, sizeof line, f)) {
             if (!strncmp(line, "model name", 10)) printf("cpuinfo %s", line);
             if (!strncmp(line, "flags", 5)) {
-                printf("cpuinfo avx512 flags:");
+                printf("cpuinfo avx/xsave flags:");
                 for (char* t = strtok(strchr(line, ':') + 1, " \n"); t; t = strtok(nullptr, " \n"))
-                    if (!strncmp(t, "avx512", 6)) printf(" %s", t);
+                    if (!strncmp(t, "avx", 3) || !strncmp(t, "xsave", 5) || !strcmp(t, "fma")) printf(" %s", t);
                 printf("\n");
                 break;
             }
         }
         fclose(f);
+    }
+    if (pid1) {
+        // The kernel enables AVX / AVX-512 state (XCR0) only when it trusts the CPU's XSAVE description:
+        // its x86/fpu lines say what it enabled (run.sh boots with "quiet", so they are not on the console).
+        static char klog[1 << 17];
+        const int n = klogctl(3 /* SYSLOG_ACTION_READ_ALL */, klog, sizeof klog - 1);
+        if (n > 0) {
+            klog[n] = 0;
+            for (char* l = strtok(klog, "\n"); l; l = strtok(nullptr, "\n"))
+                if (strstr(l, "fpu") || strstr(l, "xstate") || strstr(l, "XSAVE") || strstr(l, "xsave"))
+                    printf("kernel %s\n", l);
+        }
     }
     fflush(stdout);
 
@@ -414,7 +447,7 @@ int main(int argc, char** argv) {
         printf("FAIL portable     load        %s%s\n", pg.err.c_str(), pd.err.c_str());
         printf("ISA-HARNESS-END failures=1 ran=\n");
         fflush(stdout);
-        if (pid1) reboot(RB_POWER_OFF);
+        if (pid1) power_off();
         return 1;
     }
     const Gemv port{sym<GemvFn>(pg, "rz_gemv"), threads};
@@ -447,9 +480,6 @@ int main(int argc, char** argv) {
     }
     printf("ISA-HARNESS-END failures=%d ran=%s\n", failures, ran.c_str());
     fflush(stdout);
-    if (pid1) {
-        sync();
-        reboot(RB_POWER_OFF);
-    }
+    if (pid1) power_off();
     return failures ? 1 : 0;
 }
