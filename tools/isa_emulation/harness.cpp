@@ -15,7 +15,9 @@
 // build 1e-5, or 1e-2 where a build rounds the activations on purpose (int8 / int4 weights through the
 // integer dots of every x86 build when K % 32 == 0; bf16 weights through vdpbf16ps); those lossy paths
 // are also checked exactly (1e-6 of the largest output) against the same rounding done here in double.
+#include <cpuid.h>
 #include <dlfcn.h>
+#include <errno.h>
 #include <fcntl.h>
 #include <math.h>
 #include <stdint.h>
@@ -26,6 +28,7 @@
 #include <sys/reboot.h>
 #include <sys/klog.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <termios.h>
 #include <unistd.h>
 
@@ -323,6 +326,31 @@ bool lossy(const char* isa, int kind, int64_t K) {
 
 int failures = 0;
 
+// PID 1 only: when the CPU has XSAVE but the kernel left it off (CR4.OSXSAVE clear: Linux rejects the
+// XSAVE layout bochs describes and disables AVX with it), load rz_xcr0.ko from the libraries' folder
+// to turn the state on, then start again (exec) so that glibc and libgcc detect the CPU anew.
+void enable_xsave_state(char** argv) {
+    unsigned a, b, c, d;
+    __cpuid(1, a, b, c, d);
+    if (getenv("RZ_XCR0") || !(c & (1u << 26)) || (c & (1u << 27))) return;
+    const int fd = open("/rz/rz_xcr0.ko", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        printf("xcr0: the kernel disabled XSAVE and /rz/rz_xcr0.ko is missing: AVX builds will be skipped\n");
+        return;
+    }
+    if (syscall(SYS_finit_module, fd, "", 0) != 0) {
+        printf("xcr0: loading rz_xcr0.ko failed: %s\n", strerror(errno));
+        close(fd);
+        return;
+    }
+    close(fd);
+    char env0[] = "RZ_XCR0=1";
+    char* envp[] = {env0, nullptr};
+    fflush(stdout);
+    execve("/init", argv, envp);
+    printf("xcr0: exec /init failed: %s\n", strerror(errno));
+}
+
 // PID 1 at the end: let the serial port send what is queued (the power-off does not wait for it), then
 // power the machine off (ACPI; bochs quits on it).
 void power_off() {
@@ -404,12 +432,28 @@ int main(int argc, char** argv) {
         if (fd >= 0) dup2(fd, 0), dup2(fd, 1), dup2(fd, 2);
         mkdir("/proc", 0755);
         mount("proc", "/proc", "proc", 0, nullptr);
+        enable_xsave_state(argv);  // returns only when it is not needed or failed
     }
     // As PID 1 the arguments are kernel command-line words (e.g. "nokaslr"): ignore them.
     const std::string dir = argc > 1 && !pid1 ? argv[1] : "/rz";
-    const int threads = argc > 2 && !pid1 ? atoi(argv[2]) : 2;
+    // With the register state enabled behind the kernel's back (enable_xsave_state) the kernel does not
+    // save AVX registers per thread: one thread only.
+    const bool xcr0_module = getenv("RZ_XCR0") != nullptr;
+    const int threads = argc > 2 && !pid1 ? atoi(argv[2]) : xcr0_module ? 1 : 2;
     setvbuf(stdout, nullptr, _IOLBF, 0);
     printf("ISA-HARNESS-BEGIN libdir=%s threads=%d\n", dir.c_str(), threads);
+    {
+        unsigned a, b, c, d;
+        __cpuid(1, a, b, c, d);
+        unsigned long long xcr0 = 0;
+        if (c & (1u << 27)) {
+            unsigned lo, hi;
+            __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+            xcr0 = ((unsigned long long)hi << 32) | lo;
+        }
+        printf("xsave=%d osxsave=%d xcr0=%#llx%s\n", (c >> 26) & 1, (c >> 27) & 1, xcr0,
+               xcr0_module ? " (set by rz_xcr0.ko: the kernel had disabled XSAVE, see xcr0/rz_xcr0.c)" : "");
+    }
     printf("cpuid:");
     for (const char* f : {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avx512bf16"})
         printf(" %s=%d", f, cpu_has(f) ? 1 : 0);

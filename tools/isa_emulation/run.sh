@@ -29,7 +29,7 @@ BIOS=/usr/share/bochs/BIOS-bochs-latest
 VGABIOS=/usr/share/vgabios/vgabios.bin
 
 missing=()
-for tool in bochs grub-mkrescue xorriso mformat cpio gzip python3 "$CXX"; do
+for tool in bochs grub-mkrescue xorriso mformat cpio gzip python3 make "$CXX"; do
     command -v "$tool" >/dev/null || missing+=("$tool")
 done
 [ -f "$BIOS" ] || missing+=("$BIOS")
@@ -37,7 +37,7 @@ done
 [ -n "$KERNEL" ] && [ -f "$KERNEL" ] || missing+=("a kernel in /boot (RZ_EMU_KERNEL)")
 if [ ${#missing[@]} -gt 0 ]; then
     echo "run.sh: missing ${missing[*]}; on Debian/Ubuntu: apt-get install bochs bochsbios vgabios" \
-         "linux-image-amd64 grub-pc-bin xorriso mtools cpio g++" >&2
+         "linux-image-amd64 linux-headers-amd64 grub-pc-bin xorriso mtools cpio g++ make" >&2
     exit 2
 fi
 [ -r "$KERNEL" ] || { echo "run.sh: cannot read $KERNEL (run as root, or set RZ_EMU_KERNEL)" >&2; exit 2; }
@@ -79,6 +79,21 @@ pids+=($!)
 for p in "${pids[@]}"; do
     wait "$p" || { echo "run.sh: a build failed:" >&2; cat "$WORK"/build-*.log >&2; exit 1; }
 done
+
+# The kernel module that turns the AVX / AVX-512 state back on (xcr0/rz_xcr0.c: Linux rejects the XSAVE
+# layout that bochs 2.7 describes and runs with AVX off), built for the kernel that boots.
+KVER=${RZ_EMU_KVER:-$(basename "$KERNEL" | sed 's/^vmlinuz-//')}
+KBUILD=/lib/modules/$KVER/build
+[ -d "$KBUILD" ] || KBUILD=/usr/src/linux-headers-$KVER
+if [ -d "$KBUILD" ]; then
+    rm -rf "$WORK/xcr0" && cp -r "$HERE/xcr0" "$WORK/xcr0"
+    make -s -C "$KBUILD" M="$WORK/xcr0" modules > "$WORK/build-xcr0.log" 2>&1 \
+        || { echo "run.sh: building xcr0/rz_xcr0.ko failed:" >&2; cat "$WORK/build-xcr0.log" >&2; exit 1; }
+    cp "$WORK/xcr0/rz_xcr0.ko" "$ROOT/rz/"
+else
+    echo "run.sh: no headers for kernel $KVER (apt-get install linux-headers-$KVER): booting without" \
+         "rz_xcr0.ko, so the AVX builds will not run" >&2
+fi
 
 # 2. The initramfs: the harness as /init, the libraries, and the shared objects they load (copied at
 # their paths, so the dynamic loader finds them as on this machine).
@@ -153,7 +168,7 @@ EOF
     wait "$bpid" 2>/dev/null || true
     secs=$(( $(date +%s) - tb ))
     echo "-- serial output ($model, ${secs}s, $outcome):"
-    sed -n '/ISA-HARNESS-BEGIN/,/ISA-HARNESS-END/p' "$serial" 2>/dev/null | tr -d '\r' || true
+    { grep '^xcr0:' "$serial"; sed -n '/ISA-HARNESS-BEGIN/,/ISA-HARNESS-END/p' "$serial"; } 2>/dev/null | tr -d '\r' || true
     if [ "$outcome" != done ]; then
         echo "run.sh: $model: the boot did not reach the end of the harness ($outcome); last lines of $serial:" >&2
         { tail -n 20 "$serial" 2>/dev/null || tail -n 5 "$log"; } | tr -d '\r' >&2 || true
