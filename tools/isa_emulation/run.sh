@@ -4,7 +4,7 @@
 #
 # usage: tools/isa_emulation/run.sh [CSRC_DIR]      (default: the repository's backends/cpu/csrc)
 # environment:
-#   RZ_EMU_MODELS   "bochs-cpu-model:isa-it-must-run ..." (default: corei7_skylake_x:avx512
+#   RZ_EMU_MODELS   "bochs-cpu-model:isa-it-must-run ..." (default: corei7_skylake_x:avx512; e.g. add
 #                   corei7_icelake_u:avx512_vnni); each model is booted once, one after the other
 #   RZ_EMU_KERNEL   the Linux kernel to boot (default: the newest /boot/vmlinuz-*)
 #   RZ_EMU_WORK     build / log directory (default: a new temporary directory, kept for inspection)
@@ -19,7 +19,8 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 CSRC=$(cd "${1:-$REPO/backends/cpu/csrc}" && pwd)
 KERNELS_PY=${RZ_EMU_KERNELS_PY:-$REPO/backends/cpu/kernels.py}
-MODELS=${RZ_EMU_MODELS:-"corei7_skylake_x:avx512 corei7_icelake_u:avx512_vnni"}
+# The VNNI models (corei7_icelake_u, tigerlake) do not finish booting this kernel yet (README.md).
+MODELS=${RZ_EMU_MODELS:-"corei7_skylake_x:avx512"}
 KERNEL=${RZ_EMU_KERNEL:-$(ls /boot/vmlinuz-* 2>/dev/null | sort -V | tail -n 1)}
 WORK=${RZ_EMU_WORK:-$(mktemp -d /tmp/rz-isa-emu.XXXXXX)}
 TIMEOUT=${RZ_EMU_TIMEOUT:-1500}
@@ -154,11 +155,11 @@ EOF
     echo c > "$WORK/debugger.rc"
     bochs -q -f "$rc" -rc "$WORK/debugger.rc" < /dev/null > "$WORK/bochs-$model.stdout" 2>&1 &
     bpid=$!
-    outcome=timeout
+    outcome="bochs exited"
     while kill -0 "$bpid" 2>/dev/null; do
         if grep -q "ISA-HARNESS-END" "$serial" 2>/dev/null; then outcome=done; break; fi
         if grep -qE "Kernel panic|Attempted to kill init" "$serial" 2>/dev/null; then outcome=panic; break; fi
-        if [ $(( $(date +%s) - tb )) -ge "$TIMEOUT" ]; then break; fi
+        if [ $(( $(date +%s) - tb )) -ge "$TIMEOUT" ]; then outcome="timeout after ${TIMEOUT}s"; break; fi
         sleep 2
     done
     grep -q "ISA-HARNESS-END" "$serial" 2>/dev/null && outcome=done
