@@ -10,6 +10,7 @@
 #   RZ_EMU_WORK     build / log directory (default: a new temporary directory, kept for inspection)
 #   RZ_EMU_TIMEOUT  seconds per boot before it counts as failed (default 1500)
 #   RZ_EMU_IPS      bochs instructions per emulated second (default 200000000; only the guest's clock)
+#   RZ_EMU_APPEND   extra kernel command-line arguments (e.g. to switch off a CPU feature a model hangs on)
 #   CXX             the compiler (default g++)
 # Exit status: 0 when every model reached the harness, ran the ISA it must run and printed no FAIL;
 # 1 otherwise; 2 for a missing tool.
@@ -109,11 +110,11 @@ rm -rf "$ISODIR" && mkdir -p "$ISODIR/boot/grub"
 cp "$KERNEL" "$ISODIR/boot/vmlinuz"
 cp "$WORK/initrd.gz" "$ISODIR/boot/initrd.gz"
 # quiet + loglevel: every console line costs emulated time on the serial port. No disk, no network.
-cat > "$ISODIR/boot/grub/grub.cfg" <<'EOF'
+cat > "$ISODIR/boot/grub/grub.cfg" <<EOF
 set timeout=0
 set default=0
 menuentry "rwkv_zoo isa harness" {
-    linux /boot/vmlinuz console=ttyS0,115200 rdinit=/init quiet loglevel=3 nokaslr mitigations=off panic=0
+    linux /boot/vmlinuz console=ttyS0,115200 rdinit=/init quiet loglevel=3 nokaslr mitigations=off panic=0 ${RZ_EMU_APPEND:-}
     initrd /boot/initrd.gz
 }
 EOF
