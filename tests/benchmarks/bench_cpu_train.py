@@ -6,6 +6,7 @@ Not a test (pytest does not collect it): run it by hand and read the table::
     python tests/benchmarks/bench_cpu_train.py --quick    # fewer repeats
     python tests/benchmarks/bench_cpu_train.py --suite quick   # the ablation suite's cells, old vs new
     python tests/benchmarks/bench_cpu_train.py --suite quick --clock thread   # the same on a loaded machine
+    python tests/benchmarks/bench_cpu_train.py --suite quick --against 27e747a  # against an older commit's code
 
 Rows: tokens/s of one training step (forward, loss, backward; ``+adamw``: and the optimizer step) for
 each version at two shapes, with the model forced onto ``backend="cpu"`` and ``backend="reference"``
@@ -23,6 +24,14 @@ MQAR batch, forward, loss with L2Wrap, backward, clipping, AdamW, zero_grad) for
 at its config (1 thread), today's path against the old one in the same process: the old path is the
 model forced onto ``backend="reference"`` (pure-PyTorch WKV chunk kernels, token shift and lerps as
 PyTorch ops) with the for-loop AdamW and per-tensor clipping the trainer used before.
+
+``--suite quick --against REV``: the same cells, today's code against the code of git revision ``REV``
+(extracted with ``git archive`` into a temporary folder), each in its own worker process, the two
+alternating block by block. The default REV, ``27e747a``, is the last commit before the work on the
+ablation issue began: the code whose ~5,000 tokens/s per worker that issue measured, when there were no
+training kernels in the ``cpu`` backend and the blocks' token shifts and lerps were separate PyTorch ops.
+Forcing ``backend="reference"`` (the plain ``--suite`` comparison) keeps every improvement made since
+outside the kernels (stacked lerps, the trainer), so it understates how much faster a cell got.
 
 Each time is the best of several repeats after a warm-up, and the two backends alternate, so a machine
 shared with other work still gives fair ratios (the absolute numbers are then low). On a heavily loaded
@@ -137,6 +146,95 @@ def bench_suite(name: str, blocks: int, steps: int, clock=time.perf_counter) -> 
         print(f"{label:12} {n:10.0f} {o:10.0f} {n / o:8.2f}", flush=True)
 
 
+# The worker of ``--against``: builds one cell's Trainer with whatever ``rwkv_zoo`` its sys.path finds, then
+# answers "N" on stdin with the seconds N train steps took ("wall thread"). Only API that both old and new
+# code have: TrainConfig's fields, Trainer(config).train_step().
+_WORKER = r"""
+import dataclasses, json, sys, time
+import torch
+from rwkv_zoo.train.trainer import Trainer, TrainConfig
+train = json.loads(sys.argv[1])
+names = {f.name for f in dataclasses.fields(TrainConfig)}
+tr = Trainer(TrainConfig(**{k: v for k, v in train.items() if k in names}))
+torch.set_num_threads(train.get("threads") or 1)
+for _ in range(3):
+    tr.train_step()
+params = sum(p.numel() for p in tr.model.parameters())
+print(json.dumps({"params": params, "threads": torch.get_num_threads()}), flush=True)
+for line in sys.stdin:
+    n = int(line)
+    w0, c0 = time.perf_counter(), time.thread_time()
+    for _ in range(n):
+        tr.train_step()
+    print(time.perf_counter() - w0, time.thread_time() - c0, flush=True)
+"""
+
+
+def _extract(rev: str, dest: str) -> None:
+    """``rev``'s tree in ``dest``, importable as ``rwkv_zoo`` from there (the package maps backends/ and
+    plugins/ into rwkv_zoo, so they are linked in)."""
+    import io
+    import os
+    import subprocess
+    import tarfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    data = subprocess.run(["git", "-C", str(root), "archive", rev], check=True, capture_output=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        tar.extractall(dest, filter="data")
+    for sub in ("backends", "plugins"):
+        if (Path(dest) / sub).is_dir() and not (Path(dest) / "rwkv_zoo" / sub).exists():
+            os.symlink(Path(dest) / sub, Path(dest) / "rwkv_zoo" / sub)
+
+
+def bench_against(rev: str, name: str, rounds: int, steps: int, thread_clock: bool) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from rwkv_zoo.train.ablate.config import parse_config, run_specs
+    from rwkv_zoo.train.ablate.suites import SUITES
+
+    cfg = parse_config(SUITES[name], f"suite {name}")
+    cells = {}
+    for run in run_specs(cfg):
+        if run["train"]["model"].startswith("v") and run["model"] not in cells:
+            cells[run["model"]] = {**run["train"], "steps": 10**6, "progress": False}
+    what = "thread CPU time" if thread_clock else "wall time"
+    print(f"suite {name}: tokens/s of Trainer.train_step, this code against {rev}'s, each in its own process, "
+          f"best of {rounds} alternating blocks of {steps} steps ({what})")
+    print(f"{'model':12} {'now tok/s':>10} {rev + ' tok/s':>14} {'now/' + rev:>14}")
+    with tempfile.TemporaryDirectory() as old_root:
+        _extract(rev, old_root)
+        env_old = {**os.environ, "PYTHONPATH": old_root}
+        for label, train in sorted(cells.items(), reverse=True):
+            procs = {}
+            for key, env, cwd in (("now", os.environ, None), ("old", env_old, old_root)):
+                procs[key] = subprocess.Popen([sys.executable, "-c", _WORKER, json.dumps(train)], env=env, cwd=cwd,
+                                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                              stderr=subprocess.DEVNULL, text=True)
+            info = {k: json.loads(p.stdout.readline()) for k, p in procs.items()}
+            if info["now"]["params"] != info["old"]["params"]:
+                raise SystemExit(f"{label}: the two codes built different models ({info})")
+            best = {"now": float("inf"), "old": float("inf")}
+            for r in range(rounds):
+                order = ("now", "old") if r % 2 == 0 else ("old", "now")
+                for key in order:
+                    procs[key].stdin.write(f"{steps}\n")
+                    procs[key].stdin.flush()
+                    wall, cpu = map(float, procs[key].stdout.readline().split())
+                    best[key] = min(best[key], (cpu if thread_clock else wall) / steps)
+            for p in procs.values():
+                p.stdin.close()
+                p.wait()
+            tokens = train["batch_size"] * train["data"]["seq_len"]
+            n, o = tokens / best["now"], tokens / best["old"]
+            print(f"{label:12} {n:10.0f} {o:14.0f} {n / o:14.2f}", flush=True)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats")
@@ -146,7 +244,16 @@ def main(argv=None) -> None:
     ap.add_argument("--clock", choices=("wall", "thread"), default="wall",
                     help="--suite: wall time (default), or the training thread's CPU time over 30 blocks of 2 "
                     "steps (for a loaded machine)")
+    ap.add_argument("--against", metavar="REV", nargs="?", const="27e747a",
+                    help="--suite: compare with the code of git revision REV (default 27e747a: before the "
+                    "training kernels) instead of backend='reference'")
     args = ap.parse_args(argv)
+    if args.suite and args.against:
+        if args.clock == "thread":
+            bench_against(args.against, args.suite, rounds=30, steps=2, thread_clock=True)
+        else:
+            bench_against(args.against, args.suite, rounds=6 if args.quick else 10, steps=10, thread_clock=False)
+        return
     if args.suite:
         if args.clock == "thread":
             bench_suite(args.suite, blocks=30, steps=2, clock=time.thread_time)
