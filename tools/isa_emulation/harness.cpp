@@ -38,16 +38,23 @@
 namespace {
 
 struct Isa {
-    const char* name;
+    const char* name;                // the libraries' file names: cpu_gemv-<name>.so
     std::vector<const char*> needs;  // CPUID features (__builtin_cpu_supports names)
+    const char* reports;             // what rz_isa must answer (null: the name)
+    const char* note;                // printed once before its lines (null: nothing)
 };
 
 const Isa ISAS[] = {
-    {"portable", {}},
-    {"avx2", {"avx2", "fma"}},
-    {"avx512", {"avx2", "fma", "avx512f", "avx512bw", "avx512vl"}},
-    {"avx512_vnni", {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512vnni"}},
-    {"avx512_bf16", {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avx512bf16"}},
+    {"portable", {}, nullptr, nullptr},
+    {"avx2", {"avx2", "fma"}, nullptr, nullptr},
+    {"avx512", {"avx2", "fma", "avx512f", "avx512bw", "avx512vl"}, nullptr, nullptr},
+    {"avx512_vnni", {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512vnni"}, nullptr, nullptr},
+    {"avx512_bf16", {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avx512bf16"}, nullptr, nullptr},
+    // run.sh's software-instruction build (sw_bf16.h): the avx512_bf16 sources and flags with vdpbf16ps
+    // and vpdpbusd replaced by exact AVX-512F / AVX2 code, so it runs on any AVX-512 F/BW/VL CPU.
+    {"avx512_bf16_sw", {"avx2", "fma", "avx512f", "avx512bw", "avx512vl"}, "avx512_bf16",
+     "NOTE avx512_bf16_sw: the avx512_bf16 build with its bf16 (vdpbf16ps) and VNNI (vpdpbusd) instructions "
+     "emulated in software (tools/isa_emulation/sw_bf16.h)"},
 };
 
 bool cpu_has(const char* f) {
@@ -321,7 +328,7 @@ void fill_case(const Case& c, int kind, Rng& rng, std::vector<float>& w, std::ve
 bool lossy(const char* isa, int kind, int64_t K) {
     if (!strcmp(isa, "portable")) return false;
     if ((kind == I8 || kind == I4) && K % QBLK == 0) return true;
-    return kind == BF16 && !strcmp(isa, "avx512_bf16");
+    return kind == BF16 && !strncmp(isa, "avx512_bf16", 11);  // avx512_bf16 and avx512_bf16_sw
 }
 
 int failures = 0;
@@ -362,7 +369,7 @@ void power_off() {
 }
 
 void report(bool ok, const char* isa, const std::string& kernel, const std::string& detail) {
-    printf("%s %-12s %-12s %s\n", ok ? "PASS" : "FAIL", isa, kernel.c_str(), detail.c_str());
+    printf("%s %-14s %-12s %s\n", ok ? "PASS" : "FAIL", isa, kernel.c_str(), detail.c_str());
     fflush(stdout);
     if (!ok) ++failures;
 }
@@ -501,7 +508,11 @@ int main(int argc, char** argv) {
         for (const char* f : isa.needs)
             if (!cpu_has(f)) lacks += std::string(lacks.empty() ? "" : ",") + f;
         if (!lacks.empty()) {
-            printf("SKIP %-12s %-12s this CPU lacks %s\n", isa.name, "all", lacks.c_str());
+            printf("SKIP %-14s %-12s this CPU lacks %s\n", isa.name, "all", lacks.c_str());
+            continue;
+        }
+        if (isa.reports && access((dir + "/cpu_gemv-" + isa.name + ".so").c_str(), F_OK) != 0) {
+            printf("SKIP %-14s %-12s not built (run.sh builds it)\n", isa.name, "all");
             continue;
         }
         Lib g = open_lib(dir, "cpu_gemv", isa.name), d = open_lib(dir, "cpu_decode", isa.name);
@@ -509,10 +520,12 @@ int main(int argc, char** argv) {
             report(false, isa.name, "load", g.err + d.err);
             continue;
         }
+        if (isa.note) printf("%s\n", isa.note);
         ran += std::string(ran.empty() ? "" : ",") + isa.name;
+        const char* want = isa.reports ? isa.reports : isa.name;
         const char* n1 = sym<NameFn>(g, "rz_isa")();
         const char* n2 = sym<NameFn>(d, "rz_decode_isa")();
-        report(!strcmp(n1, isa.name) && !strcmp(n2, isa.name), isa.name, "isa-name",
+        report(!strcmp(n1, want) && !strcmp(n2, want), isa.name, "isa-name",
                std::string("builds report ") + n1 + " / " + n2);
         const Gemv gv{sym<GemvFn>(g, "rz_gemv"), threads};
         for (int kind = 0; kind < 4; ++kind) check_gemv(isa.name, port, gv, kind);
