@@ -31,7 +31,9 @@ BOCHS=${RZ_EMU_BOCHS:-bochs}
 BOCHS_PATH=$(command -v "$BOCHS" || true)
 # bochs 2.7's VNNI models (corei7_icelake_u, tigerlake) do not finish booting this kernel, and it has no
 # BF16 model; bochs >= 2.8 has sapphire_rapids (AVX-512 VNNI + BF16): README.md.
-if [ -z "${RZ_EMU_MODELS:-}" ] && [ -n "$BOCHS_PATH" ] && "$BOCHS_PATH" --help cpu 2>&1 | grep -qx sapphire_rapids; then
+# (bochs's help is read whole before grep: under pipefail an early grep -q exit could fail the pipe)
+BOCHS_HELP=$([ -n "$BOCHS_PATH" ] && { "$BOCHS_PATH" --help; "$BOCHS_PATH" --help cpu; } 2>&1 || true)
+if [ -z "${RZ_EMU_MODELS:-}" ] && grep -qx sapphire_rapids <<< "$BOCHS_HELP"; then
     MODELS="corei7_skylake_x:avx512_bf16_sw sapphire_rapids:avx512_bf16"
 else
     MODELS=${RZ_EMU_MODELS:-"corei7_skylake_x:avx512_bf16_sw"}
@@ -67,7 +69,7 @@ fi
 
 t0=$(date +%s)
 mkdir -p "$WORK"
-echo "== work directory: $WORK; kernels from $CSRC; $("$BOCHS_PATH" --help 2>&1 | grep -o 'Bochs x86 Emulator [^ ]*' | head -n 1) ($BOCHS_PATH)"
+echo "== work directory: $WORK; kernels from $CSRC; $(grep -o 'Bochs x86 Emulator [^ ]*' <<< "$BOCHS_HELP" | head -n 1) ($BOCHS_PATH)"
 
 # 1. The kernel libraries, one per (library, ISA), with backends/cpu/kernels.py's own flags: read from
 # its ISAS / LIBRARIES / build_flags without importing it (that would import torch).
@@ -111,12 +113,15 @@ done
 # test what it says), and the real avx512_bf16 build must contain them.
 for so in "$ROOT"/rz/*-avx512_bf16_sw.so; do
     [ -e "$so" ] || continue
-    if objdump -d "$so" | grep -qE 'vdpbf16ps|vcvtne2?ps2bf16|vpdpbusd'; then
-        echo "run.sh: $so still contains BF16 / VNNI instructions (sw_bf16.h did not replace them)" >&2
+    # (counted, not grep -q: under pipefail an early grep exit fails objdump with SIGPIPE)
+    n_sw=$(objdump -d "$so" | grep -cE 'vdpbf16ps|vcvtne2?ps2bf16|vpdpbusd' || true)
+    if [ "$n_sw" -ne 0 ]; then
+        echo "run.sh: $so still contains $n_sw BF16 / VNNI instructions (sw_bf16.h did not replace them)" >&2
         exit 1
     fi
     hw=${so%_sw.so}.so
-    objdump -d "$hw" | grep -q vdpbf16ps || { echo "run.sh: $hw has no vdpbf16ps" >&2; exit 1; }
+    n_hw=$(objdump -d "$hw" | grep -c vdpbf16ps || true)
+    [ "$n_hw" -gt 0 ] || { echo "run.sh: $hw has no vdpbf16ps" >&2; exit 1; }
 done
 
 # The kernel module that turns the AVX / AVX-512 state back on (xcr0/rz_xcr0.c: Linux rejects the XSAVE
@@ -172,7 +177,7 @@ else
 fi
 # A bochs built with its debugger (Debian's) stops before the first instruction: "-rc" feeds it "c".
 DEBUGGER_ARGS=()
-if "$BOCHS_PATH" --help 2>&1 | grep -q -- '-rc filename'; then
+if grep -q -- '-rc filename' <<< "$BOCHS_HELP"; then
     echo c > "$WORK/debugger.rc"
     DEBUGGER_ARGS=(-rc "$WORK/debugger.rc")
 fi
