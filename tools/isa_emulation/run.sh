@@ -175,6 +175,10 @@ elif [ "$(readlink -f "$BOCHS_PATH")" = /usr/bin/bochs ]; then
 else
     DISPLAY_LIB=nogui
 fi
+# Debian's bochs loads its sound plugin (dummy drivers: no device); a bochs built without sound
+# rejects the option.
+SOUND_LINE=
+[ "$(readlink -f "$BOCHS_PATH")" = /usr/bin/bochs ] && SOUND_LINE="sound: waveoutdrv=dummy, waveindrv=dummy, midioutdrv=dummy"
 # A bochs built with its debugger (Debian's) stops before the first instruction: "-rc" feeds it "c".
 DEBUGGER_ARGS=()
 if grep -q -- '-rc filename' <<< "$BOCHS_HELP"; then
@@ -198,7 +202,7 @@ com1: enabled=1, mode=file, dev=$serial
 display_library: $DISPLAY_LIB
 mouse: enabled=0
 speaker: enabled=0
-sound: waveoutdrv=dummy, waveindrv=dummy, midioutdrv=dummy
+$SOUND_LINE
 clock: sync=none, time0=local
 log: $log
 panic: action=fatal
