@@ -4,9 +4,10 @@
 #
 # usage: tools/isa_emulation/run.sh [CSRC_DIR]      (default: the repository's backends/cpu/csrc)
 # environment:
-#   RZ_EMU_MODELS   "bochs-cpu-model:isa-it-must-run ..." (default: corei7_skylake_x:avx512_bf16_sw,
-#                   and sapphire_rapids:avx512_bf16 with a bochs >= 2.8); one boot each, one after the other
-#   RZ_EMU_BOCHS    the bochs binary (default: bochs on PATH); e.g. a bochs 3.0 built as README.md says
+#   RZ_EMU_MODELS   "bochs-cpu-model:isa-it-must-run ..." (default: corei7_skylake_x:avx512_bf16 with
+#                   RZ_EMU_BOCHS, whose Skylake-X has VNNI and BF16; corei7_skylake_x:avx512_bf16_sw with
+#                   Debian's bochs 2.7); one boot each, one after the other
+#   RZ_EMU_BOCHS    the bochs binary (default: bochs on PATH), e.g. the bochs 3.0 of build_bochs.sh
 #   RZ_EMU_BIOS, RZ_EMU_VGABIOS  its ROM images (default: next to a source-tree binary, else
 #                   /usr/share/bochs, /usr/share/vgabios)
 #   RZ_EMU_DISPLAY  bochs display library (default: rfb for Debian's /usr/bin/bochs, else nogui)
@@ -29,12 +30,13 @@ CSRC=$(cd "${1:-$REPO/backends/cpu/csrc}" && pwd)
 KERNELS_PY=${RZ_EMU_KERNELS_PY:-$REPO/backends/cpu/kernels.py}
 BOCHS=${RZ_EMU_BOCHS:-bochs}
 BOCHS_PATH=$(command -v "$BOCHS" || true)
-# bochs 2.7's VNNI models (corei7_icelake_u, tigerlake) do not finish booting this kernel, and it has no
-# BF16 model; bochs >= 2.8 has sapphire_rapids (AVX-512 VNNI + BF16): README.md.
+# The models with VNNI / BF16 do not finish booting this kernel (bochs 2.7's corei7_icelake_u and
+# tigerlake, 3.0's sapphire_rapids: README.md), so build_bochs.sh adds both to Skylake-X, which boots;
+# Debian's bochs 2.7 runs the software-instruction build there instead.
 # (bochs's help is read whole before grep: under pipefail an early grep -q exit could fail the pipe)
 BOCHS_HELP=$([ -n "$BOCHS_PATH" ] && { "$BOCHS_PATH" --help; "$BOCHS_PATH" --help cpu; } 2>&1 || true)
-if [ -z "${RZ_EMU_MODELS:-}" ] && grep -qx sapphire_rapids <<< "$BOCHS_HELP"; then
-    MODELS="corei7_skylake_x:avx512_bf16_sw sapphire_rapids:avx512_bf16"
+if [ -n "${RZ_EMU_BOCHS:-}" ]; then
+    MODELS=${RZ_EMU_MODELS:-"corei7_skylake_x:avx512_bf16"}
 else
     MODELS=${RZ_EMU_MODELS:-"corei7_skylake_x:avx512_bf16_sw"}
 fi
@@ -240,7 +242,8 @@ EOF
     ran_must=$(tr -d '\r' < "$serial" | grep -cE "^PASS $must +gemv-" || true)
     if [ "$fails" -gt 0 ] || [ "$ran_must" -eq 0 ]; then
         status=1
-        [ "$ran_must" -eq 0 ] && echo "run.sh: $model: the $must build did not run (see the cpuid line)" >&2
+        [ "$ran_must" -eq 0 ] && echo "run.sh: $model: the $must build did not run (see the cpuid line; a" \
+            "bochs from build_bochs.sh gives corei7_skylake_x VNNI and BF16)" >&2
     fi
     summary+=("$model: $fails FAIL, $must ran: $([ "$ran_must" -gt 0 ] && echo yes || echo no), ${secs}s")
 done
