@@ -16,6 +16,7 @@
 // integer dots of every x86 build when K % 32 == 0; bf16 weights through vdpbf16ps); those lossy paths
 // are also checked exactly (1e-6 of the largest output) against the same rounding done here in double.
 #include <cpuid.h>
+#include <xmmintrin.h>  // _mm_getcsr / _mm_setcsr (SSE: every x86-64)
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -427,8 +428,14 @@ void check_gemv(const char* isa, const Gemv& port, const Gemv& g, int kind) {
 // When the CPU runs both: the software build (sw_bf16.h) against the real instructions, bit for bit,
 // on the shapes above and on bf16 inputs scaled towards the denormal range (2^-120, 2^-126: many
 // activations denormal, outputs near the smallest normal), where vdpbf16ps flushes inputs and outputs
-// to zero. The same rows through both builds: any difference is the stand-in's.
-void check_sw_vs_hw(const Gemv& hw, const Gemv& sw) {
+// to zero. The same rows through both builds: any difference is the stand-in's. It runs on this
+// thread only, with MXCSR's FTZ / DAZ cleared: the -ffast-math decode libraries set both when they are
+// loaded (GCC links crtfastmath.o into them), and that alone would flush the stand-in's denormals and
+// hide a missing flush in sw_bf16.h.
+void check_sw_vs_hw(const Gemv& hw_threads, const Gemv& sw_threads) {
+    const Gemv hw{hw_threads.fn, 1}, sw{sw_threads.fn, 1};
+    const unsigned csr = _mm_getcsr();
+    _mm_setcsr(csr & ~0x8040u);  // FTZ (bit 15), DAZ (bit 6)
     Rng rng(4242);
     int64_t values = 0, differ = 0;
     std::string first;
@@ -453,6 +460,7 @@ void check_sw_vs_hw(const Gemv& hw, const Gemv& sw) {
                     }
                 }
             }
+    _mm_setcsr(csr);
     char detail[320];
     if (differ == 0)
         snprintf(detail, sizeof detail, "%lld outputs of the 4 formats bit-identical to avx512_bf16's (bf16 also at "
@@ -541,6 +549,8 @@ int main(int argc, char** argv) {
         return 1;
     }
     const Gemv port{sym<GemvFn>(pg, "rz_gemv"), threads};
+    printf("mxcsr=%#x after loading the portable libraries (FTZ %d, DAZ %d)\n", _mm_getcsr(),
+           (_mm_getcsr() >> 15) & 1, (_mm_getcsr() >> 6) & 1);
     std::string ran;
     std::vector<std::pair<std::string, Gemv>> ran_gemv;
     for (const Isa& isa : ISAS) {
