@@ -10,7 +10,7 @@
 #   BOCHS_SRC_DIR: the "bochs" folder of bochs 3.0's source (git tag REL_3_0_FINAL of
 #   https://github.com/bochs-emu/Bochs, or the bochs-3.0 release tarball), edited and built in place
 #   (keep it outside this repository). Then: RZ_EMU_BOCHS=BOCHS_SRC_DIR/bochs tools/isa_emulation/run.sh
-# environment: MAKE_JOBS (default 1; the build takes ~12 min of one core), CXX.
+# environment: MAKE_JOBS (default 1; the build takes ~7 min of one core), CXX.
 set -euo pipefail
 SRC=$(cd "${1:?usage: build_bochs.sh BOCHS_SRC_DIR (bochs 3.0 source)}" && pwd)
 MODEL="$SRC/cpu/cpudb/intel/corei7_skylake-x.cc"

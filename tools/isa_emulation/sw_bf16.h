@@ -10,6 +10,7 @@
 // round-to-nearest-even and MXCSR neither read nor written,
 //     dst[i] += fp32(a.bf16[2i+1]) * fp32(b.bf16[2i+1])     (the odd / high halves first)
 //     dst[i] += fp32(a.bf16[2i])   * fp32(b.bf16[2i])
+// The flushes are explicit, not MXCSR's FTZ / DAZ (which the caller may or may not have set).
 // A product of two bf16 (8-bit significands) is exact in fp32, so one FMA per step rounds exactly
 // once, as the instruction does (the harness runs with MXCSR's default round-to-nearest-even). The
 // one corner where this may differ from hardware: a sum that rounds to exactly the smallest normal
