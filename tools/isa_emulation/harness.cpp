@@ -4,7 +4,8 @@
 //
 // usage: isa_harness [LIBDIR [NTHREADS]]   (LIBDIR default /rz, the initramfs layout of run.sh)
 // LIBDIR holds cpu_gemv-<isa>.so and cpu_decode-<isa>.so for isa in ISAS below, built by run.sh with
-// backends/cpu/kernels.py's flags. Each library is dlopen'ed RTLD_LOCAL, as ctypes does, so the inline
+// backends/cpu/kernels.py's flags (and avx512_bf16_sw: the avx512_bf16 build with its BF16 / VNNI
+// instructions replaced by sw_bf16.h, checked bit for bit against avx512_bf16 where both run). Each library is dlopen'ed RTLD_LOCAL, as ctypes does, so the inline
 // tile functions that every build defines stay private to their build.
 //
 // Prints one line per (ISA, kernel family): PASS, FAIL (with shape and error) or SKIP (the CPU lacks a
