@@ -4,7 +4,8 @@
 //
 // usage: isa_harness [LIBDIR [NTHREADS]]   (LIBDIR default /rz, the initramfs layout of run.sh)
 // LIBDIR holds cpu_gemv-<isa>.so and cpu_decode-<isa>.so for isa in ISAS below, built by run.sh with
-// backends/cpu/kernels.py's flags. Each library is dlopen'ed RTLD_LOCAL, as ctypes does, so the inline
+// backends/cpu/kernels.py's flags (and avx512_bf16_sw: the avx512_bf16 build with its BF16 / VNNI
+// instructions replaced by sw_bf16.h, checked bit for bit against avx512_bf16 where both run). Each library is dlopen'ed RTLD_LOCAL, as ctypes does, so the inline
 // tile functions that every build defines stay private to their build.
 //
 // Prints one line per (ISA, kernel family): PASS, FAIL (with shape and error) or SKIP (the CPU lacks a
@@ -16,6 +17,7 @@
 // integer dots of every x86 build when K % 32 == 0; bf16 weights through vdpbf16ps); those lossy paths
 // are also checked exactly (1e-6 of the largest output) against the same rounding done here in double.
 #include <cpuid.h>
+#include <xmmintrin.h>  // _mm_getcsr / _mm_setcsr (SSE: every x86-64)
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -38,16 +40,23 @@
 namespace {
 
 struct Isa {
-    const char* name;
+    const char* name;                // the libraries' file names: cpu_gemv-<name>.so
     std::vector<const char*> needs;  // CPUID features (__builtin_cpu_supports names)
+    const char* reports;             // what rz_isa must answer (null: the name)
+    const char* note;                // printed once before its lines (null: nothing)
 };
 
 const Isa ISAS[] = {
-    {"portable", {}},
-    {"avx2", {"avx2", "fma"}},
-    {"avx512", {"avx2", "fma", "avx512f", "avx512bw", "avx512vl"}},
-    {"avx512_vnni", {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512vnni"}},
-    {"avx512_bf16", {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avx512bf16"}},
+    {"portable", {}, nullptr, nullptr},
+    {"avx2", {"avx2", "fma"}, nullptr, nullptr},
+    {"avx512", {"avx2", "fma", "avx512f", "avx512bw", "avx512vl"}, nullptr, nullptr},
+    {"avx512_vnni", {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512vnni"}, nullptr, nullptr},
+    {"avx512_bf16", {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avx512bf16"}, nullptr, nullptr},
+    // run.sh's software-instruction build (sw_bf16.h): the avx512_bf16 sources and flags with vdpbf16ps
+    // and vpdpbusd replaced by exact AVX-512F / AVX2 code, so it runs on any AVX-512 F/BW/VL CPU.
+    {"avx512_bf16_sw", {"avx2", "fma", "avx512f", "avx512bw", "avx512vl"}, "avx512_bf16",
+     "NOTE avx512_bf16_sw: the avx512_bf16 build with its bf16 (vdpbf16ps) and VNNI (vpdpbusd) instructions "
+     "emulated in software (tools/isa_emulation/sw_bf16.h)"},
 };
 
 bool cpu_has(const char* f) {
@@ -321,7 +330,7 @@ void fill_case(const Case& c, int kind, Rng& rng, std::vector<float>& w, std::ve
 bool lossy(const char* isa, int kind, int64_t K) {
     if (!strcmp(isa, "portable")) return false;
     if ((kind == I8 || kind == I4) && K % QBLK == 0) return true;
-    return kind == BF16 && !strcmp(isa, "avx512_bf16");
+    return kind == BF16 && !strncmp(isa, "avx512_bf16", 11);  // avx512_bf16 and avx512_bf16_sw
 }
 
 int failures = 0;
@@ -362,7 +371,7 @@ void power_off() {
 }
 
 void report(bool ok, const char* isa, const std::string& kernel, const std::string& detail) {
-    printf("%s %-12s %-12s %s\n", ok ? "PASS" : "FAIL", isa, kernel.c_str(), detail.c_str());
+    printf("%s %-14s %-12s %s\n", ok ? "PASS" : "FAIL", isa, kernel.c_str(), detail.c_str());
     fflush(stdout);
     if (!ok) ++failures;
 }
@@ -415,6 +424,52 @@ void check_gemv(const char* isa, const Gemv& port, const Gemv& g, int kind) {
     } else {
         report(false, isa, std::string("gemv-") + KIND_NAMES[kind], fail);
     }
+}
+
+// When the CPU runs both: the software build (sw_bf16.h) against the real instructions, bit for bit,
+// on the shapes above and on bf16 inputs scaled towards the denormal range (2^-120, 2^-126: many
+// activations denormal, outputs near the smallest normal), where vdpbf16ps flushes inputs and outputs
+// to zero. The same rows through both builds: any difference is the stand-in's. It runs on this
+// thread only, with MXCSR's FTZ / DAZ cleared: the -ffast-math decode libraries set both when they are
+// loaded (GCC links crtfastmath.o into them), and that alone would flush the stand-in's denormals and
+// hide a missing flush in sw_bf16.h.
+void check_sw_vs_hw(const Gemv& hw_threads, const Gemv& sw_threads) {
+    const Gemv hw{hw_threads.fn, 1}, sw{sw_threads.fn, 1};
+    const unsigned csr = _mm_getcsr();
+    _mm_setcsr(csr & ~0x8040u);  // FTZ (bit 15), DAZ (bit 6)
+    Rng rng(4242);
+    int64_t values = 0, differ = 0;
+    std::string first;
+    for (int kind = 0; kind < 4; ++kind)
+        for (const Case& c : cases_for(kind))
+            for (const float scale : {1.0f, 0x1p-120f, 0x1p-126f}) {
+                if (scale != 1.0f && kind != BF16) continue;
+                std::vector<float> w, x;
+                fill_case(c, kind, rng, w, x);
+                for (auto& v : x) v *= scale;
+                const Packed p = make_packed(kind, w, c.N, c.K);
+                const std::vector<float> a = hw(p, x, c.M), b = sw(p, x, c.M);
+                for (size_t i = 0; i < a.size(); ++i) {
+                    ++values;
+                    if (memcmp(&a[i], &b[i], sizeof(float)) == 0) continue;
+                    if (++differ == 1) {
+                        char buf[192];
+                        snprintf(buf, sizeof buf, "%s N=%lld K=%lld M=%lld x*%g: [%zu] hw %.9g sw %.9g",
+                                 KIND_NAMES[kind], (long long)c.N, (long long)c.K, (long long)c.M, (double)scale,
+                                 i, (double)a[i], (double)b[i]);
+                        first = buf;
+                    }
+                }
+            }
+    _mm_setcsr(csr);
+    char detail[320];
+    if (differ == 0)
+        snprintf(detail, sizeof detail, "%lld outputs of the 4 formats bit-identical to avx512_bf16's (bf16 also at "
+                 "inputs x 2^-120, 2^-126)", (long long)values);
+    else
+        snprintf(detail, sizeof detail, "%lld of %lld outputs differ from avx512_bf16's; first: %s", (long long)differ,
+                 (long long)values, first.c_str());
+    report(differ == 0, "avx512_bf16_sw", "vs-hw-bits", detail);
 }
 
 }  // namespace
@@ -495,13 +550,20 @@ int main(int argc, char** argv) {
         return 1;
     }
     const Gemv port{sym<GemvFn>(pg, "rz_gemv"), threads};
+    printf("mxcsr=%#x after loading the portable libraries (FTZ %d, DAZ %d)\n", _mm_getcsr(),
+           (_mm_getcsr() >> 15) & 1, (_mm_getcsr() >> 6) & 1);
     std::string ran;
+    std::vector<std::pair<std::string, Gemv>> ran_gemv;
     for (const Isa& isa : ISAS) {
         std::string lacks;
         for (const char* f : isa.needs)
             if (!cpu_has(f)) lacks += std::string(lacks.empty() ? "" : ",") + f;
         if (!lacks.empty()) {
-            printf("SKIP %-12s %-12s this CPU lacks %s\n", isa.name, "all", lacks.c_str());
+            printf("SKIP %-14s %-12s this CPU lacks %s\n", isa.name, "all", lacks.c_str());
+            continue;
+        }
+        if (isa.reports && access((dir + "/cpu_gemv-" + isa.name + ".so").c_str(), F_OK) != 0) {
+            printf("SKIP %-14s %-12s not built (run.sh builds it)\n", isa.name, "all");
             continue;
         }
         Lib g = open_lib(dir, "cpu_gemv", isa.name), d = open_lib(dir, "cpu_decode", isa.name);
@@ -509,12 +571,15 @@ int main(int argc, char** argv) {
             report(false, isa.name, "load", g.err + d.err);
             continue;
         }
+        if (isa.note) printf("%s\n", isa.note);
         ran += std::string(ran.empty() ? "" : ",") + isa.name;
+        const char* want = isa.reports ? isa.reports : isa.name;
         const char* n1 = sym<NameFn>(g, "rz_isa")();
         const char* n2 = sym<NameFn>(d, "rz_decode_isa")();
-        report(!strcmp(n1, isa.name) && !strcmp(n2, isa.name), isa.name, "isa-name",
+        report(!strcmp(n1, want) && !strcmp(n2, want), isa.name, "isa-name",
                std::string("builds report ") + n1 + " / " + n2);
         const Gemv gv{sym<GemvFn>(g, "rz_gemv"), threads};
+        ran_gemv.emplace_back(isa.name, gv);
         for (int kind = 0; kind < 4; ++kind) check_gemv(isa.name, port, gv, kind);
         for (bool mixed : {false, true}) {
             std::string detail;
@@ -522,6 +587,13 @@ int main(int argc, char** argv) {
             report(ok, isa.name, mixed ? "decode-mixed" : "decode-fp32", detail);
         }
     }
+    const Gemv* hw = nullptr;
+    const Gemv* sw = nullptr;
+    for (const auto& [name, gv] : ran_gemv) {
+        if (name == "avx512_bf16") hw = &gv;
+        if (name == "avx512_bf16_sw") sw = &gv;
+    }
+    if (hw && sw) check_sw_vs_hw(*hw, *sw);
     printf("ISA-HARNESS-END failures=%d ran=%s\n", failures, ran.c_str());
     fflush(stdout);
     if (pid1) power_off();

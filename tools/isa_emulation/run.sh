@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
-# Runs the AVX-512 and AVX-512 VNNI builds of the cpu backend's kernels on CPUs emulated by bochs, and
-# checks them against the portable build (harness.cpp). See README.md.
+# Runs the AVX-512, AVX-512 VNNI and AVX-512 BF16 builds of the cpu backend's kernels on CPUs emulated
+# by bochs, and checks them against the portable build (harness.cpp). See README.md.
 #
 # usage: tools/isa_emulation/run.sh [CSRC_DIR]      (default: the repository's backends/cpu/csrc)
 # environment:
-#   RZ_EMU_MODELS   "bochs-cpu-model:isa-it-must-run ..." (default: corei7_skylake_x:avx512; e.g. add
-#                   corei7_icelake_u:avx512_vnni); each model is booted once, one after the other
+#   RZ_EMU_MODELS   "bochs-cpu-model:isa-it-must-run ..." (default: corei7_skylake_x:avx512_bf16 with
+#                   RZ_EMU_BOCHS, whose Skylake-X has VNNI and BF16; corei7_skylake_x:avx512_bf16_sw with
+#                   Debian's bochs 2.7); one boot each, one after the other
+#   RZ_EMU_BOCHS    the bochs binary (default: bochs on PATH), e.g. the bochs 3.0 of build_bochs.sh
+#   RZ_EMU_BIOS, RZ_EMU_VGABIOS  its ROM images (default: next to a source-tree binary, else
+#                   /usr/share/bochs, /usr/share/vgabios)
+#   RZ_EMU_DISPLAY  bochs display library (default: rfb for Debian's /usr/bin/bochs, else nogui)
+#   RZ_EMU_NICE     niceness of the bochs process (default 10: the emulation is one busy core)
+#   RZ_EMU_SW_BF16  1 (default): also build avx512_bf16_sw, the avx512_bf16 build with its bf16 and VNNI
+#                   instructions emulated in software (sw_bf16.h), which runs on any AVX-512 model; 0: not
 #   RZ_EMU_KERNEL   the Linux kernel to boot (default: the newest /boot/vmlinuz-*)
 #   RZ_EMU_WORK     build / log directory (default: a new temporary directory, kept for inspection)
 #   RZ_EMU_TIMEOUT  seconds per boot before it counts as failed (default 1500)
@@ -20,18 +28,35 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 CSRC=$(cd "${1:-$REPO/backends/cpu/csrc}" && pwd)
 KERNELS_PY=${RZ_EMU_KERNELS_PY:-$REPO/backends/cpu/kernels.py}
-# The VNNI models (corei7_icelake_u, tigerlake) do not finish booting this kernel yet (README.md).
-MODELS=${RZ_EMU_MODELS:-"corei7_skylake_x:avx512"}
+BOCHS=${RZ_EMU_BOCHS:-bochs}
+BOCHS_PATH=$(command -v "$BOCHS" || true)
+# The models with VNNI / BF16 do not finish booting this kernel (bochs 2.7's corei7_icelake_u and
+# tigerlake, 3.0's sapphire_rapids: README.md), so build_bochs.sh adds both to Skylake-X, which boots;
+# Debian's bochs 2.7 runs the software-instruction build there instead.
+# (bochs's help is read whole before grep: under pipefail an early grep -q exit could fail the pipe)
+BOCHS_HELP=$([ -n "$BOCHS_PATH" ] && { "$BOCHS_PATH" --help; "$BOCHS_PATH" --help cpu; } 2>&1 || true)
+if [ -n "${RZ_EMU_BOCHS:-}" ]; then
+    MODELS=${RZ_EMU_MODELS:-"corei7_skylake_x:avx512_bf16"}
+else
+    MODELS=${RZ_EMU_MODELS:-"corei7_skylake_x:avx512_bf16_sw"}
+fi
+SW_BF16=${RZ_EMU_SW_BF16:-1}
 KERNEL=${RZ_EMU_KERNEL:-$(ls /boot/vmlinuz-* 2>/dev/null | sort -V | tail -n 1)}
 WORK=${RZ_EMU_WORK:-$(mktemp -d /tmp/rz-isa-emu.XXXXXX)}
 TIMEOUT=${RZ_EMU_TIMEOUT:-1500}
 IPS=${RZ_EMU_IPS:-200000000}
 CXX=${CXX:-g++}
-BIOS=/usr/share/bochs/BIOS-bochs-latest
-VGABIOS=/usr/share/vgabios/vgabios.bin
+BOCHS_DIR=$(dirname "${BOCHS_PATH:-/usr/bin/bochs}")
+if [ -f "$BOCHS_DIR/bios/BIOS-bochs-latest" ]; then  # a binary in its source tree (README.md's recipe)
+    BIOS=${RZ_EMU_BIOS:-$BOCHS_DIR/bios/BIOS-bochs-latest}
+    VGABIOS=${RZ_EMU_VGABIOS:-$BOCHS_DIR/bios/VGABIOS-lgpl-latest.bin}
+else
+    BIOS=${RZ_EMU_BIOS:-/usr/share/bochs/BIOS-bochs-latest}
+    VGABIOS=${RZ_EMU_VGABIOS:-/usr/share/vgabios/vgabios.bin}
+fi
 
 missing=()
-for tool in bochs grub-mkrescue xorriso mformat cpio gzip python3 make "$CXX"; do
+for tool in "$BOCHS" grub-mkrescue xorriso mformat cpio gzip python3 make objdump "$CXX"; do
     command -v "$tool" >/dev/null || missing+=("$tool")
 done
 [ -f "$BIOS" ] || missing+=("$BIOS")
@@ -46,11 +71,11 @@ fi
 
 t0=$(date +%s)
 mkdir -p "$WORK"
-echo "== work directory: $WORK; kernels from $CSRC"
+echo "== work directory: $WORK; kernels from $CSRC; $(grep -o 'Bochs x86 Emulator [^ ]*' <<< "$BOCHS_HELP" | head -n 1) ($BOCHS_PATH)"
 
 # 1. The kernel libraries, one per (library, ISA), with backends/cpu/kernels.py's own flags: read from
 # its ISAS / LIBRARIES / build_flags without importing it (that would import torch).
-python3 - "$KERNELS_PY" > "$WORK/flags.txt" <<'EOF'
+python3 - "$KERNELS_PY" "$SW_BF16" "$HERE/sw_bf16.h" > "$WORK/flags.txt" <<'EOF'
 import ast, sys
 tree = ast.parse(open(sys.argv[1]).read())
 wanted = {"BASE_FLAGS", "_AVX2", "_AVX512", "ISAS", "LIBRARIES"}
@@ -65,6 +90,11 @@ exec(compile(ast.Module(body=body, type_ignores=[]), sys.argv[1], "exec"), ns)
 for isa in ns["ISAS"]:
     for name in ("cpu_gemv", "cpu_decode"):
         print(isa, name, ns["LIBRARIES"][name][0], " ".join(ns["build_flags"](name, isa)))
+        # avx512_bf16_sw: the same sources and flags, plus the header that replaces the BF16 / VNNI
+        # intrinsics with exact AVX-512F code (sw_bf16.h; included first, before the sources' own).
+        if isa == "avx512_bf16" and sys.argv[2] == "1":
+            print(isa + "_sw", name, ns["LIBRARIES"][name][0],
+                  " ".join(ns["build_flags"](name, isa)), "-include", sys.argv[3])
 EOF
 ROOT="$WORK/root"
 rm -rf "$ROOT" && mkdir -p "$ROOT/rz"
@@ -80,6 +110,20 @@ done < "$WORK/flags.txt"
 pids+=($!)
 for p in "${pids[@]}"; do
     wait "$p" || { echo "run.sh: a build failed:" >&2; cat "$WORK"/build-*.log >&2; exit 1; }
+done
+# The software build must not contain the instructions it stands in for (else it would fault, or not
+# test what it says), and the real avx512_bf16 build must contain them.
+for so in "$ROOT"/rz/*-avx512_bf16_sw.so; do
+    [ -e "$so" ] || continue
+    # (counted, not grep -q: under pipefail an early grep exit fails objdump with SIGPIPE)
+    n_sw=$(objdump -d "$so" | grep -cE 'vdpbf16ps|vcvtne2?ps2bf16|vpdpbusd' || true)
+    if [ "$n_sw" -ne 0 ]; then
+        echo "run.sh: $so still contains $n_sw BF16 / VNNI instructions (sw_bf16.h did not replace them)" >&2
+        exit 1
+    fi
+    hw=${so%_sw.so}.so
+    n_hw=$(objdump -d "$hw" | grep -c vdpbf16ps || true)
+    [ "$n_hw" -gt 0 ] || { echo "run.sh: $hw has no vdpbf16ps" >&2; exit 1; }
 done
 
 # The kernel module that turns the AVX / AVX-512 state back on (xcr0/rz_xcr0.c: Linux rejects the XSAVE
@@ -123,8 +167,26 @@ grub-mkrescue -o "$WORK/boot.iso" "$ISODIR" > "$WORK/grub-mkrescue.log" 2>&1 \
 t_build=$(( $(date +%s) - t0 ))
 echo "== built in ${t_build}s: initrd $(du -h "$WORK/initrd.gz" | cut -f1), iso $(du -h "$WORK/boot.iso" | cut -f1)"
 
-# 3. One boot per CPU model, headless: the serial port goes to a file, the display to bochs's VNC
-# server (it serves nobody: Debian's bochs has no "nogui" library, and rfb with timeout=0 does not wait).
+# 3. One boot per CPU model, headless: the serial port goes to a file, the display to "nogui", or on
+# Debian's bochs (which has no "nogui" library) to its VNC server, which serves nobody (rfb with
+# timeout=0 does not wait).
+if [ -n "${RZ_EMU_DISPLAY:-}" ]; then
+    DISPLAY_LIB=$RZ_EMU_DISPLAY
+elif [ "$(readlink -f "$BOCHS_PATH")" = /usr/bin/bochs ]; then
+    DISPLAY_LIB='rfb, options="timeout=0"'
+else
+    DISPLAY_LIB=nogui
+fi
+# Debian's bochs loads its sound plugin (dummy drivers: no device); a bochs built without sound
+# rejects the option.
+SOUND_LINE=
+[ "$(readlink -f "$BOCHS_PATH")" = /usr/bin/bochs ] && SOUND_LINE="sound: waveoutdrv=dummy, waveindrv=dummy, midioutdrv=dummy"
+# A bochs built with its debugger (Debian's) stops before the first instruction: "-rc" feeds it "c".
+DEBUGGER_ARGS=()
+if grep -q -- '-rc filename' <<< "$BOCHS_HELP"; then
+    echo c > "$WORK/debugger.rc"
+    DEBUGGER_ARGS=(-rc "$WORK/debugger.rc")
+fi
 status=0
 summary=()
 for spec in $MODELS; do
@@ -139,10 +201,10 @@ cpu: model=$model, count=1, ips=$IPS, reset_on_triple_fault=0
 ata0-master: type=cdrom, path=$WORK/boot.iso, status=inserted
 boot: cdrom
 com1: enabled=1, mode=file, dev=$serial
-display_library: rfb, options="timeout=0"
+display_library: $DISPLAY_LIB
 mouse: enabled=0
 speaker: enabled=0
-sound: waveoutdrv=dummy, waveindrv=dummy, midioutdrv=dummy
+$SOUND_LINE
 clock: sync=none, time0=local
 log: $log
 panic: action=fatal
@@ -152,9 +214,7 @@ debug: action=ignore
 EOF
     echo "== booting bochs cpu model $model (must run: $must)"
     tb=$(date +%s)
-    # Debian's bochs is built with its debugger, which stops before the first instruction: "c" continues.
-    echo c > "$WORK/debugger.rc"
-    bochs -q -f "$rc" -rc "$WORK/debugger.rc" < /dev/null > "$WORK/bochs-$model.stdout" 2>&1 &
+    nice -n "${RZ_EMU_NICE:-10}" "$BOCHS_PATH" -q -f "$rc" "${DEBUGGER_ARGS[@]}" < /dev/null > "$WORK/bochs-$model.stdout" 2>&1 &
     bpid=$!
     outcome="bochs exited"
     while kill -0 "$bpid" 2>/dev/null; do
@@ -182,7 +242,8 @@ EOF
     ran_must=$(tr -d '\r' < "$serial" | grep -cE "^PASS $must +gemv-" || true)
     if [ "$fails" -gt 0 ] || [ "$ran_must" -eq 0 ]; then
         status=1
-        [ "$ran_must" -eq 0 ] && echo "run.sh: $model: the $must build did not run (see the cpuid line)" >&2
+        [ "$ran_must" -eq 0 ] && echo "run.sh: $model: the $must build did not run (see the cpuid line; a" \
+            "bochs from build_bochs.sh gives corei7_skylake_x VNNI and BF16)" >&2
     fi
     summary+=("$model: $fails FAIL, $must ran: $([ "$ran_must" -gt 0 ] && echo yes || echo no), ${secs}s")
 done
