@@ -45,6 +45,7 @@ from torch import Tensor
 
 CSRC = Path(__file__).with_name("csrc")
 BASE_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+LINK_FLAGS = ("-shared", "-fopenmp")  # the link step's (no -ffast-math: see _build)
 _AVX2 = ("-mavx2", "-mfma")
 _AVX512 = (*_AVX2, "-mavx512f", "-mavx512bw", "-mavx512vl")
 # name -> (compiler flags, /proc/cpuinfo flags it needs, what it does). Ordered from least to most
@@ -174,7 +175,7 @@ def _build(cxx: str, name: str, isa: str = "avx2") -> Path:
     flags = build_flags(name, isa)
     # The headers count too: cpu_gemv.cpp and cpu_decode.cpp share the tile kernels of cpu_tiles.h.
     text = src_path.read_bytes() + b"".join(h.read_bytes() for h in sorted(CSRC.glob("*.h")))
-    tag = hashlib.sha256(text + " ".join((cxx, *flags)).encode()).hexdigest()[:16]
+    tag = hashlib.sha256(text + " ".join((cxx, *flags, "link:", *LINK_FLAGS)).encode()).hexdigest()[:16]
     out_dir = cache_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     lib = out_dir / f"{name}-{isa}-{tag}.so"
@@ -189,13 +190,21 @@ def _build(cxx: str, name: str, isa: str = "avx2") -> Path:
         fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}-", suffix=".so")
         os.close(fd)
         try:
-            proc = subprocess.run([cxx, *flags, "-o", tmp, str(src_path)], capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"{cxx} failed to build {source}:\n{proc.stderr.strip()[-2000:]}")
+            # Compile, then link without the compile flags: linked with -ffast-math, GCC adds crtfastmath.o,
+            # whose constructor turns on flush-to-zero (MXCSR FTZ + DAZ) for the whole process when the
+            # library loads: torch's own CPU ops would then flush denormals to zero after the first call
+            # into these kernels.
+            obj = tmp + ".o"
+            compile_flags = [f for f in flags if f != "-shared"]
+            for cmd in ([cxx, *compile_flags, "-c", "-o", obj, str(src_path)], [cxx, *LINK_FLAGS, "-o", tmp, obj]):
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"{cxx} failed to build {source}:\n{proc.stderr.strip()[-2000:]}")
             os.replace(tmp, lib)
         finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            for path in (tmp, tmp + ".o"):
+                if os.path.exists(path):
+                    os.unlink(path)
     return lib
 
 
