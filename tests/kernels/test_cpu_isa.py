@@ -186,6 +186,12 @@ def test_decode_step_variants_match_portable(monkeypatch):
     assert _rel(outs["portable"], torch.cat([ref, ref2], 1)) < 1e-4
     for isa in RUNNABLE[1:]:
         lossy = max((v for (i, _), v in LOSSY.items() if i == isa), default=1e-4)
+        # bf16 activations (vdpbf16ps) in every bf16 projection of the step, on top of int8 / int4: under
+        # emulation (tools/isa_emulation) that build's logits differed by 6.6e-3 and its states by 9.3e-3
+        # on a model like this one, too close to 1e-2 for a random model not to cross it. A kernel bug
+        # shows as O(1).
+        if isa == "avx512_bf16":
+            lossy = 2e-2
         assert _rel(outs[isa], outs["portable"]) < lossy, isa
 
 
