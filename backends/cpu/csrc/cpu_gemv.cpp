@@ -21,8 +21,23 @@
 
 namespace {
 
+#ifndef RZ_GEMM_MIN_ROWS
+#define RZ_GEMM_MIN_ROWS 16
+#endif
+
 void gemv(int64_t kind, const float* x, int64_t B, int64_t K, int64_t ldx, const void* W, const float* scale,
           int64_t N, float* y, int64_t ldy, int nthreads) {
+    if (kind == rz::F32 && B >= RZ_GEMM_MIN_ROWS) {
+        // packed x and y blocks, reused across calls of this thread (a fresh 6 MiB buffer per call costs page faults)
+        static thread_local std::unique_ptr<float[]> buf;
+        static thread_local int64_t have = 0;
+        const int64_t need = rz::gemm_scratch_floats(B, K, nthreads) + 8;
+        if (need > have) buf.reset(new float[need]), have = need;
+        float* xp = buf.get() + (8 - reinterpret_cast<uintptr_t>(buf.get()) / 4 % 8) % 8;
+#pragma omp parallel num_threads(nthreads)
+        rz::gemm_fp32(x, B, K, ldx, static_cast<const float*>(W), N, y, ldy, xp, nthreads);
+        return;
+    }
     const int64_t tiles = N / 4;
     // Many rows (prefill): blocks of rows (~2 MiB of inputs, most of a core's share of L3), each
     // multiplied with every tile, so a tile's weights are read from memory once per block. Measured at

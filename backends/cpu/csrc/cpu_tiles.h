@@ -552,6 +552,183 @@ inline void tile_bf16dot(const uint8_t* xq, int64_t ldq, const uint16_t* p, int6
 }
 #endif  // RZ_BF16DOT
 
+// ---- fp32 GEMM for many rows (prefill): outer-product micro-kernel on the tile layout ---------------
+//
+// tile<3> above is a dot-product form (4 weight rows x 3 x rows, horizontal sums at the end) that reads
+// three x rows per pass over a tile; with x blocks of ~2 MiB it streams x from L3 for every tile and ran
+// at 42-58 GFLOP/s per thread here (Zen 3, peak ~110), ~93 % of torch.matmul (MKL). This path keeps the
+// packed weight layout [N / 4, K / 8, 4, 8] and instead packs x: per K-block of GEMM_KC columns, panels
+// of GEMM_MR = 24 rows stored column by column ([kc, 24], zero rows past B). The micro-kernel computes
+// a 24 x 4 block of y as 12 ymm accumulators (3 vectors of 8 rows per weight row): per column k it loads
+// 3 x vectors and broadcasts the tile's 4 weights (a broadcast load reads any address, so the tile
+// layout needs no change), 12 FMAs, no horizontal sums; the 4 x 24 result is transposed in registers
+// and added to y. Blocking: an x panel (24 x kc, 24 KiB at kc = 256) sits in L1 while a chunk of
+// GEMM_NC tiles (16 x 4 x kc floats, 64 KiB) sits in L2 and passes over it; y collects the K-blocks'
+// partial sums. Numbers (see cpu_gemv.cpp) are measured against tile<3> in the same process.
+constexpr int64_t GEMM_MR = 24;  // x rows per panel (3 ymm)
+#ifndef RZ_GEMM_KC
+#define RZ_GEMM_KC 256
+#endif
+#ifndef RZ_XHINT
+#define RZ_XHINT _MM_HINT_T1
+#endif
+#ifndef RZ_GEMM_NC
+#define RZ_GEMM_NC 16
+#endif
+constexpr int64_t GEMM_KC = RZ_GEMM_KC;  // columns per K-block (a multiple of 8)
+constexpr int64_t GEMM_NC = RZ_GEMM_NC;  // tiles per work chunk (what one thread takes at a time)
+
+// Rows of x [B, K] (row stride ldx), K-block k0 of width kc, into panels: xp[p][k][i] = x[24 p + i, k0 + k]
+// (0 past B). Panel p of the block starts at xp + p * kc * 24.
+inline void gemm_pack_panel(const float* x, int64_t B, int64_t ldx, int64_t p, int64_t k0, int64_t kc, float* xp) {
+    const int64_t b0 = p * GEMM_MR, nb = B - b0 < GEMM_MR ? B - b0 : GEMM_MR;
+    float* out = xp + p * kc * GEMM_MR;
+#if defined(RZ_AVX2)
+    // 8 x 8 transposes in registers (the scalar loop's strided stores cost ~3 % of a 512 x 768 x 768 GEMM)
+    for (int64_t i0 = 0; i0 < GEMM_MR; i0 += 8)
+        for (int64_t k = 0; k < kc; k += 8) {
+            __m256 r[8];
+            for (int i = 0; i < 8; ++i)
+                r[i] = i0 + i < nb ? _mm256_loadu_ps(x + (b0 + i0 + i) * ldx + k0 + k) : _mm256_setzero_ps();
+            const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+            const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+            const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+            const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+            const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+            const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+            const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+            const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+            // s_j (j < 4): rows 0-3 of columns j (low half) and j + 4 (high); s_{j+4}: rows 4-7
+            const __m256 c[8] = {_mm256_permute2f128_ps(s0, s4, 0x20), _mm256_permute2f128_ps(s1, s5, 0x20),
+                                 _mm256_permute2f128_ps(s2, s6, 0x20), _mm256_permute2f128_ps(s3, s7, 0x20),
+                                 _mm256_permute2f128_ps(s0, s4, 0x31), _mm256_permute2f128_ps(s1, s5, 0x31),
+                                 _mm256_permute2f128_ps(s2, s6, 0x31), _mm256_permute2f128_ps(s3, s7, 0x31)};
+            for (int j = 0; j < 8; ++j) _mm256_store_ps(out + (k + j) * GEMM_MR + i0, c[j]);
+        }
+#else
+    for (int64_t i = 0; i < nb; ++i) {
+        const float* row = x + (b0 + i) * ldx + k0;
+        for (int64_t k = 0; k < kc; ++k) out[k * GEMM_MR + i] = row[k];
+    }
+    for (int64_t i = nb; i < GEMM_MR; ++i)
+        for (int64_t k = 0; k < kc; ++k) out[k * GEMM_MR + i] = 0.f;
+#endif
+}
+
+// y[b, r] (+)= sum_k xp[k][b] * w[k / 8][r][k % 8] for b < rows, r < 4; w: one tile's K-block (kc / 8
+// steps of 32 floats). NV: vectors of 8 rows computed (3, or fewer for the last panel: B = 512 leaves 8
+// rows, and computing all 24 would waste 3 % of the work). first: store instead of add (first K-block).
+template <int NV>
+inline void gemm_micro(const float* xp, const float* w, int64_t kc, float* y, int64_t ldy, int64_t rows, bool first,
+                       const float* wnext, const char* xnext) {
+#if defined(RZ_AVX2)
+    __m256 c[4][NV];
+    for (int r = 0; r < 4; ++r)
+        for (int j = 0; j < NV; ++j) c[r][j] = _mm256_setzero_ps();
+    for (int64_t s = 0; s < kc; s += 8, w += 32) {
+#ifndef RZ_GEMM_NOPF
+        _mm_prefetch(reinterpret_cast<const char*>(wnext + 4 * s), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(wnext + 4 * s) + 64, _MM_HINT_T0);
+#endif
+#ifndef RZ_GEMM_NOXPF
+        _mm_prefetch(xnext + 16 * s, RZ_XHINT);
+        _mm_prefetch(xnext + 16 * s + 64, RZ_XHINT);
+#endif
+        for (int l = 0; l < 8; ++l, xp += GEMM_MR) {
+            __m256 xv[NV];
+            for (int j = 0; j < NV; ++j) xv[j] = _mm256_load_ps(xp + 8 * j);
+            for (int r = 0; r < 4; ++r) {
+                const __m256 wb = _mm256_broadcast_ss(w + 8 * r + l);
+                for (int j = 0; j < NV; ++j) c[r][j] = _mm256_fmadd_ps(wb, xv[j], c[r][j]);
+            }
+        }
+    }
+    // 4 x 8 -> 8 x 4 per group of 8 rows: u[i] holds rows i (low half) and i + 4 (high half)
+    for (int j = 0; j < NV; ++j) {
+        const __m256 t0 = _mm256_unpacklo_ps(c[0][j], c[1][j]), t1 = _mm256_unpackhi_ps(c[0][j], c[1][j]);
+        const __m256 t2 = _mm256_unpacklo_ps(c[2][j], c[3][j]), t3 = _mm256_unpackhi_ps(c[2][j], c[3][j]);
+        const __m256 u[4] = {_mm256_shuffle_ps(t0, t2, 0x44), _mm256_shuffle_ps(t0, t2, 0xEE),
+                             _mm256_shuffle_ps(t1, t3, 0x44), _mm256_shuffle_ps(t1, t3, 0xEE)};
+        for (int i = 0; i < 8; ++i) {
+            const int64_t b = 8 * j + i;
+            if (b >= rows) return;
+            __m128 v = i < 4 ? _mm256_castps256_ps128(u[i]) : _mm256_extractf128_ps(u[i - 4], 1);
+            float* dst = y + b * ldy;
+            if (!first) v = _mm_add_ps(v, _mm_loadu_ps(dst));
+            _mm_storeu_ps(dst, v);
+        }
+    }
+#else
+    (void)wnext, (void)xnext;
+    float c[4][8 * NV] = {};
+    for (int64_t s = 0; s < kc; s += 8, w += 32)
+        for (int l = 0; l < 8; ++l, xp += GEMM_MR)
+            for (int r = 0; r < 4; ++r)
+                for (int i = 0; i < 8 * NV; ++i) c[r][i] += w[8 * r + l] * xp[i];
+    for (int64_t b = 0; b < rows; ++b)
+        for (int r = 0; r < 4; ++r) y[b * ldy + r] = first ? c[r][b] : y[b * ldy + r] + c[r][b];
+#endif
+}
+
+// Floats of scratch that gemm_fp32 needs for B rows of K columns: packed x, then per thread a block of y.
+inline int64_t gemm_scratch_floats(int64_t B, int64_t K, int nthreads) {
+    const int64_t Bp = (B + GEMM_MR - 1) / GEMM_MR * GEMM_MR;
+    return Bp * K + nthreads * Bp * 4 * GEMM_NC;
+}
+
+// y [B, N] = x [B, K] W^T for fp32 W in the tile layout (N % 4 == 0, K % 8 == 0), called by every thread
+// of an OpenMP parallel region (ends with the loop's barrier). xp: gemm_xp_floats(B, K) floats, 32-byte
+// aligned (gemm_scratch_floats): K-block k0's panels start at xp + k0 * Bp (Bp = B rounded up to 24).
+// All of x is packed first (one loop over panels and K-blocks, then a barrier). The work items are
+// chunks of tiles, handed out dynamically (a shared machine can take a core away for a time slice);
+// a chunk runs every K-block and every panel itself, so y needs no barrier between K-blocks, and the
+// weights are read from memory once per call. Per K-block, each panel (L1) meets every tile of the
+// chunk (L2). The K-blocks' partial sums collect in this thread's block of y, [Bp, 4 nc] (stride 4 nc):
+// summed straight into y, whose row stride is N floats, the 24 rows of a micro-kernel's result fell
+// into one L1 set (and 16 L2 sets) at N = 3072 (12 KiB), and the chunk ran ~8 % slower than tile<3>.
+// A chunk is GEMM_NC tiles, fewer where that would leave under 8 chunks per thread (the
+// last chunk of a thread is what the other may wait for).
+inline void gemm_fp32(const float* x, int64_t B, int64_t K, int64_t ldx, const float* W, int64_t N, float* y,
+                      int64_t ldy, float* xp, int nthreads) {
+    const int64_t panels = (B + GEMM_MR - 1) / GEMM_MR, Bp = panels * GEMM_MR;
+    const int64_t kblocks = (K + GEMM_KC - 1) / GEMM_KC;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t pk = 0; pk < panels * kblocks; ++pk) {
+        const int64_t p = pk % panels, k0 = pk / panels * GEMM_KC, kc = K - k0 < GEMM_KC ? K - k0 : GEMM_KC;
+        gemm_pack_panel(x, B, ldx, p, k0, kc, xp + k0 * Bp);
+    }
+    const int64_t tiles = N / 4;
+    int64_t nc = tiles / (8 * nthreads);
+    nc = nc > GEMM_NC ? GEMM_NC : nc < 2 ? 2 : nc;
+    const int64_t chunks = (tiles + nc - 1) / nc, ldc = 4 * nc;
+    float* cb = xp + Bp * K + omp_get_thread_num() * Bp * 4 * GEMM_NC;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t t0 = c * nc, t1 = t0 + nc < tiles ? t0 + nc : tiles;
+        for (int64_t k0 = 0; k0 < K; k0 += GEMM_KC) {
+            const int64_t kc = K - k0 < GEMM_KC ? K - k0 : GEMM_KC;
+            for (int64_t p = 0; p < panels; ++p) {
+                const float* xb = xp + k0 * Bp + p * kc * GEMM_MR;
+                // the next panel (the next K-block's first after the last) is fetched while this one
+                // works, each micro-kernel a share
+                const char* xn = reinterpret_cast<const char*>(p + 1 < panels || k0 + kc >= K ? xb + kc * GEMM_MR : xp + (k0 + kc) * Bp);
+                const int64_t share = kc * GEMM_MR * 4 / (t1 - t0);
+                const int64_t rows = B - p * GEMM_MR < GEMM_MR ? B - p * GEMM_MR : GEMM_MR;
+                float* cp = cb + p * GEMM_MR * ldc;
+                auto run = [&](auto nv) {
+                    for (int64_t t = t0; t < t1; ++t)
+                        gemm_micro<decltype(nv)::value>(xb, W + t * 4 * K + 4 * k0, kc, cp + 4 * (t - t0), ldc, rows, k0 == 0,
+                                                        W + (t + 1 < t1 ? t + 1 : t0) * 4 * K + 4 * k0, xn + (t - t0) * share);
+                };
+                if (rows > 16) run(std::integral_constant<int, 3>());
+                else if (rows > 8) run(std::integral_constant<int, 2>());
+                else run(std::integral_constant<int, 1>());
+            }
+        }
+        for (int64_t b = 0; b < B; ++b) memcpy(y + b * ldy + 4 * t0, cb + b * ldc, 4 * (t1 - t0) * sizeof(float));
+    }
+}
+
 // ---- one tile against B rows of x ----------------------------------------------------------------
 
 // Calls f(integral_constant<BT>, first row) on groups of rows: groups of BIG while they fit, then at
