@@ -21,21 +21,18 @@
 
 namespace {
 
-#ifndef RZ_GEMM_MIN_ROWS
-#define RZ_GEMM_MIN_ROWS 16
-#endif
-
 void gemv(int64_t kind, const float* x, int64_t B, int64_t K, int64_t ldx, const void* W, const float* scale,
           int64_t N, float* y, int64_t ldy, int nthreads) {
-    if (kind == rz::F32 && B >= RZ_GEMM_MIN_ROWS) {
-        // packed x and y blocks, reused across calls of this thread (a fresh 6 MiB buffer per call costs page faults)
+    if (kind == rz::F32 && B >= rz::GEMM_MIN_ROWS) {
+        // scratch reused across calls of this thread (a fresh 6 MiB buffer per call costs page faults)
         static thread_local std::unique_ptr<float[]> buf;
         static thread_local int64_t have = 0;
-        const int64_t need = rz::gemm_scratch_floats(B, K, nthreads) + 8;
+        const int64_t need = rz::gemm_scratch_floats(B, K, nthreads);
         if (need > have) buf.reset(new float[need]), have = need;
-        float* xp = buf.get() + (8 - reinterpret_cast<uintptr_t>(buf.get()) / 4 % 8) % 8;
+        const rz::GemmJob job = {x, ldx, static_cast<const float*>(W), K, N, y, ldy};
+        float* scratch = buf.get();  // thread_local: the pointer, not the name, goes into the parallel region
 #pragma omp parallel num_threads(nthreads)
-        rz::gemm_fp32(x, B, K, ldx, static_cast<const float*>(W), N, y, ldy, xp, nthreads);
+        rz::gemm_fp32(&job, 1, B, scratch);
         return;
     }
     const int64_t tiles = N / 4;

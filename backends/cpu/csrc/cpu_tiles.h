@@ -577,6 +577,13 @@ constexpr int64_t GEMM_MR = 24;  // x rows per panel (3 ymm)
 #endif
 constexpr int64_t GEMM_KC = RZ_GEMM_KC;  // columns per K-block (a multiple of 8)
 constexpr int64_t GEMM_NC = RZ_GEMM_NC;  // tiles per work chunk (what one thread takes at a time)
+#ifndef RZ_GEMM_MIN_ROWS
+#define RZ_GEMM_MIN_ROWS 48
+#endif
+// Rows from which fp32 products take gemm_fp32 instead of tile<3>: against it (one thread, 768 x 768
+// weights, CPU time, under load) 0.70x at 8 rows, 1.00 at 16 and 24, 0.88 at 32 (a panel of 24 and one
+// of 8), 1.03 at 48. Decode (B = 1..8 rows) stays on the tile kernels.
+constexpr int64_t GEMM_MIN_ROWS = RZ_GEMM_MIN_ROWS;
 
 // Rows of x [B, K] (row stride ldx), K-block k0 of width kc, into panels: xp[p][k][i] = x[24 p + i, k0 + k]
 // (0 past B). Panel p of the block starts at xp + p * kc * 24.
@@ -670,47 +677,74 @@ inline void gemm_micro(const float* xp, const float* w, int64_t kc, float* y, in
 #endif
 }
 
-// Floats of scratch that gemm_fp32 needs for B rows of K columns: packed x, then per thread a block of y.
-inline int64_t gemm_scratch_floats(int64_t B, int64_t K, int nthreads) {
-    const int64_t Bp = (B + GEMM_MR - 1) / GEMM_MR * GEMM_MR;
-    return Bp * K + nthreads * Bp * 4 * GEMM_NC;
+// One product of gemm_fp32: y [B, N] = x [B, K] W^T, fp32 W in the tile layout (N % 4 == 0, K % 8 == 0).
+struct GemmJob {
+    const float* x;
+    int64_t ldx;
+    const float* W;
+    int64_t K, N;
+    float* y;
+    int64_t ldy;
+};
+
+inline int64_t gemm_rows_padded(int64_t B) { return (B + GEMM_MR - 1) / GEMM_MR * GEMM_MR; }
+
+// Floats of scratch that gemm_fp32 needs for B rows and jobs whose K sum to sumK: packed x, then per
+// thread a block of y (plus 8 for aligning the start to 32 bytes).
+inline int64_t gemm_scratch_floats(int64_t B, int64_t sumK, int nthreads) {
+    const int64_t Bp = gemm_rows_padded(B);
+    return Bp * sumK + nthreads * Bp * 4 * GEMM_NC + 8;
 }
 
-// y [B, N] = x [B, K] W^T for fp32 W in the tile layout (N % 4 == 0, K % 8 == 0), called by every thread
-// of an OpenMP parallel region (ends with the loop's barrier). xp: gemm_xp_floats(B, K) floats, 32-byte
-// aligned (gemm_scratch_floats): K-block k0's panels start at xp + k0 * Bp (Bp = B rounded up to 24).
-// All of x is packed first (one loop over panels and K-blocks, then a barrier). The work items are
-// chunks of tiles, handed out dynamically (a shared machine can take a core away for a time slice);
-// a chunk runs every K-block and every panel itself, so y needs no barrier between K-blocks, and the
-// weights are read from memory once per call. Per K-block, each panel (L1) meets every tile of the
-// chunk (L2). The K-blocks' partial sums collect in this thread's block of y, [Bp, 4 nc] (stride 4 nc):
-// summed straight into y, whose row stride is N floats, the 24 rows of a micro-kernel's result fell
-// into one L1 set (and 16 L2 sets) at N = 3072 (12 KiB), and the chunk ran ~8 % slower than tile<3>.
-// A chunk is GEMM_NC tiles, fewer where that would leave under 8 chunks per thread (the
-// last chunk of a thread is what the other may wait for).
-inline void gemm_fp32(const float* x, int64_t B, int64_t K, int64_t ldx, const float* W, int64_t N, float* y,
-                      int64_t ldy, float* xp, int nthreads) {
+// The jobs' products for B rows each, called by every thread of an OpenMP parallel region (ends with
+// the loop's barrier). scratch: gemm_scratch_floats(B, sum of the jobs' K, threads) floats, shared.
+// All of x is packed first (one loop over jobs, panels and K-blocks, then a barrier; job j's K-block
+// k0 starts at its base + k0 * Bp). The work items are chunks of tiles, handed out dynamically (a
+// shared machine can take a core away for a time slice); a chunk runs every K-block and every panel
+// itself, so y needs no barrier between K-blocks, and the weights are read from memory once per call.
+// Per K-block, each panel (L1) meets every tile of the chunk (L2). The K-blocks' partial sums collect
+// in this thread's block of y, [Bp, 4 nc] (stride 4 nc): summed straight into y, whose row stride is N
+// floats, the 24 rows of a micro-kernel's result fell into one L1 set (and 16 L2 sets) at N = 3072
+// (12 KiB), and that shape ran ~8 % slower than tile<3>. A chunk is GEMM_NC tiles, fewer where that
+// would leave under 8 chunks per thread (the last chunk of a thread is what the other may wait for).
+inline void gemm_fp32(const GemmJob* jobs, int n, int64_t B, float* scratch) {
+    const int nthreads = omp_get_num_threads();
     const int64_t panels = (B + GEMM_MR - 1) / GEMM_MR, Bp = panels * GEMM_MR;
-    const int64_t kblocks = (K + GEMM_KC - 1) / GEMM_KC;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t pk = 0; pk < panels * kblocks; ++pk) {
-        const int64_t p = pk % panels, k0 = pk / panels * GEMM_KC, kc = K - k0 < GEMM_KC ? K - k0 : GEMM_KC;
-        gemm_pack_panel(x, B, ldx, p, k0, kc, xp + k0 * Bp);
+    float* base = scratch + (8 - reinterpret_cast<uintptr_t>(scratch) / 4 % 8) % 8;  // 32-byte aligned
+    float* xps[16];
+    int64_t packs[17], chunks[17], tiles = 0;
+    packs[0] = chunks[0] = 0;
+    for (int j = 0; j < n; ++j) {
+        xps[j] = base, base += Bp * jobs[j].K;
+        packs[j + 1] = packs[j] + panels * ((jobs[j].K + GEMM_KC - 1) / GEMM_KC);
+        tiles += jobs[j].N / 4;
     }
-    const int64_t tiles = N / 4;
     int64_t nc = tiles / (8 * nthreads);
     nc = nc > GEMM_NC ? GEMM_NC : nc < 2 ? 2 : nc;
-    const int64_t chunks = (tiles + nc - 1) / nc, ldc = 4 * nc;
-    float* cb = xp + Bp * K + omp_get_thread_num() * Bp * 4 * GEMM_NC;
+    for (int j = 0; j < n; ++j) chunks[j + 1] = chunks[j] + (jobs[j].N / 4 + nc - 1) / nc;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t c = 0; c < chunks; ++c) {
-        const int64_t t0 = c * nc, t1 = t0 + nc < tiles ? t0 + nc : tiles;
+    for (int64_t it = 0; it < packs[n]; ++it) {
+        int j = 0;
+        while (packs[j + 1] <= it) ++j;
+        const GemmJob& J = jobs[j];
+        const int64_t pk = it - packs[j], p = pk % panels, k0 = pk / panels * GEMM_KC;
+        gemm_pack_panel(J.x, B, J.ldx, p, k0, J.K - k0 < GEMM_KC ? J.K - k0 : GEMM_KC, xps[j] + k0 * Bp);
+    }
+    const int64_t ldc = 4 * nc;
+    float* cb = base + omp_get_thread_num() * Bp * 4 * GEMM_NC;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < chunks[n]; ++it) {
+        int j = 0;
+        while (chunks[j + 1] <= it) ++j;
+        const GemmJob& J = jobs[j];
+        const float *W = J.W, *xp = xps[j];
+        const int64_t K = J.K, t0 = (it - chunks[j]) * nc, t1 = t0 + nc < J.N / 4 ? t0 + nc : J.N / 4;
         for (int64_t k0 = 0; k0 < K; k0 += GEMM_KC) {
             const int64_t kc = K - k0 < GEMM_KC ? K - k0 : GEMM_KC;
             for (int64_t p = 0; p < panels; ++p) {
                 const float* xb = xp + k0 * Bp + p * kc * GEMM_MR;
                 // the next panel (the next K-block's first after the last) is fetched while this one
-                // works, each micro-kernel a share
+                // works, each micro-kernel a share: 1.13x at 512 x 3072 x 768 (one thread, CPU time)
                 const char* xn = reinterpret_cast<const char*>(p + 1 < panels || k0 + kc >= K ? xb + kc * GEMM_MR : xp + (k0 + kc) * Bp);
                 const int64_t share = kc * GEMM_MR * 4 / (t1 - t0);
                 const int64_t rows = B - p * GEMM_MR < GEMM_MR ? B - p * GEMM_MR : GEMM_MR;
@@ -725,7 +759,7 @@ inline void gemm_fp32(const float* x, int64_t B, int64_t K, int64_t ldx, const f
                 else run(std::integral_constant<int, 1>());
             }
         }
-        for (int64_t b = 0; b < B; ++b) memcpy(y + b * ldy + 4 * t0, cb + b * ldc, 4 * (t1 - t0) * sizeof(float));
+        for (int64_t b = 0; b < B; ++b) memcpy(J.y + b * J.ldy + 4 * t0, cb + b * ldc, 4 * (t1 - t0) * sizeof(float));
     }
 }
 
