@@ -218,6 +218,30 @@ def test_decode_step_variants_match_portable(monkeypatch):
         assert _rel(outs[isa], outs["portable"]) < lossy, isa
 
 
+def test_fused_prefill_gemm_matches_modules(monkeypatch):
+    """The fused step's prefill with 2 x 29 = 58 token rows: the fp32 matrices of each call (head, LoRAs,
+    the fp32 projections) take cpu_tiles.h's gemm_fp32 (from 48 rows, a 10-row tail panel), the int8 /
+    int4 / bf16 ones of the same call the tile kernels, and the head runs over every position (58 rows).
+    Every runnable build equals the modules running the portable GEMV."""
+    model = _mixed_model()
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, 250, (2, 29), generator=g)
+    kinds, why = cpu_fused._kinds(model)
+    assert not why
+    gemv = kernels.gemv
+    monkeypatch.setattr(kernels, "gemv", lambda *a, **k: gemv(*a, **{**k, "isa": "portable"}))
+    with torch.no_grad():
+        model.fused_step = False
+        ref, _ = model(prompt)
+    for isa in RUNNABLE:
+        step = cpu_fused.FusedDecode(model, kinds, kernels.load_decode(isa)[0])
+        with torch.no_grad():
+            out, _ = step(model.emb(prompt), model.zero_state(2, wkv=False), True, 29)
+        assert out.shape == ref.shape
+        lossy = max((v for (i, _), v in LOSSY.items() if i == isa), default=1e-4)
+        assert _rel(out, ref) < lossy, isa
+
+
 def test_builds_this_cpu_cannot_run_still_compile():
     """A variant that cannot run here is compiled (to an object file, at -O0: the instruction-set checks
     of the intrinsics still apply), so a syntax or target error in its code cannot hide."""
