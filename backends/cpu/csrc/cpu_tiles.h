@@ -554,28 +554,28 @@ inline void tile_bf16dot(const uint8_t* xq, int64_t ldq, const uint16_t* p, int6
 
 // ---- fp32 GEMM for many rows (prefill): outer-product micro-kernel on the tile layout ---------------
 //
-// tile<3> above is a dot-product form (4 weight rows x 3 x rows, horizontal sums at the end) that reads
-// three x rows per pass over a tile; with x blocks of ~2 MiB it streams x from L3 for every tile and ran
-// at 42-58 GFLOP/s per thread here (Zen 3, peak ~110), ~93 % of torch.matmul (MKL). This path keeps the
-// packed weight layout [N / 4, K / 8, 4, 8] and instead packs x: per K-block of GEMM_KC columns, panels
-// of GEMM_MR = 24 rows stored column by column ([kc, 24], zero rows past B). The micro-kernel computes
-// a 24 x 4 block of y as 12 ymm accumulators (3 vectors of 8 rows per weight row): per column k it loads
-// 3 x vectors and broadcasts the tile's 4 weights (a broadcast load reads any address, so the tile
-// layout needs no change), 12 FMAs, no horizontal sums; the 4 x 24 result is transposed in registers
-// and added to y. Blocking: an x panel (24 x kc, 24 KiB at kc = 256) sits in L1 while a chunk of
-// GEMM_NC tiles (16 x 4 x kc floats, 64 KiB) sits in L2 and passes over it; y collects the K-blocks'
-// partial sums. Numbers (see cpu_gemv.cpp) are measured against tile<3> in the same process.
+// tile<3> above is a dot-product form (4 weight rows x 3 x rows, horizontal sums at the end) that
+// streams x from L3 for every tile. This path keeps the packed weight layout [N / 4, K / 8, 4, 8] and
+// packs x instead: per K-block of GEMM_KC columns, panels of GEMM_MR = 24 rows stored column by column
+// ([kc, 24], zero rows past B). The micro-kernel computes a 24 x 4 block of y in 12 ymm accumulators
+// (3 vectors of 8 rows per weight row): per column it loads 3 x vectors and broadcasts the tile's 4
+// weights (a broadcast load reads any address, so the tile layout needs no change), 12 FMAs, no
+// horizontal sums; the 4 x 24 result is transposed in registers at the end. Alone, in L1, it runs at
+// 89-92 GFLOP/s on one thread of this Zen 3 VM, whose register-only FMA loop peaks at 92-94.
+// Blocking: an x panel (24 x kc, 24 KiB at kc = 256) stays in L1 while a chunk of GEMM_NC tiles (16 x
+// 4 x kc floats, 64 KiB) in L2 passes over it. Two software prefetches made the difference against
+// tile<3> (one thread, CPU time, same process): the next tile's weights into L1 during each
+// micro-kernel (1.09x at 512 x 768 x 768 and 512 x 768 x 3072, M x K x N), and a share of the next x
+// panel into L2 (1.13x at 512 x 3072 x 768, whose packed x is 6 MiB). The AVX-512 builds run the same
+// 256-bit code (not measured on an AVX-512 CPU; its 32 registers would allow a 48 x 4 block).
 constexpr int64_t GEMM_MR = 24;  // x rows per panel (3 ymm)
 #ifndef RZ_GEMM_KC
 #define RZ_GEMM_KC 256
 #endif
-#ifndef RZ_XHINT
-#define RZ_XHINT _MM_HINT_T1
-#endif
 #ifndef RZ_GEMM_NC
 #define RZ_GEMM_NC 16
 #endif
-constexpr int64_t GEMM_KC = RZ_GEMM_KC;  // columns per K-block (a multiple of 8)
+constexpr int64_t GEMM_KC = RZ_GEMM_KC;  // columns per K-block (a multiple of 8); 128 and 384 were no faster
 constexpr int64_t GEMM_NC = RZ_GEMM_NC;  // tiles per work chunk (what one thread takes at a time)
 #ifndef RZ_GEMM_MIN_ROWS
 #define RZ_GEMM_MIN_ROWS 48
@@ -625,6 +625,7 @@ inline void gemm_pack_panel(const float* x, int64_t B, int64_t ldx, int64_t p, i
 // y[b, r] (+)= sum_k xp[k][b] * w[k / 8][r][k % 8] for b < rows, r < 4; w: one tile's K-block (kc / 8
 // steps of 32 floats). NV: vectors of 8 rows computed (3, or fewer for the last panel: B = 512 leaves 8
 // rows, and computing all 24 would waste 3 % of the work). first: store instead of add (first K-block).
+// wnext: the next tile's K-block; xnext: the bytes of the next x panel this call prefetches (16 kc).
 template <int NV>
 inline void gemm_micro(const float* xp, const float* w, int64_t kc, float* y, int64_t ldy, int64_t rows, bool first,
                        const float* wnext, const char* xnext) {
@@ -633,14 +634,11 @@ inline void gemm_micro(const float* xp, const float* w, int64_t kc, float* y, in
     for (int r = 0; r < 4; ++r)
         for (int j = 0; j < NV; ++j) c[r][j] = _mm256_setzero_ps();
     for (int64_t s = 0; s < kc; s += 8, w += 32) {
-#ifndef RZ_GEMM_NOPF
+        // the next tile's weights (same K-block) into L1, and this call's share of the next x panel into L2
         _mm_prefetch(reinterpret_cast<const char*>(wnext + 4 * s), _MM_HINT_T0);
         _mm_prefetch(reinterpret_cast<const char*>(wnext + 4 * s) + 64, _MM_HINT_T0);
-#endif
-#ifndef RZ_GEMM_NOXPF
-        _mm_prefetch(xnext + 16 * s, RZ_XHINT);
-        _mm_prefetch(xnext + 16 * s + 64, RZ_XHINT);
-#endif
+        _mm_prefetch(xnext + 16 * s, _MM_HINT_T1);
+        _mm_prefetch(xnext + 16 * s + 64, _MM_HINT_T1);
         for (int l = 0; l < 8; ++l, xp += GEMM_MR) {
             __m256 xv[NV];
             for (int j = 0; j < NV; ++j) xv[j] = _mm256_load_ps(xp + 8 * j);
