@@ -705,6 +705,7 @@ inline int64_t gemm_scratch_floats(int64_t B, int64_t sumK, int nthreads) {
 // floats, the 24 rows of a micro-kernel's result fell into one L1 set (and 16 L2 sets) at N = 3072
 // (12 KiB), and that shape ran ~8 % slower than tile<3>. A chunk is GEMM_NC tiles, fewer where that
 // would leave under 8 chunks per thread (the last chunk of a thread is what the other may wait for).
+// n <= 16.
 inline void gemm_fp32(const GemmJob* jobs, int n, int64_t B, float* scratch) {
     const int nthreads = omp_get_num_threads();
     const int64_t panels = (B + GEMM_MR - 1) / GEMM_MR, Bp = panels * GEMM_MR;
