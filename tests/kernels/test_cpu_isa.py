@@ -219,10 +219,10 @@ def test_decode_step_variants_match_portable(monkeypatch):
 
 
 def test_fused_prefill_gemm_matches_modules(monkeypatch):
-    """The fused step's prefill with 2 x 29 = 58 token rows: the fp32 matrices of each call (head, LoRAs,
-    the fp32 projections) take cpu_tiles.h's gemm_fp32 (from 48 rows, a 10-row tail panel), the int8 /
-    int4 / bf16 ones of the same call the tile kernels, and the head runs over every position (58 rows).
-    Every runnable build equals the modules running the portable GEMV."""
+    """The fused step's prefill with 2 x 29 = 58 token rows: calls whose matrices are all fp32 (the head
+    over every position, the LoRA-up calls) take cpu_tiles.h's gemm_fp32 (from 48 rows, a 10-row tail
+    panel), calls that mix in int8 / int4 / bf16 the tile kernels. Every runnable build equals the
+    modules running the portable GEMV."""
     model = _mixed_model()
     g = torch.Generator().manual_seed(3)
     prompt = torch.randint(0, 250, (2, 29), generator=g)
