@@ -76,6 +76,35 @@ def test_gemv_variants_match_portable(kind):
             assert _rel(y, ref) < LOSSY.get((isa, kind), TOL[kind]), (isa, kind, N, K, M)
 
 
+def test_fp32_gemm_blocking_edges():
+    """fp32 prefill (csrc/cpu_tiles.h's gemm_fp32, from 48 rows; fewer rows take the tile kernels):
+    row counts around the 24-row panels (B = 48 exact, 56 and 64 leave 8- and 16-row tails, 513 a 9-row
+    one), input widths past the 256-column K-block (K = 264 leaves an 8-column block, 520 two full
+    ones and a tail), output counts with a padded tile (N = 37) and several chunks of tiles (N = 516,
+    129 tiles), x rows with a stride wider than K, 1 and 2 threads. Every runnable build against a
+    float64 product and against the portable build."""
+    g = torch.Generator().manual_seed(5)
+    threads = torch.get_num_threads()
+    try:
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            for N, K in ((37, 8), (37, 264), (516, 520)):
+                w = torch.randn(N, K, generator=g)
+                packed = kernels.pack(w)
+                x = torch.randn(513, K + 8, generator=g)[:, :K]
+                exact = x.double() @ w.double().t()
+                for M in (1, 2, 3, 7, 47, 48, 56, 64, 513):
+                    ref = kernels.gemv(x[:M], packed, N, isa="portable")
+                    assert _rel(ref.double(), exact[:M]) < 1e-6, (nt, N, K, M)
+                    for isa in RUNNABLE[1:]:
+                        y = kernels.gemv(x[:M], packed, N, isa=isa)
+                        assert y.shape == (M, N)
+                        assert _rel(y.double(), exact[:M]) < 1e-6, (isa, nt, N, K, M)
+                        assert _rel(y, ref) < 1e-5, (isa, nt, N, K, M)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _dot_reference(x, lin):
     """What the integer dots compute: activations rounded to int8 per block of QBLK columns (scale =
     the block's max|x| / 127), exact integer products with the weights' codes, fp32 scales afterwards."""
@@ -193,6 +222,30 @@ def test_decode_step_variants_match_portable(monkeypatch):
         if isa == "avx512_bf16":
             lossy = 2e-2
         assert _rel(outs[isa], outs["portable"]) < lossy, isa
+
+
+def test_fused_prefill_gemm_matches_modules(monkeypatch):
+    """The fused step's prefill with 2 x 29 = 58 token rows: calls whose matrices are all fp32 (the head
+    over every position, the LoRA-up calls) take cpu_tiles.h's gemm_fp32 (from 48 rows, a 10-row tail
+    panel), calls that mix in int8 / int4 / bf16 the tile kernels. Every runnable build equals the
+    modules running the portable GEMV."""
+    model = _mixed_model()
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, 250, (2, 29), generator=g)
+    kinds, why = cpu_fused._kinds(model)
+    assert not why
+    gemv = kernels.gemv
+    monkeypatch.setattr(kernels, "gemv", lambda *a, **k: gemv(*a, **{**k, "isa": "portable"}))
+    with torch.no_grad():
+        model.fused_step = False
+        ref, _ = model(prompt)
+    for isa in RUNNABLE:
+        step = cpu_fused.FusedDecode(model, kinds, kernels.load_decode(isa)[0])
+        with torch.no_grad():
+            out, _ = step(model.emb(prompt), model.zero_state(2, wkv=False), True, 29)
+        assert out.shape == ref.shape
+        lossy = max((v for (i, _), v in LOSSY.items() if i == isa), default=1e-4)
+        assert _rel(out, ref) < lossy, isa
 
 
 def test_builds_this_cpu_cannot_run_still_compile():

@@ -15,6 +15,9 @@
 // 16], interleaved, see cpu_tiles.h; N padded to a multiple of 4 with zero rows): a tile is one contiguous run that the kernel reads strictly
 // in order, which the hardware prefetcher follows much better than four interleaved row streams
 // (int8: 1.6x faster on one core here). rwkv_zoo.inference packs them once when a model is prepared.
+//
+// fp32 weights with many rows (prefill, B >= rz::GEMM_MIN_ROWS) take cpu_tiles.h's gemm_fp32 instead:
+// the same packed weights, x packed per call into 24-row panels for an outer-product micro-kernel.
 #include "cpu_tiles.h"
 
 #include <memory>
@@ -23,8 +26,21 @@ namespace {
 
 void gemv(int64_t kind, const float* x, int64_t B, int64_t K, int64_t ldx, const void* W, const float* scale,
           int64_t N, float* y, int64_t ldy, int nthreads) {
+    if (kind == rz::F32 && B >= rz::GEMM_MIN_ROWS) {
+        // fp32 with many rows (prefill): the blocked GEMM of cpu_tiles.h. Its scratch (packed x, 1.6 MiB
+        // at 512 x 768) is kept across calls of this thread rather than allocated and faulted in per call.
+        static thread_local std::unique_ptr<float[]> buf;
+        static thread_local int64_t have = 0;
+        const int64_t need = rz::gemm_scratch_floats(B, K, nthreads);
+        if (need > have) buf.reset(new float[need]), have = need;
+        const rz::GemmJob job = {x, ldx, static_cast<const float*>(W), K, N, y, ldy};
+        float* scratch = buf.get();  // thread_local: the pointer, not the name, goes into the parallel region
+#pragma omp parallel num_threads(nthreads)
+        rz::gemm_fp32(&job, 1, B, scratch);
+        return;
+    }
     const int64_t tiles = N / 4;
-    // Many rows (prefill): blocks of rows (~2 MiB of inputs, most of a core's share of L3), each
+    // Many rows of bf16 / int8 / int4 weights: blocks of rows (~2 MiB of inputs, most of a core's share of L3), each
     // multiplied with every tile, so a tile's weights are read from memory once per block. Measured at
     // 512 x 768 and 512 x 3072 inputs: L2-sized blocks (192 KiB) ran 10-20 % slower than 1-2 MiB ones,
     // which ran as fast as no blocking at all.
