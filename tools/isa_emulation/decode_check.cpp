@@ -2,7 +2,7 @@
 // on two random hybrids (C = 64, 4 heads of 16): "fp32", three layers (v7, v7, v4 time-mix and
 // channel-mix) with fp32 weights; "mixed", two layers (v7, v4) whose projections use every weight
 // format (int4 v7 r/k/v and v4 key, int8 channel-mix and v4 output, bf16 v7 output and v4 receptance,
-// fp32 LoRA, v4 value and head). Each runs a prefill of 2 sequences x 5 tokens from a fresh state, then
+// fp32 LoRA, v4 value and head). Each runs a prefill of 2 sequences x 29 tokens from a fresh state, then
 // one decode step from the state it returned. Compared: both calls' logits and every output state.
 // The structs mirror cpu_decode.cpp's Lin and LayerP (every field 8 bytes, as the ctypes mirror in
 // backends/cpu/kernels.py).
@@ -200,7 +200,8 @@ struct Run {
 };
 
 Run run(DecodeFn fn, const Model& m, int threads) {
-    const int64_t L = (int64_t)m.layers.size(), B = 2, T = 5, C = m.C;
+    // B x T = 58 prefill rows: at least rz::GEMM_MIN_ROWS, so fp32 calls take the blocked GEMM.
+    const int64_t L = (int64_t)m.layers.size(), B = 2, T = 29, C = m.C;
     Rng rng{777};
     std::vector<float> x(B * T * C), x1(B * C);
     for (auto& v : x) v = rng.normal();
@@ -254,7 +255,7 @@ bool run_decode(const char* isa, void* port_lib, void* lib, int threads, bool mi
     for (float v : ref.logits) finite = finite && std::isfinite(v);
     for (size_t i = 0; i < ref.states.size(); ++i) es = fmax(es, rel(got.states[i], ref.states[i]));
     char buf[256];
-    snprintf(buf, sizeof buf, "%s, prefill B=2 T=5 + 1 step: logits rel err %.2e, states %.2e (tol %.0e)%s",
+    snprintf(buf, sizeof buf, "%s, prefill B=2 T=29 + 1 step: logits rel err %.2e, states %.2e (tol %.0e)%s",
              mixed ? "v7/v4 int4+int8+bf16+fp32" : "v7/v7/v4 fp32", e, es, tol, finite ? "" : ", portable logits not finite");
     detail = buf;
     return finite && e < tol && es < tol;  // NaN fails

@@ -308,6 +308,10 @@ std::vector<Case> cases_for(int kind) {
     std::vector<Case> c = {{37, 128, 1, false}, {8, 64, 5, false}, {20, 192, 13, false}, {64, 256, 9, false}};
     if (kind != I4) c.push_back({13, 48, 3, false});
     if (kind == I8 || kind == I4) c.push_back({12, 256, 7, true});
+    // Rows >= rz::GEMM_MIN_ROWS (48): fp32 takes the blocked GEMM (24-row panels, 256-column K-blocks);
+    // 58 = 2 x 24 + a 10-row tail, K = 264 = 256 + a K-block tail, N = 37 a padded tile.
+    c.push_back({20, 256, 58, false});
+    if (kind == F32 || kind == I8) c.push_back({37, 264, 50, false});  // bf16 / int4 tiles need K % 16 / 64
     return c;
 }
 
