@@ -167,18 +167,26 @@ void gemvs(Scratch& s, const Job* jobs, int n, int64_t B) {
     }
 }
 
-// Bytes per token row that gemvs may need for prepared activations in one call (0: this build needs none).
-int64_t prep_bytes_bound(const LayerP* layers, int64_t L, const Lin* head) {
-    auto one = [](const Lin& l) { return l.w && rz::needs_prep(l.kind, l.K) ? rz::prep_row_bytes(l.kind, l.K) : 0; };
-    int64_t most = head ? one(*head) : 0;
+// The most one call of gemvs can need of something: the max over the head (when given) and each layer
+// (all its matrices at once, the widest call) of the sum of f(matrix).
+template <typename F>
+int64_t most_per_call(const LayerP* layers, int64_t L, const Lin* head, F&& f) {
+    int64_t most = head ? f(*head) : 0;
     for (int64_t i = 0; i < L; ++i) {
         const LayerP& P = layers[i];
         int64_t sum = 0;
-        for (const Lin* l : {&P.r, &P.k, &P.v, &P.o, &P.g, &P.fk, &P.fv, &P.fr}) sum += one(*l);
-        for (int j = 0; j < 5; ++j) sum += one(P.l1[j]) + one(P.l2[j]);
+        for (const Lin* l : {&P.r, &P.k, &P.v, &P.o, &P.g, &P.fk, &P.fv, &P.fr}) sum += f(*l);
+        for (int j = 0; j < 5; ++j) sum += f(P.l1[j]) + f(P.l2[j]);
         most = sum > most ? sum : most;
     }
     return most;
+}
+
+// Bytes per token row that gemvs may need for prepared activations in one call (0: this build needs none).
+int64_t prep_bytes_bound(const LayerP* layers, int64_t L, const Lin* head) {
+    return most_per_call(layers, L, head, [](const Lin& l) {
+        return l.w && rz::needs_prep(l.kind, l.K) ? rz::prep_row_bytes(l.kind, l.K) : 0;
+    });
 }
 
 // xx[b, t] = src[b, t - 1], and the carried shift for t = 0; the last token's row becomes the next shift.
@@ -523,15 +531,8 @@ void rz_decode(const LayerP* layers, int64_t L, int64_t B, int64_t T, int64_t C,
     // gemm_fp32's scratch: packed x for the fp32 matrices of one gemvs call (at most one layer's, or the head)
     int64_t gemm_floats = 0;
     if (B * T >= rz::GEMM_MIN_ROWS) {
-        auto k32 = [](const Lin& l) { return l.w && l.kind == rz::F32 ? l.K : 0; };
-        int64_t most = keep > 0 ? k32(*head) : 0;
-        for (int64_t l = 0; l < L; ++l) {
-            const LayerP& P = layers[l];
-            int64_t sum = 0;
-            for (const Lin* m : {&P.r, &P.k, &P.v, &P.o, &P.g, &P.fk, &P.fv, &P.fr}) sum += k32(*m);
-            for (int j = 0; j < 5; ++j) sum += k32(P.l1[j]) + k32(P.l2[j]);
-            most = sum > most ? sum : most;
-        }
+        const int64_t most = most_per_call(layers, L, keep > 0 ? head : nullptr,
+                                           [](const Lin& l) { return l.w && l.kind == rz::F32 ? l.K : 0; });
         if (most) gemm_floats = rz::gemm_scratch_floats(B * T, most, nthreads);
     }
     Scratch s(B, T, C, F, D, prep_bytes_bound(layers, L, keep > 0 ? head : nullptr), gemm_floats);
