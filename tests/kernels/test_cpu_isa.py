@@ -224,11 +224,12 @@ def test_decode_step_variants_match_portable(monkeypatch):
         assert _rel(outs[isa], outs["portable"]) < lossy, isa
 
 
-def test_fused_prefill_gemm_matches_modules(monkeypatch):
-    """The fused step's prefill with 2 x 29 = 58 token rows: calls whose matrices are all fp32 (the head
-    over every position, the LoRA-up calls) take cpu_tiles.h's gemm_fp32 (from 48 rows, a 10-row tail
-    panel), calls that mix in int8 / int4 / bf16 the tile kernels. Every runnable build equals the
-    modules running the portable GEMV."""
+def test_fused_prefill_matches_the_modules_gemm(monkeypatch):
+    """A prefill of 2 x 29 = 58 token rows: the modules' fp32 projections (the head over every position,
+    the LoRAs) take rz_gemv's gemm_fp32 (from 48 rows, a 10-row tail panel), the fused step its tile
+    kernels (there a row's result must not depend on how many rows a call holds: lm-eval's log-likelihoods
+    are identical for every batch size). Every runnable build of the fused step equals the modules
+    running the portable build."""
     model = _mixed_model()
     g = torch.Generator().manual_seed(3)
     prompt = torch.randint(0, 250, (2, 29), generator=g)

@@ -200,7 +200,7 @@ struct Run {
 };
 
 Run run(DecodeFn fn, const Model& m, int threads) {
-    // B x T = 58 prefill rows: at least rz::GEMM_MIN_ROWS, so fp32 calls take the blocked GEMM.
+    // B x T = 58 prefill rows: the row-group tails of every tile kernel (the fused step keeps them at any row count).
     const int64_t L = (int64_t)m.layers.size(), B = 2, T = 29, C = m.C;
     Rng rng{777};
     std::vector<float> x(B * T * C), x1(B * C);
