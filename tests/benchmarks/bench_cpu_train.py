@@ -102,26 +102,31 @@ def bench(name: str, B: int, T: int, threads: int, repeats: int, adamw: bool, **
     return {"tok/s": {b: B * T / t for b, t in times.items()}, "params": non_embedding_params(model)}
 
 
-def suite_trainers(name: str = "quick"):
-    """(label, new Trainer, old Trainer) for each RWKV model of suite ``name`` (its first lr, seed 0)."""
+def suite_cells(name: str) -> dict[str, dict]:
+    """label -> the train options of the first cell (first lr, seed 0) of each RWKV model of suite
+    ``name``, with steps enough for any benchmark and no progress bar; labels in descending order."""
     from rwkv_zoo.train.ablate.config import parse_config, run_specs
     from rwkv_zoo.train.ablate.suites import SUITES
+
+    cells = {}
+    for run in run_specs(parse_config(SUITES[name], f"suite {name}")):
+        if run["train"]["model"].startswith("v") and run["model"] not in cells:
+            cells[run["model"]] = {**run["train"], "steps": 10**6, "progress": False}
+    return dict(sorted(cells.items(), reverse=True))
+
+
+def suite_trainers(name: str = "quick"):
+    """(label, new Trainer, old Trainer) for each RWKV model of suite ``name`` (its first lr, seed 0)."""
     from rwkv_zoo.train.trainer import TrainConfig, Trainer
 
-    cfg = parse_config(SUITES[name], f"suite {name}")
-    seen = {}
-    for run in run_specs(cfg):
-        if run["train"]["model"].startswith("v") and run["model"] not in seen:
-            seen[run["model"]] = run
-    for label, run in sorted(seen.items(), reverse=True):
-        train = {**run["train"], "steps": 10**6, "progress": False}
+    for label, train in suite_cells(name).items():
         new = Trainer(TrainConfig.from_dict(train))
         old = Trainer(TrainConfig.from_dict({**train, "backend": "reference"}))
         # The optimizer and clipping the trainer used before: the for-loop AdamW, per-tensor norms.
         groups = [{k: v for k, v in g.items() if k not in ("fused", "foreach")} for g in old.optimizer.param_groups]
         old.optimizer = torch.optim.AdamW(groups, fused=False, foreach=False)
         old._foreach_clip = False
-        yield label, new, old, run["train"]["threads"] or 1
+        yield label, new, old, train["threads"] or 1
 
 
 def bench_suite(name: str, blocks: int, steps: int, clock=time.perf_counter) -> None:
@@ -195,14 +200,6 @@ def bench_against(rev: str, name: str, rounds: int, steps: int, thread_clock: bo
     import sys
     import tempfile
 
-    from rwkv_zoo.train.ablate.config import parse_config, run_specs
-    from rwkv_zoo.train.ablate.suites import SUITES
-
-    cfg = parse_config(SUITES[name], f"suite {name}")
-    cells = {}
-    for run in run_specs(cfg):
-        if run["train"]["model"].startswith("v") and run["model"] not in cells:
-            cells[run["model"]] = {**run["train"], "steps": 10**6, "progress": False}
     what = "thread CPU time" if thread_clock else "wall time"
     print(f"suite {name}: tokens/s of Trainer.train_step, this code against {rev}'s, each in its own process, "
           f"best of {rounds} alternating blocks of {steps} steps ({what})")
@@ -210,7 +207,7 @@ def bench_against(rev: str, name: str, rounds: int, steps: int, thread_clock: bo
     with tempfile.TemporaryDirectory() as old_root:
         _extract(rev, old_root)
         env_old = {**os.environ, "PYTHONPATH": old_root}
-        for label, train in sorted(cells.items(), reverse=True):
+        for label, train in suite_cells(name).items():
             procs = {}
             for key, env, cwd in (("now", os.environ, None), ("old", env_old, old_root)):
                 procs[key] = subprocess.Popen([sys.executable, "-c", _WORKER, json.dumps(train)], env=env, cwd=cwd,
