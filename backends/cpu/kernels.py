@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 CSRC = Path(__file__).with_name("csrc")
-BASE_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+BASE_FLAGS = ("-O3", "-fopenmp", "-fPIC", "-std=c++17")  # compile flags
 LINK_FLAGS = ("-shared", "-fopenmp")  # the link step's (no -ffast-math: see _build)
 _AVX2 = ("-mavx2", "-mfma")
 _AVX512 = (*_AVX2, "-mavx512f", "-mavx512bw", "-mavx512vl")
@@ -195,8 +195,7 @@ def _build(cxx: str, name: str, isa: str = "avx2") -> Path:
             # library loads: torch's own CPU ops would then flush denormals to zero after the first call
             # into these kernels.
             obj = tmp + ".o"
-            compile_flags = [f for f in flags if f != "-shared"]
-            for cmd in ([cxx, *compile_flags, "-c", "-o", obj, str(src_path)], [cxx, *LINK_FLAGS, "-o", tmp, obj]):
+            for cmd in ([cxx, *flags, "-c", "-o", obj, str(src_path)], [cxx, *LINK_FLAGS, "-o", tmp, obj]):
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode != 0:
                     raise RuntimeError(f"{cxx} failed to build {source}:\n{proc.stderr.strip()[-2000:]}")
@@ -214,7 +213,7 @@ def compile_check(name: str, isa: str, out_dir: Path) -> None:
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found")
-    flags = [f for f in build_flags(name, isa) if f not in ("-shared", "-O3")]
+    flags = [f for f in build_flags(name, isa) if f != "-O3"]
     src = CSRC / LIBRARIES[name][0]
     proc = subprocess.run([cxx, *flags, "-O1", "-c", "-o", str(Path(out_dir) / f"{name}-{isa}.o"), str(src)],
                           capture_output=True, text=True)

@@ -102,7 +102,7 @@ echo "== building $(wc -l < "$WORK/flags.txt") kernel libraries and the harness"
 pids=()
 while read -r isa name src flags; do
     # shellcheck disable=SC2086  # flags is a list
-    "$CXX" $flags -o "$ROOT/rz/$name-$isa.so" "$CSRC/$src" 2> "$WORK/build-$name-$isa.log" &
+    "$CXX" $flags -shared -o "$ROOT/rz/$name-$isa.so" "$CSRC/$src" 2> "$WORK/build-$name-$isa.log" &
     pids+=($!)
 done < "$WORK/flags.txt"
 "$CXX" -O2 -std=c++17 -Wall -Wextra -o "$ROOT/init" "$HERE/harness.cpp" "$HERE/decode_check.cpp" -ldl -lm \
