@@ -388,6 +388,7 @@ class Trainer:
         # The foreach norm/scale kernels take every gradient in one call (CPU and CUDA); a plain
         # tensor list is all they accept (FSDP's sharded parameters are not).
         self._foreach_clip = self.world == 1 and all(type(p) is nn.Parameter for p in self.params)
+        self._direct_adamw = _direct_adamw_ok(self.optimizer)
         self.step = 0
         self.tokens = 0
         self.history: list[dict[str, float]] = []
@@ -502,8 +503,9 @@ class Trainer:
         else:
             gnorm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.params
                                                                 if p.grad is not None])))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if not (self._direct_adamw and _fused_adamw_step(self.optimizer)):
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         (loss,) = distributed.all_reduce_sum([total])
         self.step += 1
         self.tokens += B * T
@@ -790,6 +792,43 @@ def _fused_adamw(params: list[Tensor], device: str, world: int) -> bool | None:
         return None
     ok = all(type(p) is nn.Parameter and p.dtype in (torch.float32, torch.float64, torch.bfloat16) for p in params)
     return True if ok else None
+
+
+def _direct_adamw_ok(opt: torch.optim.Optimizer) -> bool:
+    """Whether ``_fused_adamw_step`` may stand in for ``opt.step()``: a fused AdamW on the CPU over fp32
+    parameters, without the options it does not pass on."""
+    return type(opt) is torch.optim.AdamW and all(
+        g.get("fused") and not (g["amsgrad"] or g["maximize"] or g["capturable"] or g["differentiable"])
+        and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in g["params"])
+        for g in opt.param_groups)
+
+
+def _fused_adamw_step(opt: torch.optim.Optimizer) -> bool:
+    """``opt.step()`` then ``opt.zero_grad(set_to_none=True)`` of a fused CPU AdamW (``_direct_adamw_ok``)
+    once its state exists: the same ``_foreach_add_`` of the step counts and ``_fused_adamw_`` call per
+    group, so the same result bit for bit (tests/train/test_train_trainer.py), without ``Optimizer.step``'s
+    per-step Python (hooks, profiler scopes, state checks, grouping by device and dtype): 0.25 ms where it
+    took 0.77 at the 2 x 64 v4 ablation shape (one thread, CPU time). Returns False, having done nothing,
+    before the first step (``opt.step()`` creates the state) or when a parameter with a gradient has none
+    yet."""
+    work = []
+    for g in opt.param_groups:
+        params = [p for p in g["params"] if p.grad is not None]
+        states = [opt.state.get(p) for p in params]
+        if not all(states):
+            return False
+        if params:
+            work.append((g, params, states))
+    for g, params, states in work:
+        steps = [s["step"] for s in states]
+        torch._foreach_add_(steps, 1)
+        torch._fused_adamw_(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                            [s["exp_avg_sq"] for s in states], [], steps, lr=g["lr"], beta1=g["betas"][0],
+                            beta2=g["betas"][1], weight_decay=g["weight_decay"], eps=g["eps"], amsgrad=False,
+                            maximize=False)
+        for p in params:
+            p.grad = None
+    return True
 
 
 class _StopOnSignal:

@@ -52,6 +52,30 @@ def test_optimizer_uses_the_official_groups_and_lr_multipliers():
     assert "blocks.0.att.v0" not in names and "blocks.1.att.v0" in names  # unused in layer 0: frozen
 
 
+def test_direct_fused_adamw_step_equals_optimizer_step_bit_for_bit():
+    """The trainer's direct ``_fused_adamw_`` call (after the first step) gives what ``AdamW.step()``
+    gives: v4's groups (1x, 2x, 3x rates, and the matrices with weight decay)."""
+    runs = []
+    for direct in (True, False):
+        t = Trainer(cfg(model="v4-tiny", lr=3e-3, warmup_steps=0, weight_decay=0.1, steps=5))
+        assert t._direct_adamw and len(t.optimizer.param_groups) == 4  # + the decayed matrices
+        t._direct_adamw = direct
+        calls = []
+        step = t.optimizer.step
+        t.optimizer.step = lambda *a, _s=step, **k: (calls.append(1), _s(*a, **k))[1]
+        t.fit()
+        assert len(calls) == (1 if direct else 5)  # the first step creates the state
+        runs.append(t)
+    fast, slow = runs
+    assert [h["loss"] for h in fast.history] == [h["loss"] for h in slow.history]
+    for (name, a), b in zip(fast.module.named_parameters(), slow.module.parameters(), strict=True):
+        assert torch.equal(a, b), name
+        assert a.grad is None
+        if name in fast.optimizer.state:
+            for key in ("step", "exp_avg", "exp_avg_sq"):
+                assert torch.equal(fast.optimizer.state[a][key], slow.optimizer.state[b][key]), (name, key)
+
+
 def test_resume_continues_the_same_loss_curve(tmp_path):
     uninterrupted = Trainer(cfg(steps=7, model="v7-tiny"))
     full = uninterrupted.fit()
