@@ -62,7 +62,7 @@ def test_direct_fused_adamw_step_equals_optimizer_step_bit_for_bit():
         t._direct_adamw = direct
         calls = []
         step = t.optimizer.step
-        t.optimizer.step = lambda *a, _s=step, **k: (calls.append(1), _s(*a, **k))[1]
+        t.optimizer.step = lambda *a, _s=step, _c=calls, **k: (_c.append(1), _s(*a, **k))[1]
         t.fit()
         assert len(calls) == (1 if direct else 5)  # the first step creates the state
         runs.append(t)
