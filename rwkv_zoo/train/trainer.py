@@ -809,11 +809,11 @@ _ONE = torch.ones((), dtype=torch.float32)
 def _fused_adamw_step(opt: torch.optim.Optimizer) -> bool:
     """``opt.step()`` then ``opt.zero_grad(set_to_none=True)`` of a fused CPU AdamW (``_direct_adamw_ok``)
     once its state exists: the same ``_fused_adamw_`` call per group after the same increment of the
-    step counts, so the same result bit for bit (tests/train/test_train_trainer.py), without ``Optimizer.step``'s
-    per-step Python (hooks, profiler scopes, state checks, grouping by device and dtype), with ``zero_grad``: 0.18 ms
-    where they took 0.55 at the 2 x 64 v4 ablation shape, 0.39 where 0.94 for v6 (one thread, CPU time). Returns False, having done nothing,
-    before the first step (``opt.step()`` creates the state) or when a parameter with a gradient has none
-    yet."""
+    step counts, so the same result bit for bit (tests/train/test_train_trainer.py), without
+    ``Optimizer.step``'s per-step Python (hooks, profiler scopes, state checks, grouping by device and
+    dtype). With the zero_grad: 0.18 ms where they took 0.55 at the 2 x 64 v4 ablation shape, 0.39 where
+    0.94 for v6 (one thread, CPU time). Returns False, having done nothing, before the first step
+    (``opt.step()`` creates the state) or when a parameter with a gradient has none yet."""
     work = []
     for g in opt.param_groups:
         params = [p for p in g["params"] if p.grad is not None]
