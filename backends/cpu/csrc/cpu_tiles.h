@@ -158,6 +158,16 @@ inline float bf16_bits(uint32_t hi) {
     return f;
 }
 
+// The eight lanes of a portable fp32 accumulator, in order. Out of line so that every caller sums them
+// the same way: cpu_decode.cpp is built with -ffast-math, under which an inlined copy of this loop may be
+// reassociated differently in each kernel it lands in (tile_port and dot_kblock then differed in the
+// last bit, and a row's result with its call's row count).
+__attribute__((noinline)) inline float lanes_sum(const float* a) {
+    float s = 0.f;
+    for (int l = 0; l < 8; ++l) s += a[l];
+    return s;
+}
+
 // Eight lanes per (row, input row), summed at the end: the compiler vectorizes the lane loop.
 template <int BT, typename WT>
 inline void tile_port(const float* x, int64_t ldx, const WT* p, int64_t K, const float* scale, float* y,
@@ -168,11 +178,7 @@ inline void tile_port(const float* x, int64_t ldx, const WT* p, int64_t K, const
             for (int b = 0; b < BT; ++b)
                 for (int l = 0; l < 8; ++l) acc[r][b][l] += widen(p[8 * r + l]) * x[b * ldx + k + l];
     for (int r = 0; r < 4; ++r)
-        for (int b = 0; b < BT; ++b) {
-            float s = 0.f;
-            for (int l = 0; l < 8; ++l) s += acc[r][b][l];
-            y[b * ldy + r] = s * (scale ? scale[r] : 1.0f);
-        }
+        for (int b = 0; b < BT; ++b) y[b * ldy + r] = lanes_sum(acc[r][b]) * (scale ? scale[r] : 1.0f);
 }
 
 template <int BT>
@@ -658,9 +664,7 @@ inline void dot_kblock(const float* x, int64_t ldx, const float* p, int64_t kc, 
     for (int r = 0; r < 4; ++r)
         for (int b = 0; b < BT; ++b) {
             if (last) {
-                float s = 0.f;
-                for (int l = 0; l < 8; ++l) s += a[r][b][l];
-                y[b * ldy + r] = s;
+                y[b * ldy + r] = lanes_sum(a[r][b]);
             } else {
                 for (int l = 0; l < 8; ++l) acc[32 * b + 8 * r + l] = a[r][b][l];
             }
