@@ -573,7 +573,33 @@ inline void row_groups(int64_t B, F&& f) {
 
 // ---- fp32 with many rows (prefill): the tile kernels' sums, blocked for the caches ----------------
 //
-// DOTGEMM_COMMENT
+// Prefill multiplies hundreds of rows and is bound by arithmetic. tile_rows there runs tile<3> (AVX2)
+// for every tile over all B rows of x, which it streams from L3 once per tile (1.5 MiB at 512 x 768).
+// dot_gemm computes exactly what tile_rows computes, in another order of calls: for output (b, r) the
+// tile kernels' result depends only on the chain of FMAs into each of its 8 lane accumulators (lane l:
+// w[r, 8 s + l] * x[b, 8 s + l] for s = 0, 1, ... in order) and on the horizontal sum at the end (hsum;
+// hsum2 and lanes_sum in the other builds). So rows are blocked into panels and tiles into chunks
+// freely, and K is blocked too: the accumulators of a (row, tile) pair, [4][8] floats, are saved in a
+// per-thread buffer after a K-block and reloaded for the next one, so the chain goes on in the same
+// order, and only the last K-block sums them. Every row of a call is then bitwise equal to the same row
+// alone (B = 1) in the same build, which lm-eval's identical log-likelihoods for every batch size and
+// the serving engine's batching rely on (tests/kernels/test_cpu_isa.py checks it per build; the
+// outer-product GEMM this replaced, gemm_fp32, summed in another order and was ~1e-7 off).
+// Blocking: x is packed per call into panels of DOT_MR rows, each K-block a dense [DOT_MR, kc] block
+// (packed, a panel's rows do not share L1 sets at K = 3072, where a row is 12 KiB); work items are chunks
+// of tiles (DOT_WBYTES of weights, which stay in L2 while every panel passes over them), handed out
+// dynamically; per chunk, panel and K-block, each tile's K-block (6 KiB) meets the panel's block in the
+// row groups of tile_rows. Each row group after a tile's first prefetches a share of the next x block
+// into L2: without it 512 x 3072 x 768 ran at 0.81x tile_rows (a short stream per block that the
+// hardware prefetcher does not follow), with it 1.10x; prefetching the next tile's weights into L1, as
+// gemm_fp32 did, made it slower (0.67x). Chosen by measurement (one thread, medians of 7 alternating
+// rounds, under load; ratios over tile_rows at 512 x 768 x 768 / 512 x 768 x 3072 / 512 x 3072 x 768):
+// 24-row panels with 384-column K-blocks 1.05 / 1.02 / 1.00-1.08, 256 columns 1.00-1.02 / 0.99 /
+// 0.98-1.10, 128 columns 0.9 / 0.9 / 0.5 (the acc traffic and call overhead of short blocks), no
+// K-blocking 1.00-1.08 / 0.99-1.10 / 0.80-1.02 (a 12 KiB x row per pass from L2), 12- and 48-row panels
+// no better. gemm_fp32 was 1.06-1.19 over tile_rows in the same runs: the dot form's 12 accumulators
+// cover 3 rows x 4 outputs per pass where the outer product covered 24 x 4, so a K-block costs eight
+// calls and eight saves of the accumulators instead of one.
 #ifndef RZ_DOT_MR
 #define RZ_DOT_MR 24
 #endif
