@@ -92,31 +92,83 @@ def test_gemv_variants_match_portable(kind):
             assert _rel(y, ref) < LOSSY.get((isa, kind), TOL[kind]), (isa, kind, N, K, M)
 
 
-def test_fp32_gemm_blocking_edges():
-    """fp32 prefill (csrc/cpu_tiles.h's gemm_fp32, from 48 rows; fewer rows take the tile kernels):
-    row counts around the 24-row panels (B = 48 exact, 56 and 64 leave 8- and 16-row tails, 513 a 9-row
-    one), input widths past the 256-column K-block (K = 264 leaves an 8-column block, 520 two full
-    ones and a tail), output counts with a padded tile (N = 37) and several chunks of tiles (N = 516,
-    129 tiles), x rows with a stride wider than K, 1 and 2 threads. Every runnable build against a
-    float64 product and against the portable build."""
+DOT_KC = 384  # csrc/cpu_tiles.h's K-block of the fp32 prefill path (dot_gemm, from 48 rows)
+
+
+def test_fp32_prefill_rows_are_bitwise_alone():
+    """fp32 prefill (csrc/cpu_tiles.h's dot_gemm from 48 rows; fewer rows take the tile kernels): each
+    row of a call of B rows equals, bit for bit, the same row computed alone (B = 1, the tile kernel) and
+    in a call of 47 rows (the tile kernels' row groups), in every runnable build (each against itself).
+    Row counts around the 24-row panels (48 exact, 49 and 513 leave 1- and 9-row tails, 64 a 16-row
+    one), input widths with and without a K-block tail (K = 8; 392 = one 384-column block and 8; 776 =
+    two and 8), output counts with a padded tile (N = 37) and several chunks of tiles (N = 516: 129
+    tiles), x rows with a stride wider than K, 1 and 2 threads. Each build is also checked against a
+    float64 product and the portable build."""
     g = torch.Generator().manual_seed(5)
     threads = torch.get_num_threads()
     try:
-        for nt in (1, 2):
-            torch.set_num_threads(nt)
-            for N, K in ((37, 8), (37, 264), (516, 520)):
-                w = torch.randn(N, K, generator=g)
-                packed = kernels.pack(w)
-                x = torch.randn(513, K + 8, generator=g)[:, :K]
-                exact = x.double() @ w.double().t()
-                for M in (1, 2, 3, 7, 47, 48, 56, 64, 513):
-                    ref = kernels.gemv(x[:M], packed, N, isa="portable")
-                    assert _rel(ref.double(), exact[:M]) < 1e-6, (nt, N, K, M)
-                    for isa in RUNNABLE[1:]:
+        for N, K in ((37, 8), (37, 392), (516, 776)):
+            assert K < DOT_KC or K % DOT_KC
+            w = torch.randn(N, K, generator=g)
+            packed = kernels.pack(w)
+            x = torch.randn(513, K + 8, generator=g)[:, :K]
+            exact = x.double() @ w.double().t()
+            ref = kernels.gemv(x, packed, N, isa="portable")
+            for isa in RUNNABLE:
+                torch.set_num_threads(1)
+                alone = torch.cat([kernels.gemv(x[i:i + 1], packed, N, isa=isa) for i in range(513)])
+                assert _rel(alone.double(), exact) < 1e-6, (isa, N, K)
+                assert _rel(alone, ref) < 1e-5, (isa, N, K)
+                for nt in (1, 2):
+                    torch.set_num_threads(nt)
+                    for M in (47, 48, 49, 64, 513):
                         y = kernels.gemv(x[:M], packed, N, isa=isa)
                         assert y.shape == (M, N)
-                        assert _rel(y.double(), exact[:M]) < 1e-6, (isa, nt, N, K, M)
-                        assert _rel(y, ref) < 1e-5, (isa, nt, N, K, M)
+                        assert torch.equal(y, alone[:M]), (isa, nt, N, K, M)
+                    # a call's rows in another order: the same rows, bit for bit
+                    perm = torch.randperm(513, generator=g)[:100]
+                    assert torch.equal(kernels.gemv(x[perm], packed, N, isa=isa), alone[perm]), (isa, nt, N, K)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fp32_model():
+    return prepare_inference(rwkv_zoo.randomize_(rwkv_zoo.build("v7", n_layer=2, n_embd=64, vocab_size=256,
+                                                               head_size=16), seed=4).eval(), "fp32")
+
+
+def test_fused_fp32_prefill_rows_do_not_depend_on_the_batch():
+    """The fused step's fp32 prefill (dot_gemm from 48 token rows per call, the tile kernels below):
+    16 prompts of 64 tokens run as one batch (1,024 rows per call), in batches of 3 and alone (64 rows),
+    and the first 40 tokens of some alone (40 rows: the tile kernels), give the same logits at every
+    position and the same states, bit for bit, in every runnable build, with 1 and 2 threads."""
+    model = _fp32_model()
+    kinds, why = cpu_fused._kinds(model)
+    assert not why
+    g = torch.Generator().manual_seed(6)
+    prompts = torch.randint(0, 256, (16, 64), generator=g)
+    threads = torch.get_num_threads()
+
+    def run(step, rows, T=64):
+        with torch.no_grad():
+            out, layers = step(model.emb(prompts[rows, :T]), model.zero_state(len(rows), wkv=False), True, T)
+        return out, [t for ls in layers for t in ls.tensors()]
+
+    try:
+        for isa in RUNNABLE:
+            step = cpu_fused.FusedDecode(model, kinds, kernels.load_decode(isa)[0])
+            for nt in (1, 2):
+                torch.set_num_threads(nt)
+                whole, st = run(step, list(range(16)))
+                assert whole.shape == (16, 64, 256)
+                for rows in ([0, 1, 2], [13, 14, 15], [5], [9]):
+                    out, st_r = run(step, rows)
+                    assert torch.equal(out, whole[rows]), (isa, nt, rows)
+                    assert len(st_r) == len(st) == 6
+                    assert all(torch.equal(a, b[rows]) for a, b in zip(st_r, st, strict=True)), (isa, nt, rows)
+                for i in (0, 7):
+                    short, _ = run(step, [i], 40)
+                    assert torch.equal(short[0], whole[i, :40]), (isa, nt, i)
     finally:
         torch.set_num_threads(threads)
 
@@ -234,10 +286,9 @@ def test_decode_step_variants_match_portable(monkeypatch):
 
 def test_fused_prefill_matches_the_modules_gemm(monkeypatch):
     """A prefill of 2 x 29 = 58 token rows: the modules' fp32 projections (the head over every position,
-    the LoRAs) take rz_gemv's gemm_fp32 (from 48 rows, a 10-row tail panel), the fused step its tile
-    kernels (there a row's result must not depend on how many rows a call holds: lm-eval's log-likelihoods
-    are identical for every batch size). Every runnable build of the fused step equals the modules
-    running the portable build."""
+    the LoRAs) and the fused step's all-fp32 calls (the head, the LoRA-up matrices) take dot_gemm (from
+    48 rows, a 10-row tail panel). Every runnable build of the fused step equals the modules running the
+    portable build."""
     model = _mixed_model()
     g = torch.Generator().manual_seed(3)
     prompt = torch.randint(0, 250, (2, 29), generator=g)

@@ -308,10 +308,10 @@ std::vector<Case> cases_for(int kind) {
     std::vector<Case> c = {{37, 128, 1, false}, {8, 64, 5, false}, {20, 192, 13, false}, {64, 256, 9, false}};
     if (kind != I4) c.push_back({13, 48, 3, false});
     if (kind == I8 || kind == I4) c.push_back({12, 256, 7, true});
-    // Rows >= rz::GEMM_MIN_ROWS (48): fp32 takes the blocked GEMM (24-row panels, 256-column K-blocks);
-    // 58 = 2 x 24 + a 10-row tail, K = 264 = 256 + a K-block tail, N = 37 a padded tile.
+    // Rows >= rz::DOT_MIN_ROWS (48): fp32 takes dot_gemm (24-row panels, 384-column K-blocks);
+    // 58 = 2 x 24 + a 10-row tail, K = 392 = 384 + a K-block tail, N = 37 a padded tile.
     c.push_back({20, 256, 58, false});
-    if (kind == F32 || kind == I8) c.push_back({37, 264, 50, false});  // bf16 / int4 tiles need K % 16 / 64
+    if (kind == F32 || kind == I8) c.push_back({37, 392, 50, false});  // bf16 / int4 tiles need K % 16 / 64
     return c;
 }
 
@@ -428,6 +428,37 @@ void check_gemv(const char* isa, const Gemv& port, const Gemv& g, int kind) {
     } else {
         report(false, isa, std::string("gemv-") + KIND_NAMES[kind], fail);
     }
+}
+
+// fp32 with many rows (dot_gemm, from 48 rows) keeps the tile kernels' sums: every row of a call equals,
+// bit for bit, the same row alone (the tile kernel) and in a call of 47 rows (the tile kernels' row
+// groups), in this build. Shapes: a 10-row tail panel with a K-block tail (K = 392) and a padded tile;
+// two full K-blocks and a tail (K = 776) with a 1-row tail panel.
+void check_fp32_rows(const char* isa, const Gemv& g) {
+    Rng rng(77);
+    std::string fail;
+    const int64_t shapes[][3] = {{37, 392, 58}, {20, 776, 49}};
+    for (const auto& sh : shapes) {
+        const int64_t N = sh[0], K = sh[1], M = sh[2];
+        std::vector<float> w(N * K), x(M * K);
+        for (auto& v : w) v = rng.normal();
+        for (auto& v : x) v = rng.normal();
+        const Packed p = make_packed(F32, w, N, K);
+        const std::vector<float> all = g(p, x, M), first47 = g(p, x, 47);
+        for (int64_t m = 0; m < M && fail.empty(); ++m) {
+            const std::vector<float> row(x.begin() + m * K, x.begin() + (m + 1) * K);
+            const std::vector<float> alone = g(p, row, 1);
+            const bool same = !memcmp(alone.data(), &all[m * N], N * sizeof(float)) &&
+                              (m >= 47 || !memcmp(alone.data(), &first47[m * N], N * sizeof(float)));
+            if (!same) {
+                char buf[128];
+                snprintf(buf, sizeof buf, "N=%lld K=%lld M=%lld: row %lld differs from the row alone / in 47 rows",
+                         (long long)N, (long long)K, (long long)M, (long long)m);
+                fail = buf;
+            }
+        }
+    }
+    report(fail.empty(), isa, "fp32-rows", fail.empty() ? "58 and 49 rows: every row bitwise as alone" : fail);
 }
 
 // When the CPU runs both: the software build (sw_bf16.h) against the real instructions, bit for bit,
@@ -585,6 +616,7 @@ int main(int argc, char** argv) {
         const Gemv gv{sym<GemvFn>(g, "rz_gemv"), threads};
         ran_gemv.emplace_back(isa.name, gv);
         for (int kind = 0; kind < 4; ++kind) check_gemv(isa.name, port, gv, kind);
+        check_fp32_rows(isa.name, gv);
         for (bool mixed : {false, true}) {
             std::string detail;
             const bool ok = run_decode(isa.name, pd.h, d.h, threads, mixed, detail);

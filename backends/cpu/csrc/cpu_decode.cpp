@@ -90,8 +90,10 @@ struct Scratch {
     Buf xa, xf, xx, mixed, r, k, v, g, w, a, y, h, lo, ff, vfirst, kk;
     std::unique_ptr<uint8_t[]> qbuf;
     uint8_t* q = nullptr;
-    Scratch(int64_t nseq_, int64_t T_, int64_t C_, int64_t F, int64_t D, int64_t qbytes)
+    Buf dot;  // rz::dot_gemm's scratch (packed x) where M >= rz::DOT_MIN_ROWS, else empty
+    Scratch(int64_t nseq_, int64_t T_, int64_t C_, int64_t F, int64_t D, int64_t qbytes, int64_t dot_floats)
         : nseq(nseq_), T(T_), M(nseq_ * T_), C(C_) {
+        if (dot_floats) dot.resize(dot_floats);
         for (auto* vec : {&xa, &xf, &xx, &r, &k, &v, &g, &w, &a, &y, &vfirst, &kk}) vec->resize(M * C);
         mixed.resize(6 * M * C);
         lo.resize(5 * M * C);
@@ -117,6 +119,22 @@ struct Job {
 // its core for a while, and the other then takes over its share. Where this build's kernels take
 // prepared activations (VNNI int8, BF16 dot), every job's rows are converted first, in one loop.
 void gemvs(Scratch& s, const Job* jobs, int n, int64_t B) {
+    // fp32 weights with many rows (prefill): the blocked form of the tile kernels (cpu_tiles.h's
+    // dot_gemm, bitwise the same sums, so a row's result still does not depend on the batch), for calls
+    // whose matrices are all fp32 (an fp32 model's; the LoRA-up call of any v6/v7 model). A call that
+    // mixes in int8 / int4 / bf16 ones stays on the tile kernels: splitting it would cost two more
+    // barriers for the small LoRAs.
+    bool all32 = s.dot.data() && B >= rz::DOT_MIN_ROWS;
+    for (int i = 0; i < n && all32; ++i) all32 = jobs[i].lin->kind == rz::F32;
+    if (all32) {
+        rz::DotJob dj[8];
+        for (int i = 0; i < n; ++i) {
+            const Lin& L = *jobs[i].lin;
+            dj[i] = {jobs[i].x, jobs[i].ldx, static_cast<const float*>(L.w), L.K, L.N, jobs[i].y, jobs[i].ldy};
+        }
+        rz::dot_gemm(dj, n, B, s.dot.data());
+        return;
+    }
     int64_t start[8], ldq[8], total = 0, off = 0;
     uint8_t* xq[8];
     bool any = false;
@@ -149,18 +167,26 @@ void gemvs(Scratch& s, const Job* jobs, int n, int64_t B) {
     }
 }
 
-// Bytes per token row that gemvs may need for prepared activations in one call (0: this build needs none).
-int64_t prep_bytes_bound(const LayerP* layers, int64_t L, const Lin* head) {
-    auto one = [](const Lin& l) { return l.w && rz::needs_prep(l.kind, l.K) ? rz::prep_row_bytes(l.kind, l.K) : 0; };
-    int64_t most = head ? one(*head) : 0;
+// The most one call of gemvs can need of something: the max over the head (when given) and each layer
+// (all its matrices at once, the widest call) of the sum of f(matrix).
+template <typename F>
+int64_t most_per_call(const LayerP* layers, int64_t L, const Lin* head, F&& f) {
+    int64_t most = head ? f(*head) : 0;
     for (int64_t i = 0; i < L; ++i) {
         const LayerP& P = layers[i];
         int64_t sum = 0;
-        for (const Lin* l : {&P.r, &P.k, &P.v, &P.o, &P.g, &P.fk, &P.fv, &P.fr}) sum += one(*l);
-        for (int j = 0; j < 5; ++j) sum += one(P.l1[j]) + one(P.l2[j]);
+        for (const Lin* l : {&P.r, &P.k, &P.v, &P.o, &P.g, &P.fk, &P.fv, &P.fr}) sum += f(*l);
+        for (int j = 0; j < 5; ++j) sum += f(P.l1[j]) + f(P.l2[j]);
         most = sum > most ? sum : most;
     }
     return most;
+}
+
+// Bytes per token row that gemvs may need for prepared activations in one call (0: this build needs none).
+int64_t prep_bytes_bound(const LayerP* layers, int64_t L, const Lin* head) {
+    return most_per_call(layers, L, head, [](const Lin& l) {
+        return l.w && rz::needs_prep(l.kind, l.K) ? rz::prep_row_bytes(l.kind, l.K) : 0;
+    });
 }
 
 // xx[b, t] = src[b, t - 1], and the carried shift for t = 0; the last token's row becomes the next shift.
@@ -502,7 +528,15 @@ void rz_decode(const LayerP* layers, int64_t L, int64_t B, int64_t T, int64_t C,
         for (int i = 0; i < 5; ++i) d += P.l1[i].w ? P.l1[i].N : 0;
         D = d > D ? d : D;
     }
-    Scratch s(B, T, C, F, D, prep_bytes_bound(layers, L, keep > 0 ? head : nullptr));
+    // dot_gemm's scratch: packed x for the fp32 matrices of one gemvs call (at most one layer's, or the
+    // head), counted per matrix (an upper bound: matrices of one input share their copy)
+    int64_t dot_floats = 0;
+    if (B * T >= rz::DOT_MIN_ROWS) {
+        const int64_t most = most_per_call(layers, L, keep > 0 ? head : nullptr,
+                                           [](const Lin& l) { return l.w && l.kind == rz::F32 ? l.K : 0; });
+        if (most) dot_floats = rz::dot_scratch_floats(B * T, most, nthreads);
+    }
+    Scratch s(B, T, C, F, D, prep_bytes_bound(layers, L, keep > 0 ? head : nullptr), dot_floats);
     const int64_t M = B * T;
 #pragma omp parallel num_threads(nthreads)
     {

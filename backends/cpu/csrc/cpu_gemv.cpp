@@ -16,8 +16,9 @@
 // in order, which the hardware prefetcher follows much better than four interleaved row streams
 // (int8: 1.6x faster on one core here). rwkv_zoo.inference packs them once when a model is prepared.
 //
-// fp32 weights with many rows (prefill, B >= rz::GEMM_MIN_ROWS) take cpu_tiles.h's gemm_fp32 instead:
-// the same packed weights, x packed per call into 24-row panels for an outer-product micro-kernel.
+// fp32 weights with many rows (prefill, B >= rz::DOT_MIN_ROWS) take cpu_tiles.h's dot_gemm instead:
+// the same tile kernels' sums (a row's result does not depend on the rows beside it), blocked so that
+// x and the weights are read from the caches.
 #include "cpu_tiles.h"
 
 #include <memory>
@@ -26,17 +27,18 @@ namespace {
 
 void gemv(int64_t kind, const float* x, int64_t B, int64_t K, int64_t ldx, const void* W, const float* scale,
           int64_t N, float* y, int64_t ldy, int nthreads) {
-    if (kind == rz::F32 && B >= rz::GEMM_MIN_ROWS) {
-        // fp32 with many rows (prefill): the blocked GEMM of cpu_tiles.h. Its scratch (packed x, 1.6 MiB
-        // at 512 x 768) is kept across calls of this thread rather than allocated and faulted in per call.
+    if (kind == rz::F32 && B >= rz::DOT_MIN_ROWS) {
+        // fp32 with many rows (prefill): the blocked form of the tile kernels (cpu_tiles.h's dot_gemm). Its
+        // scratch (packed x, 1.6 MiB at 512 x 768) is kept across calls of this thread rather than
+        // allocated and faulted in per call.
         static thread_local std::unique_ptr<float[]> buf;
         static thread_local int64_t have = 0;
-        const int64_t need = rz::gemm_scratch_floats(B, K, nthreads);
+        const int64_t need = rz::dot_scratch_floats(B, K, nthreads);
         if (need > have) buf.reset(new float[need]), have = need;
-        const rz::GemmJob job = {x, ldx, static_cast<const float*>(W), K, N, y, ldy};
+        const rz::DotJob job = {x, ldx, static_cast<const float*>(W), K, N, y, ldy};
         float* scratch = buf.get();  // thread_local: the pointer, not the name, goes into the parallel region
 #pragma omp parallel num_threads(nthreads)
-        rz::gemm_fp32(&job, 1, B, scratch);
+        rz::dot_gemm(&job, 1, B, scratch);
         return;
     }
     const int64_t tiles = N / 4;

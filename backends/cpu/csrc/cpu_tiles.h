@@ -158,6 +158,16 @@ inline float bf16_bits(uint32_t hi) {
     return f;
 }
 
+// The eight lanes of a portable fp32 accumulator, in order. Out of line so that every caller sums them
+// the same way: cpu_decode.cpp is built with -ffast-math, under which an inlined copy of this loop may be
+// reassociated differently in each kernel it lands in (tile_port and dot_kblock then differed in the
+// last bit, and a row's result with its call's row count).
+__attribute__((noinline)) inline float lanes_sum(const float* a) {
+    float s = 0.f;
+    for (int l = 0; l < 8; ++l) s += a[l];
+    return s;
+}
+
 // Eight lanes per (row, input row), summed at the end: the compiler vectorizes the lane loop.
 template <int BT, typename WT>
 inline void tile_port(const float* x, int64_t ldx, const WT* p, int64_t K, const float* scale, float* y,
@@ -168,11 +178,7 @@ inline void tile_port(const float* x, int64_t ldx, const WT* p, int64_t K, const
             for (int b = 0; b < BT; ++b)
                 for (int l = 0; l < 8; ++l) acc[r][b][l] += widen(p[8 * r + l]) * x[b * ldx + k + l];
     for (int r = 0; r < 4; ++r)
-        for (int b = 0; b < BT; ++b) {
-            float s = 0.f;
-            for (int l = 0; l < 8; ++l) s += acc[r][b][l];
-            y[b * ldy + r] = s * (scale ? scale[r] : 1.0f);
-        }
+        for (int b = 0; b < BT; ++b) y[b * ldy + r] = lanes_sum(acc[r][b]) * (scale ? scale[r] : 1.0f);
 }
 
 template <int BT>
@@ -552,216 +558,6 @@ inline void tile_bf16dot(const uint8_t* xq, int64_t ldq, const uint16_t* p, int6
 }
 #endif  // RZ_BF16DOT
 
-// ---- fp32 GEMM for many rows (prefill): outer-product micro-kernel on the tile layout ---------------
-//
-// tile<3> above is a dot-product form (4 weight rows x 3 x rows, horizontal sums at the end) that
-// streams x from L3 for every tile. This path keeps the packed weight layout [N / 4, K / 8, 4, 8] and
-// packs x instead: per K-block of GEMM_KC columns, panels of GEMM_MR = 24 rows stored column by column
-// ([kc, 24], zero rows past B). The micro-kernel computes a 24 x 4 block of y in 12 ymm accumulators
-// (3 vectors of 8 rows per weight row): per column it loads 3 x vectors and broadcasts the tile's 4
-// weights (a broadcast load reads any address, so the tile layout needs no change), 12 FMAs, no
-// horizontal sums; the 4 x 24 result is transposed in registers at the end. Alone, in L1, it runs at
-// 89-92 GFLOP/s on one thread of this Zen 3 VM, whose register-only FMA loop peaks at 92-94.
-// Blocking: an x panel (24 x kc, 24 KiB at kc = 256) stays in L1 while a chunk of GEMM_NC tiles (16 x
-// 4 x kc floats, 64 KiB) in L2 passes over it. Two software prefetches made the difference against
-// tile<3> (one thread, CPU time, same process): the next tile's weights into L1 during each
-// micro-kernel (1.09x at 512 x 768 x 768 and 512 x 768 x 3072, M x K x N), and a share of the next x
-// panel into L2 (1.13x at 512 x 3072 x 768, whose packed x is 6 MiB). The AVX-512 builds run the same
-// 256-bit code (not measured on an AVX-512 CPU; its 32 registers would allow a 48 x 4 block).
-constexpr int64_t GEMM_MR = 24;  // x rows per panel (3 ymm)
-#ifndef RZ_GEMM_KC
-#define RZ_GEMM_KC 256
-#endif
-#ifndef RZ_GEMM_NC
-#define RZ_GEMM_NC 16
-#endif
-constexpr int64_t GEMM_KC = RZ_GEMM_KC;  // columns per K-block (a multiple of 8); 128 and 384 were no faster
-constexpr int64_t GEMM_NC = RZ_GEMM_NC;  // tiles per work chunk (what one thread takes at a time)
-#ifndef RZ_GEMM_MIN_ROWS
-#define RZ_GEMM_MIN_ROWS 48
-#endif
-// Rows from which fp32 products take gemm_fp32 instead of tile<3>: against it (one thread, 768 x 768
-// weights, CPU time, under load) 0.70x at 8 rows, 1.00 at 16 and 24, 0.88 at 32 (a panel of 24 and one
-// of 8), 1.03 at 48. Decode (B = 1..8 rows) stays on the tile kernels.
-constexpr int64_t GEMM_MIN_ROWS = RZ_GEMM_MIN_ROWS;
-
-// Rows of x [B, K] (row stride ldx), K-block k0 of width kc, into panels: xp[p][k][i] = x[24 p + i, k0 + k]
-// (0 past B). Panel p of the block starts at xp + p * kc * 24.
-inline void gemm_pack_panel(const float* x, int64_t B, int64_t ldx, int64_t p, int64_t k0, int64_t kc, float* xp) {
-    const int64_t b0 = p * GEMM_MR, nb = B - b0 < GEMM_MR ? B - b0 : GEMM_MR;
-    float* out = xp + p * kc * GEMM_MR;
-#if defined(RZ_AVX2)
-    // 8 x 8 transposes in registers (the scalar loop's strided stores cost ~3 % of a 512 x 768 x 768 GEMM)
-    for (int64_t i0 = 0; i0 < GEMM_MR; i0 += 8)
-        for (int64_t k = 0; k < kc; k += 8) {
-            __m256 r[8];
-            for (int i = 0; i < 8; ++i)
-                r[i] = i0 + i < nb ? _mm256_loadu_ps(x + (b0 + i0 + i) * ldx + k0 + k) : _mm256_setzero_ps();
-            const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
-            const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
-            const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
-            const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
-            const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-            const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-            const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-            const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-            // s_j (j < 4): rows 0-3 of columns j (low half) and j + 4 (high); s_{j+4}: rows 4-7
-            const __m256 c[8] = {_mm256_permute2f128_ps(s0, s4, 0x20), _mm256_permute2f128_ps(s1, s5, 0x20),
-                                 _mm256_permute2f128_ps(s2, s6, 0x20), _mm256_permute2f128_ps(s3, s7, 0x20),
-                                 _mm256_permute2f128_ps(s0, s4, 0x31), _mm256_permute2f128_ps(s1, s5, 0x31),
-                                 _mm256_permute2f128_ps(s2, s6, 0x31), _mm256_permute2f128_ps(s3, s7, 0x31)};
-            for (int j = 0; j < 8; ++j) _mm256_store_ps(out + (k + j) * GEMM_MR + i0, c[j]);
-        }
-#else
-    for (int64_t i = 0; i < nb; ++i) {
-        const float* row = x + (b0 + i) * ldx + k0;
-        for (int64_t k = 0; k < kc; ++k) out[k * GEMM_MR + i] = row[k];
-    }
-    for (int64_t i = nb; i < GEMM_MR; ++i)
-        for (int64_t k = 0; k < kc; ++k) out[k * GEMM_MR + i] = 0.f;
-#endif
-}
-
-// y[b, r] (+)= sum_k xp[k][b] * w[k / 8][r][k % 8] for b < rows, r < 4; w: one tile's K-block (kc / 8
-// steps of 32 floats). NV: vectors of 8 rows computed (3, or fewer for the last panel: B = 512 leaves 8
-// rows, and computing all 24 would waste 3 % of the work). first: store instead of add (first K-block).
-// wnext: the next tile's K-block; xnext: the bytes of the next x panel this call prefetches (16 kc).
-template <int NV>
-inline void gemm_micro(const float* xp, const float* w, int64_t kc, float* y, int64_t ldy, int64_t rows, bool first,
-                       const float* wnext, const char* xnext) {
-#if defined(RZ_AVX2)
-    __m256 c[4][NV];
-    for (int r = 0; r < 4; ++r)
-        for (int j = 0; j < NV; ++j) c[r][j] = _mm256_setzero_ps();
-    for (int64_t s = 0; s < kc; s += 8, w += 32) {
-        // the next tile's weights (same K-block) into L1, and this call's share of the next x panel into L2
-        _mm_prefetch(reinterpret_cast<const char*>(wnext + 4 * s), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(wnext + 4 * s) + 64, _MM_HINT_T0);
-        _mm_prefetch(xnext + 16 * s, _MM_HINT_T1);
-        _mm_prefetch(xnext + 16 * s + 64, _MM_HINT_T1);
-        for (int l = 0; l < 8; ++l, xp += GEMM_MR) {
-            __m256 xv[NV];
-            for (int j = 0; j < NV; ++j) xv[j] = _mm256_load_ps(xp + 8 * j);
-            for (int r = 0; r < 4; ++r) {
-                const __m256 wb = _mm256_broadcast_ss(w + 8 * r + l);
-                for (int j = 0; j < NV; ++j) c[r][j] = _mm256_fmadd_ps(wb, xv[j], c[r][j]);
-            }
-        }
-    }
-    // 4 x 8 -> 8 x 4 per group of 8 rows: u[i] holds rows i (low half) and i + 4 (high half)
-    for (int j = 0; j < NV; ++j) {
-        const __m256 t0 = _mm256_unpacklo_ps(c[0][j], c[1][j]), t1 = _mm256_unpackhi_ps(c[0][j], c[1][j]);
-        const __m256 t2 = _mm256_unpacklo_ps(c[2][j], c[3][j]), t3 = _mm256_unpackhi_ps(c[2][j], c[3][j]);
-        const __m256 u[4] = {_mm256_shuffle_ps(t0, t2, 0x44), _mm256_shuffle_ps(t0, t2, 0xEE),
-                             _mm256_shuffle_ps(t1, t3, 0x44), _mm256_shuffle_ps(t1, t3, 0xEE)};
-        for (int i = 0; i < 8; ++i) {
-            const int64_t b = 8 * j + i;
-            if (b >= rows) return;
-            __m128 v = i < 4 ? _mm256_castps256_ps128(u[i]) : _mm256_extractf128_ps(u[i - 4], 1);
-            float* dst = y + b * ldy;
-            if (!first) v = _mm_add_ps(v, _mm_loadu_ps(dst));
-            _mm_storeu_ps(dst, v);
-        }
-    }
-#else
-    (void)wnext, (void)xnext;
-    float c[4][8 * NV] = {};
-    for (int64_t s = 0; s < kc; s += 8, w += 32)
-        for (int l = 0; l < 8; ++l, xp += GEMM_MR)
-            for (int r = 0; r < 4; ++r)
-                for (int i = 0; i < 8 * NV; ++i) c[r][i] += w[8 * r + l] * xp[i];
-    for (int64_t b = 0; b < rows; ++b)
-        for (int r = 0; r < 4; ++r) y[b * ldy + r] = first ? c[r][b] : y[b * ldy + r] + c[r][b];
-#endif
-}
-
-// One product of gemm_fp32: y [B, N] = x [B, K] W^T, fp32 W in the tile layout (N % 4 == 0, K % 8 == 0).
-struct GemmJob {
-    const float* x;
-    int64_t ldx;
-    const float* W;
-    int64_t K, N;
-    float* y;
-    int64_t ldy;
-};
-
-inline int64_t gemm_rows_padded(int64_t B) { return (B + GEMM_MR - 1) / GEMM_MR * GEMM_MR; }
-
-// Floats of scratch that gemm_fp32 needs for B rows and jobs whose K sum to sumK: packed x, then per
-// thread a block of y (plus 8 for aligning the start to 32 bytes).
-inline int64_t gemm_scratch_floats(int64_t B, int64_t sumK, int nthreads) {
-    const int64_t Bp = gemm_rows_padded(B);
-    return Bp * sumK + nthreads * Bp * 4 * GEMM_NC + 8;
-}
-
-// The jobs' products for B rows each, called by every thread of an OpenMP parallel region (ends with
-// the loop's barrier). scratch: gemm_scratch_floats(B, sum of the jobs' K, threads) floats, shared.
-// All of x is packed first (one loop over jobs, panels and K-blocks, then a barrier; job j's K-block
-// k0 starts at its base + k0 * Bp). The work items are chunks of tiles, handed out dynamically (a
-// shared machine can take a core away for a time slice); a chunk runs every K-block and every panel
-// itself, so y needs no barrier between K-blocks, and the weights are read from memory once per call.
-// Per K-block, each panel (L1) meets every tile of the chunk (L2). The K-blocks' partial sums collect
-// in this thread's block of y, [Bp, 4 nc] (stride 4 nc): summed straight into y, whose row stride is N
-// floats, the 24 rows of a micro-kernel's result fell into one L1 set (and 16 L2 sets) at N = 3072
-// (12 KiB), and that shape ran ~8 % slower than tile<3>. A chunk is GEMM_NC tiles, fewer where that
-// would leave under 8 chunks per thread (the last chunk of a thread is what the other may wait for).
-// n <= 16.
-inline void gemm_fp32(const GemmJob* jobs, int n, int64_t B, float* scratch) {
-    const int nthreads = omp_get_num_threads();
-    const int64_t panels = (B + GEMM_MR - 1) / GEMM_MR, Bp = panels * GEMM_MR;
-    float* base = scratch + (8 - reinterpret_cast<uintptr_t>(scratch) / 4 % 8) % 8;  // 32-byte aligned
-    float* xps[16];
-    int64_t packs[17], chunks[17], tiles = 0;
-    packs[0] = chunks[0] = 0;
-    for (int j = 0; j < n; ++j) {
-        xps[j] = base, base += Bp * jobs[j].K;
-        packs[j + 1] = packs[j] + panels * ((jobs[j].K + GEMM_KC - 1) / GEMM_KC);
-        tiles += jobs[j].N / 4;
-    }
-    int64_t nc = tiles / (8 * nthreads);
-    nc = nc > GEMM_NC ? GEMM_NC : nc < 2 ? 2 : nc;
-    for (int j = 0; j < n; ++j) chunks[j + 1] = chunks[j] + (jobs[j].N / 4 + nc - 1) / nc;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t it = 0; it < packs[n]; ++it) {
-        int j = 0;
-        while (packs[j + 1] <= it) ++j;
-        const GemmJob& J = jobs[j];
-        const int64_t pk = it - packs[j], p = pk % panels, k0 = pk / panels * GEMM_KC;
-        gemm_pack_panel(J.x, B, J.ldx, p, k0, J.K - k0 < GEMM_KC ? J.K - k0 : GEMM_KC, xps[j] + k0 * Bp);
-    }
-    const int64_t ldc = 4 * nc;
-    float* cb = base + omp_get_thread_num() * Bp * 4 * GEMM_NC;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t it = 0; it < chunks[n]; ++it) {
-        int j = 0;
-        while (chunks[j + 1] <= it) ++j;
-        const GemmJob& J = jobs[j];
-        const float *W = J.W, *xp = xps[j];
-        const int64_t K = J.K, t0 = (it - chunks[j]) * nc, t1 = t0 + nc < J.N / 4 ? t0 + nc : J.N / 4;
-        for (int64_t k0 = 0; k0 < K; k0 += GEMM_KC) {
-            const int64_t kc = K - k0 < GEMM_KC ? K - k0 : GEMM_KC;
-            for (int64_t p = 0; p < panels; ++p) {
-                const float* xb = xp + k0 * Bp + p * kc * GEMM_MR;
-                // the next panel (the next K-block's first after the last) is fetched while this one
-                // works, each micro-kernel a share: 1.13x at 512 x 3072 x 768 (one thread, CPU time)
-                const char* xn = reinterpret_cast<const char*>(p + 1 < panels || k0 + kc >= K ? xb + kc * GEMM_MR : xp + (k0 + kc) * Bp);
-                const int64_t share = kc * GEMM_MR * 4 / (t1 - t0);
-                const int64_t rows = B - p * GEMM_MR < GEMM_MR ? B - p * GEMM_MR : GEMM_MR;
-                float* cp = cb + p * GEMM_MR * ldc;
-                auto run = [&](auto nv) {
-                    for (int64_t t = t0; t < t1; ++t)
-                        gemm_micro<decltype(nv)::value>(xb, W + t * 4 * K + 4 * k0, kc, cp + 4 * (t - t0), ldc, rows, k0 == 0,
-                                                        W + (t + 1 < t1 ? t + 1 : t0) * 4 * K + 4 * k0, xn + (t - t0) * share);
-                };
-                if (rows > 16) run(std::integral_constant<int, 3>());
-                else if (rows > 8) run(std::integral_constant<int, 2>());
-                else run(std::integral_constant<int, 1>());
-            }
-        }
-        for (int64_t b = 0; b < B; ++b) memcpy(J.y + b * J.ldy + 4 * t0, cb + b * ldc, 4 * (t1 - t0) * sizeof(float));
-    }
-}
-
 // ---- one tile against B rows of x ----------------------------------------------------------------
 
 // Calls f(integral_constant<BT>, first row) on groups of rows: groups of BIG while they fit, then at
@@ -772,6 +568,238 @@ inline void row_groups(int64_t B, F&& f) {
     for (; b + BIG <= B; b += BIG) f(std::integral_constant<int, BIG>(), b);
     if constexpr (BIG > 1) {
         if (b < B) row_groups<BIG / 2>(B - b, [&](auto bt, int64_t o) { f(bt, b + o); });
+    }
+}
+
+// ---- fp32 with many rows (prefill): the tile kernels' sums, blocked for the caches ----------------
+//
+// Prefill multiplies hundreds of rows and is bound by arithmetic. tile_rows there runs tile<3> (AVX2)
+// for every tile over all B rows of x, which it streams from L3 once per tile (1.5 MiB at 512 x 768).
+// dot_gemm computes exactly what tile_rows computes, in another order of calls: for output (b, r) the
+// tile kernels' result depends only on the chain of FMAs into each of its 8 lane accumulators (lane l:
+// w[r, 8 s + l] * x[b, 8 s + l] for s = 0, 1, ... in order) and on the horizontal sum at the end (hsum;
+// hsum2 and lanes_sum in the other builds). So rows are blocked into panels and tiles into chunks
+// freely, and K is blocked too: the accumulators of a (row, tile) pair, [4][8] floats, are saved in a
+// per-thread buffer after a K-block and reloaded for the next one, so the chain goes on in the same
+// order, and only the last K-block sums them. Every row of a call is then bitwise equal to the same row
+// alone (B = 1) in the same build, which lm-eval's identical log-likelihoods for every batch size and
+// the serving engine's batching rely on (tests/kernels/test_cpu_isa.py checks it per build; the
+// outer-product GEMM this replaced, gemm_fp32, summed in another order and was ~1e-7 off).
+// Blocking: x is packed per call into panels of DOT_MR rows, each K-block a dense [DOT_MR, kc] block
+// (packed, a panel's rows do not share L1 sets at K = 3072, where a row is 12 KiB); work items are chunks
+// of tiles (DOT_WBYTES of weights, which stay in L2 while every panel passes over them), handed out
+// dynamically; per chunk, panel and K-block, each tile's K-block (6 KiB) meets the panel's block in the
+// row groups of tile_rows. Each row group after a tile's first prefetches a share of the next x block
+// into L2: without it 512 x 3072 x 768 ran at 0.81x tile_rows (a short stream per block that the
+// hardware prefetcher does not follow), with it 1.10x; prefetching the next tile's weights into L1, as
+// gemm_fp32 did, made it slower (0.67x). Chosen by measurement (one thread, medians of 7 alternating
+// rounds, under load; ratios over tile_rows at 512 x 768 x 768 / 512 x 768 x 3072 / 512 x 3072 x 768):
+// 24-row panels with 384-column K-blocks 1.05 / 1.02 / 1.00-1.08, 256 columns 1.00-1.02 / 0.99 /
+// 0.98-1.10, 128 columns 0.9 / 0.9 / 0.5 (the acc traffic and call overhead of short blocks), no
+// K-blocking 1.00-1.08 / 0.99-1.10 / 0.80-1.02 (a 12 KiB x row per pass from L2), 12- and 48-row panels
+// no better. gemm_fp32 was 1.06-1.19 over tile_rows in the same runs: the dot form's 12 accumulators
+// cover 3 rows x 4 outputs per pass where the outer product covered 24 x 4, so a K-block costs eight
+// calls and eight saves of the accumulators instead of one.
+#ifndef RZ_DOT_MR
+#define RZ_DOT_MR 24
+#endif
+#ifndef RZ_DOT_KC
+#define RZ_DOT_KC 384
+#endif
+#ifndef RZ_DOT_WBYTES
+#define RZ_DOT_WBYTES (192 * 1024)
+#endif
+#ifndef RZ_DOT_MIN_ROWS
+#define RZ_DOT_MIN_ROWS 48
+#endif
+constexpr int64_t DOT_MR = RZ_DOT_MR;          // x rows per panel
+constexpr int64_t DOT_KC = RZ_DOT_KC;          // columns per K-block
+constexpr int64_t DOT_WBYTES = RZ_DOT_WBYTES;  // bytes of weights per chunk of tiles (what one thread takes at a time)
+constexpr int64_t DOT_NC_MAX = 32;             // tiles per chunk at most (sizes the accumulator buffer)
+constexpr int64_t DOT_MIN_ROWS = RZ_DOT_MIN_ROWS;
+constexpr int64_t DOT_ACC = 32;                // floats of saved accumulators per (x row, tile): [4 weight rows][8 lanes]
+#if defined(RZ_AVX512)
+constexpr int64_t DOT_GROUP = 4;  // rows per call of the build's widest fp32 tile kernel (tile_rows's row groups)
+#elif defined(RZ_AVX2)
+constexpr int64_t DOT_GROUP = 3;
+#else
+constexpr int64_t DOT_GROUP = 2;
+#endif
+static_assert(DOT_MR % 12 == 0 && DOT_KC % 8 == 0, "panels of whole row groups in every build, K-blocks of whole steps");
+
+// One tile's K-block (kc columns: kc / 8 steps of the packed tile p) against BT rows of x (row stride
+// ldx), with the accumulators of tile<BT> / tile512<BT> / tile_port<BT> continued from acc ([BT][4][8]:
+// row b's lane l of weight row r at 32 b + 8 r + l) unless first, and saved back there unless last,
+// where they are summed as that kernel sums them, into y (row stride ldy; the fp32 kernels' scale is
+// 1). px: where to prefetch one line per step into L2 (null: nowhere).
+template <int BT>
+inline void dot_kblock(const float* x, int64_t ldx, const float* p, int64_t kc, float* acc, bool first, bool last,
+                       float* y, int64_t ldy, const char* px) {
+#if defined(RZ_AVX512)
+    __m512 a[2][BT];  // weight rows (0, 1) and (2, 3), as tile512
+    for (int h = 0; h < 2; ++h)
+        for (int b = 0; b < BT; ++b) a[h][b] = first ? _mm512_setzero_ps() : _mm512_load_ps(acc + 32 * b + 16 * h);
+    for (int64_t k = 0; k < kc; k += 8, p += 32) {
+        if (px) _mm_prefetch(px + 8 * k, _MM_HINT_T1);
+        const __m512 w0 = load16(p), w1 = load16(p + 16);
+        for (int b = 0; b < BT; ++b) {
+            const __m512 xs = dup256(_mm256_loadu_ps(x + b * ldx + k));
+            a[0][b] = _mm512_fmadd_ps(w0, xs, a[0][b]);
+            a[1][b] = _mm512_fmadd_ps(w1, xs, a[1][b]);
+        }
+    }
+    for (int b = 0; b < BT; ++b) {
+        if (last) {
+            float v[4];
+            hsum2(a[0][b], v, v + 1);
+            hsum2(a[1][b], v + 2, v + 3);
+            for (int r = 0; r < 4; ++r) y[b * ldy + r] = v[r];
+        } else {
+            for (int h = 0; h < 2; ++h) _mm512_store_ps(acc + 32 * b + 16 * h, a[h][b]);
+        }
+    }
+#elif defined(RZ_AVX2)
+    __m256 a[4][BT];
+    for (int r = 0; r < 4; ++r)
+        for (int b = 0; b < BT; ++b) a[r][b] = first ? _mm256_setzero_ps() : _mm256_load_ps(acc + 32 * b + 8 * r);
+#pragma GCC unroll 4
+    for (int64_t k = 0; k < kc; k += 8, p += 32) {
+        if (px) _mm_prefetch(px + 8 * k, _MM_HINT_T1);
+        __m256 xs[BT];
+        for (int b = 0; b < BT; ++b) xs[b] = _mm256_loadu_ps(x + b * ldx + k);
+        for (int r = 0; r < 4; ++r) {
+            const __m256 w = _mm256_loadu_ps(p + 8 * r);
+            for (int b = 0; b < BT; ++b) a[r][b] = _mm256_fmadd_ps(w, xs[b], a[r][b]);
+        }
+    }
+    for (int r = 0; r < 4; ++r)
+        for (int b = 0; b < BT; ++b) {
+            if (last) y[b * ldy + r] = hsum(a[r][b]);
+            else _mm256_store_ps(acc + 32 * b + 8 * r, a[r][b]);
+        }
+#else
+    (void)px;
+    float a[4][BT][8];
+    for (int r = 0; r < 4; ++r)
+        for (int b = 0; b < BT; ++b)
+            for (int l = 0; l < 8; ++l) a[r][b][l] = first ? 0.f : acc[32 * b + 8 * r + l];
+    for (int64_t k = 0; k < kc; k += 8, p += 32)
+        for (int r = 0; r < 4; ++r)
+            for (int b = 0; b < BT; ++b)
+                for (int l = 0; l < 8; ++l) a[r][b][l] += p[8 * r + l] * x[b * ldx + k + l];
+    for (int r = 0; r < 4; ++r)
+        for (int b = 0; b < BT; ++b) {
+            if (last) {
+                y[b * ldy + r] = lanes_sum(a[r][b]);
+            } else {
+                for (int l = 0; l < 8; ++l) acc[32 * b + 8 * r + l] = a[r][b][l];
+            }
+        }
+#endif
+}
+
+// One tile's K-block against `rows` rows of x in tile_rows's row groups. The groups after the first
+// prefetch consecutive shares of `pxshare` bytes from px (null: none).
+inline void dot_rows(const float* x, int64_t ldx, int64_t rows, const float* p, int64_t kc, float* acc, bool first,
+                     bool last, float* y, int64_t ldy, const char* px, int64_t pxshare) {
+    auto run = [&](auto bt, int64_t b) {
+        const char* pf = b == 0 || !px ? nullptr : px + (b / DOT_GROUP - 1) * pxshare;
+        dot_kblock<decltype(bt)::value>(x + b * ldx, ldx, p, kc, acc + DOT_ACC * b, first, last, y + b * ldy, ldy, pf);
+    };
+#if defined(RZ_AVX512)
+    row_groups<4>(rows, run);
+#elif defined(RZ_AVX2)
+    int64_t b = 0;
+    for (; b + 3 <= rows; b += 3) run(std::integral_constant<int, 3>(), b);
+    if (rows - b == 2) run(std::integral_constant<int, 2>(), b);
+    if (rows - b == 1) run(std::integral_constant<int, 1>(), b);
+#else
+    row_groups<2>(rows, run);
+#endif
+}
+
+// One fp32 product of dot_gemm: y [B, N] = x [B, K] W^T, W packed (N % 4 == 0, K % 8 == 0).
+struct DotJob {
+    const float* x;
+    int64_t ldx;
+    const float* W;
+    int64_t K, N;
+    float* y;
+    int64_t ldy;
+};
+
+// Floats of scratch dot_gemm needs for B rows and jobs whose K sum to sumK: packed x, then per thread
+// the saved accumulators of a chunk (plus 16 for aligning the start to 64 bytes).
+inline int64_t dot_scratch_floats(int64_t B, int64_t sumK, int nthreads) {
+    const int64_t Bp = (B + DOT_MR - 1) / DOT_MR * DOT_MR;
+    return Bp * sumK + nthreads * DOT_NC_MAX * DOT_MR * DOT_ACC + 16;
+}
+
+// The jobs' products for B rows each, called by every thread of an OpenMP parallel region (ends with
+// the loop's barrier). scratch: dot_scratch_floats(B, sum of the jobs' K, threads) floats, shared.
+// n <= 16.
+inline void dot_gemm(const DotJob* jobs, int n, int64_t B, float* scratch) {
+    const int nthreads = omp_get_num_threads();
+    const int64_t panels = (B + DOT_MR - 1) / DOT_MR, Bp = panels * DOT_MR;
+    float* base = scratch + (16 - reinterpret_cast<uintptr_t>(scratch) / 4 % 16) % 16;  // 64-byte aligned
+    float* xps[16];
+    bool packs[16];
+    int64_t nc[16], chunks[17], tiles = 0;
+    for (int j = 0; j < n; ++j) {
+        tiles += jobs[j].N / 4;
+        packs[j] = true;
+        for (int i = 0; i < j && packs[j]; ++i)  // matrices of one input (r, k, v...) share its packed copy
+            if (jobs[i].x == jobs[j].x && jobs[i].ldx == jobs[j].ldx && jobs[i].K == jobs[j].K) xps[j] = xps[i], packs[j] = false;
+        if (packs[j]) xps[j] = base, base += Bp * jobs[j].K;
+    }
+    // Chunks of at most DOT_WBYTES of weights (they stay in L2 while every panel passes), and at least 8
+    // per thread: the last chunk of a thread is what the other may wait for.
+    int64_t most = tiles / (8 * nthreads);
+    most = most < 1 ? 1 : most;
+    chunks[0] = 0;
+    for (int j = 0; j < n; ++j) {
+        int64_t c = DOT_WBYTES / (16 * jobs[j].K);
+        c = c > DOT_NC_MAX ? DOT_NC_MAX : c > most ? most : c;
+        nc[j] = c < 1 ? 1 : c;
+        chunks[j + 1] = chunks[j] + (jobs[j].N / 4 + nc[j] - 1) / nc[j];
+    }
+    // x into panels: panel p's K-block at k0 is [DOT_MR rows][kc] at p * DOT_MR * K + k0 * DOT_MR
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < n * panels; ++it) {
+        const int j = (int)(it / panels);
+        if (!packs[j]) continue;
+        const DotJob& J = jobs[j];
+        const int64_t p = it % panels, K = J.K, rows = B - p * DOT_MR < DOT_MR ? B - p * DOT_MR : DOT_MR;
+        float* out = xps[j] + p * DOT_MR * K;
+        for (int64_t k0 = 0; k0 < K; k0 += DOT_KC) {
+            const int64_t kc = K - k0 < DOT_KC ? K - k0 : DOT_KC;
+            for (int64_t i = 0; i < rows; ++i)
+                memcpy(out + k0 * DOT_MR + i * kc, J.x + (p * DOT_MR + i) * J.ldx + k0, kc * sizeof(float));
+        }
+    }
+    float* acc = base + omp_get_thread_num() * DOT_NC_MAX * DOT_MR * DOT_ACC;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < chunks[n]; ++it) {
+        int j = 0;
+        while (chunks[j + 1] <= it) ++j;
+        const DotJob& J = jobs[j];
+        const int64_t K = J.K, t0 = (it - chunks[j]) * nc[j], t1 = t0 + nc[j] < J.N / 4 ? t0 + nc[j] : J.N / 4;
+        for (int64_t p = 0; p < panels; ++p) {
+            const int64_t rows = B - p * DOT_MR < DOT_MR ? B - p * DOT_MR : DOT_MR;
+            for (int64_t k0 = 0; k0 < K; k0 += DOT_KC) {
+                const int64_t kc = K - k0 < DOT_KC ? K - k0 : DOT_KC;
+                const float* xb = xps[j] + p * DOT_MR * K + k0 * DOT_MR;
+                // the next x block (this panel's next K-block, else the next panel's first; past the
+                // last a prefetch does nothing) into L2, a share per row group after each tile's first
+                const char* xn = reinterpret_cast<const char*>(k0 + kc < K ? xb + DOT_MR * kc : xps[j] + (p + 1) * DOT_MR * K);
+                const int64_t calls = (DOT_MR / DOT_GROUP - 1) * (t1 - t0);
+                const int64_t share = (DOT_MR * kc * 4 + calls - 1) / calls;
+                for (int64_t t = t0; t < t1; ++t)
+                    dot_rows(xb, kc, rows, J.W + t * 4 * K + 4 * k0, kc, acc + (t - t0) * DOT_MR * DOT_ACC, k0 == 0,
+                             k0 + kc >= K, J.y + p * DOT_MR * J.ldy + 4 * t, J.ldy,
+                             xn + (t - t0) * (DOT_MR / DOT_GROUP - 1) * share, share);
+            }
+        }
     }
 }
 
