@@ -21,8 +21,17 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <sched.h>
+
+#include <atomic>
+#include <climits>
 #include <initializer_list>
 #include <memory>
+#if defined(__linux__)
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include "cpu_tiles.h"
 
@@ -82,6 +91,67 @@ struct Buf {
     float& operator[](int64_t i) { return p[i]; }
 };
 
+// The barrier after each work-sharing loop of a step (the loops are `nowait`). Why not OpenMP's own:
+// libgomp's barrier spins up to GOMP_SPINCOUNT (300,000) pauses, ~9 ms on this Zen 3 VM (30 ns a pause),
+// before it sleeps. On a machine with other work, the thread it waits for is often off its core, and the
+// spinning thread holds a core that thread could run on for that whole time: a 2-thread fp32 decode
+// step of v7-0.1B took a median 900 ms instead of 35 under a load of ~2.5 on 2 cores (OMP_WAIT_POLICY=
+// passive, no spinning: 55-65 ms; one thread: ~50). The environment variables would change torch's
+// OpenMP too (it is the same libgomp), so the step synchronizes itself: a waiting thread spins for at
+// most `budget` pauses (60 us at most), then sleeps on a futex until the last thread arrives. The budget
+// adapts per thread: it halves when a wait outlasts it (a partner off its core: sleep early) and doubles
+// when the partner comes within it (a quiet machine: no futex wake-up latency, ~a dozen per layer).
+struct TeamBarrier {
+    static constexpr int SPIN_MIN = 16, SPIN_MAX = 2048;
+    alignas(64) std::atomic<int> arrived{0};
+    alignas(64) std::atomic<int> phase{0};
+    std::atomic<int> sleepers{0};
+    int n = 1;  // threads in the team: set by thread 0 at the region's start, before a barrier
+
+    static void pause() {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+    }
+    void sleep(int seen) {
+#if defined(__linux__)
+        syscall(SYS_futex, reinterpret_cast<int*>(&phase), FUTEX_WAIT_PRIVATE, seen, nullptr, nullptr, 0);
+#else
+        (void)seen;
+        sched_yield();
+#endif
+    }
+    void wake_all() {
+#if defined(__linux__)
+        syscall(SYS_futex, reinterpret_cast<int*>(&phase), FUTEX_WAKE_PRIVATE, INT_MAX, nullptr, nullptr, 0);
+#endif
+    }
+    void wait() {
+        if (n == 1) return;
+        // read before arriving: once this thread has arrived, the last one may advance the phase
+        const int seen = phase.load(std::memory_order_acquire);
+        if (arrived.fetch_add(1, std::memory_order_acq_rel) == n - 1) {
+            arrived.store(0, std::memory_order_relaxed);
+            // seq_cst store then load, against the sleeper's increment then load: one side sees the other
+            phase.store(seen + 1, std::memory_order_seq_cst);
+            if (sleepers.load(std::memory_order_seq_cst) > 0) wake_all();
+            return;
+        }
+        static thread_local int budget = SPIN_MAX;
+        for (int i = 0; i < budget; ++i) {
+            if (phase.load(std::memory_order_acquire) != seen) {
+                budget = budget * 2 < SPIN_MAX ? budget * 2 : SPIN_MAX;
+                return;
+            }
+            pause();
+        }
+        budget = budget / 2 > SPIN_MIN ? budget / 2 : SPIN_MIN;
+        sleepers.fetch_add(1, std::memory_order_seq_cst);
+        while (phase.load(std::memory_order_seq_cst) == seen) sleep(seen);
+        sleepers.fetch_sub(1, std::memory_order_seq_cst);
+    }
+};
+
 // Per-row buffers for M = nseq * T token rows ([nseq, T, C] flattened). q: the activations of one
 // gemvs call prepared for this build's int8/bf16 kernels (rz::needs_prep; null where none are), 64-byte
 // aligned, qbytes per row of M (an upper bound over the calls: allocated, but only touched where used).
@@ -91,6 +161,7 @@ struct Scratch {
     std::unique_ptr<uint8_t[]> qbuf;
     uint8_t* q = nullptr;
     Buf dot;  // rz::dot_gemm's scratch (packed x) where M >= rz::DOT_MIN_ROWS, else empty
+    TeamBarrier bar;
     Scratch(int64_t nseq_, int64_t T_, int64_t C_, int64_t F, int64_t D, int64_t qbytes, int64_t dot_floats)
         : nseq(nseq_), T(T_), M(nseq_ * T_), C(C_) {
         if (dot_floats) dot.resize(dot_floats);
@@ -150,13 +221,14 @@ void gemvs(Scratch& s, const Job* jobs, int n, int64_t B) {
         }
     }
     if (any) {
-#pragma omp for
+#pragma omp for nowait
         for (int64_t ib = 0; ib < n * B; ++ib) {
             const int64_t i = ib / B, b = ib % B;
             if (xq[i]) rz::prep_row(jobs[i].lin->kind, jobs[i].x + b * jobs[i].ldx, jobs[i].lin->K, xq[i] + b * ldq[i]);
         }
+        s.bar.wait();
     }
-#pragma omp for schedule(dynamic, 8)
+#pragma omp for schedule(dynamic, 8) nowait
     for (int64_t t = 0; t < total; ++t) {
         int i = n - 1;
         while (start[i] > t) --i;
@@ -165,6 +237,7 @@ void gemvs(Scratch& s, const Job* jobs, int n, int64_t B) {
         const int64_t lt = t - start[i];
         rz::tile_rows(L.kind, j.x, B, j.ldx, xq[i], ldq[i], L.w, lt, L.K, L.scale, j.y + 4 * lt, j.ldy);
     }
+    s.bar.wait();
 }
 
 // The most one call of gemvs can need of something: the max over the head (when given) and each layer
@@ -192,12 +265,13 @@ int64_t prep_bytes_bound(const LayerP* layers, int64_t L, const Lin* head) {
 // xx[b, t] = src[b, t - 1], and the carried shift for t = 0; the last token's row becomes the next shift.
 void shift_rows(Scratch& s, const float* src, const float* carried, float* xx, float* next) {
     const int64_t C = s.C, T = s.T;
-#pragma omp for
+#pragma omp for nowait
     for (int64_t m = 0; m < s.M; ++m) {
         const int64_t b = m / T, t = m % T;
         memcpy(xx + m * C, t ? src + (m - 1) * C : carried + b * C, C * sizeof(float));
         if (t == T - 1) memcpy(next + b * C, src + m * C, C * sizeof(float));
     }
+    s.bar.wait();
 }
 
 // GroupNorm over heads for one row (in place): each head's N channels normalized like a LayerNorm.
@@ -273,9 +347,10 @@ inline void mix_row(const float* x, const float* xx, const float* m, int64_t C, 
 void mix_kvrg(const LayerP& P, Scratch& s, const float* x, const float* xx, int n) {
     const int64_t B = s.M, C = s.C;
     float* mixed = s.mixed.data();
-#pragma omp for
+#pragma omp for nowait
     for (int64_t b = 0; b < B; ++b)
         for (int m = 0; m < n; ++m) mix_row(x + b * C, xx + b * C, P.mix + m * C, C, mixed + (m * B + b) * C);
+    s.bar.wait();
     const Lin* lins[4] = {&P.k, &P.v, &P.r, &P.g};
     float* outs[4] = {s.k.data(), s.v.data(), s.r.data(), s.g.data()};
     Job jobs[4];
@@ -294,7 +369,7 @@ void time_mix(const LayerP& P, Scratch& s, const float* xx, float* const* st_in,
         float *a1 = st_out[2], *b1 = st_out[3], *p1 = st_out[4];
         // One task per (sequence, block of 64 channels); the state lives in the output arrays.
         const int64_t nblk = (C + 63) / 64;
-#pragma omp for
+#pragma omp for nowait
         for (int64_t task = 0; task < s.nseq * nblk; ++task) {
             const int64_t b = task / nblk, c0 = (task % nblk) * 64, n = C - c0 < 64 ? C - c0 : 64;
             const int64_t so = b * C + c0;
@@ -326,6 +401,7 @@ void time_mix(const LayerP& P, Scratch& s, const float* xx, float* const* st_in,
                 }
             }
         }
+        s.bar.wait();
         const Job out = {&P.o, s.y.data(), C, s.g.data(), C};  // g reused as the output buffer
         gemvs(s, &out, 1, B);
         return;
@@ -339,22 +415,24 @@ void time_mix(const LayerP& P, Scratch& s, const float* xx, float* const* st_in,
         const int64_t D5 = P.l1[0].N;  // 5 * D
         const int64_t D = D5 / 5;
         // xxx = x + (xx - x) * maa_x, then h = tanh(xxx @ maa_w1)
-#pragma omp for
+#pragma omp for nowait
         for (int64_t b = 0; b < B; ++b) {
             const float *xb = x + b * C, *xxb = xx + b * C;
             float* o = mixed + b * C;
 #pragma omp simd
             for (int64_t i = 0; i < C; ++i) o[i] = xb[i] + (xxb[i] - xb[i]) * P.mix[i];
         }
+        s.bar.wait();
         const Job j1 = {&P.l1[0], mixed, C, s.h.data(), D5};
         gemvs(s, &j1, 1, B);
-#pragma omp for
+#pragma omp for nowait
         for (int64_t i = 0; i < B * D5; ++i) s.h[i] = tanhf(s.h[i]);
+        s.bar.wait();
         Job j2[5];
         for (int m = 0; m < 5; ++m) j2[m] = {&P.l2[m], s.h.data() + m * D, D5, s.lo.data() + m * B * C, C};
         gemvs(s, j2, 5, B);
         // mixed[m] = x + (xx - x) * (maa[m] + lora[m]), m = w, k, v, r, g
-#pragma omp for
+#pragma omp for nowait
         for (int64_t mb = 0; mb < 5 * B; ++mb) {
             const int64_t m = mb / B, b = mb % B;
             const float *xb = x + b * C, *xxb = xx + b * C, *mm = P.mix + (m + 1) * C;
@@ -363,6 +441,7 @@ void time_mix(const LayerP& P, Scratch& s, const float* xx, float* const* st_in,
 #pragma omp simd
             for (int64_t i = 0; i < C; ++i) o[i] = xb[i] + (xxb[i] - xb[i]) * (mm[i] + lo[i]);
         }
+        s.bar.wait();
         const int64_t Dw = P.l1[1].N;
         const Job jobs[5] = {{&P.k, mixed + B * C, C, s.k.data(), C},
                              {&P.v, mixed + 2 * B * C, C, s.v.data(), C},
@@ -370,17 +449,20 @@ void time_mix(const LayerP& P, Scratch& s, const float* xx, float* const* st_in,
                              {&P.g, mixed + 4 * B * C, C, s.g.data(), C},
                              {&P.l1[1], mixed, C, s.h.data(), Dw}};
         gemvs(s, jobs, 5, B);
-#pragma omp for
+#pragma omp for nowait
         for (int64_t i = 0; i < B * Dw; ++i) s.h[i] = tanhf(s.h[i]);
+        s.bar.wait();
         const Job jd = {&P.l1[2], s.h.data(), Dw, s.w.data(), C};
         gemvs(s, &jd, 1, B);
-#pragma omp for
+#pragma omp for nowait
         for (int64_t i = 0; i < B * C; ++i) s.w[i] = -expf(P.w[i % C] + s.w[i]);
+        s.bar.wait();
         logw = s.w.data();
     } else {  // v7
-#pragma omp for
+#pragma omp for nowait
         for (int64_t b = 0; b < B; ++b)
             for (int m = 0; m < 6; ++m) mix_row(xx + b * C, x + b * C, P.mix + m * C, C, mixed + (m * B + b) * C);
+        s.bar.wait();
         // r, k, v and the first LoRA halves (w, a, v, g) all read the mixes: one loop.
         const int64_t Dw = P.l1[0].N, Da = P.l1[1].N, Dv = P.l1[2].N, Dg = P.l1[3].N;
         float* hw = s.h.data();
@@ -395,10 +477,12 @@ void time_mix(const LayerP& P, Scratch& s, const float* xx, float* const* st_in,
                        {&P.l1[3], mixed + 5 * B * C, C, hg, Dg},
                        {&P.l1[2], mixed + 3 * B * C, C, hv, Dv}};
         gemvs(s, jobs, have_vfirst ? 7 : 6, B);
-#pragma omp for
+#pragma omp for nowait
         for (int64_t i = 0; i < B * Dw; ++i) hw[i] = tanhf(hw[i]);
-#pragma omp for
+        s.bar.wait();
+#pragma omp for nowait
         for (int64_t i = 0; i < B * Dg; ++i) hg[i] = sigmoidf(hg[i]);
+        s.bar.wait();
         float* lo_w = s.lo.data();
         float* lo_a = lo_w + B * C;
         float* lo_v = lo_a + B * C;
@@ -406,7 +490,7 @@ void time_mix(const LayerP& P, Scratch& s, const float* xx, float* const* st_in,
                      {&P.l2[2], hv, Dv, lo_v, C}};
         gemvs(s, j2, have_vfirst ? 4 : 3, B);
         const float DECAY_SCALE = 0.60653065971263342f;  // exp(-0.5), as rwkv_zoo/versions/v7.py
-#pragma omp for
+#pragma omp for nowait
         for (int64_t bh = 0; bh < B * H; ++bh) {
             const int64_t b = bh / H, h = bh % H, o = b * C + h * N;
             float *kt = s.k.data() + o, *vt = s.v.data() + o, *wt = s.w.data() + o, *at = s.a.data() + o;
@@ -436,12 +520,13 @@ void time_mix(const LayerP& P, Scratch& s, const float* xx, float* const* st_in,
                 }
             }
         }
+        s.bar.wait();
         have_vfirst = true;
         logw = s.w.data();
     }
     // The WKV recurrence, one task per (sequence, head) walking its tokens; the head's state (16 KiB at
     // N = 64) is updated in place in the output state and stays in L1.
-#pragma omp for
+#pragma omp for nowait
     for (int64_t bh = 0; bh < s.nseq * H; ++bh) {
         const int64_t b = bh / H, h = bh % H;
         float* S1h = S1 + bh * N * N;
@@ -461,8 +546,9 @@ void time_mix(const LayerP& P, Scratch& s, const float* xx, float* const* st_in,
             }
         }
     }
+    s.bar.wait();
     // GroupNorm, then the gate (v5/v6: silu(g); v7: + the r k bonus, times g).
-#pragma omp for
+#pragma omp for nowait
     for (int64_t b = 0; b < B; ++b) {
         float* yb = s.y.data() + b * C;
         group_norm(yb, H, N, P.lnx_w, P.lnx_b, P.lnx_eps);
@@ -479,6 +565,7 @@ void time_mix(const LayerP& P, Scratch& s, const float* xx, float* const* st_in,
             for (int64_t i = 0; i < C; ++i) yb[i] *= gb[i] * sigmoidf(gb[i]);
         }
     }
+    s.bar.wait();
     const Job out = {&P.o, s.y.data(), C, s.g.data(), C};  // the gate is spent: its buffer takes the output
     gemvs(s, &out, 1, B);
 }
@@ -488,18 +575,20 @@ void channel_mix(const LayerP& P, Scratch& s, const float* xx) {
     const float* x = s.xf.data();
     float* mixed = s.mixed.data();
     const bool rec = P.ffn_kind != 7;
-#pragma omp for
+#pragma omp for nowait
     for (int64_t b = 0; b < B; ++b) {
         mix_row(x + b * C, xx + b * C, P.f_mk, C, mixed + b * C);
         if (rec) mix_row(x + b * C, xx + b * C, P.f_mr, C, mixed + (B + b) * C);
     }
+    s.bar.wait();
     const Job jobs[2] = {{&P.fk, mixed, C, s.ff.data(), F}, {&P.fr, mixed + B * C, C, s.r.data(), C}};
     gemvs(s, jobs, rec ? 2 : 1, B);
-#pragma omp for
+#pragma omp for nowait
     for (int64_t i = 0; i < B * F; ++i) {
         const float t = s.ff[i] > 0.f ? s.ff[i] : 0.f;
         s.ff[i] = t * t;
     }
+    s.bar.wait();
     const Job jv = {&P.fv, s.ff.data(), F, s.v.data(), C};
     gemvs(s, &jv, 1, B);
 }
@@ -540,20 +629,23 @@ void rz_decode(const LayerP* layers, int64_t L, int64_t B, int64_t T, int64_t C,
     const int64_t M = B * T;
 #pragma omp parallel num_threads(nthreads)
     {
+        if (omp_get_thread_num() == 0) s.bar.n = omp_get_num_threads();  // may be fewer than asked for
+#pragma omp barrier
         bool have_vfirst = false;  // private copies agree: every thread walks the same layers
         for (int64_t l = 0; l < L; ++l) {
             const LayerP& P = layers[l];
             float* const* in = st_in + 5 * l;
             float* const* out = st_out + 5 * l;
-#pragma omp for
+#pragma omp for nowait
             for (int64_t m = 0; m < M; ++m) {
                 float* xm = x + m * C;
                 if (P.ln0_w) layer_norm(xm, P.ln0_w, P.ln0_b, P.ln0_eps, C, xm);
                 layer_norm(xm, P.ln1_w, P.ln1_b, P.ln1_eps, C, s.xa.data() + m * C);
             }
+            s.bar.wait();
             shift_rows(s, s.xa.data(), in[0], s.xx.data(), out[0]);
             time_mix(P, s, s.xx.data(), in, out, have_vfirst, p_init);
-#pragma omp for
+#pragma omp for nowait
             for (int64_t m = 0; m < M; ++m) {
                 float* xm = x + m * C;
                 const float* om = s.g.data() + m * C;
@@ -561,9 +653,10 @@ void rz_decode(const LayerP* layers, int64_t L, int64_t B, int64_t T, int64_t C,
                 for (int64_t i = 0; i < C; ++i) xm[i] += om[i];
                 layer_norm(xm, P.ln2_w, P.ln2_b, P.ln2_eps, C, s.xf.data() + m * C);
             }
+            s.bar.wait();
             shift_rows(s, s.xf.data(), in[1], s.xx.data(), out[1]);
             channel_mix(P, s, s.xx.data());
-#pragma omp for
+#pragma omp for nowait
             for (int64_t m = 0; m < M; ++m) {
                 float* xm = x + m * C;
                 const float* vm = s.v.data() + m * C;
@@ -578,13 +671,15 @@ void rz_decode(const LayerP* layers, int64_t L, int64_t B, int64_t T, int64_t C,
                 if (P.halve)
                     for (int64_t i = 0; i < C; ++i) xm[i] *= 0.5f;
             }
+            s.bar.wait();
         }
         if (keep > 0) {
-#pragma omp for
+#pragma omp for nowait
             for (int64_t j = 0; j < B * keep; ++j) {
                 const int64_t b = j / keep, t = T - keep + j % keep;
                 layer_norm(x + (b * T + t) * C, lnout_w, lnout_b, lnout_eps, C, s.xa.data() + j * C);
             }
+            s.bar.wait();
             const Job jh = {head, s.xa.data(), C, logits, head->N};
             gemvs(s, &jh, 1, B * keep);
         }
