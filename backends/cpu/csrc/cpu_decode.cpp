@@ -101,8 +101,14 @@ struct Buf {
 // most `budget` pauses (60 us at most), then sleeps on a futex until the last thread arrives. The budget
 // adapts per thread: it halves when a wait outlasts it (a partner off its core: sleep early) and doubles
 // when the partner comes within it (a quiet machine: no futex wake-up latency, ~a dozen per layer).
+#ifndef RZ_SPIN_MAX  // pauses (30 ns each here); tests build with 0 to make every wait sleep
+#define RZ_SPIN_MAX 2048
+#endif
+#ifndef RZ_SPIN_MIN
+#define RZ_SPIN_MIN (RZ_SPIN_MAX < 16 ? RZ_SPIN_MAX : 16)
+#endif
 struct TeamBarrier {
-    static constexpr int SPIN_MIN = 16, SPIN_MAX = 2048;
+    static constexpr int SPIN_MIN = RZ_SPIN_MIN, SPIN_MAX = RZ_SPIN_MAX;
     alignas(64) std::atomic<int> arrived{0};
     alignas(64) std::atomic<int> phase{0};
     std::atomic<int> sleepers{0};
