@@ -209,7 +209,7 @@ void gemvs(Scratch& s, const Job* jobs, int n, int64_t B) {
             const Lin& L = *jobs[i].lin;
             dj[i] = {jobs[i].x, jobs[i].ldx, static_cast<const float*>(L.w), L.K, L.N, jobs[i].y, jobs[i].ldy};
         }
-        rz::dot_gemm(dj, n, B, s.dot.data());
+        rz::dot_gemm(dj, n, B, s.dot.data(), [&] { s.bar.wait(); });
         return;
     }
     int64_t start[8], ldq[8], total = 0, off = 0;

@@ -38,7 +38,9 @@ void gemv(int64_t kind, const float* x, int64_t B, int64_t K, int64_t ldx, const
         const rz::DotJob job = {x, ldx, static_cast<const float*>(W), K, N, y, ldy};
         float* scratch = buf.get();  // thread_local: the pointer, not the name, goes into the parallel region
 #pragma omp parallel num_threads(nthreads)
-        rz::dot_gemm(&job, 1, B, scratch);
+        rz::dot_gemm(&job, 1, B, scratch, [] {
+#pragma omp barrier
+        });
         return;
     }
     const int64_t tiles = N / 4;

@@ -735,10 +735,12 @@ inline int64_t dot_scratch_floats(int64_t B, int64_t sumK, int nthreads) {
     return Bp * sumK + nthreads * DOT_NC_MAX * DOT_MR * DOT_ACC + 16;
 }
 
-// The jobs' products for B rows each, called by every thread of an OpenMP parallel region (ends with
-// the loop's barrier). scratch: dot_scratch_floats(B, sum of the jobs' K, threads) floats, shared.
-// n <= 16.
-inline void dot_gemm(const DotJob* jobs, int n, int64_t B, float* scratch) {
+// The jobs' products for B rows each, called by every thread of an OpenMP parallel region. scratch:
+// dot_scratch_floats(B, sum of the jobs' K, threads) floats, shared. n <= 16. sync(): the team's
+// barrier, after each of the two work-sharing loops (`nowait`): `#pragma omp barrier` in rz_gemv, the
+// fused step's own barrier in cpu_decode.cpp (which does not spin for milliseconds on a loaded machine).
+template <typename Sync>
+inline void dot_gemm(const DotJob* jobs, int n, int64_t B, float* scratch, Sync&& sync) {
     const int nthreads = omp_get_num_threads();
     const int64_t panels = (B + DOT_MR - 1) / DOT_MR, Bp = panels * DOT_MR;
     float* base = scratch + (16 - reinterpret_cast<uintptr_t>(scratch) / 4 % 16) % 16;  // 64-byte aligned
@@ -764,7 +766,7 @@ inline void dot_gemm(const DotJob* jobs, int n, int64_t B, float* scratch) {
         chunks[j + 1] = chunks[j] + (jobs[j].N / 4 + nc[j] - 1) / nc[j];
     }
     // x into panels: panel p's K-block at k0 is [DOT_MR rows][kc] at p * DOT_MR * K + k0 * DOT_MR
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) nowait
     for (int64_t it = 0; it < n * panels; ++it) {
         const int j = (int)(it / panels);
         if (!packs[j]) continue;
@@ -777,8 +779,9 @@ inline void dot_gemm(const DotJob* jobs, int n, int64_t B, float* scratch) {
                 memcpy(out + k0 * DOT_MR + i * kc, J.x + (p * DOT_MR + i) * J.ldx + k0, kc * sizeof(float));
         }
     }
+    sync();
     float* acc = base + omp_get_thread_num() * DOT_NC_MAX * DOT_MR * DOT_ACC;
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) nowait
     for (int64_t it = 0; it < chunks[n]; ++it) {
         int j = 0;
         while (chunks[j + 1] <= it) ++j;
@@ -801,6 +804,7 @@ inline void dot_gemm(const DotJob* jobs, int n, int64_t B, float* scratch) {
             }
         }
     }
+    sync();
 }
 
 // Rows of x for one tile `t` of the packed matrix W (kind: F32, BF16, I8, I4). xq: the prepared rows
