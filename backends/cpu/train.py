@@ -84,17 +84,14 @@ class _WKV6(torch.autograd.Function):
         dy = torch.zeros_like(r) if dy is None else _c(dy.float())
         dsT = None if dsT is None else _c(dsT.float())
         dr, dk, dv = torch.empty_like(r), torch.empty_like(k), torch.empty_like(v)
-        dw = torch.empty_like(w) if ctx.per_token else torch.empty(B, H, N, dtype=torch.float32)
-        du = torch.empty(B, H, N, dtype=torch.float32)
+        # The kernel sums the shared parameters' gradients (u, and wkv5's w) over the batch.
+        dw, du = torch.empty_like(w), torch.empty_like(u)
         ds0 = torch.empty(B, H, N, N, dtype=torch.float32)
         _lib().rz_wkv6_bwd(r.data_ptr(), k.data_ptr(), v.data_ptr(), w.data_ptr(), int(ctx.per_token), u.data_ptr(),
                            ckpt.data_ptr(), dy.data_ptr(), _ptr(dsT), dr.data_ptr(), dk.data_ptr(), dv.data_ptr(),
                            dw.data_ptr(), du.data_ptr(), ds0.data_ptr(), B, T, H, N, CKPT_LEN,
                            torch.get_num_threads())
-        # Shared parameters: the kernel wrote one partial sum per (batch, head).
-        if not ctx.per_token:
-            dw = dw.sum(0)
-        return dr, dk, dv, dw, du.sum(0), ds0, None
+        return dr, dk, dv, dw, du, ds0, None
 
 
 class _WKV7(torch.autograd.Function):
