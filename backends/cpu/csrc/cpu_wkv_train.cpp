@@ -136,29 +136,43 @@ void wkv6_fwd(const float* r, const float* k, const float* v, const float* w, in
     }
 }
 
-// The backward walks the states transposed (value-major: ST[j * N + i] = S[i, j]) and keeps the state
-// gradient the same way. Of the per-token sums, S_{t-1} dy, dS_t v and rowsum(dS_t o S_{t-1}) then run
-// over the rows (vector accumulators over the key index) and only dS_t^T k needs one horizontal sum
-// per row: 1 reduction per row where the key-major walk needed 3 (at N = 16 with AVX2, the reductions
-// were most of its instructions). Checkpoints (key-major, as the forward writes them), dsT and ds0 are
-// transposed once per chunk / per task.
+// Copy an N x N state, transposing it when TR.
+template <bool TR>
+inline void copy_state(float* dst, const float* src, int64_t N) {
+    if (TR) {
+        for (int64_t i = 0; i < N; ++i)
+            for (int64_t j = 0; j < N; ++j) dst[j * N + i] = src[i * N + j];
+    } else {
+        memcpy(dst, src, N * N * sizeof(float));
+    }
+}
+
+// Backward at N = 16 walks the states transposed (value-major: ST[j * N + i] = S[i, j]) and keeps the
+// state gradient the same way (TR). Of the per-token sums, S_{t-1} dy, dS_t v and rowsum(dS_t o S_{t-1})
+// then run over the rows into vector accumulators over the key index (6 AVX2 registers at N = 16) and
+// only dS_t^T k needs a horizontal sum: 1 per row where the key-major walk needs 3, which were most of
+// its instructions at N = 16 (the backward at the quick shape: 1.36x with warm caches). From N = 32 on
+// the accumulators no longer fit in registers and the key-major walk does fewer loads and stores.
+// Checkpoints (key-major, as the forward writes them), dsT and ds0 are transposed once per chunk / task.
 // dw: [B, T, H, N] when w_per_token, else [H, N]; du: [H, N] (the sums over the batch are taken here,
 // serially and in batch order after the parallel loop: deterministic for any thread count).
 template <int NN>
 void wkv6_bwd(const float* r, const float* k, const float* v, const float* w, int w_per_token, const float* u,
               const float* ckpt, const float* dy, const float* dsT, float* dr, float* dk, float* dv, float* dw,
               float* du, float* ds0, int64_t B, int64_t T, int64_t H, int64_t N_, int64_t L, int nthreads) {
+    constexpr bool TR = NN == 16;
     const int64_t N = Dim<NN>(N_)();
     const int64_t nc = ceil_div(T, L);
     // Per-(batch, head) partial sums of the shared parameters' gradients: one writer per element.
     std::vector<float> dupart(B * H * N), dwpart(w_per_token ? 0 : B * H * N);
 #pragma omp parallel num_threads(nthreads)
     {
-        // buf[m] = S_{t0 + m - 1}^T; decall[m]: the chunk's per-token decays exp(w), computed once
-        // (vectorized) for both passes.
-        std::vector<float> bufv(L * N * N), GTv(N * N), decv(L * N);
+        // buf[m] = S_{t0 + m - 1} (transposed when TR); decall[m]: the chunk's per-token decays exp(w),
+        // computed once (vectorized) for both passes.
+        std::vector<float> bufv(L * N * N), dSv(N * N), decv(L * N), dvv(N);
         float *buf = bufv.data(), *decall = decv.data();
-        float* __restrict__ GT = GTv.data();  // gradient of S_t, transposed
+        float* __restrict__ dS = dSv.data();  // gradient of S_t (transposed when TR)
+        float* __restrict__ dvacc = dvv.data();
         Scratch<NN> sdys(N), gvs(N), gss(N), duaccs(N), dwaccs(N), decays(N);
         float *__restrict__ sdy = sdys.get(), *__restrict__ gv = gvs.get(), *__restrict__ gs = gss.get();
         float *__restrict__ duacc = duaccs.get(), *__restrict__ dwacc = dwaccs.get(), *decay = decays.get();
@@ -178,13 +192,10 @@ void wkv6_bwd(const float* r, const float* k, const float* v, const float* w, in
             const int64_t b = bh / H, h = bh % H;
             const float* uh = u + h * N;
             fetch(bh, nc - 1);
-            if (dsT) {
-                const float* g0 = dsT + bh * N * N;
-                for (int64_t i = 0; i < N; ++i)
-                    for (int64_t j = 0; j < N; ++j) GT[j * N + i] = g0[i * N + j];
-            } else {
-                memset(GT, 0, N * N * sizeof(float));
-            }
+            if (dsT)
+                copy_state<TR>(dS, dsT + bh * N * N, N);
+            else
+                memset(dS, 0, N * N * sizeof(float));
             for (int64_t i = 0; i < N; ++i) duacc[i] = 0.f, dwacc[i] = 0.f;
             if (!w_per_token)
                 for (int64_t i = 0; i < N; ++i) decay[i] = expf(w[h * N + i]);
@@ -194,10 +205,8 @@ void wkv6_bwd(const float* r, const float* k, const float* v, const float* w, in
                     fetch(bh, c - 1);
                 else
                     fetch(bh + 1, nc - 1);
-                // Recompute the states entering each token of the chunk, transposed.
-                const float* ck = ckpt + (bh * nc + c) * N * N;
-                for (int64_t i = 0; i < N; ++i)
-                    for (int64_t j = 0; j < N; ++j) buf[j * N + i] = ck[i * N + j];
+                // Recompute the states entering each token of the chunk.
+                copy_state<TR>(buf, ckpt + (bh * nc + c) * N * N, N);
                 if (w_per_token)
                     for (int64_t m = 0; m < len; ++m) {
                         const float* wt = w + ((b * T + t0 + m) * H + h) * N;
@@ -211,10 +220,18 @@ void wkv6_bwd(const float* r, const float* k, const float* v, const float* w, in
                     const float* __restrict__ prev = buf + m * N * N;
                     float* __restrict__ next = buf + (m + 1) * N * N;
                     const float* dm = w_per_token ? decall + m * N : decay;
-                    for (int64_t j = 0; j < N; ++j) {
-                        const float vj = vt[j];
+                    for (int64_t o = 0; o < N; ++o) {
+                        const float* p = prev + o * N;
+                        float* q = next + o * N;
+                        if (TR) {  // row o is column o of S
+                            const float vo = vt[o];
 #pragma omp simd
-                        for (int64_t i = 0; i < N; ++i) next[j * N + i] = prev[j * N + i] * dm[i] + vj * kt[i];
+                            for (int64_t i = 0; i < N; ++i) q[i] = p[i] * dm[i] + vo * kt[i];
+                        } else {
+                            const float di = dm[o], ki = kt[o];
+#pragma omp simd
+                            for (int64_t j = 0; j < N; ++j) q[j] = p[j] * di + ki * vt[j];
+                        }
                     }
                 }
                 for (int64_t m = len - 1; m >= 0; --m) {
@@ -227,22 +244,43 @@ void wkv6_bwd(const float* r, const float* k, const float* v, const float* w, in
                     for (int64_t j = 0; j < N; ++j) vdy += vt[j] * dyt[j];
 #pragma omp simd reduction(+ : ruk)
                     for (int64_t i = 0; i < N; ++i) ruk += rt[i] * uh[i] * kt[i];
-                    for (int64_t i = 0; i < N; ++i) sdy[i] = 0.f, gv[i] = 0.f, gs[i] = 0.f;
                     float* dvt = dv + base;
-                    for (int64_t j = 0; j < N; ++j) {
-                        const float dyj = dyt[j], vj = vt[j];
-                        const float* s = S0 + j * N;
-                        float* g = GT + j * N;  // column j of the gradient of S_t
-                        float dvj = 0.f;
+                    if (TR) {
+                        for (int64_t i = 0; i < N; ++i) sdy[i] = 0.f, gv[i] = 0.f, gs[i] = 0.f;
+                        for (int64_t j = 0; j < N; ++j) {
+                            const float dyj = dyt[j], vj = vt[j];
+                            const float* s = S0 + j * N;
+                            float* g = dS + j * N;  // column j of the gradient of S_t
+                            float dvj = 0.f;
 #pragma omp simd reduction(+ : dvj)
-                        for (int64_t i = 0; i < N; ++i) {
-                            sdy[i] += s[i] * dyj;
-                            gv[i] += g[i] * vj;
-                            gs[i] += g[i] * s[i];
-                            dvj += kt[i] * g[i];
-                            g[i] = d[i] * g[i] + rt[i] * dyj;  // now the gradient of S_{t-1}
+                            for (int64_t i = 0; i < N; ++i) {
+                                sdy[i] += s[i] * dyj;
+                                gv[i] += g[i] * vj;
+                                gs[i] += g[i] * s[i];
+                                dvj += kt[i] * g[i];
+                                g[i] = d[i] * g[i] + rt[i] * dyj;  // now the gradient of S_{t-1}
+                            }
+                            dvt[j] = dvj + ruk * dyj;
                         }
-                        dvt[j] = dvj + ruk * dyj;
+                    } else {
+                        for (int64_t j = 0; j < N; ++j) dvacc[j] = 0.f;
+                        for (int64_t i = 0; i < N; ++i) {
+                            const float ri = rt[i], ki = kt[i], di = d[i];
+                            const float* s = S0 + i * N;
+                            float* g = dS + i * N;  // row i of the gradient of S_t
+                            float s_dy = 0.f, g_v = 0.f, g_s = 0.f;
+#pragma omp simd reduction(+ : s_dy, g_v, g_s)
+                            for (int64_t j = 0; j < N; ++j) {
+                                s_dy += s[j] * dyt[j];
+                                g_v += g[j] * vt[j];
+                                g_s += g[j] * s[j];
+                                dvacc[j] += ki * g[j];
+                                g[j] = di * g[j] + ri * dyt[j];  // now the gradient of S_{t-1}
+                            }
+                            sdy[i] = s_dy, gv[i] = g_v, gs[i] = g_s;
+                        }
+#pragma omp simd
+                        for (int64_t j = 0; j < N; ++j) dvt[j] = dvacc[j] + ruk * dyt[j];
                     }
 #pragma omp simd
                     for (int64_t i = 0; i < N; ++i) {
@@ -256,9 +294,7 @@ void wkv6_bwd(const float* r, const float* k, const float* v, const float* w, in
                     }
                 }
             }
-            float* g0 = ds0 + bh * N * N;
-            for (int64_t i = 0; i < N; ++i)
-                for (int64_t j = 0; j < N; ++j) g0[i * N + j] = GT[j * N + i];
+            copy_state<TR>(ds0 + bh * N * N, dS, N);  // a transpose is its own inverse
             memcpy(dupart.data() + bh * N, duacc, N * sizeof(float));
             if (!w_per_token) memcpy(dwpart.data() + bh * N, dwacc, N * sizeof(float));
         }
