@@ -33,10 +33,12 @@ def _lib():
         lib.rz_shift_mix_bwd.argtypes = [P] * 5 + [INT] + [P] * 4 + [I] * 4 + [INT]
         lib.rz_relu_sq_fwd.argtypes = [P, P, I, INT]
         lib.rz_relu_sq_bwd.argtypes = [P, P, P, I, INT]
+        lib.rz_tanh_fwd.argtypes = [P, P, I, INT]
+        lib.rz_tanh_bwd.argtypes = [P, P, P, I, INT]
         lib.rz_head_norm_fwd.argtypes = [P, P, P, ctypes.c_float, P, P, P, I, I, I, INT]
         lib.rz_head_norm_bwd.argtypes = [P] * 8 + [I, I, I, INT]
         for fn in (lib.rz_shift_mix_fwd, lib.rz_shift_mix_bwd, lib.rz_relu_sq_fwd, lib.rz_relu_sq_bwd,
-                   lib.rz_head_norm_fwd, lib.rz_head_norm_bwd):
+                   lib.rz_tanh_fwd, lib.rz_tanh_bwd, lib.rz_head_norm_fwd, lib.rz_head_norm_bwd):
             fn.restype = None
         lib._rz_shift_mix_typed = True
     return lib
@@ -239,6 +241,27 @@ class _ReluSq(torch.autograd.Function):
 
 def relu_sq(x: Tensor):
     return _ReluSq.apply(_c(x)) if _fusable(x) else NotImplemented
+
+
+class _Tanh(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.empty_like(x)
+        _lib().rz_tanh_fwd(x.data_ptr(), y.data_ptr(), x.numel(), torch.get_num_threads())
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        g = _c(g.float())
+        dx = torch.empty_like(y)
+        _lib().rz_tanh_bwd(y.data_ptr(), g.data_ptr(), dx.data_ptr(), y.numel(), torch.get_num_threads())
+        return dx
+
+
+def tanh(x: Tensor):
+    return _Tanh.apply(_c(x)) if _fusable(x) else NotImplemented
 
 
 class _HeadNorm(torch.autograd.Function):

@@ -176,6 +176,20 @@ def test_relu_sq_matches_pytorch_in_fp64():
     assert rel_err(ya.double(), yb) < GATE and rel_err(a.grad.double(), b.grad) < GATE
 
 
+def test_tanh_matches_pytorch_in_fp64():
+    # Values from tiny to saturated (tanh(x) ~ x near 0 must keep its relative accuracy), and the gradient.
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(4, 8, 96, generator=g) * torch.logspace(-6, 1, 96)
+    up = torch.randn(4, 8, 96, generator=g, dtype=torch.float64)
+    a, b = x.clone().requires_grad_(), x.double().requires_grad_()
+    ya, yb = layerops.tanh(a, backend="cpu"), layerops.tanh(b, backend="reference")
+    assert ya.grad_fn.name() == "_TanhBackward"  # the C++ op ran, not torch.tanh
+    (ya.double() * up).sum().backward()
+    (yb * up).sum().backward()
+    assert ((ya.double() - yb).abs() / yb.abs()).max() < GATE
+    assert rel_err(a.grad.double(), b.grad) < GATE
+
+
 def test_cpu_training_step_is_fused_and_deterministic():
     # The trainer's CPU optimizer is the fused AdamW; its run equals the for-loop AdamW's within fp32
     # rounding, and two runs with one thread count are bit-identical.
