@@ -5,6 +5,7 @@ A block spends much of a small training step in memory-bound elementwise ops and
 
 - ``shift_mix(x, shift, mixes, dyn=None, form="delta")``: token shift and F lerps in one op (F tensors);
 - ``relu_sq(x)``: the channel-mix activation ``relu(x) ** 2``;
+- ``tanh(x)``: the activation of v6's LoRA paths;
 - ``head_group_norm(y, ln_x)``: GroupNorm over each head of ``y`` [B, T, H, N] (``ln_x`` of v5-v7).
 
 Speed is a backend's business: a backend lists faster versions in ``Backend.layer_ops`` (name -> function
@@ -26,12 +27,13 @@ from torch import Tensor
 from rwkv_zoo import dispatch
 from rwkv_zoo.model import head_group_norm as _head_group_norm_torch
 
-__all__ = ["LAYER_OPS", "LAYER_OP_SIGNATURES", "head_group_norm", "relu_sq", "shift_mix"]
+__all__ = ["LAYER_OPS", "LAYER_OP_SIGNATURES", "head_group_norm", "relu_sq", "shift_mix", "tanh"]
 
 # What a backend's version receives (already stacked and checked by the function here).
 LAYER_OP_SIGNATURES = {
     "shift_mix": "(x [B, T, C], shift [B, C], mix [F, C], dyn [F, B, T, C] or None, form) -> F x [B, T, C]",
     "relu_sq": "(x [...]) -> [...]",
+    "tanh": "(x [...]) -> [...]",
     "head_group_norm": "(y [B, T, H, N], weight [H*N], bias [H*N], eps float) -> [B, T, H*N] fp32",
 }
 LAYER_OPS = tuple(LAYER_OP_SIGNATURES)
@@ -89,6 +91,15 @@ def relu_sq(x: Tensor, backend: str | None = None) -> Tensor:
         if out is not NotImplemented:
             return out
     return torch.relu(x).square()
+
+
+def tanh(x: Tensor, backend: str | None = None) -> Tensor:
+    """``torch.tanh(x)``, the activation of v6's LoRA paths."""
+    for fn in implementations("tanh", backend):
+        out = fn(x)
+        if out is not NotImplemented:
+            return out
+    return torch.tanh(x)
 
 
 def head_group_norm(y: Tensor, ln_x: torch.nn.GroupNorm, backend: str | None = None) -> Tensor:

@@ -116,7 +116,8 @@ def make_backend() -> Backend:
         "(fp32; built on first use)",
         availability=unavailable_reason,
         steps=[fused.STEP],
-        layer_ops={"shift_mix": train.shift_mix, "relu_sq": train.relu_sq, "head_group_norm": train.head_group_norm},
+        layer_ops={"shift_mix": train.shift_mix, "relu_sq": train.relu_sq, "tanh": train.tanh,
+                   "head_group_norm": train.head_group_norm},
     )
 
 

@@ -33,10 +33,12 @@ def _lib():
         lib.rz_shift_mix_bwd.argtypes = [P] * 5 + [INT] + [P] * 4 + [I] * 4 + [INT]
         lib.rz_relu_sq_fwd.argtypes = [P, P, I, INT]
         lib.rz_relu_sq_bwd.argtypes = [P, P, P, I, INT]
+        lib.rz_tanh_fwd.argtypes = [P, P, I, INT]
+        lib.rz_tanh_bwd.argtypes = [P, P, P, I, INT]
         lib.rz_head_norm_fwd.argtypes = [P, P, P, ctypes.c_float, P, P, P, I, I, I, INT]
         lib.rz_head_norm_bwd.argtypes = [P] * 8 + [I, I, I, INT]
         for fn in (lib.rz_shift_mix_fwd, lib.rz_shift_mix_bwd, lib.rz_relu_sq_fwd, lib.rz_relu_sq_bwd,
-                   lib.rz_head_norm_fwd, lib.rz_head_norm_bwd):
+                   lib.rz_tanh_fwd, lib.rz_tanh_bwd, lib.rz_head_norm_fwd, lib.rz_head_norm_bwd):
             fn.restype = None
         lib._rz_shift_mix_typed = True
     return lib
@@ -84,17 +86,14 @@ class _WKV6(torch.autograd.Function):
         dy = torch.zeros_like(r) if dy is None else _c(dy.float())
         dsT = None if dsT is None else _c(dsT.float())
         dr, dk, dv = torch.empty_like(r), torch.empty_like(k), torch.empty_like(v)
-        dw = torch.empty_like(w) if ctx.per_token else torch.empty(B, H, N, dtype=torch.float32)
-        du = torch.empty(B, H, N, dtype=torch.float32)
+        # The kernel sums the shared parameters' gradients (u, and wkv5's w) over the batch.
+        dw, du = torch.empty_like(w), torch.empty_like(u)
         ds0 = torch.empty(B, H, N, N, dtype=torch.float32)
         _lib().rz_wkv6_bwd(r.data_ptr(), k.data_ptr(), v.data_ptr(), w.data_ptr(), int(ctx.per_token), u.data_ptr(),
                            ckpt.data_ptr(), dy.data_ptr(), _ptr(dsT), dr.data_ptr(), dk.data_ptr(), dv.data_ptr(),
                            dw.data_ptr(), du.data_ptr(), ds0.data_ptr(), B, T, H, N, CKPT_LEN,
                            torch.get_num_threads())
-        # Shared parameters: the kernel wrote one partial sum per (batch, head).
-        if not ctx.per_token:
-            dw = dw.sum(0)
-        return dr, dk, dv, dw, du.sum(0), ds0, None
+        return dr, dk, dv, dw, du, ds0, None
 
 
 class _WKV7(torch.autograd.Function):
@@ -242,6 +241,27 @@ class _ReluSq(torch.autograd.Function):
 
 def relu_sq(x: Tensor):
     return _ReluSq.apply(_c(x)) if _fusable(x) else NotImplemented
+
+
+class _Tanh(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.empty_like(x)
+        _lib().rz_tanh_fwd(x.data_ptr(), y.data_ptr(), x.numel(), torch.get_num_threads())
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        g = _c(g.float())
+        dx = torch.empty_like(y)
+        _lib().rz_tanh_bwd(y.data_ptr(), g.data_ptr(), dx.data_ptr(), y.numel(), torch.get_num_threads())
+        return dx
+
+
+def tanh(x: Tensor):
+    return _Tanh.apply(_c(x)) if _fusable(x) else NotImplemented
 
 
 class _HeadNorm(torch.autograd.Function):

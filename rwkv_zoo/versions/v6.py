@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from rwkv_zoo import ops
 from rwkv_zoo.hookspecs import hookimpl
-from rwkv_zoo.layerops import head_group_norm, relu_sq, shift_mix
+from rwkv_zoo.layerops import head_group_norm, relu_sq, shift_mix, tanh
 from rwkv_zoo.model import (
     GROUPNORM_EPS,
     Block,
@@ -97,9 +97,11 @@ class V6TimeMix(nn.Module):
         H, N = self.time_faaaa.shape
         new_shift = x[:, -1]
         xx = shift_mix(x, shift, [self.time_maa_x], backend=ctx.backend)[0]
-        h = torch.tanh(xx @ self.time_maa_w1)  # [B, T, 5*Dm]
-        h = h.view(B, T, 5, -1).transpose(1, 2)  # [B, 5, T, Dm]
-        m = torch.einsum("bftd,fdc->fbtc", h, self.time_maa_w2)  # rows w, k, v, r, g: [5, B, T, C]
+        h = tanh(xx @ self.time_maa_w1, backend=ctx.backend)  # [B, T, 5*Dm]
+        # Rows w, k, v, r, g: m[f] = h[..., f, :] @ W2[f], [5, B, T, C]. One bmm over a strided view of h
+        # ([5, B*T, Dm]): the same products as einsum("bftd,fdc->fbtc"), without the copies einsum made
+        # of h and of the gradients (forward + backward 1.45 ms against 2.0 ms at the quick shape, cold).
+        m = torch.bmm(h.view(B * T, 5, -1).transpose(0, 1), self.time_maa_w2).view(5, B, T, -1)
         # Token shift and the five lerps as one pass over [5, B, T, C] (the same arithmetic per element as
         # five separate ones; one C++ op forward and one backward on a CPU).
         maa = [self.time_maa_w, self.time_maa_k, self.time_maa_v, self.time_maa_r, self.time_maa_g]
@@ -108,7 +110,7 @@ class V6TimeMix(nn.Module):
         k = self.key(xk).view(B, T, H, N)
         v = self.value(xv).view(B, T, H, N)
         g = F.silu(self.gate(xg))
-        ww = self.time_decay.float() + (torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2).float()
+        ww = self.time_decay.float() + (tanh(xw @ self.time_decay_w1, backend=ctx.backend) @ self.time_decay_w2).float()
         w = -torch.exp(ww).view(B, T, H, N)  # log of exp(-exp(ww)), fp32
         y, wkv = ops.wkv6(r, k, v, w, self.time_faaaa.float(), wkv, mode=ctx.mode, backend=ctx.backend)
         y = head_group_norm(y, self.ln_x, backend=ctx.backend).to(x.dtype)

@@ -71,6 +71,17 @@ def test_every_gradient_matches_reference(op, N):
     assert max(errors.values()) <= GATE, errors
 
 
+@pytest.mark.parametrize("op", ["wkv6", "wkv5"])
+def test_every_gradient_matches_reference_at_other_head_sizes_and_short_sequences(op):
+    # N = 8 and 24 run the kernels' generic (run-time N) code, N = 16 its transposed backward walk;
+    # T = 3 and 5 are shorter than one checkpoint chunk, 21 one whole chunk and a partial one. B * H = 6
+    # tasks: the next task's rows are prefetched from the middle of another.
+    for N, T in ((8, 3), (24, 21), (16, 5)):
+        inputs, upstream = _case(op, 3, T, 2, N, seed=N)
+        errors = _compare(op, inputs, upstream)
+        assert max(errors.values()) <= GATE, (N, T, errors)
+
+
 @pytest.mark.parametrize("op", TRAINED)
 def test_gradient_from_only_the_output_or_only_the_state(op):
     # Infctx chunking sends a gradient into the final state; a plain loss sends none (None, not zeros).
@@ -126,12 +137,14 @@ def test_tiny_models_train_the_same_on_cpu_and_reference():
         assert rel_err(grads["cpu"], grads["reference"]) < 1e-4, name
 
 
-@pytest.mark.parametrize(("form", "F", "dyn"), [("delta", 6, False), ("delta", 5, True), ("lerp", 3, False)])
-def test_shift_mix_matches_pytorch_in_fp64(form, F, dyn):
+@pytest.mark.parametrize(("form", "F", "dyn", "T"),
+                         [("delta", 6, False, 9), ("delta", 5, True, 9), ("lerp", 3, False, 9), ("delta", 5, True, 2)])
+def test_shift_mix_matches_pytorch_in_fp64(form, F, dyn, T):
     # The fused token shift + lerps (v6/v7 "delta" form with v6's data-dependent part, v4/v5 "lerp"
-    # form): values and every gradient against the PyTorch expression in fp64.
+    # form): values and every gradient against the PyTorch expression in fp64. T = 2: fewer tokens than
+    # the rows the backward prefetches ahead.
     g = torch.Generator().manual_seed(3)
-    B, T, C = 3, 9, 40
+    B, C = 3, 40
     leaves = [torch.randn(B, T, C, generator=g), torch.randn(B, C, generator=g),
               *(torch.rand(1, 1, C, generator=g) for _ in range(F))]
     if dyn:
@@ -161,6 +174,20 @@ def test_relu_sq_matches_pytorch_in_fp64():
     (ya.double() * up).sum().backward()
     (yb * up).sum().backward()
     assert rel_err(ya.double(), yb) < GATE and rel_err(a.grad.double(), b.grad) < GATE
+
+
+def test_tanh_matches_pytorch_in_fp64():
+    # Values from tiny to saturated (tanh(x) ~ x near 0 must keep its relative accuracy), and the gradient.
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(4, 8, 96, generator=g) * torch.logspace(-6, 1, 96)
+    up = torch.randn(4, 8, 96, generator=g, dtype=torch.float64)
+    a, b = x.clone().requires_grad_(), x.double().requires_grad_()
+    ya, yb = layerops.tanh(a, backend="cpu"), layerops.tanh(b, backend="reference")
+    assert ya.grad_fn.name() == "_TanhBackward"  # the C++ op ran, not torch.tanh
+    (ya.double() * up).sum().backward()
+    (yb * up).sum().backward()
+    assert ((ya.double() - yb).abs() / yb.abs()).max() < GATE
+    assert rel_err(a.grad.double(), b.grad) < GATE
 
 
 def test_cpu_training_step_is_fused_and_deterministic():

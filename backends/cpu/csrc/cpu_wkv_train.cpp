@@ -17,7 +17,7 @@
 //
 // Layouts: r, k, v, w, a, b, y and their gradients [B, T, H, N]; states [B, H, K, V] key-first, V
 // contiguous. Parameters shared across the batch (u [H, N]; wkv5's w [H, N]) get per-(batch, head)
-// partial gradients [B, H, N] that the caller sums over B: no atomics, one writer per element.
+// partial gradients that are summed over B after the parallel loop: no atomics, one writer per element.
 // Formulas: backends/reference/recurrent.py (the oracle).
 #include <math.h>
 #include <omp.h>
@@ -39,8 +39,36 @@ struct Dim {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Software prefetch of tokens [t, t + n) of one (batch, head) in [B, T, H, N] tensors (the row of token
+// t starts at ptr + t * stride). A task reads one N-float row (one cache line at N = 16) every H * N
+// floats, backwards in the backward, from tensors that the rest of the training step has long evicted
+// to DRAM: at the ablation shape (B = 16, T = 32, H = 4, N = 16) the wkv6 backward took 0.55 ms with
+// warm caches and 1.4 ms after a cache flush, i.e. it waited on memory most of the time. Fetching the
+// next chunk's rows while this chunk computes overlaps those misses with the work.
+template <bool WRITE>
+inline void prefetch_rows(const float* ptr, int64_t t, int64_t n, int64_t stride, int64_t N) {
+    for (int64_t m = 0; m < n; ++m)
+        for (int64_t off = 0; off < N; off += 16) {
+            __builtin_prefetch(ptr + (t + m) * stride + off, WRITE, 3);
+            // GCC 12 deletes a loop nest whose only statements are prefetches once it is inlined into
+            // other code (no prefetch left in the object at -O1 and above); an empty volatile asm keeps it.
+            __asm__ __volatile__("");
+        }
+}
+
 // ------------------------------------------------------------------------------------------------
 // wkv6 / wkv5: y_t = r_t^T (S_{t-1} + diag(u) k_t v_t^T), S_t = diag(exp(w_t)) S_{t-1} + k_t v_t^T
+
+// Per-thread scratch of n floats: on the stack when the head size is a compile-time constant (the
+// compiler then keeps small accumulators such as y_t in registers: it knows no store to the state can
+// reach them), else on the heap.
+template <int NN>
+struct Scratch {
+    alignas(64) float fixed[NN ? NN : 1];
+    std::vector<float> dyn;
+    explicit Scratch(int64_t n) : dyn(NN ? 0 : n) {}
+    inline float* get() { return NN ? fixed : dyn.data(); }
+};
 
 template <int NN>
 void wkv6_fwd(const float* r, const float* k, const float* v, const float* w, int w_per_token, const float* u,
@@ -50,10 +78,22 @@ void wkv6_fwd(const float* r, const float* k, const float* v, const float* w, in
     const int64_t nc = ceil_div(T, L);
 #pragma omp parallel num_threads(nthreads)
     {
-        std::vector<float> Sv(N * N), accv(N), decayv(N);
-        float* S = Sv.data();
-        float* acc = accv.data();
-        float* decay = decayv.data();
+        std::vector<float> Sv(N * N);
+        Scratch<NN> accs(N), decays(N);
+        float* __restrict__ S = Sv.data();
+        float* __restrict__ acc = accs.get();
+        float* __restrict__ decay = decays.get();
+        // Tokens [t, t + n) of task bh (clipped to T) on their way into the cache.
+        auto fetch = [&](int64_t bh, int64_t t, int64_t n) {
+            if (bh >= B * H || t >= T) return;
+            n = n < T - t ? n : T - t;
+            const int64_t at = ((bh / H) * T * H + bh % H) * N, stride = H * N;
+            prefetch_rows<false>(r + at, t, n, stride, N);
+            prefetch_rows<false>(k + at, t, n, stride, N);
+            prefetch_rows<false>(v + at, t, n, stride, N);
+            if (w_per_token) prefetch_rows<false>(w + at, t, n, stride, N);
+            prefetch_rows<true>(y + at, t, n, stride, N);
+        };
 #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < B * H; ++bh) {
             const int64_t b = bh / H, h = bh % H;
@@ -61,8 +101,15 @@ void wkv6_fwd(const float* r, const float* k, const float* v, const float* w, in
             const float* uh = u + h * N;
             if (!w_per_token)
                 for (int64_t i = 0; i < N; ++i) decay[i] = expf(w[h * N + i]);
+            fetch(bh, 0, L);
             for (int64_t t = 0; t < T; ++t) {
-                if (t % L == 0) memcpy(ckpt + (bh * nc + t / L) * N * N, S, N * N * sizeof(float));
+                if (t % L == 0) {
+                    memcpy(ckpt + (bh * nc + t / L) * N * N, S, N * N * sizeof(float));
+                    if (t + L < T)
+                        fetch(bh, t + L, L);
+                    else
+                        fetch(bh + 1, 0, L);
+                }
                 const int64_t base = ((b * T + t) * H + h) * N;
                 const float *rt = r + base, *kt = k + base, *vt = v + base;
                 if (w_per_token) {
@@ -80,32 +127,73 @@ void wkv6_fwd(const float* r, const float* k, const float* v, const float* w, in
                         row[j] = row[j] * di + ki * vt[j];
                     }
                 }
-                memcpy(y + base, acc, N * sizeof(float));
+                float* yt = y + base;
+#pragma omp simd
+                for (int64_t j = 0; j < N; ++j) yt[j] = acc[j];
             }
             memcpy(sT + bh * N * N, S, N * N * sizeof(float));
         }
     }
 }
 
-// dw: [B, T, H, N] when w_per_token, else partial sums [B, H, N]; du: partial sums [B, H, N].
+// Copy an N x N state, transposing it when TR.
+template <bool TR>
+inline void copy_state(float* dst, const float* src, int64_t N) {
+    if (TR) {
+        for (int64_t i = 0; i < N; ++i)
+            for (int64_t j = 0; j < N; ++j) dst[j * N + i] = src[i * N + j];
+    } else {
+        memcpy(dst, src, N * N * sizeof(float));
+    }
+}
+
+// Backward at N = 16 walks the states transposed (value-major: ST[j * N + i] = S[i, j]) and keeps the
+// state gradient the same way (TR). Of the per-token sums, S_{t-1} dy, dS_t v and rowsum(dS_t o S_{t-1})
+// then run over the rows into vector accumulators over the key index (6 AVX2 registers at N = 16) and
+// only dS_t^T k needs a horizontal sum: 1 per row where the key-major walk needs 3, which were most of
+// its instructions at N = 16 (the backward at the quick shape: 1.36x with warm caches). From N = 32 on
+// the accumulators no longer fit in registers and the key-major walk does fewer loads and stores.
+// Checkpoints (key-major, as the forward writes them), dsT and ds0 are transposed once per chunk / task.
+// dw: [B, T, H, N] when w_per_token, else [H, N]; du: [H, N] (the sums over the batch are taken here,
+// serially and in batch order after the parallel loop: deterministic for any thread count).
 template <int NN>
 void wkv6_bwd(const float* r, const float* k, const float* v, const float* w, int w_per_token, const float* u,
               const float* ckpt, const float* dy, const float* dsT, float* dr, float* dk, float* dv, float* dw,
               float* du, float* ds0, int64_t B, int64_t T, int64_t H, int64_t N_, int64_t L, int nthreads) {
+    constexpr bool TR = NN == 16;
     const int64_t N = Dim<NN>(N_)();
     const int64_t nc = ceil_div(T, L);
+    // Per-(batch, head) partial sums of the shared parameters' gradients: one writer per element.
+    std::vector<float> dupart(B * H * N), dwpart(w_per_token ? 0 : B * H * N);
 #pragma omp parallel num_threads(nthreads)
     {
-        // decall[m]: the chunk's per-token decays exp(w), computed once (vectorized) for both passes.
-        std::vector<float> bufv(L * N * N), dSv(N * N), dvv(N), duv(N), dwv(N), decayv(N), decv(L * N);
-        float *buf = bufv.data(), *dS = dSv.data(), *dvacc = dvv.data(), *duacc = duv.data(), *dwacc = dwv.data();
-        float *decay = decayv.data(), *decall = decv.data();
+        // buf[m] = S_{t0 + m - 1} (transposed when TR); decall[m]: the chunk's per-token decays exp(w),
+        // computed once (vectorized) for both passes.
+        std::vector<float> bufv(L * N * N), dSv(N * N), decv(L * N), dvv(N);
+        float *buf = bufv.data(), *decall = decv.data();
+        float* __restrict__ dS = dSv.data();  // gradient of S_t (transposed when TR)
+        float* __restrict__ dvacc = dvv.data();
+        Scratch<NN> sdys(N), gvs(N), gss(N), duaccs(N), dwaccs(N), decays(N);
+        float *__restrict__ sdy = sdys.get(), *__restrict__ gv = gvs.get(), *__restrict__ gs = gss.get();
+        float *__restrict__ duacc = duaccs.get(), *__restrict__ dwacc = dwaccs.get(), *decay = decays.get();
+        // Chunk c of task bh on its way into the cache: inputs, checkpoint and the gradients' rows.
+        auto fetch = [&](int64_t bh, int64_t c) {
+            if (bh >= B * H) return;
+            const int64_t t = c * L, n = T - t < L ? T - t : L;
+            const int64_t at = ((bh / H) * T * H + bh % H) * N, stride = H * N;
+            for (const float* x : {r, k, v, dy}) prefetch_rows<false>(x + at, t, n, stride, N);
+            if (w_per_token) prefetch_rows<false>(w + at, t, n, stride, N);
+            prefetch_rows<false>(ckpt + (bh * nc + c) * N * N, 0, 1, 0, N * N);
+            for (const float* x : {dr, dk, dv}) prefetch_rows<true>(x + at, t, n, stride, N);
+            if (w_per_token) prefetch_rows<true>(dw + at, t, n, stride, N);
+        };
 #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < B * H; ++bh) {
             const int64_t b = bh / H, h = bh % H;
             const float* uh = u + h * N;
+            fetch(bh, nc - 1);
             if (dsT)
-                memcpy(dS, dsT + bh * N * N, N * N * sizeof(float));
+                copy_state<TR>(dS, dsT + bh * N * N, N);
             else
                 memset(dS, 0, N * N * sizeof(float));
             for (int64_t i = 0; i < N; ++i) duacc[i] = 0.f, dwacc[i] = 0.f;
@@ -113,8 +201,12 @@ void wkv6_bwd(const float* r, const float* k, const float* v, const float* w, in
                 for (int64_t i = 0; i < N; ++i) decay[i] = expf(w[h * N + i]);
             for (int64_t c = nc - 1; c >= 0; --c) {
                 const int64_t t0 = c * L, len = (T - t0 < L) ? T - t0 : L;
-                // Recompute the states entering each token of the chunk: buf[m] = S_{t0 + m - 1}.
-                memcpy(buf, ckpt + (bh * nc + c) * N * N, N * N * sizeof(float));
+                if (c)
+                    fetch(bh, c - 1);
+                else
+                    fetch(bh + 1, nc - 1);
+                // Recompute the states entering each token of the chunk.
+                copy_state<TR>(buf, ckpt + (bh * nc + c) * N * N, N);
                 if (w_per_token)
                     for (int64_t m = 0; m < len; ++m) {
                         const float* wt = w + ((b * T + t0 + m) * H + h) * N;
@@ -125,55 +217,96 @@ void wkv6_bwd(const float* r, const float* k, const float* v, const float* w, in
                 for (int64_t m = 0; m + 1 < len; ++m) {
                     const int64_t base = ((b * T + t0 + m) * H + h) * N;
                     const float *kt = k + base, *vt = v + base;
-                    const float* prev = buf + m * N * N;
-                    float* next = buf + (m + 1) * N * N;
+                    const float* __restrict__ prev = buf + m * N * N;
+                    float* __restrict__ next = buf + (m + 1) * N * N;
                     const float* dm = w_per_token ? decall + m * N : decay;
-                    for (int64_t i = 0; i < N; ++i) {
-                        const float di = dm[i], ki = kt[i];
+                    for (int64_t o = 0; o < N; ++o) {
+                        const float* p = prev + o * N;
+                        float* q = next + o * N;
+                        if (TR) {  // row o is column o of S
+                            const float vo = vt[o];
 #pragma omp simd
-                        for (int64_t j = 0; j < N; ++j) next[i * N + j] = prev[i * N + j] * di + ki * vt[j];
+                            for (int64_t i = 0; i < N; ++i) q[i] = p[i] * dm[i] + vo * kt[i];
+                        } else {
+                            const float di = dm[o], ki = kt[o];
+#pragma omp simd
+                            for (int64_t j = 0; j < N; ++j) q[j] = p[j] * di + ki * vt[j];
+                        }
                     }
                 }
                 for (int64_t m = len - 1; m >= 0; --m) {
                     const int64_t base = ((b * T + t0 + m) * H + h) * N;
                     const float *rt = r + base, *kt = k + base, *vt = v + base, *dyt = dy + base;
-                    const float* S0 = buf + m * N * N;
-                    if (w_per_token) memcpy(decay, decall + m * N, N * sizeof(float));
+                    const float* __restrict__ S0 = buf + m * N * N;
+                    const float* d = w_per_token ? decall + m * N : decay;
                     float vdy = 0.f, ruk = 0.f;
 #pragma omp simd reduction(+ : vdy)
                     for (int64_t j = 0; j < N; ++j) vdy += vt[j] * dyt[j];
-                    for (int64_t j = 0; j < N; ++j) dvacc[j] = 0.f;
-                    for (int64_t i = 0; i < N; ++i) {
-                        const float ri = rt[i], ki = kt[i], di = decay[i];
-                        const float* s0r = S0 + i * N;
-                        float* g = dS + i * N;  // gradient of S_t, row i
-                        float s_dy = 0.f, g_v = 0.f, g_s = 0.f;
-#pragma omp simd reduction(+ : s_dy, g_v, g_s)
+#pragma omp simd reduction(+ : ruk)
+                    for (int64_t i = 0; i < N; ++i) ruk += rt[i] * uh[i] * kt[i];
+                    float* dvt = dv + base;
+                    if (TR) {
+                        for (int64_t i = 0; i < N; ++i) sdy[i] = 0.f, gv[i] = 0.f, gs[i] = 0.f;
                         for (int64_t j = 0; j < N; ++j) {
-                            s_dy += s0r[j] * dyt[j];
-                            g_v += g[j] * vt[j];
-                            g_s += g[j] * s0r[j];
-                            dvacc[j] += ki * g[j];
-                            g[j] = di * g[j] + ri * dyt[j];  // now the gradient of S_{t-1}
+                            const float dyj = dyt[j], vj = vt[j];
+                            const float* s = S0 + j * N;
+                            float* g = dS + j * N;  // column j of the gradient of S_t
+                            float dvj = 0.f;
+#pragma omp simd reduction(+ : dvj)
+                            for (int64_t i = 0; i < N; ++i) {
+                                sdy[i] += s[i] * dyj;
+                                gv[i] += g[i] * vj;
+                                gs[i] += g[i] * s[i];
+                                dvj += kt[i] * g[i];
+                                g[i] = d[i] * g[i] + rt[i] * dyj;  // now the gradient of S_{t-1}
+                            }
+                            dvt[j] = dvj + ruk * dyj;
                         }
-                        const float uk = uh[i] * ki;
-                        dr[base + i] = s_dy + uk * vdy;
-                        dk[base + i] = ri * uh[i] * vdy + g_v;
-                        duacc[i] += ri * ki * vdy;
-                        ruk += ri * uk;
-                        if (w_per_token)
-                            dw[base + i] = di * g_s;
-                        else
-                            dwacc[i] += di * g_s;
+                    } else {
+                        for (int64_t j = 0; j < N; ++j) dvacc[j] = 0.f;
+                        for (int64_t i = 0; i < N; ++i) {
+                            const float ri = rt[i], ki = kt[i], di = d[i];
+                            const float* s = S0 + i * N;
+                            float* g = dS + i * N;  // row i of the gradient of S_t
+                            float s_dy = 0.f, g_v = 0.f, g_s = 0.f;
+#pragma omp simd reduction(+ : s_dy, g_v, g_s)
+                            for (int64_t j = 0; j < N; ++j) {
+                                s_dy += s[j] * dyt[j];
+                                g_v += g[j] * vt[j];
+                                g_s += g[j] * s[j];
+                                dvacc[j] += ki * g[j];
+                                g[j] = di * g[j] + ri * dyt[j];  // now the gradient of S_{t-1}
+                            }
+                            sdy[i] = s_dy, gv[i] = g_v, gs[i] = g_s;
+                        }
+#pragma omp simd
+                        for (int64_t j = 0; j < N; ++j) dvt[j] = dvacc[j] + ruk * dyt[j];
                     }
 #pragma omp simd
-                    for (int64_t j = 0; j < N; ++j) dv[base + j] = dvacc[j] + ruk * dyt[j];
+                    for (int64_t i = 0; i < N; ++i) {
+                        dr[base + i] = sdy[i] + uh[i] * kt[i] * vdy;
+                        dk[base + i] = rt[i] * uh[i] * vdy + gv[i];
+                        duacc[i] += rt[i] * kt[i] * vdy;
+                        if (w_per_token)
+                            dw[base + i] = d[i] * gs[i];
+                        else
+                            dwacc[i] += d[i] * gs[i];
+                    }
                 }
             }
-            memcpy(ds0 + bh * N * N, dS, N * N * sizeof(float));
-            memcpy(du + bh * N, duacc, N * sizeof(float));
-            if (!w_per_token) memcpy(dw + bh * N, dwacc, N * sizeof(float));
+            copy_state<TR>(ds0 + bh * N * N, dS, N);  // a transpose is its own inverse
+            memcpy(dupart.data() + bh * N, duacc, N * sizeof(float));
+            if (!w_per_token) memcpy(dwpart.data() + bh * N, dwacc, N * sizeof(float));
         }
+    }
+    for (int64_t hn = 0; hn < H * N; ++hn) {
+        float su = 0.f, sw = 0.f;
+        for (int64_t b = 0; b < B; ++b) {
+            su += dupart[b * H * N + hn];
+            if (!w_per_token) sw += dwpart[b * H * N + hn];
+        }
+        du[hn] = su;
+        if (!w_per_token) dw[hn] = sw;
     }
 }
 
@@ -498,6 +631,11 @@ void shift_mix_fwd(const float* x, const float* shift, const float* mix, const f
         shift_mix_fwd_t<0, false>(x, shift, mix, nullptr, out, F, B, T, C, nthreads);
 }
 
+// Rows ahead that the backward prefetches (4: 1.3x against none for F = 5 with dyn after a flush; 2
+// and 8 did no better). The forward walks t upwards, which the hardware prefetcher follows: prefetching
+// there made it slower (0.84x).
+constexpr int64_t SHIFT_AHEAD = 4;
+
 template <int FORM, bool DYN>
 void shift_mix_bwd_t(const float* const* g, const float* x, const float* shift, const float* mix, const float* dyn,
                      float* dx, float* dshift, float* dmix, float* ddyn, int64_t F, int64_t B, int64_t T, int64_t C,
@@ -507,12 +645,28 @@ void shift_mix_bwd_t(const float* const* g, const float* x, const float* shift, 
     {
         std::vector<float> carryv(C), prevgv(C);
         float *carry = carryv.data(), *prevg = prevgv.data();  // gradient of prev[b, t + 1], of prev[b, t]
+        // Row (b, t) of every plane read or written, on its way into the cache SHIFT_AHEAD rows before
+        // its turn: the planes are cache-cold in a training step (F = 5 with dyn at the quick shape:
+        // 95 us with warm caches, 683 us after a flush).
+        auto fetch = [&](int64_t b, int64_t t) {
+            if (t < 0) t += T;  // the next sequence's last rows (b was advanced by the caller)
+            if (b >= B || t < 0) return;
+            const int64_t o = (b * T + t) * C;
+            prefetch_rows<false>(x + o, 0, 1, 0, C);
+            prefetch_rows<true>(dx + o, 0, 1, 0, C);
+            for (int64_t f = 0; f < F; ++f) {
+                prefetch_rows<false>(g[f] + o, 0, 1, 0, C);
+                if (DYN) prefetch_rows<false>(dyn + f * stride + o, 0, 1, 0, C);
+                if (DYN) prefetch_rows<true>(ddyn + f * stride + o, 0, 1, 0, C);
+            }
+        };
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < B; ++b) {
             float* dm = dmix + b * F * C;
             memset(dm, 0, F * C * sizeof(float));
             memset(carry, 0, C * sizeof(float));
             for (int64_t t = T - 1; t >= 0; --t) {
+                fetch(t >= SHIFT_AHEAD ? b : b + 1, t - SHIFT_AHEAD);
                 const float* xt = x + (b * T + t) * C;
                 const float* pt = t ? xt - C : shift + b * C;
                 float* dxt = dx + (b * T + t) * C;
@@ -573,6 +727,20 @@ void relu_sq_fwd(const float* x, float* y, int64_t n, int nthreads) {
 void relu_sq_bwd(const float* x, const float* g, float* dx, int64_t n, int nthreads) {
 #pragma omp parallel for simd schedule(static) num_threads(nthreads)
     for (int64_t i = 0; i < n; ++i) dx[i] = x[i] > 0.f ? 2.f * x[i] * g[i] : 0.f;
+}
+
+// tanh of v6's LoRA paths and its gradient g (1 - y^2) from the saved output. torch.tanh runs MKL's vsTanh,
+// which on this AMD EPYC took 410-510 us for [512, 160] (the quick shape's mix LoRA) where glibc's
+// vectorized tanhf (libmvec, what `omp simd` calls here) takes 130-160 us at the same accuracy (largest
+// relative error against fp64 6e-8 for both).
+void tanh_fwd(const float* x, float* y, int64_t n, int nthreads) {
+#pragma omp parallel for simd schedule(static) num_threads(nthreads)
+    for (int64_t i = 0; i < n; ++i) y[i] = tanhf(x[i]);
+}
+
+void tanh_bwd(const float* y, const float* g, float* dx, int64_t n, int nthreads) {
+#pragma omp parallel for simd schedule(static) num_threads(nthreads)
+    for (int64_t i = 0; i < n; ++i) dx[i] = g[i] * (1.f - y[i] * y[i]);
 }
 
 // GroupNorm over each head of the WKV output (v5-v7's ln_x): y [R, H, N] (R = B * T rows), weight and
@@ -651,7 +819,7 @@ void head_norm_bwd(const float* y, const float* wt, const float* mean, const flo
 
 extern "C" {
 
-int rz_wkv_train_abi_version() { return 3; }
+int rz_wkv_train_abi_version() { return 4; }
 
 void rz_head_norm_fwd(const float* y, const float* wt, const float* bs, float eps, float* out, float* mean,
                       float* rstd, int64_t R, int64_t H, int64_t N, int nthreads) {
@@ -664,6 +832,10 @@ void rz_head_norm_bwd(const float* y, const float* wt, const float* mean, const 
 }
 
 void rz_relu_sq_fwd(const float* x, float* y, int64_t n, int nthreads) { relu_sq_fwd(x, y, n, nthreads); }
+
+void rz_tanh_fwd(const float* x, float* y, int64_t n, int nthreads) { tanh_fwd(x, y, n, nthreads); }
+
+void rz_tanh_bwd(const float* y, const float* g, float* dx, int64_t n, int nthreads) { tanh_bwd(y, g, dx, n, nthreads); }
 
 void rz_relu_sq_bwd(const float* x, const float* g, float* dx, int64_t n, int nthreads) {
     relu_sq_bwd(x, g, dx, n, nthreads);
