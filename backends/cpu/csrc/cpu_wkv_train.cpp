@@ -471,6 +471,13 @@ void wkv7_bwd(const float* r, const float* w, const float* k, const float* v, co
 // One task per (sequence, block of WKV4_CB channels), walking t, the channels of the block in SIMD lanes.
 constexpr int64_t WKV4_CB = 64;
 
+// Rows ahead that the wkv4 backward prefetches: each task walks t downwards over eight [B, T, C]
+// tensors (6 read, 2 written) that are cache-cold in a training step. At the quick shape (B = 16, T = 32,
+// C = 64, one thread) after a cache flush: 450-600 us against 815-975 without (1.6-1.8x, alternating
+// A/B). The forward walks t upwards, which the hardware prefetcher follows: the same prefetch there
+// gave 0.96-1.02x, so it has none.
+constexpr int64_t WKV4_AHEAD = 4;
+
 void wkv4_fwd(const float* w, const float* u, const float* k, const float* v, const float* a0, const float* b0,
               const float* p0, float* y, float* aT, float* bT, float* pT, float* sa, float* sb, float* sp,
               int64_t B, int64_t T, int64_t C, int nthreads) {
@@ -532,6 +539,11 @@ void wkv4_bwd(const float* w, const float* u, const float* k, const float* v, co
         const float *wc = w + c0, *uc = u + c0;
         for (int64_t t = T - 1; t >= 0; --t) {
             const int64_t base = (b * T + t) * C + c0;
+            if (t >= WKV4_AHEAD) {
+                const int64_t ahead = base - WKV4_AHEAD * C;
+                for (const float* x : {sa, sb, sp, k, v, dy}) prefetch_rows<false>(x + ahead, 0, 1, 0, n);
+                for (const float* x : {dk, dv}) prefetch_rows<true>(x + ahead, 0, 1, 0, n);
+            }
 #pragma omp simd
             for (int64_t j = 0; j < n; ++j) {
                 const int64_t i = base + j;
