@@ -37,6 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim import optimizer as torch_optimizer
 
 import rwkv_zoo
 from rwkv_zoo.data import IGNORE, Task, TokenStream, bits_per_byte, make_data
@@ -822,6 +823,11 @@ def _fused_adamw_step(opt: torch.optim.Optimizer) -> bool:
             return False
         if params:
             work.append((g, params, states))
+    # Optimizer.step's hooks run as there (rwkv_zoo.fused counts fused steps in one: they change the
+    # weights without bumping version counters, and a cached inference step must see that)
+    for hook in (*getattr(torch_optimizer, "_global_optimizer_pre_hooks", {}).values(),
+                 *getattr(opt, "_optimizer_step_pre_hooks", {}).values()):
+        hook(opt, (), {})
     for g, params, states in work:
         steps = [s["step"] for s in states]
         # + a list of one-element tensors: the same float32 sums as + 1, at 45 us instead of 180 for v4's
@@ -831,6 +837,10 @@ def _fused_adamw_step(opt: torch.optim.Optimizer) -> bool:
                             [s["exp_avg_sq"] for s in states], [], steps, lr=g["lr"], beta1=g["betas"][0],
                             beta2=g["betas"][1], weight_decay=g["weight_decay"], eps=g["eps"], amsgrad=False,
                             maximize=False)
+    for hook in (*getattr(opt, "_optimizer_step_post_hooks", {}).values(),
+                 *getattr(torch_optimizer, "_global_optimizer_post_hooks", {}).values()):
+        hook(opt, (), {})
+    for _, params, _ in work:  # zero_grad(set_to_none=True)
         for p in params:
             p.grad = None
     return True
