@@ -112,7 +112,9 @@ struct TeamBarrier {
     alignas(64) std::atomic<int> arrived{0};
     alignas(64) std::atomic<int> phase{0};
     std::atomic<int> sleepers{0};
-    int n = 1;  // threads in the team: set by thread 0 at the region's start, before a barrier
+    // threads in the team (may be fewer than asked for): every thread stores the same value at the
+    // region's start, before its first wait, so no OpenMP barrier is needed to publish it
+    std::atomic<int> n{1};
 
     static void pause() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -133,10 +135,11 @@ struct TeamBarrier {
 #endif
     }
     void wait() {
-        if (n == 1) return;
+        const int team = n.load(std::memory_order_relaxed);
+        if (team == 1) return;
         // read before arriving: once this thread has arrived, the last one may advance the phase
         const int seen = phase.load(std::memory_order_acquire);
-        if (arrived.fetch_add(1, std::memory_order_acq_rel) == n - 1) {
+        if (arrived.fetch_add(1, std::memory_order_acq_rel) == team - 1) {
             arrived.store(0, std::memory_order_relaxed);
             // seq_cst store then load, against the sleeper's increment then load: one side sees the other
             phase.store(seen + 1, std::memory_order_seq_cst);
@@ -635,8 +638,7 @@ void rz_decode(const LayerP* layers, int64_t L, int64_t B, int64_t T, int64_t C,
     const int64_t M = B * T;
 #pragma omp parallel num_threads(nthreads)
     {
-        if (omp_get_thread_num() == 0) s.bar.n = omp_get_num_threads();  // may be fewer than asked for
-#pragma omp barrier
+        s.bar.n.store(omp_get_num_threads(), std::memory_order_relaxed);
         bool have_vfirst = false;  // private copies agree: every thread walks the same layers
         for (int64_t l = 0; l < L; ++l) {
             const LayerP& P = layers[l];
