@@ -6,7 +6,9 @@ A block spends much of a small training step in memory-bound elementwise ops and
 - ``shift_mix(x, shift, mixes, dyn=None, form="delta")``: token shift and F lerps in one op (F tensors);
 - ``relu_sq(x)``: the channel-mix activation ``relu(x) ** 2``;
 - ``tanh(x)``: the activation of v6's LoRA paths;
-- ``head_group_norm(y, ln_x)``: GroupNorm over each head of ``y`` [B, T, H, N] (``ln_x`` of v5-v7).
+- ``head_group_norm(y, ln_x)``: GroupNorm over each head of ``y`` [B, T, H, N] (``ln_x`` of v5-v7);
+- ``channel_mix(x, shift, mix_k, mix_r, key, value, receptance, form)``: the whole channel-mix of v4-v7,
+  ``sigmoid(receptance(xr)) * value(relu(key(xk)) ** 2)`` (no receptance: v7), token shift included.
 
 Speed is a backend's business: a backend lists faster versions in ``Backend.layer_ops`` (name -> function
 with the signature of ``LAYER_OP_SIGNATURES``), each returning ``NotImplemented`` for a call it cannot run
@@ -27,7 +29,7 @@ from torch import Tensor
 from rwkv_zoo import dispatch
 from rwkv_zoo.model import head_group_norm as _head_group_norm_torch
 
-__all__ = ["LAYER_OPS", "LAYER_OP_SIGNATURES", "head_group_norm", "relu_sq", "shift_mix", "tanh"]
+__all__ = ["LAYER_OPS", "LAYER_OP_SIGNATURES", "channel_mix", "head_group_norm", "relu_sq", "shift_mix", "tanh"]
 
 # What a backend's version receives (already stacked and checked by the function here).
 LAYER_OP_SIGNATURES = {
@@ -35,6 +37,8 @@ LAYER_OP_SIGNATURES = {
     "relu_sq": "(x [...]) -> [...]",
     "tanh": "(x [...]) -> [...]",
     "head_group_norm": "(y [B, T, H, N], weight [H*N], bias [H*N], eps float) -> [B, T, H*N] fp32",
+    "channel_mix": "(x [B, T, C], shift [B, C], mix_k [..., C], mix_r [..., C] or None, key, value, receptance "
+                   "or None: modules (a backend may use .weight of a plain bias-free nn.Linear), form) -> [B, T, C]",
 }
 LAYER_OPS = tuple(LAYER_OP_SIGNATURES)
 
@@ -109,3 +113,24 @@ def head_group_norm(y: Tensor, ln_x: torch.nn.GroupNorm, backend: str | None = N
         if out is not NotImplemented:
             return out
     return _head_group_norm_torch(y, ln_x)
+
+
+def channel_mix(x: Tensor, shift: Tensor, mix_k: Tensor, mix_r: Tensor | None, key: Callable, value: Callable,
+                receptance: Callable | None = None, form: str = "lerp", backend: str | None = None) -> Tensor:
+    """The channel-mix of v4-v7 on ``x`` [B, T, C] after ``shift`` [B, C]: with ``xk``, ``xr`` the token
+    shift and lerps of ``x`` (``shift_mix`` with ``mix_k``, ``mix_r`` and ``form``), ``value(relu(key(xk))
+    ** 2)``, times ``sigmoid(receptance(xr))`` when there is a receptance (v4-v6; v7 has none).
+
+    ``key``, ``value``, ``receptance`` are the block's modules, called as they are here, so a wrapped one
+    (a LoRA adapter, a hook) keeps working: a backend runs the whole op only for plain bias-free
+    ``nn.Linear`` modules and answers ``NotImplemented`` otherwise. One op because at small widths the
+    dozen memory-bound passes between the three products cost a training step more than the products.
+    """
+    for fn in implementations("channel_mix", backend):
+        out = fn(x, shift, mix_k, mix_r, key, value, receptance, form)
+        if out is not NotImplemented:
+            return out
+    mixes = [mix_k] if receptance is None else [mix_k, mix_r]
+    xs = shift_mix(x, shift, mixes, form=form, backend=backend)
+    kv = value(relu_sq(key(xs[0]), backend=backend))
+    return kv if receptance is None else torch.sigmoid(receptance(xs[1])) * kv

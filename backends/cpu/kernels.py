@@ -69,7 +69,7 @@ LIBRARIES = {
     "cpu_gemv": ("cpu_gemv.cpp", (), 6),
     "cpu_wkv": ("cpu_wkv.cpp", ("-ffast-math",), 1),
     "cpu_decode": ("cpu_decode.cpp", ("-ffast-math",), 6),
-    "cpu_wkv_train": ("cpu_wkv_train.cpp", ("-ffast-math",), 4),
+    "cpu_wkv_train": ("cpu_wkv_train.cpp", ("-ffast-math",), 5),
 }
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2, torch.uint8: 3}  # uint8: packed int4
 I4_GROUP = 64  # int4: input columns per scale (csrc/cpu_tiles.h's I4_GROUP)

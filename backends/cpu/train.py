@@ -37,8 +37,11 @@ def _lib():
         lib.rz_tanh_bwd.argtypes = [P, P, P, I, INT]
         lib.rz_head_norm_fwd.argtypes = [P, P, P, ctypes.c_float, P, P, P, I, I, I, INT]
         lib.rz_head_norm_bwd.argtypes = [P] * 8 + [I, I, I, INT]
+        lib.rz_channel_mix_fwd.argtypes = [P] * 4 + [INT] + [P] * 7 + [I] * 4 + [INT]
+        lib.rz_channel_mix_bwd.argtypes = [P] * 4 + [INT] + [P] * 18 + [I] * 4 + [INT]
         for fn in (lib.rz_shift_mix_fwd, lib.rz_shift_mix_bwd, lib.rz_relu_sq_fwd, lib.rz_relu_sq_bwd,
-                   lib.rz_tanh_fwd, lib.rz_tanh_bwd, lib.rz_head_norm_fwd, lib.rz_head_norm_bwd):
+                   lib.rz_tanh_fwd, lib.rz_tanh_bwd, lib.rz_head_norm_fwd, lib.rz_head_norm_bwd,
+                   lib.rz_channel_mix_fwd, lib.rz_channel_mix_bwd):
             fn.restype = None
         lib._rz_shift_mix_typed = True
     return lib
@@ -220,6 +223,70 @@ def shift_mix(x: Tensor, shift: Tensor, mix: Tensor, dyn: Tensor | None, form: s
     if not _fusable(x, shift, mix, dyn):
         return NotImplemented
     return _ShiftMix.apply(_c(x), _c(shift), mix, None if dyn is None else _c(dyn), 0 if form == "delta" else 1)
+
+
+class _ChannelMix(torch.autograd.Function):
+    # x [B, T, C], shift [B, C], mk / mr [C], wk [F, C], wv [C, F], wr [C, C]; mr and wr None: no receptance.
+    @staticmethod
+    def forward(ctx, x, shift, mk, mr, wk, wv, wr, form: int):
+        B, T, C = x.shape
+        F_ = wk.shape[0]
+        out = torch.empty(B, T, C, dtype=torch.float32)
+        kpre = torch.empty(B * T, F_)
+        r, kv = (None, None) if wr is None else (torch.empty(B * T, C), torch.empty(B * T, C))
+        # The forward multiplies by the transposes (rows of B in the kernel's products); [F, C] and [C, F]
+        # copies are small next to the [B T, F] activations.
+        wkT, wvT = wk.t().contiguous(), wv.t().contiguous()
+        wrT = None if wr is None else wr.t().contiguous()
+        _lib().rz_channel_mix_fwd(x.data_ptr(), shift.data_ptr(), mk.data_ptr(), _ptr(mr), form, wkT.data_ptr(),
+                                  wvT.data_ptr(), _ptr(wrT), out.data_ptr(), kpre.data_ptr(), _ptr(r), _ptr(kv),
+                                  B, T, C, F_, torch.get_num_threads())
+        ctx.save_for_backward(x, shift, mk, mr, wk, wv, wr, kpre, r, kv)
+        ctx.form = form
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, shift, mk, mr, wk, wv, wr, kpre, r, kv = ctx.saved_tensors
+        B, T, C = x.shape
+        F_ = wk.shape[0]
+        n = torch.get_num_threads()
+        g = _c(g.float())
+        dx, dshift = torch.empty_like(x), torch.empty_like(shift)
+        dmk, dwk, dwv = torch.empty_like(mk), torch.empty_like(wk), torch.empty_like(wv)
+        dmr = None if mr is None else torch.empty_like(mr)
+        dwr = None if wr is None else torch.empty_like(wr)
+        part = torch.empty(max(n - 1, 0) * (2 * F_ * C + (0 if wr is None else C * C)))
+        dxk = torch.empty(B * T, C)
+        dxr = None if wr is None else torch.empty(B * T, C)
+        dmix = torch.empty(B, 1 if wr is None else 2, C)
+        _lib().rz_channel_mix_bwd(*(t.data_ptr() for t in (x, shift, mk)), _ptr(mr), ctx.form,
+                                  wk.data_ptr(), wv.data_ptr(), _ptr(wr), g.data_ptr(), kpre.data_ptr(), _ptr(r),
+                                  _ptr(kv), dx.data_ptr(), dshift.data_ptr(), dmk.data_ptr(), _ptr(dmr),
+                                  dwk.data_ptr(), dwv.data_ptr(), _ptr(dwr), part.data_ptr(), dxk.data_ptr(),
+                                  _ptr(dxr), dmix.data_ptr(), B, T, C, F_, n)
+        return dx, dshift, dmk, dmr, dwk, dwv, dwr, None
+
+
+def _plain_linear(m) -> bool:
+    """A bias-free ``nn.Linear`` whose forward is ``x @ weight.T``: not a subclass or a wrapper (peft's
+    LoRA layers, parametrized weights), no hooks."""
+    return type(m) is torch.nn.Linear and m.bias is None and not m._forward_hooks and not m._forward_pre_hooks
+
+
+def channel_mix(x: Tensor, shift: Tensor, mix_k: Tensor, mix_r: Tensor | None, key, value, receptance, form: str):
+    mods = (key, value) if receptance is None else (key, value, receptance)
+    if not all(_plain_linear(m) for m in mods) or torch.is_autocast_enabled("cpu") \
+            or torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
+        return NotImplemented
+    ws = [m.weight for m in mods]
+    if x.dim() != 3 or not _fusable(x, shift, mix_k, mix_r, *ws):
+        return NotImplemented
+    C = x.shape[-1]
+    mr = None if receptance is None else mix_r.reshape(C)
+    wr = None if receptance is None else _c(ws[2])
+    return _ChannelMix.apply(_c(x), _c(shift), mix_k.reshape(C), mr, _c(ws[0]), _c(ws[1]), wr,
+                             0 if form == "delta" else 1)
 
 
 class _ReluSq(torch.autograd.Function):

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from rwkv_zoo import ops
 from rwkv_zoo.hookspecs import hookimpl
-from rwkv_zoo.layerops import relu_sq, shift_mix
+from rwkv_zoo.layerops import channel_mix, shift_mix
 from rwkv_zoo.model import (
     RWKV,
     Block,
@@ -112,10 +112,9 @@ class V4ChannelMix(nn.Module):
         self.value = nn.Linear(F, C, bias=False)
 
     def forward(self, x: Tensor, shift: Tensor, ctx: Context) -> tuple[Tensor, Tensor]:
-        xk, xr = shift_mix(x, shift, [self.time_mix_k, self.time_mix_r], form="lerp", backend=ctx.backend)
-        new_shift = x[:, -1]
-        k = relu_sq(self.key(xk), backend=ctx.backend)
-        return torch.sigmoid(self.receptance(xr)) * self.value(k), new_shift
+        out = channel_mix(x, shift, self.time_mix_k, self.time_mix_r, self.key, self.value, self.receptance,
+                          form="lerp", backend=ctx.backend)
+        return out, x[:, -1]
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from rwkv_zoo import ops
 from rwkv_zoo.hookspecs import hookimpl
-from rwkv_zoo.layerops import head_group_norm, relu_sq, shift_mix, tanh
+from rwkv_zoo.layerops import channel_mix, head_group_norm, shift_mix, tanh
 from rwkv_zoo.model import (
     GROUPNORM_EPS,
     Block,
@@ -157,10 +157,10 @@ class V6ChannelMix(nn.Module):
         self.value = nn.Linear(F_, C, bias=False)
 
     def forward(self, x: Tensor, shift: Tensor, ctx: Context) -> tuple[Tensor, Tensor]:
-        xk, xr = shift_mix(x, shift, [self.time_maa_k, self.time_maa_r], backend=ctx.backend)
-        new_shift = x[:, -1]
-        k = relu_sq(self.key(xk), backend=ctx.backend)
-        return torch.sigmoid(self.receptance(xr)) * self.value(k), new_shift
+        # sigmoid(receptance(xr)) * value(relu(key(xk)) ** 2), xk and xr the token-shift lerps (delta form)
+        out = channel_mix(x, shift, self.time_maa_k, self.time_maa_r, self.key, self.value, self.receptance,
+                          form="delta", backend=ctx.backend)
+        return out, x[:, -1]
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from rwkv_zoo import ops
 from rwkv_zoo.hookspecs import hookimpl
-from rwkv_zoo.layerops import head_group_norm, relu_sq, shift_mix
+from rwkv_zoo.layerops import channel_mix, head_group_norm, shift_mix
 from rwkv_zoo.model import (
     GROUPNORM_EPS,
     Block,
@@ -182,9 +182,9 @@ class V7ChannelMix(nn.Module):
         self.value = nn.Linear(F_, C, bias=False)
 
     def forward(self, x: Tensor, shift: Tensor, ctx: Context) -> tuple[Tensor, Tensor]:
-        k = relu_sq(self.key(shift_mix(x, shift, [self.x_k], backend=ctx.backend)[0]), backend=ctx.backend)
-        new_shift = x[:, -1]
-        return self.value(k), new_shift
+        # value(relu(key(xk)) ** 2), xk the token-shift lerp (delta form); no receptance
+        out = channel_mix(x, shift, self.x_k, None, self.key, self.value, form="delta", backend=ctx.backend)
+        return out, x[:, -1]
 
     @torch.no_grad()
     def init_weights(self) -> None:

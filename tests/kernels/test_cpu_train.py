@@ -3,6 +3,8 @@ gradient against the reference in fp64, and dispatch giving them gradient calls 
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from _deps import CXX, needs
@@ -188,6 +190,67 @@ def test_tanh_matches_pytorch_in_fp64():
     (yb * up).sum().backward()
     assert ((ya.double() - yb).abs() / yb.abs()).max() < GATE
     assert rel_err(a.grad.double(), b.grad) < GATE
+
+
+def _channel_mix_case(form, receptance, B, T, C, F_, seed):
+    """fp32 inputs and modules for layerops.channel_mix, an fp64 copy of each, and an upstream gradient."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, C, generator=g)
+    shift = torch.randn(B, C, generator=g)
+    mixes = [torch.rand(1, 1, C, generator=g) for _ in range(2)]
+    mods = [torch.nn.Linear(i, o, bias=False) for i, o in ((C, F_), (F_, C), (C, C))]
+    for m in mods:
+        m.weight.data = torch.randn(m.weight.shape, generator=g) / m.weight.shape[1] ** 0.5
+    if not receptance:
+        mixes[1], mods[2] = None, None
+    up = torch.randn(B, T, C, generator=g, dtype=torch.float64)
+    f64 = [None if m is None else copy.deepcopy(m).double() for m in mods]
+    leaves = [t.clone().requires_grad_() for t in (x, shift, *(m for m in mixes if m is not None))]
+    leaves64 = [t.double().requires_grad_() for t in leaves]
+    return leaves, mods, leaves64, f64, up
+
+
+@pytest.mark.parametrize(("form", "receptance"), [("lerp", True), ("delta", True), ("delta", False)])
+def test_channel_mix_matches_pytorch_in_fp64(form, receptance):
+    # The whole channel-mix (token shift, three products, relu^2, sigmoid; v7: no receptance) against its
+    # PyTorch definition in fp64, every gradient: x, the shift state, the mixes, the weights. Rows not a
+    # multiple of the kernel's 6-row tiles or its row blocks, C and F not multiples of 16, 1 and 2 threads.
+    threads = torch.get_num_threads()
+    try:
+        for (B, T, C, F_), n in (((3, 37, 24, 40), 1), ((2, 101, 20, 72), 2)):
+            torch.set_num_threads(n)
+            leaves, mods, leaves64, f64, up = _channel_mix_case(form, receptance, B, T, C, F_, seed=B + C)
+            outs = []
+            for ts, ms, backend in ((leaves, mods, "cpu"), (leaves64, f64, "reference")):
+                mr = ts[3] if receptance else None
+                y = layerops.channel_mix(ts[0], ts[1], ts[2], mr, ms[0], ms[1], ms[2], form=form, backend=backend)
+                params = [m.weight for m in ms if m is not None]
+                grads = torch.autograd.grad((y.double() * up).sum(), [*ts, *params])
+                outs.append((y, grads))
+            assert outs[0][0].grad_fn.name() == "_ChannelMixBackward"  # the C++ op ran
+            assert rel_err(outs[0][0].double(), outs[1][0]) < GATE
+            for have, want in zip(outs[0][1], outs[1][1], strict=True):
+                assert have.shape == want.shape
+                assert rel_err(have.double(), want) < GATE
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_channel_mix_runs_wrapped_projections_as_modules():
+    # A projection that is not a plain nn.Linear (a hook here; a LoRA layer or a parametrized weight alike)
+    # must run as the module it is: the op declines and the definition, which calls the modules, runs. So
+    # does an autocast region (the products would run in bf16 there).
+    leaves, mods, *_ = _channel_mix_case("lerp", True, 2, 9, 16, 32, seed=3)
+    seen = []
+    handle = mods[0].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    y = layerops.channel_mix(leaves[0], leaves[1], leaves[2], leaves[3], *mods, form="lerp", backend="cpu")
+    assert seen == [torch.Size([2, 9, 32])] and y.grad_fn.name() != "_ChannelMixBackward"
+    handle.remove()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layerops.channel_mix(leaves[0], leaves[1], leaves[2], leaves[3], *mods, form="lerp", backend="cpu")
+    assert y.dtype == torch.bfloat16
+    y = layerops.channel_mix(leaves[0], leaves[1], leaves[2], leaves[3], *mods, form="lerp", backend="cpu")
+    assert y.grad_fn.name() == "_ChannelMixBackward"
 
 
 def test_cpu_training_step_is_fused_and_deterministic():

@@ -26,6 +26,10 @@
 
 #include <vector>
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 // N fixed at compile time for the common head sizes (full unrolling, vectors in registers); NN = 0
@@ -755,6 +759,271 @@ void tanh_bwd(const float* y, const float* g, float* dx, int64_t n, int nthreads
     for (int64_t i = 0; i < n; ++i) dx[i] = g[i] * (1.f - y[i] * y[i]);
 }
 
+// ------------------------------------------------------------------------------------------------
+// The channel-mix of v4-v7 as one op, forward and backward:
+//   xk, xr = token shift and lerps of x (FORM 0 delta, 1 lerp; see shift_mix)
+//   out    = sigmoid(xr Wr^T) * (relu(xk Wk^T)^2 Wv^T)      (v7: no receptance, out = relu(xk Wk^T)^2 Wv^T)
+// Why one op with its own matrix products: at the ablation shapes (512 rows of 64 channels, dim_ffn 256)
+// a channel-mix forward and backward took 3.0 ms on one thread (v4, warm caches), of which its nine
+// matrix products took 2.0 ms on their own; the rest was a dozen memory-bound passes (shift-mix, relu^2,
+// sigmoid, products, their backward) over [512, 256] and [512, 64] tensors that the rest of a training
+// step had pushed out of the caches. Here the rows go through in blocks of RB: every intermediate of a
+// block (the lerps, relu^2, the gradients between the products) lives in per-thread scratch that stays
+// in L1/L2, and only what the backward needs goes to memory (relu's input, sigmoid's output, the value
+// product). Products are C[M, N] (+)= A[M, K] B[K, N] with A read through two strides (so A^T costs no
+// copy) and B by rows: the weights' transposes for the forward, the weights themselves, the block's
+// activations for the weight gradients.
+
+constexpr int64_t FFN_ROWS = 96;  // rows per block: scratch (4 C + 2 F) * 96 floats = 192 KiB at C 64, F 256
+
+#if defined(__AVX2__) && defined(__FMA__)
+// One MR x 16 tile of C over all of K: 2 MR accumulators, B's 16 columns as two vectors, A broadcast.
+// TAIL: fewer than 16 columns left (masked loads and stores).
+template <int MR, bool TAIL>
+inline void mm_tile(int64_t K, const float* __restrict A, int64_t sam, int64_t sak, const float* __restrict B,
+                    int64_t ldb, float* C, int64_t ldc, bool acc, int64_t nr) {
+    __m256i m0 = _mm256_setzero_si256(), m1 = m0;
+    if (TAIL) {
+        const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        m0 = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)nr), idx);
+        m1 = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)nr - 8), idx);
+    }
+    const __m256 z = _mm256_setzero_ps();
+    __m256 c00 = z, c01 = z, c10 = z, c11 = z, c20 = z, c21 = z, c30 = z, c31 = z, c40 = z, c41 = z, c50 = z,
+           c51 = z;
+    const float* a = A;
+    for (int64_t k = 0; k < K; ++k, a += sak) {
+        const float* b = B + k * ldb;
+        const __m256 b0 = TAIL ? _mm256_maskload_ps(b, m0) : _mm256_loadu_ps(b);
+        const __m256 b1 = TAIL ? _mm256_maskload_ps(b + 8, m1) : _mm256_loadu_ps(b + 8);
+        __m256 x = _mm256_broadcast_ss(a);
+        c00 = _mm256_fmadd_ps(x, b0, c00), c01 = _mm256_fmadd_ps(x, b1, c01);
+        if (MR > 1) x = _mm256_broadcast_ss(a + sam), c10 = _mm256_fmadd_ps(x, b0, c10), c11 = _mm256_fmadd_ps(x, b1, c11);
+        if (MR > 2) x = _mm256_broadcast_ss(a + 2 * sam), c20 = _mm256_fmadd_ps(x, b0, c20), c21 = _mm256_fmadd_ps(x, b1, c21);
+        if (MR > 3) x = _mm256_broadcast_ss(a + 3 * sam), c30 = _mm256_fmadd_ps(x, b0, c30), c31 = _mm256_fmadd_ps(x, b1, c31);
+        if (MR > 4) x = _mm256_broadcast_ss(a + 4 * sam), c40 = _mm256_fmadd_ps(x, b0, c40), c41 = _mm256_fmadd_ps(x, b1, c41);
+        if (MR > 5) x = _mm256_broadcast_ss(a + 5 * sam), c50 = _mm256_fmadd_ps(x, b0, c50), c51 = _mm256_fmadd_ps(x, b1, c51);
+    }
+    const __m256 lo[6] = {c00, c10, c20, c30, c40, c50}, hi[6] = {c01, c11, c21, c31, c41, c51};
+    for (int i = 0; i < MR; ++i) {
+        float* ci = C + i * ldc;
+        __m256 v0 = lo[i], v1 = hi[i];
+        if (TAIL) {
+            if (acc) v0 = _mm256_add_ps(v0, _mm256_maskload_ps(ci, m0)), v1 = _mm256_add_ps(v1, _mm256_maskload_ps(ci + 8, m1));
+            _mm256_maskstore_ps(ci, m0, v0), _mm256_maskstore_ps(ci + 8, m1, v1);
+        } else {
+            if (acc) v0 = _mm256_add_ps(v0, _mm256_loadu_ps(ci)), v1 = _mm256_add_ps(v1, _mm256_loadu_ps(ci + 8));
+            _mm256_storeu_ps(ci, v0), _mm256_storeu_ps(ci + 8, v1);
+        }
+    }
+}
+
+template <bool TAIL>
+inline void mm_rows(int64_t mr, int64_t K, const float* A, int64_t sam, int64_t sak, const float* B, int64_t ldb,
+                    float* C, int64_t ldc, bool acc, int64_t nr) {
+    switch (mr) {
+        case 6: mm_tile<6, TAIL>(K, A, sam, sak, B, ldb, C, ldc, acc, nr); break;
+        case 5: mm_tile<5, TAIL>(K, A, sam, sak, B, ldb, C, ldc, acc, nr); break;
+        case 4: mm_tile<4, TAIL>(K, A, sam, sak, B, ldb, C, ldc, acc, nr); break;
+        case 3: mm_tile<3, TAIL>(K, A, sam, sak, B, ldb, C, ldc, acc, nr); break;
+        case 2: mm_tile<2, TAIL>(K, A, sam, sak, B, ldb, C, ldc, acc, nr); break;
+        default: mm_tile<1, TAIL>(K, A, sam, sak, B, ldb, C, ldc, acc, nr); break;
+    }
+}
+
+// C[M, N] (+)= A B. Rows of C in tiles of 6 outside, its columns inside, so C is written row after row
+// (written by column panels, each store of a training step's fresh, cache-cold output missed on its own
+// line: 1.7x the time in a step); B in column chunks of at most 256 KiB that stay in L2 meanwhile.
+void mm(int64_t M, int64_t N, int64_t K, const float* A, int64_t sam, int64_t sak, const float* B, int64_t ldb,
+        float* C, int64_t ldc, bool acc) {
+    int64_t nc = (65536 / (K > 0 ? K : 1)) / 16 * 16;
+    if (nc < 16) nc = 16;
+    for (int64_t j0 = 0; j0 < N; j0 += nc) {
+        const int64_t j1 = j0 + nc < N ? j0 + nc : N;
+        for (int64_t i = 0; i < M; i += 6) {
+            const int64_t mr = M - i < 6 ? M - i : 6;
+            for (int64_t j = j0; j < j1; j += 16) {
+                const int64_t nr = N - j < 16 ? N - j : 16;
+                if (nr == 16)
+                    mm_rows<false>(mr, K, A + i * sam, sam, sak, B + j, ldb, C + i * ldc + j, ldc, acc, nr);
+                else
+                    mm_rows<true>(mr, K, A + i * sam, sam, sak, B + j, ldb, C + i * ldc + j, ldc, acc, nr);
+            }
+        }
+    }
+}
+#else
+// Builds without AVX2 + FMA (the portable one): the same product as plain loops the compiler vectorizes.
+void mm(int64_t M, int64_t N, int64_t K, const float* A, int64_t sam, int64_t sak, const float* B, int64_t ldb,
+        float* C, int64_t ldc, bool acc) {
+    for (int64_t i = 0; i < M; ++i) {
+        float* ci = C + i * ldc;
+        if (!acc) memset(ci, 0, N * sizeof(float));
+        for (int64_t k = 0; k < K; ++k) {
+            const float aik = A[i * sam + k * sak];
+            const float* bk = B + k * ldb;
+#pragma omp simd
+            for (int64_t j = 0; j < N; ++j) ci[j] += aik * bk[j];
+        }
+    }
+}
+#endif
+
+// Per-thread scratch that outlives the call (OpenMP's threads persist), so a training step does not
+// allocate and fault in fresh pages for every block.
+inline float* ffn_scratch(int64_t n) {
+    thread_local std::vector<float> buf;
+    if ((int64_t)buf.size() < n) buf.resize(n);
+    return buf.data();
+}
+
+// Rows [r0, r1) of the lerps: xk (and xr when mr) [rows, C].
+template <int FORM>
+inline void ffn_lerps(const float* x, const float* shift, const float* mk, const float* mr, int64_t r0, int64_t r1,
+                      int64_t T, int64_t C, float* xk, float* xr) {
+    for (int64_t r = r0; r < r1; ++r) {
+        const int64_t t = r % T;
+        const float* xt = x + r * C;
+        const float* pt = t ? xt - C : shift + (r / T) * C;
+        float *ok = xk + (r - r0) * C, *orr = mr ? xr + (r - r0) * C : nullptr;
+        if (FORM == 0) {
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) ok[c] = xt[c] + (pt[c] - xt[c]) * mk[c];
+            if (mr) {
+#pragma omp simd
+                for (int64_t c = 0; c < C; ++c) orr[c] = xt[c] + (pt[c] - xt[c]) * mr[c];
+            }
+        } else {
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) ok[c] = xt[c] * mk[c] + pt[c] * (1.f - mk[c]);
+            if (mr) {
+#pragma omp simd
+                for (int64_t c = 0; c < C; ++c) orr[c] = xt[c] * mr[c] + pt[c] * (1.f - mr[c]);
+            }
+        }
+    }
+}
+
+// Rows [r0, r1) of thread `tid` of `n` (contiguous shares).
+inline void row_share(int64_t R, int tid, int n, int64_t& r0, int64_t& r1) {
+    r0 = R * tid / n, r1 = R * (tid + 1) / n;
+}
+
+// x [R, C] (R = B T rows), shift [B, C], mk / mr [C] (mr null: no receptance), wkT [C, F], wvT [F, C],
+// wrT [C, C] (the weights transposed by the caller); out [R, C]; saved for the backward: kpre [R, F],
+// r [R, C] (sigmoid's output) and kv [R, C] (only with a receptance).
+template <int FORM>
+void channel_mix_fwd_t(const float* x, const float* shift, const float* mk, const float* mr, const float* wkT,
+                       const float* wvT, const float* wrT, float* out, float* kpre, float* rr, float* kv, int64_t B,
+                       int64_t T, int64_t C, int64_t F, int nthreads) {
+    const int64_t R = B * T;
+#pragma omp parallel num_threads(nthreads)
+    {
+        int64_t lo, hi;
+        row_share(R, omp_get_thread_num(), omp_get_num_threads(), lo, hi);
+        float* s = ffn_scratch(FFN_ROWS * (2 * C + F));
+        float *xk = s, *xr = s + FFN_ROWS * C, *k = s + 2 * FFN_ROWS * C;
+        for (int64_t r0 = lo; r0 < hi; r0 += FFN_ROWS) {
+            const int64_t r1 = r0 + FFN_ROWS < hi ? r0 + FFN_ROWS : hi, n = r1 - r0;
+            ffn_lerps<FORM>(x, shift, mk, mr, r0, r1, T, C, xk, xr);
+            float* kp = kpre + r0 * F;
+            mm(n, F, C, xk, C, 1, wkT, F, kp, F, false);
+#pragma omp simd
+            for (int64_t i = 0; i < n * F; ++i) {
+                const float v = kp[i] > 0.f ? kp[i] : 0.f;
+                k[i] = v * v;
+            }
+            float* kvb = (mr ? kv : out) + r0 * C;
+            mm(n, C, F, k, F, 1, wvT, C, kvb, C, false);
+            if (mr) {
+                float* rb = rr + r0 * C;
+                mm(n, C, C, xr, C, 1, wrT, C, rb, C, false);
+                float* ob = out + r0 * C;
+#pragma omp simd
+                for (int64_t i = 0; i < n * C; ++i) {
+                    const float sg = 1.f / (1.f + expf(-rb[i]));
+                    rb[i] = sg;
+                    ob[i] = sg * kvb[i];
+                }
+            }
+        }
+    }
+}
+
+// g [R, C] the gradient of out; wk [F, C], wv [C, F], wr [C, C] as stored. Writes dxk, dxr [R, C] (then
+// the shift-mix backward turns them into dx, dshift, dmix) and dwk [F, C], dwv [C, F], dwr [C, C]:
+// per-thread partials in part (nthreads x (2 F C + C C)) summed at the end, thread 0's straight into
+// the outputs.
+void channel_mix_bwd_core(const float* x, const float* shift, const float* mk, const float* mr, int form,
+                          const float* wk, const float* wv, const float* wr, const float* g, const float* kpre,
+                          const float* rr, const float* kv, float* dxk, float* dxr, float* dwk, float* dwv,
+                          float* dwr, float* part, int64_t B, int64_t T, int64_t C, int64_t F, int nthreads) {
+    const int64_t R = B * T, P = 2 * F * C + (mr ? C * C : 0);
+#pragma omp parallel num_threads(nthreads)
+    {
+        const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+        int64_t lo, hi;
+        row_share(R, tid, nt, lo, hi);
+        float *pwk = dwk, *pwv = dwv, *pwr = dwr;
+        if (tid) pwk = part + (tid - 1) * P, pwv = pwk + F * C, pwr = pwv + F * C;
+        memset(pwk, 0, F * C * sizeof(float));
+        memset(pwv, 0, F * C * sizeof(float));
+        if (mr) memset(pwr, 0, C * C * sizeof(float));
+        float* s = ffn_scratch(FFN_ROWS * (4 * C + F));
+        float *xk = s, *xr = s + FFN_ROWS * C, *dkv = s + 2 * FFN_ROWS * C, *drp = s + 3 * FFN_ROWS * C;
+        float* k = s + 4 * FFN_ROWS * C;
+        for (int64_t r0 = lo; r0 < hi; r0 += FFN_ROWS) {
+            const int64_t r1 = r0 + FFN_ROWS < hi ? r0 + FFN_ROWS : hi, n = r1 - r0;
+            const float* gb = g + r0 * C;
+            const float* dk_in = gb;  // the gradient of the value product
+            if (mr) {
+                const float *rb = rr + r0 * C, *kvb = kv + r0 * C;
+#pragma omp simd
+                for (int64_t i = 0; i < n * C; ++i) {
+                    dkv[i] = gb[i] * rb[i];
+                    drp[i] = gb[i] * kvb[i] * rb[i] * (1.f - rb[i]);
+                }
+                dk_in = dkv;
+            }
+            const float* kp = kpre + r0 * F;
+#pragma omp simd
+            for (int64_t i = 0; i < n * F; ++i) {
+                const float v = kp[i] > 0.f ? kp[i] : 0.f;
+                k[i] = v * v;
+            }
+            mm(C, F, n, dk_in, 1, C, k, F, pwv, F, true);  // dWv += dkv^T k
+            mm(n, F, C, dk_in, C, 1, wv, F, k, F, false);  // dk = dkv Wv (over k: no longer needed)
+#pragma omp simd
+            for (int64_t i = 0; i < n * F; ++i) k[i] = kp[i] > 0.f ? 2.f * kp[i] * k[i] : 0.f;
+            if (form == 0)
+                ffn_lerps<0>(x, shift, mk, mr, r0, r1, T, C, xk, xr);
+            else
+                ffn_lerps<1>(x, shift, mk, mr, r0, r1, T, C, xk, xr);
+            mm(F, C, n, k, 1, F, xk, C, pwk, C, true);             // dWk += dkpre^T xk
+            mm(n, C, F, k, F, 1, wk, C, dxk + r0 * C, C, false);   // dxk = dkpre Wk
+            if (mr) {
+                mm(C, C, n, drp, 1, C, xr, C, pwr, C, true);          // dWr += drpre^T xr
+                mm(n, C, C, drp, C, 1, wr, C, dxr + r0 * C, C, false);  // dxr = drpre Wr
+            }
+        }
+#pragma omp barrier
+        // Sum the other threads' partials into thread 0's (the outputs), split by element.
+        if (nt > 1) {
+            float* outs[3] = {dwk, dwv, dwr};
+            const int64_t sizes[3] = {F * C, F * C, mr ? C * C : 0};
+            for (int m = 0; m < 3; ++m) {
+                int64_t e0, e1;
+                row_share(sizes[m], tid, nt, e0, e1);
+                for (int p = 1; p < nt; ++p) {
+                    const float* src = part + (p - 1) * P + (m == 0 ? 0 : m == 1 ? F * C : 2 * F * C);
+#pragma omp simd
+                    for (int64_t e = e0; e < e1; ++e) outs[m][e] += src[e];
+                }
+            }
+        }
+    }
+}
+
 // GroupNorm over each head of the WKV output (v5-v7's ln_x): y [R, H, N] (R = B * T rows), weight and
 // bias [H * N]; out [R, H * N]; mean and rstd [R, H] saved for the backward. PyTorch's GroupNorm spent
 // ~1 ms forward and backward on [512, 64] with 4 groups, ~50x the memory traffic's time.
@@ -831,7 +1100,7 @@ void head_norm_bwd(const float* y, const float* wt, const float* mean, const flo
 
 extern "C" {
 
-int rz_wkv_train_abi_version() { return 4; }
+int rz_wkv_train_abi_version() { return 5; }
 
 void rz_head_norm_fwd(const float* y, const float* wt, const float* bs, float eps, float* out, float* mean,
                       float* rstd, int64_t R, int64_t H, int64_t N, int nthreads) {
@@ -841,6 +1110,41 @@ void rz_head_norm_fwd(const float* y, const float* wt, const float* bs, float ep
 void rz_head_norm_bwd(const float* y, const float* wt, const float* mean, const float* rstd, const float* g,
                       float* dy, float* dw, float* db, int64_t R, int64_t H, int64_t N, int nthreads) {
     head_norm_bwd(y, wt, mean, rstd, g, dy, dw, db, R, H, N, nthreads);
+}
+
+void rz_channel_mix_fwd(const float* x, const float* shift, const float* mk, const float* mr, int form,
+                        const float* wkT, const float* wvT, const float* wrT, float* out, float* kpre, float* r,
+                        float* kv, int64_t B, int64_t T, int64_t C, int64_t F, int nthreads) {
+    if (form == 0)
+        channel_mix_fwd_t<0>(x, shift, mk, mr, wkT, wvT, wrT, out, kpre, r, kv, B, T, C, F, nthreads);
+    else
+        channel_mix_fwd_t<1>(x, shift, mk, mr, wkT, wvT, wrT, out, kpre, r, kv, B, T, C, F, nthreads);
+}
+
+// dxk, dxr [R, C] and dmix [B, 2, C]: the caller's scratch; part: (nthreads - 1) x (2 F C + C C) floats.
+void rz_channel_mix_bwd(const float* x, const float* shift, const float* mk, const float* mr, int form,
+                        const float* wk, const float* wv, const float* wr, const float* g, const float* kpre,
+                        const float* r, const float* kv, float* dx, float* dshift, float* dmk, float* dmr,
+                        float* dwk, float* dwv, float* dwr, float* part, float* dxk, float* dxr, float* dmix,
+                        int64_t B, int64_t T, int64_t C, int64_t F, int nthreads) {
+    channel_mix_bwd_core(x, shift, mk, mr, form, wk, wv, wr, g, kpre, r, kv, dxk, dxr, dwk, dwv, dwr, part, B, T, C,
+                         F, nthreads);
+    const int64_t nf = mr ? 2 : 1;
+    std::vector<float> mix(nf * C);
+    memcpy(mix.data(), mk, C * sizeof(float));
+    if (mr) memcpy(mix.data() + C, mr, C * sizeof(float));
+    const float* gs[2] = {dxk, dxr};
+    shift_mix_bwd(gs, x, shift, mix.data(), nullptr, form, dx, dshift, dmix, nullptr, nf, B, T, C, nthreads);
+    float* dm[2] = {dmk, dmr};
+    for (int64_t f = 0; f < nf; ++f) {
+        float* d = dm[f];
+        memset(d, 0, C * sizeof(float));
+        for (int64_t b = 0; b < B; ++b) {
+            const float* src = dmix + (b * nf + f) * C;
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) d[c] += src[c];
+        }
+    }
 }
 
 void rz_relu_sq_fwd(const float* x, float* y, int64_t n, int nthreads) { relu_sq_fwd(x, y, n, nthreads); }
