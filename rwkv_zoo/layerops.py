@@ -8,7 +8,9 @@ A block spends much of a small training step in memory-bound elementwise ops and
 - ``tanh(x)``: the activation of v6's LoRA paths;
 - ``head_group_norm(y, ln_x)``: GroupNorm over each head of ``y`` [B, T, H, N] (``ln_x`` of v5-v7);
 - ``channel_mix(x, shift, mix_k, mix_r, key, value, receptance, form)``: the whole channel-mix of v4-v7,
-  ``sigmoid(receptance(xr)) * value(relu(key(xk)) ** 2)`` (no receptance: v7), token shift included.
+  ``sigmoid(receptance(xr)) * value(relu(key(xk)) ** 2)`` (no receptance: v7), token shift included;
+- ``ddlerp(x, shift, maa_x, maa, w1, w2, decay, dw1, dw2)``: v6's data-dependent token shift (five LoRA
+  lerps) and decay.
 
 Speed is a backend's business: a backend lists faster versions in ``Backend.layer_ops`` (name -> function
 with the signature of ``LAYER_OP_SIGNATURES``), each returning ``NotImplemented`` for a call it cannot run
@@ -29,7 +31,8 @@ from torch import Tensor
 from rwkv_zoo import dispatch
 from rwkv_zoo.model import head_group_norm as _head_group_norm_torch
 
-__all__ = ["LAYER_OPS", "LAYER_OP_SIGNATURES", "channel_mix", "head_group_norm", "relu_sq", "shift_mix", "tanh"]
+__all__ = ["LAYER_OPS", "LAYER_OP_SIGNATURES", "channel_mix", "ddlerp", "head_group_norm", "relu_sq", "shift_mix",
+           "tanh"]
 
 # What a backend's version receives (already stacked and checked by the function here).
 LAYER_OP_SIGNATURES = {
@@ -39,6 +42,8 @@ LAYER_OP_SIGNATURES = {
     "head_group_norm": "(y [B, T, H, N], weight [H*N], bias [H*N], eps float) -> [B, T, H*N] fp32",
     "channel_mix": "(x [B, T, C], shift [B, C], mix_k [..., C], mix_r [..., C] or None, key, value, receptance "
                    "or None: modules (a backend may use .weight of a plain bias-free nn.Linear), form) -> [B, T, C]",
+    "ddlerp": "(x [B, T, C], shift [B, C], maa_x [..., C], maa 5 x [..., C], w1 [C, 5 Dm], w2 [5, Dm, C], "
+              "decay [..., C], dw1 [C, Dd], dw2 [Dd, C]) -> (w fp32, x_k, x_v, x_r, x_g) [B, T, C]",
 }
 LAYER_OPS = tuple(LAYER_OP_SIGNATURES)
 
@@ -134,3 +139,24 @@ def channel_mix(x: Tensor, shift: Tensor, mix_k: Tensor, mix_r: Tensor | None, k
     xs = shift_mix(x, shift, mixes, form=form, backend=backend)
     kv = value(relu_sq(key(xs[0]), backend=backend))
     return kv if receptance is None else torch.sigmoid(receptance(xs[1])) * kv
+
+
+def ddlerp(x: Tensor, shift: Tensor, maa_x: Tensor, maa: list[Tensor], w1: Tensor, w2: Tensor, decay: Tensor,
+           dw1: Tensor, dw2: Tensor, backend: str | None = None) -> tuple[Tensor, ...]:
+    """v6's data-dependent token shift and decay ("ddlerp", SPEC §5): with ``prev`` the previous token,
+    ``xx = x + (prev - x) * maa_x`` and ``h = tanh(xx @ w1)`` split into five [.., Dm] parts, the lerps
+    ``x_f = x + (prev - x) * (maa_f + h_f @ w2[f])`` for f = w, k, v, r, g (``maa`` in that order), and the
+    log-decay ``w = -exp(decay + tanh(x_w @ dw1) @ dw2)`` in fp32. Returns ``(w, x_k, x_v, x_r, x_g)``."""
+    for fn in implementations("ddlerp", backend):
+        out = fn(x, shift, maa_x, maa, w1, w2, decay, dw1, dw2)
+        if out is not NotImplemented:
+            return out
+    B, T, _ = x.shape
+    xx = shift_mix(x, shift, [maa_x], backend=backend)[0]
+    h = tanh(xx @ w1, backend=backend)  # [B, T, 5*Dm]
+    # m[f] = h[..., f, :] @ w2[f], [5, B, T, C]. One bmm over a strided view of h ([5, B*T, Dm]): the same
+    # products as einsum("bftd,fdc->fbtc"), without the copies einsum made of h and of the gradients.
+    m = torch.bmm(h.view(B * T, 5, -1).transpose(0, 1), w2).view(5, B, T, -1)
+    xw, xk, xv, xr, xg = shift_mix(x, shift, maa, m, backend=backend)
+    ww = decay.float() + (tanh(xw @ dw1, backend=backend) @ dw2).float()
+    return -torch.exp(ww), xk, xv, xr, xg

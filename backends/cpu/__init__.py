@@ -117,7 +117,7 @@ def make_backend() -> Backend:
         availability=unavailable_reason,
         steps=[fused.STEP],
         layer_ops={"shift_mix": train.shift_mix, "relu_sq": train.relu_sq, "tanh": train.tanh,
-                   "channel_mix": train.channel_mix,
+                   "channel_mix": train.channel_mix, "ddlerp": train.ddlerp,
                    "head_group_norm": train.head_group_norm},
     )
 

@@ -39,9 +39,11 @@ def _lib():
         lib.rz_head_norm_bwd.argtypes = [P] * 8 + [I, I, I, INT]
         lib.rz_channel_mix_fwd.argtypes = [P] * 4 + [INT] + [P] * 7 + [I] * 4 + [INT]
         lib.rz_channel_mix_bwd.argtypes = [P] * 4 + [INT] + [P] * 18 + [I] * 4 + [INT]
+        lib.rz_ddlerp_fwd.argtypes = [P] * 13 + [I] * 5 + [INT]
+        lib.rz_ddlerp_bwd.argtypes = [P] * 23 + [I] * 5 + [INT]
         for fn in (lib.rz_shift_mix_fwd, lib.rz_shift_mix_bwd, lib.rz_relu_sq_fwd, lib.rz_relu_sq_bwd,
                    lib.rz_tanh_fwd, lib.rz_tanh_bwd, lib.rz_head_norm_fwd, lib.rz_head_norm_bwd,
-                   lib.rz_channel_mix_fwd, lib.rz_channel_mix_bwd):
+                   lib.rz_channel_mix_fwd, lib.rz_channel_mix_bwd, lib.rz_ddlerp_fwd, lib.rz_ddlerp_bwd):
             fn.restype = None
         lib._rz_shift_mix_typed = True
     return lib
@@ -287,6 +289,52 @@ def channel_mix(x: Tensor, shift: Tensor, mix_k: Tensor, mix_r: Tensor | None, k
     wr = None if receptance is None else _c(ws[2])
     return _ChannelMix.apply(_c(x), _c(shift), mix_k.reshape(C), mr, _c(ws[0]), _c(ws[1]), wr,
                              0 if form == "delta" else 1)
+
+
+class _DDLerp(torch.autograd.Function):
+    # x [B, T, C], shift [B, C], maa_x and the five maa_f [C] (w, k, v, r, g), w1 [C, 5 Dm], w2 [5, Dm, C],
+    # decay [C], dw1 [C, Dd], dw2 [Dd, C] -> w, x_k, x_v, x_r, x_g [B, T, C].
+    @staticmethod
+    def forward(ctx, x, shift, maa_x, maa_w, maa_k, maa_v, maa_r, maa_g, w1, w2, decay, dw1, dw2):
+        B, T, C = x.shape
+        Dm, Dd = w2.shape[1], dw1.shape[1]
+        w = torch.empty(B, T, C, dtype=torch.float32)
+        outs = tuple(torch.empty(B, T, C, dtype=torch.float32) for _ in range(4))
+        hs, hds = torch.empty(B * T, 5 * Dm), torch.empty(B * T, Dd)
+        maa = (maa_w, maa_k, maa_v, maa_r, maa_g)
+        _lib().rz_ddlerp_fwd(x.data_ptr(), shift.data_ptr(), maa_x.data_ptr(), _ptrs(maa), w1.data_ptr(), w2.data_ptr(),
+                             decay.data_ptr(), dw1.data_ptr(), dw2.data_ptr(), w.data_ptr(), _ptrs(outs),
+                             hs.data_ptr(), hds.data_ptr(), B, T, C, Dm, Dd, torch.get_num_threads())
+        ctx.save_for_backward(x, shift, maa_x, *maa, w1, w2, dw1, dw2, w, hs, hds)
+        return (w, *outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, shift, maa_x, *maa, w1, w2, dw1, dw2, w, hs, hds = ctx.saved_tensors
+        B, T, C = x.shape
+        Dm, Dd = w2.shape[1], dw1.shape[1]
+        n = torch.get_num_threads()
+        gs = [_c(g.float()) for g in grads]
+        dx, dshift, dprev = torch.empty_like(x), torch.empty_like(shift), torch.empty_like(x)
+        g_maa_x, g_maa, g_decay = torch.empty(C), torch.empty(5, C), torch.empty(C)
+        g_w1, g_w2, g_dw1, g_dw2 = (torch.empty_like(t) for t in (w1, w2, dw1, dw2))
+        part = torch.empty(max(n - 1, 0) * (7 * C + 10 * C * Dm + 2 * C * Dd))
+        _lib().rz_ddlerp_bwd(x.data_ptr(), shift.data_ptr(), maa_x.data_ptr(), _ptrs(maa), w1.data_ptr(),
+                             w2.data_ptr(), dw1.data_ptr(), dw2.data_ptr(), w.data_ptr(), hs.data_ptr(), hds.data_ptr(),
+                             _ptrs(gs), dx.data_ptr(), dshift.data_ptr(), dprev.data_ptr(), g_maa_x.data_ptr(),
+                             g_maa.data_ptr(), g_w1.data_ptr(), g_w2.data_ptr(), g_decay.data_ptr(), g_dw1.data_ptr(),
+                             g_dw2.data_ptr(), part.data_ptr(), B, T, C, Dm, Dd, n)
+        return dx, dshift, g_maa_x, *g_maa.unbind(0), g_w1, g_w2, g_decay, g_dw1, g_dw2
+
+
+def ddlerp(x: Tensor, shift: Tensor, maa_x: Tensor, maa: list[Tensor], w1: Tensor, w2: Tensor, decay: Tensor,
+           dw1: Tensor, dw2: Tensor):
+    if x.dim() != 3 or len(maa) != 5 or torch.is_autocast_enabled("cpu") or \
+            not _fusable(x, shift, maa_x, *maa, w1, w2, decay, dw1, dw2):
+        return NotImplemented
+    C = x.shape[-1]
+    return _DDLerp.apply(_c(x), _c(shift), maa_x.reshape(C), *(m.reshape(C) for m in maa), _c(w1), _c(w2),
+                         decay.reshape(C), _c(dw1), _c(dw2))
 
 
 class _ReluSq(torch.autograd.Function):

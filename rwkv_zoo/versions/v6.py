@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from rwkv_zoo import ops
 from rwkv_zoo.hookspecs import hookimpl
-from rwkv_zoo.layerops import channel_mix, head_group_norm, shift_mix, tanh
+from rwkv_zoo.layerops import channel_mix, ddlerp, head_group_norm
 from rwkv_zoo.model import (
     GROUPNORM_EPS,
     Block,
@@ -96,22 +96,15 @@ class V6TimeMix(nn.Module):
         B, T, _ = x.shape
         H, N = self.time_faaaa.shape
         new_shift = x[:, -1]
-        xx = shift_mix(x, shift, [self.time_maa_x], backend=ctx.backend)[0]
-        h = tanh(xx @ self.time_maa_w1, backend=ctx.backend)  # [B, T, 5*Dm]
-        # Rows w, k, v, r, g: m[f] = h[..., f, :] @ W2[f], [5, B, T, C]. One bmm over a strided view of h
-        # ([5, B*T, Dm]): the same products as einsum("bftd,fdc->fbtc"), without the copies einsum made
-        # of h and of the gradients (forward + backward 1.45 ms against 2.0 ms at the quick shape, cold).
-        m = torch.bmm(h.view(B * T, 5, -1).transpose(0, 1), self.time_maa_w2).view(5, B, T, -1)
-        # Token shift and the five lerps as one pass over [5, B, T, C] (the same arithmetic per element as
-        # five separate ones; one C++ op forward and one backward on a CPU).
         maa = [self.time_maa_w, self.time_maa_k, self.time_maa_v, self.time_maa_r, self.time_maa_g]
-        xw, xk, xv, xr, xg = shift_mix(x, shift, maa, m, backend=ctx.backend)
+        # The token shift with data-dependent lerps (LoRA on the shifted input) and the data-dependent decay.
+        w, xk, xv, xr, xg = ddlerp(x, shift, self.time_maa_x, maa, self.time_maa_w1, self.time_maa_w2,
+                                   self.time_decay, self.time_decay_w1, self.time_decay_w2, backend=ctx.backend)
         r = self.receptance(xr).view(B, T, H, N)
         k = self.key(xk).view(B, T, H, N)
         v = self.value(xv).view(B, T, H, N)
         g = F.silu(self.gate(xg))
-        ww = self.time_decay.float() + (tanh(xw @ self.time_decay_w1, backend=ctx.backend) @ self.time_decay_w2).float()
-        w = -torch.exp(ww).view(B, T, H, N)  # log of exp(-exp(ww)), fp32
+        w = w.view(B, T, H, N)  # log of exp(-exp(ww)), fp32
         y, wkv = ops.wkv6(r, k, v, w, self.time_faaaa.float(), wkv, mode=ctx.mode, backend=ctx.backend)
         y = head_group_norm(y, self.ln_x, backend=ctx.backend).to(x.dtype)
         return self.output(y * g), new_shift, wkv

@@ -253,6 +253,35 @@ def test_channel_mix_runs_wrapped_projections_as_modules():
     assert y.grad_fn.name() == "_ChannelMixBackward"
 
 
+def test_ddlerp_matches_pytorch_in_fp64():
+    # v6's data-dependent token shift and decay against its PyTorch definition in fp64: the five outputs
+    # and every gradient (x, the shift state, the six mixes, both LoRAs, the decay), with a random upstream
+    # gradient for each output; rows not a multiple of the row blocks, 1 and 2 threads.
+    threads = torch.get_num_threads()
+    try:
+        for (B, T, C, Dm, Dd), n in (((3, 37, 24, 8, 16), 1), ((2, 101, 32, 12, 20), 2)):
+            torch.set_num_threads(n)
+            g = torch.Generator().manual_seed(C)
+            x, shift = torch.randn(B, T, C, generator=g), torch.randn(B, C, generator=g)
+            mixes = [torch.rand(1, 1, C, generator=g) for _ in range(6)]
+            w1, w2 = torch.randn(C, 5 * Dm, generator=g) * 0.3, torch.randn(5, Dm, C, generator=g) * 0.3
+            decay = torch.randn(1, 1, C, generator=g) * 0.5 - 1
+            dw1, dw2 = torch.randn(C, Dd, generator=g) * 0.3, torch.randn(Dd, C, generator=g) * 0.3
+            ups = [torch.randn(B, T, C, generator=g, dtype=torch.float64) for _ in range(5)]
+            results = []
+            for dtype, backend in ((torch.float32, "cpu"), (torch.float64, "reference")):
+                ins = [t.to(dtype).requires_grad_() for t in (x, shift, *mixes, w1, w2, decay, dw1, dw2)]
+                outs = layerops.ddlerp(ins[0], ins[1], ins[2], ins[3:8], *ins[8:], backend=backend)
+                loss = sum((o.double() * u).sum() for o, u in zip(outs, ups, strict=True))
+                results.append((outs, torch.autograd.grad(loss, ins)))
+            assert results[0][0][0].grad_fn.name() == "_DDLerpBackward"  # the C++ op ran
+            for have, want in zip([*results[0][0], *results[0][1]], [*results[1][0], *results[1][1]], strict=True):
+                assert have.shape == want.shape
+                assert rel_err(have.double(), want) < GATE
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_cpu_training_step_is_fused_and_deterministic():
     # The trainer's CPU optimizer is the fused AdamW; its run equals the for-loop AdamW's within fp32
     # rounding, and two runs with one thread count are bit-identical.

@@ -1024,6 +1024,210 @@ void channel_mix_bwd_core(const float* x, const float* shift, const float* mk, c
     }
 }
 
+// ------------------------------------------------------------------------------------------------
+// v6's data-dependent token shift and decay as one op (its "ddlerp"), forward and backward:
+//   xx  = x + (prev - x) * maa_x,   h = tanh(xx W1)              h [R, 5 Dm], W1 [C, 5 Dm]
+//   x_f = x + (prev - x) * (maa_f + h_f W2[f])                   f = w, k, v, r, g; W2 [5, Dm, C]
+//   w   = -exp(decay + tanh(x_w Dw1) Dw2)                        Dw1 [C, Dd], Dw2 [Dd, C]
+// Outputs w, x_k, x_v, x_r, x_g [R, C]. As PyTorch ops this was a shift-mix, two products and a tanh,
+// a bmm into five [R, C] planes, a five-plane shift-mix, the decay path's products, tanh, exp, and each
+// one's backward, every one a pass over tensors the step had pushed out of the caches. Here rows go
+// through in blocks with every intermediate in per-thread scratch; the backward keeps h and the decay
+// path's tanh (saved, [R, 5 Dm] and [R, Dd]) and w, and recomputes the lerps and h_f W2[f] per block.
+
+inline void tanh_rows(float* a, int64_t n) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) a[i] = tanhf(a[i]);
+}
+
+inline void delta_lerp(const float* x, const float* shift, const float* mix, const float* dyn, int64_t r0, int64_t r1,
+                       int64_t T, int64_t C, float* out) {
+    for (int64_t r = r0; r < r1; ++r) {
+        const float* xt = x + r * C;
+        const float* pt = r % T ? xt - C : shift + (r / T) * C;
+        const float* d = dyn ? dyn + (r - r0) * C : nullptr;
+        float* o = out + (r - r0) * C;
+        if (d) {
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) o[c] = xt[c] + (pt[c] - xt[c]) * (mix[c] + d[c]);
+        } else {
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) o[c] = xt[c] + (pt[c] - xt[c]) * mix[c];
+        }
+    }
+}
+
+// maa: 5 pointers [C] (w, k, v, r, g); outs: 4 pointers [R, C] (k, v, r, g); saved hs [R, 5 Dm], hds [R, Dd].
+void ddlerp_fwd(const float* x, const float* shift, const float* maa_x, const float* const* maa, const float* w1,
+                const float* w2, const float* decay, const float* dw1, const float* dw2, float* wout,
+                float* const* outs, float* hs, float* hds, int64_t B, int64_t T, int64_t C, int64_t Dm, int64_t Dd,
+                int nthreads) {
+    const int64_t R = B * T, Hm = 5 * Dm;
+#pragma omp parallel num_threads(nthreads)
+    {
+        int64_t lo, hi;
+        row_share(R, omp_get_thread_num(), omp_get_num_threads(), lo, hi);
+        float* s = ffn_scratch(FFN_ROWS * (3 * C));
+        float *xx = s, *m = s + FFN_ROWS * C, *xw = s + 2 * FFN_ROWS * C;
+        for (int64_t r0 = lo; r0 < hi; r0 += FFN_ROWS) {
+            const int64_t r1 = r0 + FFN_ROWS < hi ? r0 + FFN_ROWS : hi, n = r1 - r0;
+            delta_lerp(x, shift, maa_x, nullptr, r0, r1, T, C, xx);
+            float* h = hs + r0 * Hm;
+            mm(n, Hm, C, xx, C, 1, w1, Hm, h, Hm, false);
+            tanh_rows(h, n * Hm);
+            for (int f = 0; f < 5; ++f) {
+                mm(n, C, Dm, h + f * Dm, Hm, 1, w2 + f * Dm * C, C, m, C, false);
+                delta_lerp(x, shift, maa[f], m, r0, r1, T, C, f ? outs[f - 1] + r0 * C : xw);
+            }
+            float* hd = hds + r0 * Dd;
+            mm(n, Dd, C, xw, C, 1, dw1, Dd, hd, Dd, false);
+            tanh_rows(hd, n * Dd);
+            float* wo = wout + r0 * C;
+            mm(n, C, Dd, hd, Dd, 1, dw2, C, wo, C, false);
+            for (int64_t i = 0; i < n; ++i) {
+                float* wr = wo + i * C;
+#pragma omp simd
+                for (int64_t c = 0; c < C; ++c) wr[c] = -expf(decay[c] + wr[c]);
+            }
+        }
+    }
+}
+
+inline void transpose(const float* a, int64_t rows, int64_t cols, float* out) {
+    for (int64_t i = 0; i < rows; ++i)
+        for (int64_t j = 0; j < cols; ++j) out[j * rows + i] = a[i * cols + j];
+}
+
+// gs: 5 pointers [R, C] (gradients of w, x_k, x_v, x_r, x_g). Writes dx [R, C], dshift [B, C] and the
+// parameters' gradients: dmaa_x [C], dmaa [5, C], dw1 [C, 5 Dm], dw2 [5, Dm, C], ddecay [C], ddw1 [C, Dd],
+// ddw2 [Dd, C]. dprev [R, C] and part ((nthreads - 1) x the parameters' size) are the caller's scratch.
+void ddlerp_bwd(const float* x, const float* shift, const float* maa_x, const float* const* maa, const float* w1,
+                const float* w2, const float* dw1, const float* dw2, const float* wout, const float* hs,
+                const float* hds, const float* const* gs, float* dx, float* dshift, float* dprev, float* g_maa_x,
+                float* g_maa, float* g_w1, float* g_w2, float* g_decay, float* g_dw1, float* g_dw2, float* part,
+                int64_t B, int64_t T, int64_t C, int64_t Dm, int64_t Dd, int nthreads) {
+    const int64_t R = B * T, Hm = 5 * Dm;
+    // Transposes of the weights for the products by them: [5 Dm, C], [5][C, Dm], [Dd, C], [C, Dd].
+    std::vector<float> tw(Hm * C + 5 * C * Dm + Dd * C + C * Dd);
+    float *w1T = tw.data(), *w2T = w1T + Hm * C, *dw1T = w2T + 5 * C * Dm, *dw2T = dw1T + Dd * C;
+    transpose(w1, C, Hm, w1T);
+    for (int f = 0; f < 5; ++f) transpose(w2 + f * Dm * C, Dm, C, w2T + f * C * Dm);
+    transpose(dw1, C, Dd, dw1T);
+    transpose(dw2, Dd, C, dw2T);
+    // Offsets of each parameter gradient in one thread's partial block.
+    const int64_t o_maa = C, o_w1 = 6 * C, o_w2 = o_w1 + C * Hm, o_dec = o_w2 + 5 * Dm * C, o_dw1 = o_dec + C,
+                  o_dw2 = o_dw1 + C * Dd, P = o_dw2 + Dd * C;
+#pragma omp parallel num_threads(nthreads)
+    {
+        const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+        int64_t lo, hi;
+        row_share(R, tid, nt, lo, hi);
+        float* q = tid ? part + (tid - 1) * P : nullptr;
+        float *pmx = tid ? q : g_maa_x, *pmaa = tid ? q + o_maa : g_maa, *pw1 = tid ? q + o_w1 : g_w1,
+              *pw2 = tid ? q + o_w2 : g_w2, *pdec = tid ? q + o_dec : g_decay, *pdw1 = tid ? q + o_dw1 : g_dw1,
+              *pdw2 = tid ? q + o_dw2 : g_dw2;
+        memset(pmx, 0, C * sizeof(float)), memset(pmaa, 0, 5 * C * sizeof(float));
+        memset(pw1, 0, C * Hm * sizeof(float)), memset(pw2, 0, 5 * Dm * C * sizeof(float));
+        memset(pdec, 0, C * sizeof(float)), memset(pdw1, 0, C * Dd * sizeof(float));
+        memset(pdw2, 0, Dd * C * sizeof(float));
+        float* s = ffn_scratch(FFN_ROWS * (5 * C + 2 * Hm + Dd));
+        float *xx = s, *m = s + FFN_ROWS * C, *xw = s + 2 * FFN_ROWS * C, *dww = s + 3 * FFN_ROWS * C;
+        float *gx = s + 4 * FFN_ROWS * C, *dh = s + 5 * FFN_ROWS * C, *dm = dh + FFN_ROWS * Hm;
+        float* dhd = dm + FFN_ROWS * Hm;
+        for (int64_t r0 = lo; r0 < hi; r0 += FFN_ROWS) {
+            const int64_t r1 = r0 + FFN_ROWS < hi ? r0 + FFN_ROWS : hi, n = r1 - r0;
+            const float *h = hs + r0 * Hm, *hd = hds + r0 * Dd;
+            // The decay path: w = -exp(decay + hd Dw2), so dww = gw * w.
+            const float *gw = gs[0] + r0 * C, *wo = wout + r0 * C;
+            for (int64_t i = 0; i < n; ++i) {
+#pragma omp simd
+                for (int64_t c = 0; c < C; ++c) {
+                    const float d = gw[i * C + c] * wo[i * C + c];
+                    dww[i * C + c] = d;
+                    pdec[c] += d;
+                }
+            }
+            mm(Dd, C, n, hd, 1, Dd, dww, C, pdw2, C, true);        // dDw2 += hd^T dww
+            mm(n, Dd, C, dww, C, 1, dw2T, Dd, dhd, Dd, false);     // dhd = dww Dw2^T
+#pragma omp simd
+            for (int64_t i = 0; i < n * Dd; ++i) dhd[i] *= 1.f - hd[i] * hd[i];
+            mm(n, C, Dm, h, Hm, 1, w2, C, m, C, false);            // m_w again
+            delta_lerp(x, shift, maa[0], m, r0, r1, T, C, xw);
+            mm(C, Dd, n, xw, 1, C, dhd, Dd, pdw1, Dd, true);       // dDw1 += x_w^T dhd
+            mm(n, C, Dd, dhd, Dd, 1, dw1T, C, gx, C, false);       // gradient of x_w
+            for (int f = 0; f < 5; ++f) {
+                if (f) mm(n, C, Dm, h + f * Dm, Hm, 1, w2 + f * Dm * C, C, m, C, false);
+                const float* g = f ? gs[f] + r0 * C : gx;
+                const float* mf = maa[f];
+                float* pm = pmaa + f * C;
+                float* dmf = dm;  // [n, C] reused per f (then multiplied into dh)
+                for (int64_t i = 0; i < n; ++i) {
+                    const int64_t r = r0 + i;
+                    const float* xt = x + r * C;
+                    const float* pt = r % T ? xt - C : shift + (r / T) * C;
+                    const float *gi = g + i * C, *mi = m + i * C;
+                    float *dxi = dx + r * C, *dpi = dprev + r * C, *dmi = dmf + i * C;
+#pragma omp simd
+                    for (int64_t c = 0; c < C; ++c) {
+                        const float mix = mf[c] + mi[c], d = gi[c] * (pt[c] - xt[c]);
+                        dmi[c] = d;
+                        pm[c] += d;
+                        const float gm = gi[c] * mix;
+                        if (f == 0) dxi[c] = gi[c] - gm, dpi[c] = gm;
+                        else dxi[c] += gi[c] - gm, dpi[c] += gm;
+                    }
+                }
+                mm(Dm, C, n, h + f * Dm, 1, Hm, dmf, C, pw2 + f * Dm * C, C, true);   // dW2[f] += h_f^T dm_f
+                mm(n, Dm, C, dmf, C, 1, w2T + f * C * Dm, Dm, dh + f * Dm, Hm, false); // dh_f = dm_f W2[f]^T
+            }
+#pragma omp simd
+            for (int64_t i = 0; i < n * Hm; ++i) dh[i] *= 1.f - h[i] * h[i];
+            delta_lerp(x, shift, maa_x, nullptr, r0, r1, T, C, xx);
+            mm(C, Hm, n, xx, 1, C, dh, Hm, pw1, Hm, true);          // dW1 += xx^T dh
+            mm(n, C, Hm, dh, Hm, 1, w1T, C, gx, C, false);          // gradient of xx
+            for (int64_t i = 0; i < n; ++i) {
+                const int64_t r = r0 + i;
+                const float* xt = x + r * C;
+                const float* pt = r % T ? xt - C : shift + (r / T) * C;
+                const float* gi = gx + i * C;
+                float *dxi = dx + r * C, *dpi = dprev + r * C;
+#pragma omp simd
+                for (int64_t c = 0; c < C; ++c) {
+                    pmx[c] += gi[c] * (pt[c] - xt[c]);
+                    const float gm = gi[c] * maa_x[c];
+                    dxi[c] += gi[c] - gm, dpi[c] += gm;
+                }
+            }
+        }
+#pragma omp barrier
+        // The previous token's share: row t's dprev belongs to row t - 1 (or to the shift state at t = 0).
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < R; ++r) {
+            const float* dp = dprev + r * C;
+            float* dst = r % T ? dx + (r - 1) * C : dshift + (r / T) * C;
+            if (r % T) {
+#pragma omp simd
+                for (int64_t c = 0; c < C; ++c) dst[c] += dp[c];
+            } else {
+                memcpy(dst, dp, C * sizeof(float));
+            }
+        }
+        if (nt > 1) {
+            float* outs[7] = {g_maa_x, g_maa, g_w1, g_w2, g_decay, g_dw1, g_dw2};
+            const int64_t offs[8] = {0, o_maa, o_w1, o_w2, o_dec, o_dw1, o_dw2, P};
+            for (int m = 0; m < 7; ++m) {
+                int64_t e0, e1;
+                row_share(offs[m + 1] - offs[m], tid, nt, e0, e1);
+                for (int pth = 1; pth < nt; ++pth) {
+                    const float* src = part + (pth - 1) * P + offs[m];
+#pragma omp simd
+                    for (int64_t e = e0; e < e1; ++e) outs[m][e] += src[e];
+                }
+            }
+        }
+    }
+}
+
 // GroupNorm over each head of the WKV output (v5-v7's ln_x): y [R, H, N] (R = B * T rows), weight and
 // bias [H * N]; out [R, H * N]; mean and rstd [R, H] saved for the backward. PyTorch's GroupNorm spent
 // ~1 ms forward and backward on [512, 64] with 4 groups, ~50x the memory traffic's time.
@@ -1145,6 +1349,22 @@ void rz_channel_mix_bwd(const float* x, const float* shift, const float* mk, con
             for (int64_t c = 0; c < C; ++c) d[c] += src[c];
         }
     }
+}
+
+void rz_ddlerp_fwd(const float* x, const float* shift, const float* maa_x, const float* const* maa, const float* w1,
+                   const float* w2, const float* decay, const float* dw1, const float* dw2, float* wout,
+                   float* const* outs, float* hs, float* hds, int64_t B, int64_t T, int64_t C, int64_t Dm, int64_t Dd,
+                   int nthreads) {
+    ddlerp_fwd(x, shift, maa_x, maa, w1, w2, decay, dw1, dw2, wout, outs, hs, hds, B, T, C, Dm, Dd, nthreads);
+}
+
+void rz_ddlerp_bwd(const float* x, const float* shift, const float* maa_x, const float* const* maa, const float* w1,
+                   const float* w2, const float* dw1, const float* dw2, const float* wout, const float* hs,
+                   const float* hds, const float* const* gs, float* dx, float* dshift, float* dprev, float* g_maa_x,
+                   float* g_maa, float* g_w1, float* g_w2, float* g_decay, float* g_dw1, float* g_dw2, float* part,
+                   int64_t B, int64_t T, int64_t C, int64_t Dm, int64_t Dd, int nthreads) {
+    ddlerp_bwd(x, shift, maa_x, maa, w1, w2, dw1, dw2, wout, hs, hds, gs, dx, dshift, dprev, g_maa_x, g_maa, g_w1, g_w2,
+               g_decay, g_dw1, g_dw2, part, B, T, C, Dm, Dd, nthreads);
 }
 
 void rz_relu_sq_fwd(const float* x, float* y, int64_t n, int nthreads) { relu_sq_fwd(x, y, n, nthreads); }
