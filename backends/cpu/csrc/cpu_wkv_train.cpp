@@ -877,31 +877,35 @@ inline float* ffn_scratch(int64_t n) {
     return buf.data();
 }
 
-// Rows [r0, r1) of the lerps: xk (and xr when mr) [rows, C].
+// Rows [r0, r1) of one token-shift lerp into out [rows, C]: FORM 0 (delta) x + (prev - x) (mix + dyn), dyn
+// [rows, C] or null; FORM 1 (lerp) x mix + prev (1 - mix).
+template <int FORM>
+inline void lerp_rows(const float* x, const float* shift, const float* mix, const float* dyn, int64_t r0, int64_t r1,
+                      int64_t T, int64_t C, float* out) {
+    for (int64_t r = r0; r < r1; ++r) {
+        const float* xt = x + r * C;
+        const float* pt = r % T ? xt - C : shift + (r / T) * C;
+        const float* d = dyn ? dyn + (r - r0) * C : nullptr;
+        float* o = out + (r - r0) * C;
+        if (FORM == 1) {
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) o[c] = xt[c] * mix[c] + pt[c] * (1.f - mix[c]);
+        } else if (d) {
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) o[c] = xt[c] + (pt[c] - xt[c]) * (mix[c] + d[c]);
+        } else {
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) o[c] = xt[c] + (pt[c] - xt[c]) * mix[c];
+        }
+    }
+}
+
+// The channel-mix's two lerps: xk, and xr when mr.
 template <int FORM>
 inline void ffn_lerps(const float* x, const float* shift, const float* mk, const float* mr, int64_t r0, int64_t r1,
                       int64_t T, int64_t C, float* xk, float* xr) {
-    for (int64_t r = r0; r < r1; ++r) {
-        const int64_t t = r % T;
-        const float* xt = x + r * C;
-        const float* pt = t ? xt - C : shift + (r / T) * C;
-        float *ok = xk + (r - r0) * C, *orr = mr ? xr + (r - r0) * C : nullptr;
-        if (FORM == 0) {
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) ok[c] = xt[c] + (pt[c] - xt[c]) * mk[c];
-            if (mr) {
-#pragma omp simd
-                for (int64_t c = 0; c < C; ++c) orr[c] = xt[c] + (pt[c] - xt[c]) * mr[c];
-            }
-        } else {
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) ok[c] = xt[c] * mk[c] + pt[c] * (1.f - mk[c]);
-            if (mr) {
-#pragma omp simd
-                for (int64_t c = 0; c < C; ++c) orr[c] = xt[c] * mr[c] + pt[c] * (1.f - mr[c]);
-            }
-        }
-    }
+    lerp_rows<FORM>(x, shift, mk, nullptr, r0, r1, T, C, xk);
+    if (mr) lerp_rows<FORM>(x, shift, mr, nullptr, r0, r1, T, C, xr);
 }
 
 // Rows [r0, r1) of thread `tid` of `n` (contiguous shares).
@@ -1040,23 +1044,6 @@ inline void tanh_rows(float* a, int64_t n) {
     for (int64_t i = 0; i < n; ++i) a[i] = tanhf(a[i]);
 }
 
-inline void delta_lerp(const float* x, const float* shift, const float* mix, const float* dyn, int64_t r0, int64_t r1,
-                       int64_t T, int64_t C, float* out) {
-    for (int64_t r = r0; r < r1; ++r) {
-        const float* xt = x + r * C;
-        const float* pt = r % T ? xt - C : shift + (r / T) * C;
-        const float* d = dyn ? dyn + (r - r0) * C : nullptr;
-        float* o = out + (r - r0) * C;
-        if (d) {
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) o[c] = xt[c] + (pt[c] - xt[c]) * (mix[c] + d[c]);
-        } else {
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) o[c] = xt[c] + (pt[c] - xt[c]) * mix[c];
-        }
-    }
-}
-
 // maa: 5 pointers [C] (w, k, v, r, g); outs: 4 pointers [R, C] (k, v, r, g); saved hs [R, 5 Dm], hds [R, Dd].
 void ddlerp_fwd(const float* x, const float* shift, const float* maa_x, const float* const* maa, const float* w1,
                 const float* w2, const float* decay, const float* dw1, const float* dw2, float* wout,
@@ -1071,13 +1058,13 @@ void ddlerp_fwd(const float* x, const float* shift, const float* maa_x, const fl
         float *xx = s, *m = s + FFN_ROWS * C, *xw = s + 2 * FFN_ROWS * C;
         for (int64_t r0 = lo; r0 < hi; r0 += FFN_ROWS) {
             const int64_t r1 = r0 + FFN_ROWS < hi ? r0 + FFN_ROWS : hi, n = r1 - r0;
-            delta_lerp(x, shift, maa_x, nullptr, r0, r1, T, C, xx);
+            lerp_rows<0>(x, shift, maa_x, nullptr, r0, r1, T, C, xx);
             float* h = hs + r0 * Hm;
             mm(n, Hm, C, xx, C, 1, w1, Hm, h, Hm, false);
             tanh_rows(h, n * Hm);
             for (int f = 0; f < 5; ++f) {
                 mm(n, C, Dm, h + f * Dm, Hm, 1, w2 + f * Dm * C, C, m, C, false);
-                delta_lerp(x, shift, maa[f], m, r0, r1, T, C, f ? outs[f - 1] + r0 * C : xw);
+                lerp_rows<0>(x, shift, maa[f], m, r0, r1, T, C, f ? outs[f - 1] + r0 * C : xw);
             }
             float* hd = hds + r0 * Dd;
             mm(n, Dd, C, xw, C, 1, dw1, Dd, hd, Dd, false);
@@ -1152,7 +1139,7 @@ void ddlerp_bwd(const float* x, const float* shift, const float* maa_x, const fl
 #pragma omp simd
             for (int64_t i = 0; i < n * Dd; ++i) dhd[i] *= 1.f - hd[i] * hd[i];
             mm(n, C, Dm, h, Hm, 1, w2, C, m, C, false);            // m_w again
-            delta_lerp(x, shift, maa[0], m, r0, r1, T, C, xw);
+            lerp_rows<0>(x, shift, maa[0], m, r0, r1, T, C, xw);
             mm(C, Dd, n, xw, 1, C, dhd, Dd, pdw1, Dd, true);       // dDw1 += x_w^T dhd
             mm(n, C, Dd, dhd, Dd, 1, dw1T, C, gx, C, false);       // gradient of x_w
             for (int f = 0; f < 5; ++f) {
@@ -1182,7 +1169,7 @@ void ddlerp_bwd(const float* x, const float* shift, const float* maa_x, const fl
             }
 #pragma omp simd
             for (int64_t i = 0; i < n * Hm; ++i) dh[i] *= 1.f - h[i] * h[i];
-            delta_lerp(x, shift, maa_x, nullptr, r0, r1, T, C, xx);
+            lerp_rows<0>(x, shift, maa_x, nullptr, r0, r1, T, C, xx);
             mm(C, Hm, n, xx, 1, C, dh, Hm, pw1, Hm, true);          // dW1 += xx^T dh
             mm(n, C, Hm, dh, Hm, 1, w1T, C, gx, C, false);          // gradient of xx
             for (int64_t i = 0; i < n; ++i) {
