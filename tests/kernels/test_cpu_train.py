@@ -239,7 +239,7 @@ def test_channel_mix_matches_pytorch_in_fp64(form, receptance):
 def test_channel_mix_runs_wrapped_projections_as_modules():
     # A projection that is not a plain nn.Linear (a hook here; a LoRA layer or a parametrized weight alike)
     # must run as the module it is: the op declines and the definition, which calls the modules, runs. So
-    # does an autocast region (the products would run in bf16 there).
+    # does an autocast region (the products would run in bf16 there) and a width where MKL is faster.
     leaves, mods, *_ = _channel_mix_case("lerp", True, 2, 9, 16, 32, seed=3)
     seen = []
     handle = mods[0].register_forward_hook(lambda m, i, o: seen.append(o.shape))
@@ -251,15 +251,19 @@ def test_channel_mix_runs_wrapped_projections_as_modules():
     assert y.dtype == torch.bfloat16
     y = layerops.channel_mix(leaves[0], leaves[1], leaves[2], leaves[3], *mods, form="lerp", backend="cpu")
     assert y.grad_fn.name() == "_ChannelMixBackward"
+    # Past 192 x 768 weights MKL's packed products are faster: the modules run.
+    leaves, mods, *_ = _channel_mix_case("lerp", True, 1, 3, 256, 1024, seed=4)
+    y = layerops.channel_mix(leaves[0], leaves[1], leaves[2], leaves[3], *mods, form="lerp", backend="cpu")
+    assert y.grad_fn.name() != "_ChannelMixBackward"
 
 
 def test_ddlerp_matches_pytorch_in_fp64():
     # v6's data-dependent token shift and decay against its PyTorch definition in fp64: the five outputs
     # and every gradient (x, the shift state, the six mixes, both LoRAs, the decay), with a random upstream
-    # gradient for each output; rows not a multiple of the row blocks, 1 and 2 threads.
+    # gradient for each output; rows not a multiple of the row blocks, 1 and 2 threads, C wider than 5 Dm.
     threads = torch.get_num_threads()
     try:
-        for (B, T, C, Dm, Dd), n in (((3, 37, 24, 8, 16), 1), ((2, 101, 32, 12, 20), 2)):
+        for (B, T, C, Dm, Dd), n in (((3, 37, 24, 8, 16), 1), ((2, 101, 32, 12, 20), 2), ((1, 130, 48, 4, 8), 2)):
             torch.set_num_threads(n)
             g = torch.Generator().manual_seed(C)
             x, shift = torch.randn(B, T, C, generator=g), torch.randn(B, C, generator=g)

@@ -1117,10 +1117,10 @@ void ddlerp_bwd(const float* x, const float* shift, const float* maa_x, const fl
         memset(pw1, 0, C * Hm * sizeof(float)), memset(pw2, 0, 5 * Dm * C * sizeof(float));
         memset(pdec, 0, C * sizeof(float)), memset(pdw1, 0, C * Dd * sizeof(float));
         memset(pdw2, 0, Dd * C * sizeof(float));
-        float* s = ffn_scratch(FFN_ROWS * (5 * C + 2 * Hm + Dd));
+        float* s = ffn_scratch(FFN_ROWS * (6 * C + Hm + Dd));
         float *xx = s, *m = s + FFN_ROWS * C, *xw = s + 2 * FFN_ROWS * C, *dww = s + 3 * FFN_ROWS * C;
-        float *gx = s + 4 * FFN_ROWS * C, *dh = s + 5 * FFN_ROWS * C, *dm = dh + FFN_ROWS * Hm;
-        float* dhd = dm + FFN_ROWS * Hm;
+        float *gx = s + 4 * FFN_ROWS * C, *dm = s + 5 * FFN_ROWS * C, *dh = s + 6 * FFN_ROWS * C;  // dm [n, C]
+        float* dhd = dh + FFN_ROWS * Hm;
         for (int64_t r0 = lo; r0 < hi; r0 += FFN_ROWS) {
             const int64_t r1 = r0 + FFN_ROWS < hi ? r0 + FFN_ROWS : hi, n = r1 - r0;
             const float *h = hs + r0 * Hm, *hd = hds + r0 * Dd;
