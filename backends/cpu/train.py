@@ -272,14 +272,15 @@ class _ChannelMix(torch.autograd.Function):
 
 def _plain_linear(m) -> bool:
     """A bias-free ``nn.Linear`` whose forward is ``x @ weight.T``: not a subclass or a wrapper (peft's
-    LoRA layers, parametrized weights), no hooks."""
-    return type(m) is torch.nn.Linear and m.bias is None and not m._forward_hooks and not m._forward_pre_hooks
+    LoRA layers, parametrized weights), no hooks of its own or global ones."""
+    hooks = torch.nn.modules.module
+    return type(m) is torch.nn.Linear and m.bias is None and not m._forward_hooks and not m._forward_pre_hooks \
+        and not hooks._global_forward_hooks and not hooks._global_forward_pre_hooks
 
 
 def channel_mix(x: Tensor, shift: Tensor, mix_k: Tensor, mix_r: Tensor | None, key, value, receptance, form: str):
     mods = (key, value) if receptance is None else (key, value, receptance)
-    if not all(_plain_linear(m) for m in mods) or torch.is_autocast_enabled("cpu") \
-            or torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
+    if not all(_plain_linear(m) for m in mods) or torch.is_autocast_enabled("cpu"):
         return NotImplemented
     ws = [m.weight for m in mods]
     if x.dim() != 3 or not _fusable(x, shift, mix_k, mix_r, *ws):

@@ -913,6 +913,22 @@ inline void row_share(int64_t R, int tid, int n, int64_t& r0, int64_t& r1) {
     r0 = R * tid / n, r1 = R * (tid + 1) / n;
 }
 
+// Inside a parallel region, after a barrier: threads 1..nt-1 wrote their partial gradients to part (P
+// floats each; gradient m at offs[m], offs[n] = P), thread 0 straight into outs. Sums them into outs in
+// thread order (deterministic for a thread count), each thread a share of the elements.
+inline void add_partials(float* const* outs, const int64_t* offs, int n, const float* part, int64_t P, int tid,
+                         int nt) {
+    for (int m = 0; m < n; ++m) {
+        int64_t e0, e1;
+        row_share(offs[m + 1] - offs[m], tid, nt, e0, e1);
+        for (int p = 1; p < nt; ++p) {
+            const float* src = part + (p - 1) * P + offs[m];
+#pragma omp simd
+            for (int64_t e = e0; e < e1; ++e) outs[m][e] += src[e];
+        }
+    }
+}
+
 // x [R, C] (R = B T rows), shift [B, C], mk / mr [C] (mr null: no receptance), wkT [C, F], wvT [F, C],
 // wrT [C, C] (the weights transposed by the caller); out [R, C]; saved for the backward: kpre [R, F],
 // r [R, C] (sigmoid's output) and kv [R, C] (only with a receptance).
@@ -1011,20 +1027,9 @@ void channel_mix_bwd_core(const float* x, const float* shift, const float* mk, c
             }
         }
 #pragma omp barrier
-        // Sum the other threads' partials into thread 0's (the outputs), split by element.
-        if (nt > 1) {
-            float* outs[3] = {dwk, dwv, dwr};
-            const int64_t sizes[3] = {F * C, F * C, mr ? C * C : 0};
-            for (int m = 0; m < 3; ++m) {
-                int64_t e0, e1;
-                row_share(sizes[m], tid, nt, e0, e1);
-                for (int p = 1; p < nt; ++p) {
-                    const float* src = part + (p - 1) * P + (m == 0 ? 0 : m == 1 ? F * C : 2 * F * C);
-#pragma omp simd
-                    for (int64_t e = e0; e < e1; ++e) outs[m][e] += src[e];
-                }
-            }
-        }
+        float* outs[3] = {dwk, dwv, dwr};
+        const int64_t offs[4] = {0, F * C, 2 * F * C, P};
+        add_partials(outs, offs, 3, part, P, tid, nt);
     }
 }
 
@@ -1199,19 +1204,9 @@ void ddlerp_bwd(const float* x, const float* shift, const float* maa_x, const fl
                 memcpy(dst, dp, C * sizeof(float));
             }
         }
-        if (nt > 1) {
-            float* outs[7] = {g_maa_x, g_maa, g_w1, g_w2, g_decay, g_dw1, g_dw2};
-            const int64_t offs[8] = {0, o_maa, o_w1, o_w2, o_dec, o_dw1, o_dw2, P};
-            for (int m = 0; m < 7; ++m) {
-                int64_t e0, e1;
-                row_share(offs[m + 1] - offs[m], tid, nt, e0, e1);
-                for (int pth = 1; pth < nt; ++pth) {
-                    const float* src = part + (pth - 1) * P + offs[m];
-#pragma omp simd
-                    for (int64_t e = e0; e < e1; ++e) outs[m][e] += src[e];
-                }
-            }
-        }
+        float* outs[7] = {g_maa_x, g_maa, g_w1, g_w2, g_decay, g_dw1, g_dw2};
+        const int64_t offs[8] = {0, o_maa, o_w1, o_w2, o_dec, o_dw1, o_dw2, P};
+        add_partials(outs, offs, 7, part, P, tid, nt);
     }
 }
 
